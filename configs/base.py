@@ -1,0 +1,93 @@
+"""Default configuration: every key the project reads, with its default.
+
+Other configs start from `get_config()` here and change what they need, so a key that is
+not in this file does not exist (ml_collections rejects misspelled overrides).
+"""
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+    config = config_dict.ConfigDict()
+    config.seed = 0
+
+    # --- model ------------------------------------------------------------------------
+    model = config_dict.ConfigDict()
+    model.vocab_size = 0          # 0: take the tokenizer's vocabulary size
+    model.d_model = 512
+    model.n_layers = 8
+    model.q_heads = 8
+    model.kv_heads = 8            # grouped-query attention when < q_heads
+    model.head_dim = 64
+    model.mlp_dim = 1408          # SwiGLU hidden width
+    model.position = "rope"       # rope | learned | none
+    model.rope = config_dict.ConfigDict()
+    model.rope.theta = 10000.0
+    # None, or a Hugging Face `rope_scaling` dict, e.g. {"rope_type": "linear", "factor": 4.0}.
+    # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
+    model.rope.scaling = config_dict.placeholder(object)
+    model.attention = "blockwise"  # dense | blockwise | ring
+    model.block_q = 512           # query block of the blockwise/ring kernels
+    model.block_k = 512           # key/value block of the blockwise/ring kernels
+    model.tie_embeddings = True
+    model.dtype = "bfloat16"      # compute dtype of activations and matmuls
+    model.param_dtype = "float32"
+    model.remat = False           # rematerialise each block in the backward pass
+    model.norm_eps = 1e-5
+    model.init_std = 0.02
+    config.model = model
+
+    # --- data -------------------------------------------------------------------------
+    data = config_dict.ConfigDict()
+    data.source = "stdlib"        # stdlib | text | jsonl | parquet
+    data.path = ""                # glob or file for text/jsonl/parquet
+    data.text_field = "text"      # JSONL key / Parquet column holding the document text
+    data.tokenizer = "bytes"      # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
+    data.validation_percent = 5   # share of documents (by hash of their path/index) held out
+    data.shuffle_seed = 0
+    config.data = data
+
+    # --- training ---------------------------------------------------------------------
+    train = config_dict.ConfigDict()
+    train.steps = 1000
+    train.batch_size = 32         # global rows per step at l_max
+    train.learning_rate = 3e-4
+    train.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
+    train.warmup_fraction = 0.02  # share of the token budget spent warming up
+    train.weight_decay = 0.1
+    train.decay_norms_and_embeddings = False
+    train.beta1 = 0.9
+    train.beta2 = 0.95
+    train.grad_clip_norm = 1.0
+    train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide)
+    train.log_every_steps = 10
+    config.train = train
+
+    # --- length curriculum ------------------------------------------------------------
+    curriculum = config_dict.ConfigDict()
+    curriculum.l_max = 1024       # training length of level 0 (and the learned-position limit)
+    curriculum.levels = 1
+    config.curriculum = curriculum
+
+    # --- device mesh ------------------------------------------------------------------
+    mesh = config_dict.ConfigDict()
+    mesh.data = -1                # -1: the devices the other axes leave
+    mesh.fsdp = 1
+    mesh.seq = 1
+    mesh.tensor = 1
+    config.mesh = mesh
+
+    # --- checkpoints ------------------------------------------------------------------
+    checkpoint = config_dict.ConfigDict()
+    checkpoint.every_steps = 200
+    checkpoint.max_to_keep = 3
+    checkpoint.async_save = True
+    config.checkpoint = checkpoint
+
+    # --- evaluation -------------------------------------------------------------------
+    evaluation = config_dict.ConfigDict()
+    evaluation.every_steps = 0    # 0: only at the end of training
+    evaluation.lengths = config_dict.placeholder(tuple)  # None: (l_max,)
+    evaluation.batch_size = 8
+    evaluation.max_batches = 16   # validation batches per length (0: the whole split)
+    config.eval = evaluation
+    return config

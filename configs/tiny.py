@@ -1,0 +1,29 @@
+"""A small byte-level model that learns the embedded corpus in minutes on a 2-core CPU.
+
+curriculum.l_max is a multiple of 16 so the same config runs on 8 devices with the
+zigzag layout (2 x seq chunks).
+"""
+from configs import base
+
+
+def get_config():
+    config = base.get_config()
+    config.model.d_model = 256
+    config.model.n_layers = 4
+    config.model.q_heads = 8
+    config.model.kv_heads = 4
+    config.model.head_dim = 32
+    config.model.mlp_dim = 704
+    config.model.dtype = "float32"   # CPUs have no fast bf16 matmul
+    config.model.block_q = 128
+    config.model.block_k = 128
+    config.curriculum.l_max = 256
+    config.train.steps = 600
+    config.train.batch_size = 16
+    config.train.learning_rate = 2e-3
+    config.train.warmup_fraction = 0.03
+    config.train.log_every_steps = 20
+    config.checkpoint.every_steps = 200
+    config.eval.batch_size = 8
+    config.eval.max_batches = 16
+    return config

@@ -1,0 +1,71 @@
+"""Boundless entry point.
+
+  python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
+                 [--mode train|eval]
+
+train (default) resumes from the newest checkpoint in the workdir; eval scores the newest
+checkpoint and writes DIR/eval/. Multi-host: pass --coordinator_address, --num_processes
+and --process_id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
+on clusters JAX detects by itself (SLURM, TPU pods) use --distributed=auto.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config name>).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto", "explicit"],
+    "off: one process; auto: jax.distributed.initialize() detects the cluster; explicit: "
+    "use the coordinator flags below (chosen automatically when they are given).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None,
+                                      "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+                                   "This process's index.")
+
+
+def start_distributed() -> None:
+    """Start jax.distributed when asked to; must run before any other JAX call."""
+    import jax
+    if _COORDINATOR.value or _DISTRIBUTED.value == "explicit":
+        if _COORDINATOR.value is None or _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            raise app.UsageError("--coordinator_address, --num_processes and --process_id "
+                                 "must be given together")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                   num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif _DISTRIBUTED.value == "auto":
+        jax.distributed.initialize()
+
+
+def main(argv):
+    del argv
+    logging.getLogger("boundless").setLevel(logging.INFO)
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    start_distributed()
+    from train import trainer  # imported after jax.distributed is up
+    config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+    workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+    try:
+        if _MODE.value == "train":
+            trainer.train(config, workdir)
+        else:
+            trainer.evaluate_workdir(config, workdir)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,217 @@
+"""A Llama-style decoder-only transformer in Flax NNX.
+
+token embedding -> n_layers x [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual]
+-> RMSNorm -> LM head (tied to the embedding or not).
+
+The model knows nothing about devices: every activation is [batch, length, ...] and every
+parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "mlp") that
+parallel/mesh.py maps onto mesh axes. Positions and segment ids arrive as data with the
+tokens, so packed rows, permuted (zigzag) layouts and any evaluation length need no
+special code here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model import positions as pos_lib
+from model.attention import Attention, AttentionFn, attention_function
+
+POSITION_KINDS = ("rope", "learned", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's shapes and numerics (hashable: it is static)."""
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    l_max: int                     # training length; the learned-position table's rows
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling_json: str = "null"  # normalised HF rope_scaling dict, as JSON (hashable)
+    attention: str = "blockwise"
+    block_q: int = 512
+    block_k: int = 512
+    tie_embeddings: bool = True
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: bool = False
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        return json.loads(self.rope_scaling_json)
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> "ModelConfig":
+        """Build from the `model` and `curriculum` sections of an ml_collections config."""
+        m = config.model
+        scaling = pos_lib.normalize_rope_scaling(m.rope.scaling)
+        model_config = cls(
+            vocab_size=int(m.vocab_size or vocab_size), d_model=m.d_model,
+            n_layers=m.n_layers, q_heads=m.q_heads, kv_heads=m.kv_heads,
+            head_dim=m.head_dim, mlp_dim=m.mlp_dim, l_max=config.curriculum.l_max,
+            position=m.position, rope_theta=float(m.rope.theta),
+            rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
+            block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
+            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, norm_eps=m.norm_eps,
+            init_std=m.init_std)
+        model_config.validate()
+        return model_config
+
+    def validate(self) -> None:
+        """Raise ValueError (one clear line) for a configuration that cannot be built."""
+        if self.position not in POSITION_KINDS:
+            raise ValueError(f"model.position must be one of {POSITION_KINDS}, got {self.position!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"model.q_heads ({self.q_heads}) must be a multiple of "
+                             f"model.kv_heads ({self.kv_heads})")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even model.head_dim, got {self.head_dim}")
+        if self.attention not in ("dense", "blockwise", "ring"):
+            raise ValueError(f"model.attention must be dense, blockwise or ring, got {self.attention!r}")
+        for name in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
+                     "mlp_dim", "l_max", "block_q", "block_k"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model {name} must be positive, got {getattr(self, name)}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"model.{name} must be float32, bfloat16 or float16")
+
+
+def _param(rngs: nnx.Rngs, shape, names, init, dtype) -> nnx.Param:
+    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), ("embed",), nnx.initializers.ones, param_dtype)
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """The gated MLP of Shazeer (2020): down(silu(x @ gate) * (x @ up))."""
+
+    def __init__(self, d_model: int, mlp_dim: int, init_std: float, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        init = nnx.initializers.normal(init_std)
+        self.w_gate = _param(rngs, (d_model, mlp_dim), ("embed", "mlp"), init, param_dtype)
+        self.w_up = _param(rngs, (d_model, mlp_dim), ("embed", "mlp"), init, param_dtype)
+        self.w_down = _param(rngs, (mlp_dim, d_model), ("mlp", "embed"), init, param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        gate = x @ self.w_gate[...].astype(self.dtype)                   # [b, l, mlp]
+        up = x @ self.w_up[...].astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(self.dtype)
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder block."""
+
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, rngs: nnx.Rngs):
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
+        self.attention = Attention(cfg.d_model, cfg.q_heads, cfg.kv_heads, cfg.head_dim,
+                                   attention_fn=attention_fn, init_std=cfg.init_std,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, rngs)
+
+    def __call__(self, x, positions, segment_ids, rotate):
+        x = x + self.attention(self.attention_norm(x), positions, segment_ids, rotate)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nnx.Module):
+    """The decoder. `attention_fn` overrides the function named by cfg.attention (the
+    trainer passes ring attention bound to its mesh; the model itself has no mesh code)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs,
+                 attention_fn: AttentionFn | None = None):
+        cfg.validate()
+        if attention_fn is None:
+            if cfg.attention == "ring":
+                raise ValueError("model.attention='ring' needs the ring function from "
+                                 "parallel.ring_attention (the trainer passes it)")
+            attention_fn = attention_function(cfg.attention, block_q=cfg.block_q,
+                                              block_k=cfg.block_k)
+        self.cfg = cfg
+        param_dtype = jnp.dtype(cfg.param_dtype)
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                                nnx.initializers.normal(cfg.init_std), param_dtype)
+        if cfg.position == "learned":
+            self.position_table = _param(rngs, (cfg.l_max, cfg.d_model), (None, "embed"),
+                                         nnx.initializers.normal(cfg.init_std), param_dtype)
+        self.blocks = nnx.List([Block(cfg, attention_fn, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                  nnx.initializers.normal(cfg.init_std), param_dtype)
+
+    def rotation(self, length: int) -> Callable | None:
+        """The RoPE function for sequences of `length` tokens (None without RoPE)."""
+        cfg = self.cfg
+        if cfg.position != "rope":
+            return None
+        inv_freq, attention_factor = pos_lib.rope_frequencies(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, seq_len=length,
+            original_max_position_embeddings=cfg.l_max)
+        return lambda t, positions: pos_lib.apply_rope(t, positions, inv_freq, attention_factor)
+
+    def __call__(self, tokens, positions=None, segment_ids=None):
+        """tokens [batch, length] int32 -> logits [batch, length, vocab] float32."""
+        cfg = self.cfg
+        batch, length = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.zeros((batch, length), jnp.int32)
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)    # [b, l, d_model]
+        if cfg.position == "learned":
+            if length > cfg.l_max:
+                raise ValueError(
+                    f"learned absolute positions cover l_max={cfg.l_max} tokens; this "
+                    f"sequence has {length}. Use model.position='rope' to go beyond l_max.")
+            x = x + jnp.take(self.position_table[...], positions, axis=0).astype(dtype)
+        rotate = self.rotation(length)
+
+        def run_block(block, x, positions, segment_ids):
+            return block(x, positions, segment_ids, rotate)
+
+        if cfg.remat:
+            run_block = nnx.remat(run_block)
+        for block in self.blocks:
+            x = run_block(block, x, positions, segment_ids)
+        x = self.final_norm(x)
+        head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("bld,dv->blv", x, head.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+
+def count_parameters(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def describe(cfg: ModelConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

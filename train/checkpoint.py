@@ -1,0 +1,71 @@
+"""Orbax checkpoints of a run: train state, data-iterator state and run metadata.
+
+Each step directory holds three items:
+  state  the parameters and optimizer state (sharded arrays; each process writes its shards)
+  data   the grain iterator's position (one file per process)
+  meta   JSON: step, tokens seen, the resolved config
+Orbax writes a step into a temporary directory and renames it when complete, so a save
+that is interrupted never becomes the newest step; `latest_step()` only sees finished ones.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, max_to_keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_iterator, meta: dict, *, force: bool = True) -> bool:
+        """Start saving (asynchronously when enabled); returns whether a save began."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restore `step`: (state, meta). `abstract_state` gives shapes, dtypes and the
+        shardings to restore into. The data iterator, if given, is moved in place to the
+        saved position."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state),
+                     meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"], restored["meta"]
+
+    def restore_meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restoring into."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

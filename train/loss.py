@@ -1,0 +1,19 @@
+"""The language-modelling loss, shared by the train step and evaluation."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def token_loss_sums(graphdef, params, batch):
+    """Sum of next-token negative log-likelihoods over real targets, and their count.
+
+    batch: "tokens", "targets", "positions", "segment_ids" [b, l] int32 and "loss_mask"
+    [b, l] (1 where the target is real). Returns two float32 scalars.
+    """
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, l, vocab]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)

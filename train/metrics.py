@@ -1,0 +1,80 @@
+"""What a run writes about itself: metrics.jsonl, TensorBoard events, a console line.
+
+Only process 0 writes; other processes get a writer that does nothing, so callers need
+no `if process_index == 0` of their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
+    TensorBoard (tensorboardX). Values must be plain numbers."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = None
+        self._tensorboard = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            from tensorboardX import SummaryWriter
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict, prefix: str = "") -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self._tensorboard.add_scalar(prefix + name, value, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._jsonl.flush()
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class ProgressLine:
+    """One console line per logged step: step/total, loss, lr, tokens/s, ETA."""
+
+    def __init__(self, total_steps: int, stream=sys.stdout, enabled: bool | None = None):
+        self.total_steps = total_steps
+        self.stream = stream
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.started = time.time()
+
+    def show(self, step: int, loss: float, learning_rate: float, tokens_per_sec: float,
+             seconds_per_step: float, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        eta = format_duration((self.total_steps - step) * seconds_per_step)
+        width = len(str(self.total_steps))
+        line = (f"step {step:>{width}}/{self.total_steps} | loss {loss:.4f} | "
+                f"lr {learning_rate:.2e} | {tokens_per_sec / 1e3:.1f}k tok/s | ETA {eta}")
+        print(line + (f" | {extra}" if extra else ""), file=self.stream, flush=True)

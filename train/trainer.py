@@ -1,0 +1,382 @@
+"""The training loop: build everything from a config, run jitted steps, log, checkpoint.
+
+The train state is a plain pytree {"params": nnx.State, "opt_state": optax state} living
+on the mesh; the model's structure (graphdef) is static. One jitted step is compiled per
+(length, batch, mesh layout) and reused. The learning rate is computed on the host from
+the tokens seen and passed in, so it does not depend on how many steps a length takes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from model.transformer import ModelConfig, Transformer, count_parameters
+from parallel import mesh as mesh_lib
+from train import checkpoint as checkpoint_lib
+from train import data as data_lib
+from train import evaluate as evaluate_lib
+from train.loss import token_loss_sums
+from train.metrics import MetricsWriter, ProgressLine, format_duration
+from train.optimizer import learning_rate_at, make_optimizer
+
+log = logging.getLogger("boundless")
+
+
+# ------------------------------------------------------------------ config checks
+def validate_config(config, device_count: int | None = None) -> None:
+    """Raise ValueError with one clear line for any setting that cannot work.
+
+    Runs before anything is compiled or any data is read.
+    """
+    device_count = jax.device_count() if device_count is None else device_count
+    sizes = mesh_lib.mesh_shape(config.mesh, device_count)
+    m, t, c = config.model, config.train, config.curriculum
+    if c.levels != 1:
+        raise ValueError("curriculum.levels > 1 is not supported yet (length curriculum)")
+    if c.l_max <= 0:
+        raise ValueError(f"curriculum.l_max must be positive, got {c.l_max}")
+    if t.steps <= 0 or t.batch_size <= 0:
+        raise ValueError("train.steps and train.batch_size must be positive")
+    row_groups = sizes["data"] * sizes["fsdp"]
+    if t.batch_size % row_groups:
+        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                         f"mesh.data x mesh.fsdp ({row_groups})")
+    if t.grad_accum_steps < 1 or (t.batch_size // row_groups) % t.grad_accum_steps:
+        raise ValueError(f"train.grad_accum_steps ({t.grad_accum_steps}) must divide the "
+                         f"rows per data shard ({t.batch_size // row_groups})")
+    if config.eval.batch_size % row_groups:
+        raise ValueError(f"eval.batch_size ({config.eval.batch_size}) must be a multiple of "
+                         f"mesh.data x mesh.fsdp ({row_groups})")
+    if sizes["seq"] > 1 and m.attention != "ring":
+        raise ValueError(f"mesh.seq={sizes['seq']} splits the sequence: set "
+                         f"model.attention='ring'")
+    for length in [c.l_max] + list(evaluation_lengths(config)):
+        check_length(length, config, sizes)
+    if m.q_heads % sizes["tensor"] or m.kv_heads % sizes["tensor"]:
+        raise ValueError(f"model.q_heads ({m.q_heads}) and model.kv_heads ({m.kv_heads}) "
+                         f"must be multiples of mesh.tensor ({sizes['tensor']})")
+    if m.mlp_dim % sizes["tensor"]:
+        raise ValueError(f"model.mlp_dim ({m.mlp_dim}) must be a multiple of mesh.tensor")
+    weight_split = sizes["fsdp"] * sizes["seq"]
+    if m.d_model % weight_split:
+        raise ValueError(f"model.d_model ({m.d_model}) must be a multiple of mesh.fsdp x "
+                         f"mesh.seq ({weight_split}), which shard the weights")
+    if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
+        raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
+
+
+def check_length(length: int, config, sizes: dict) -> None:
+    """A sequence length must split into 2 x seq chunks (zigzag) and into blocks."""
+    seq = sizes["seq"]
+    if seq > 1 and length % (2 * seq):
+        raise ValueError(f"length {length} is not divisible by 2 x mesh.seq = {2 * seq}")
+    local = length // seq
+    for name in ("block_q", "block_k"):
+        block = min(getattr(config.model, name), local)
+        if local % block:
+            raise ValueError(f"length {length} (per device {local}) is not a multiple of "
+                             f"model.{name} = {block}")
+
+
+def evaluation_lengths(config) -> tuple[int, ...]:
+    lengths = config.eval.lengths
+    return tuple(int(x) for x in lengths) if lengths else (config.curriculum.l_max,)
+
+
+# ------------------------------------------------------------------ building a run
+@dataclasses.dataclass
+class Run:
+    """What a config resolves to: the mesh, the model's structure, the optimizer."""
+    config: Any
+    mesh: jax.sharding.Mesh
+    model_config: ModelConfig
+    tokenizer: Any
+    graphdef: Any
+    optimizer: optax.GradientTransformationExtraArgs
+    state_shardings: Any
+
+
+def attention_override(model_config: ModelConfig, mesh) -> Callable | None:
+    """Ring attention bound to the mesh when the config asks for it (else the model's own)."""
+    if model_config.attention != "ring":
+        return None
+    from parallel.ring_attention import make_ring_attention
+    return make_ring_attention(mesh, block_q=model_config.block_q, block_k=model_config.block_k)
+
+
+def build_run(config, devices=None) -> Run:
+    """Validate the config, make the mesh, the tokenizer and the abstract train state."""
+    validate_config(config, len(devices) if devices is not None else None)
+    tokenizer = data_lib.make_tokenizer(config.data.tokenizer)
+    model_config = ModelConfig.from_config(config, tokenizer.vocab_size)
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
+                         f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    if model_config.vocab_size % mesh.shape["tensor"]:
+        raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
+    attention_fn = attention_override(model_config, mesh)
+    with mesh_lib.use_mesh(mesh):
+        abstract_model = nnx.eval_shape(
+            lambda: Transformer(model_config, rngs=nnx.Rngs(0), attention_fn=attention_fn))
+        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        optimizer = make_optimizer(config.train, abstract_params)
+        param_shardings = jax.tree.map(
+            lambda spec: jax.sharding.NamedSharding(mesh, spec),
+            nnx.get_partition_spec(abstract_params),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
+    return Run(config, mesh, model_config, tokenizer, graphdef, optimizer, state_shardings)
+
+
+def init_state(run: Run, seed: int):
+    """Fresh parameters and optimizer state, created directly in their shardings."""
+    attention_fn = attention_override(run.model_config, run.mesh)
+
+    def create():
+        model = Transformer(run.model_config, rngs=nnx.Rngs(seed), attention_fn=attention_fn)
+        params = nnx.state(model, nnx.Param)
+        return {"params": params, "opt_state": run.optimizer.init(params)}
+
+    with mesh_lib.use_mesh(run.mesh):
+        return jax.jit(create, out_shardings=run.state_shardings)()
+
+
+# ------------------------------------------------------------------ the step
+def make_train_step(run: Run, accum_steps: int):
+    """The jitted step: (state, batch, learning_rate) -> (state, metrics).
+
+    With accum_steps > 1 the batch's rows are split into that many micro-batches whose
+    gradient sums are added before one update; the result equals the full-batch step.
+    """
+    grad_fn = jax.value_and_grad(
+        lambda params, batch: token_loss_sums(run.graphdef, params, batch), has_aux=True)
+
+    def step(state, batch, learning_rate):
+        params = state["params"]
+        if accum_steps == 1:
+            (nll_sum, count), grads = grad_fn(params, batch)
+        else:
+            # micro-batch i takes rows i, i + accum, ... so each stays spread over devices
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+            def accumulate(totals, micro_batch):
+                (nll, n), g = grad_fn(params, micro_batch)
+                return jax.tree.map(jnp.add, totals, (nll, n, g)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (nll_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = run.optimizer.update(grads, state["opt_state"], params,
+                                                  learning_rate=learning_rate)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": nll_sum / count, "grad_norm": optax.global_norm(grads),
+                   "target_tokens": count}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(step, donate_argnums=0,
+                   out_shardings=(run.state_shardings, None))
+
+
+class StepCache:
+    """One compiled step per (length, batch, mesh layout), compiled when first used."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self._steps: dict[tuple, Callable] = {}
+
+    def get(self, batch) -> Callable:
+        key = (batch["tokens"].shape, tuple(self.run.mesh.shape.items()))
+        if key not in self._steps:
+            self._steps[key] = make_train_step(self.run, self.run.config.train.grad_accum_steps)
+        return self._steps[key]
+
+
+# ------------------------------------------------------------------ data on the mesh
+def put_batch(batch, mesh, global_rows: int):
+    """This process's host rows -> global arrays on the mesh."""
+    _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows, batch["tokens"].shape[1])
+    return mesh_lib.host_batch_to_global(batch, mesh, global_rows, row_offset=row_offset)
+
+
+# ------------------------------------------------------------------ the loop
+def _config_json(config) -> str:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def _check_same_model(meta: dict, run: Run, workdir: str) -> None:
+    saved = meta.get("model_config")
+    if saved and saved != dataclasses.asdict(run.model_config):
+        differing = sorted(k for k in saved if saved.get(k) != dataclasses.asdict(run.model_config).get(k))
+        raise ValueError(f"{workdir} holds checkpoints of a different model (differs in "
+                         f"{', '.join(differing)}); use another --workdir")
+
+
+def train(config, workdir: str) -> dict:
+    """Train (resuming from the newest checkpoint in workdir/checkpoints if any), evaluate
+    at the end, and return a summary {"step", "tokens", "final_loss", "eval"}."""
+    run = build_run(config)
+    is_writer = jax.process_index() == 0
+    seq_len, global_rows = config.curriculum.l_max, config.train.batch_size
+    shard_index, shard_count, local_rows, _ = mesh_lib.data_shard(run.mesh, global_rows, seq_len)
+    data_iterator = data_lib.make_train_iterator(
+        config.data, run.tokenizer, seq_len=seq_len, batch_size=local_rows,
+        seed=config.data.shuffle_seed, shard_index=shard_index, shard_count=shard_count)
+    eval_batches = evaluate_lib.load_validation_batches(run, evaluation_lengths(config))
+
+    if is_writer:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(_config_json(config))
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save)
+
+    abstract_state = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        jax.eval_shape(lambda: init_state_shapes(run)), run.state_shardings)
+    step, tokens = 0, 0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        _check_same_model(checkpointer.restore_meta(latest), run, workdir)
+        state, meta = checkpointer.restore(latest, abstract_state, data_iterator)
+        step, tokens = int(meta["step"]), int(meta["tokens"])
+        log.info("resumed from %s at step %d (%d tokens)", checkpointer.directory, step, tokens)
+    else:
+        state = init_state(run, config.seed)
+    if is_writer:
+        n_params = count_parameters_in(state["params"])
+        print(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(run.mesh.shape)}; "
+              f"{seq_len} tokens x {global_rows} rows per step; workdir {workdir}", flush=True)
+
+    total_steps = config.train.steps
+    tokens_per_step = seq_len * global_rows
+    total_tokens = total_steps * tokens_per_step
+    writer = MetricsWriter(workdir)
+    progress = ProgressLine(total_steps)
+    steps = StepCache(run)
+
+    def meta_now():
+        return {"step": step, "tokens": tokens,
+                "model_config": dataclasses.asdict(run.model_config),
+                "config": json.loads(_config_json(config))}
+
+    last_log_time, last_log_step = time.time(), step
+    pending = None
+    eval_result = None
+    with mesh_lib.use_mesh(run.mesh):
+        while step < total_steps:
+            host_batch = next(data_iterator)
+            batch = put_batch(host_batch, run.mesh, global_rows)
+            learning_rate = learning_rate_at(
+                tokens, total_tokens, config.train.learning_rate,
+                config.train.warmup_fraction, config.train.min_learning_rate_ratio)
+            compile_start = time.time()
+            step_fn = steps.get(batch)
+            state, metrics = step_fn(state, batch, jnp.float32(learning_rate))
+            if step == last_log_step and pending is None:
+                jax.block_until_ready(metrics)
+                if is_writer:
+                    log.info("first step (incl. compile) took %.1fs", time.time() - compile_start)
+            step += 1
+            tokens += tokens_per_step
+            pending = metrics
+            if step % config.train.log_every_steps == 0 or step == total_steps:
+                values = jax.device_get(pending)
+                now = time.time()
+                step_time = (now - last_log_time) / max(1, step - last_log_step)
+                last_log_time, last_log_step = now, step
+                record = {"tokens": tokens, "loss": float(values["loss"]),
+                          "lr": learning_rate, "grad_norm": float(values["grad_norm"]),
+                          "seq_len": seq_len, "batch_size": global_rows,
+                          "tokens_per_sec": tokens_per_step / step_time,
+                          "step_time_s": step_time}
+                writer.write(step, record)
+                progress.show(step, record["loss"], learning_rate, record["tokens_per_sec"],
+                              step_time)
+            if config.eval.every_steps and step % config.eval.every_steps == 0 \
+                    and step < total_steps:
+                eval_result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
+                writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
+                _print_eval(eval_result, is_writer)
+            if step % config.checkpoint.every_steps == 0 or step == total_steps \
+                    or checkpointer.reached_preemption(step):
+                checkpointer.save(step, state, data_iterator, meta_now())
+                if checkpointer.reached_preemption(step):
+                    log.warning("preemption signal: saved step %d and stopping", step)
+                    checkpointer.close()
+                    writer.close()
+                    return {"step": step, "tokens": tokens, "preempted": True}
+
+        final_loss = float(jax.device_get(pending["loss"])) if pending is not None else None
+        eval_result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
+    writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
+    evaluate_lib.write_perplexity_files(eval_result, os.path.join(workdir, "eval"), is_writer)
+    _print_eval(eval_result, is_writer)
+    checkpointer.close()
+    writer.close()
+    return {"step": step, "tokens": tokens, "final_loss": final_loss, "eval": eval_result}
+
+
+def init_state_shapes(run: Run):
+    """Shapes of the train state (no arrays allocated; used for restoring)."""
+    model = Transformer(run.model_config, rngs=nnx.Rngs(0),
+                        attention_fn=attention_override(run.model_config, run.mesh))
+    params = nnx.state(model, nnx.Param)
+    return {"params": params, "opt_state": run.optimizer.init(params)}
+
+
+def count_parameters_in(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def _print_eval(result: dict, is_writer: bool) -> None:
+    if is_writer:
+        print(evaluate_lib.format_table(result), flush=True)
+
+
+def evaluate_workdir(config, workdir: str) -> dict:
+    """--mode eval: load the newest checkpoint of workdir and write workdir/eval/ files."""
+    run = build_run(config)
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+        async_save=False)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        raise ValueError(f"no checkpoint in {checkpointer.directory}: train first")
+    _check_same_model(checkpointer.restore_meta(latest), run, workdir)
+    abstract_state = jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        jax.eval_shape(lambda: init_state_shapes(run)), run.state_shardings)
+    state, meta = checkpointer.restore(latest, abstract_state)
+    eval_batches = evaluate_lib.load_validation_batches(run, evaluation_lengths(config))
+    with mesh_lib.use_mesh(run.mesh):
+        result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
+    result["step"] = int(meta["step"])
+    is_writer = jax.process_index() == 0
+    evaluate_lib.write_perplexity_files(result, os.path.join(workdir, "eval"), is_writer)
+    _print_eval(result, is_writer)
+    checkpointer.close()
+    return result
+
+
+__all__ = ["train", "evaluate_workdir", "validate_config", "build_run", "init_state",
+           "make_train_step", "format_duration", "count_parameters"]
