@@ -57,7 +57,8 @@ class ModelConfig:
     def from_config(cls, config, vocab_size: int) -> "ModelConfig":
         """Build from the `model` and `curriculum` sections of an ml_collections config."""
         m = config.model
-        scaling = pos_lib.normalize_rope_scaling(m.rope.scaling)
+        scaling = pos_lib.normalize_rope_scaling(
+            m.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
         model_config = cls(
             vocab_size=int(m.vocab_size or vocab_size), d_model=m.d_model,
             n_layers=m.n_layers, q_heads=m.q_heads, kv_heads=m.kv_heads,
