@@ -119,11 +119,12 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
                       block_q: int, block_k: int):
     """Attention of one query chunk over one key/value chunk, in blocks.
 
-    Returns (out, lse): out [b, lq, q_heads, d] in float32, normalised over this chunk's
-    keys only; lse [b, lq, q_heads] float32, the log-sum-exp of the visible scores
-    (-inf for rows that see no key here, whose out is 0). Two chunks' results merge with
-    `merge_partial_attention`. Blocks of queries x keys with no visible pair are skipped
-    (`lax.cond`), not computed and discarded.
+    Returns (out, lse, tiles): out [b, lq, q_heads, d] in float32, normalised over this
+    chunk's keys only; lse [b, lq, q_heads] float32, the log-sum-exp of the visible scores
+    (-inf for rows that see no key here, whose out is 0); tiles, an int32 count of the
+    (query block, key block) tiles actually computed. Two chunks' results merge with
+    `merge_partial_attention`. Tiles with no visible pair are skipped (`lax.cond`), not
+    computed and discarded.
     """
     b, lq, hq, d = q.shape
     kv_heads = k.shape[2]
@@ -145,7 +146,7 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
             mask = attention_mask(qpb, kpb, qsb, ksb, causal)                 # [b, bq, bk]
 
             def compute(carry):
-                acc, row_max, row_sum = carry
+                acc, row_max, row_sum, tiles = carry
                 s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb,
                                preferred_element_type=jnp.float32) * scale
                 m = mask[:, None, None]                                       # [b,1,1,bq,bk]
@@ -157,7 +158,7 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
                 acc = acc * correction[..., None] + jnp.einsum(
                     "bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
                     preferred_element_type=jnp.float32)
-                return acc, new_max, row_sum
+                return acc, new_max, row_sum, tiles + 1
 
             carry = jax.lax.cond(mask.any(), compute, lambda c: c, carry)
             return carry, None
@@ -165,8 +166,9 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
         bq = qb.shape[1]
         init = (jnp.zeros((b, kv_heads, groups, bq, d), jnp.float32),
                 jnp.full((b, kv_heads, groups, bq), _MASKED, jnp.float32),
-                jnp.zeros((b, kv_heads, groups, bq), jnp.float32))
-        (acc, row_max, row_sum), _ = jax.lax.scan(
+                jnp.zeros((b, kv_heads, groups, bq), jnp.float32),
+                jnp.zeros((), jnp.int32))
+        (acc, row_max, row_sum, tiles), _ = jax.lax.scan(
             visit_key_block, init, (k_blocks, v_blocks, kp_blocks, ks_blocks))
         seen = row_sum > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, row_sum, 1.0)[..., None], 0.0)
@@ -174,10 +176,10 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
         # [b, hk, g, bq, d] -> [b, bq, hq, d];  [b, hk, g, bq] -> [b, bq, hq]
         out = jnp.moveaxis(out, 3, 1).reshape(b, bq, hq, d)
         lse = jnp.moveaxis(lse, 3, 1).reshape(b, bq, hq)
-        return out, lse
+        return out, lse, tiles
 
-    out, lse = jax.lax.map(one_query_block, (q_blocks, qp_blocks, qs_blocks))
-    return _merge_blocks(out), _merge_blocks(lse)
+    out, lse, tiles = jax.lax.map(one_query_block, (q_blocks, qp_blocks, qs_blocks))
+    return _merge_blocks(out), _merge_blocks(lse), tiles.sum()
 
 
 def merge_partial_attention(out_a, lse_a, out_b, lse_b):
@@ -270,14 +272,14 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
 # -------------------------------------------------------------- blockwise attention
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _blockwise(q, k, v, positions, segment_ids, causal, block_q, block_k):
-    out, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
-                               causal=causal, block_q=block_q, block_k=block_k)
+    out, _, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
+                                  causal=causal, block_q=block_q, block_k=block_k)
     return out.astype(q.dtype)
 
 
 def _blockwise_fwd(q, k, v, positions, segment_ids, causal, block_q, block_k):
-    out, lse = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
-                                 causal=causal, block_q=block_q, block_k=block_k)
+    out, lse, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
+                                    causal=causal, block_q=block_q, block_k=block_k)
     out = out.astype(q.dtype)
     return out, (q, k, v, positions, segment_ids, out, lse)
 

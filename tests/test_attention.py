@@ -82,20 +82,21 @@ def test_query_rows_that_see_no_key_give_zeros_not_nan():
     q_pos = jnp.zeros((1, 16), jnp.int32)
     k_pos = jnp.arange(1, 17, dtype=jnp.int32)[None]          # every key after every query
     seg = jnp.zeros((1, 16), jnp.int32)
-    out, lse = blockwise_forward(q, k, v, q_pos, k_pos, seg, seg, causal=True, block_q=8, block_k=8)
+    out, lse, tiles = blockwise_forward(q, k, v, q_pos, k_pos, seg, seg, causal=True, block_q=8, block_k=8)
     assert not jnp.isnan(out).any()
     assert jnp.all(out == 0)
     assert jnp.all(jnp.isneginf(lse))
+    assert int(tiles) == 0  # nothing visible: no tile computed
 
 
 def test_merging_two_key_halves_equals_attention_over_all_keys():
     q, k, v = random_qkv(6, batch=1, length=32)
     pos = jnp.arange(32, dtype=jnp.int32)[None]
     seg = jnp.zeros((1, 32), jnp.int32)
-    full, _ = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=True, block_q=8, block_k=8)
-    out_a, lse_a = blockwise_forward(q, k[:, :16], v[:, :16], pos, pos[:, :16], seg, seg[:, :16],
+    full, _, _ = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=True, block_q=8, block_k=8)
+    out_a, lse_a, _ = blockwise_forward(q, k[:, :16], v[:, :16], pos, pos[:, :16], seg, seg[:, :16],
                                      causal=True, block_q=8, block_k=8)
-    out_b, lse_b = blockwise_forward(q, k[:, 16:], v[:, 16:], pos, pos[:, 16:], seg, seg[:, 16:],
+    out_b, lse_b, _ = blockwise_forward(q, k[:, 16:], v[:, 16:], pos, pos[:, 16:], seg, seg[:, 16:],
                                      causal=True, block_q=8, block_k=8)
     merged, _ = merge_partial_attention(out_a, lse_a, out_b, lse_b)
     assert relative_error(full, merged) <= 1e-6
@@ -134,3 +135,13 @@ def test_q_heads_not_a_multiple_of_kv_heads_is_a_clear_error():
     q, k, v = random_qkv(9, q_heads=6, kv_heads=4)
     with pytest.raises(ValueError, match="multiple of kv_heads"):
         dot_product_attention(q, k, v)
+
+
+def test_causal_blockwise_computes_only_tiles_on_or_below_the_diagonal():
+    q, k, v = random_qkv(10, batch=1, length=64)
+    pos = jnp.arange(64, dtype=jnp.int32)[None]
+    seg = jnp.zeros((1, 64), jnp.int32)
+    _, _, tiles = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=True, block_q=16, block_k=16)
+    assert int(tiles) == 4 * 5 // 2          # 4 x 4 tiles, lower triangle with diagonal
+    _, _, tiles = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=False, block_q=16, block_k=16)
+    assert int(tiles) == 16

@@ -1,0 +1,208 @@
+"""Ring attention: sequence-parallel attention over the `seq` axis of a mesh.
+
+Each device holds a slice of the sequence (its queries, keys and values, with their global
+positions and segment ids). Key/value slices travel around the ring with `lax.ppermute`;
+after N hops every query has met every key. Each hop is one call of the blockwise kernel
+(model/attention.py) and the partial results merge by log-sum-exp, in float32.
+
+The backward pass is a ring of its own (Liu, Zaharia & Abbeel 2023): K/V travel again and
+their gradients dK/dV travel with them, arriving back at their home device after N hops.
+Residuals are the local q, k, v, output and log-sum-exp: O(length / N) per device.
+
+The next hop's `ppermute` is issued before the current hop's compute so the transfer can
+overlap the math where collectives run asynchronously (GPUs, TPUs).
+
+Only kv_heads travel (grouped-query attention groups queries locally). Masks come from the
+travelling positions and segment ids, so any token order works: with the zigzag layout
+(parallel/layout.py) every device does the same causal work at every hop.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from model.attention import (_check_shapes, blockwise_attention, blockwise_backward,
+                             blockwise_forward, default_positions_and_segments, fit_block,
+                             merge_partial_attention)
+from parallel.mesh import BATCH_AXES
+
+
+def _shift(tree, axis_name: str, axis_size: int):
+    """Send every array in `tree` to the next device of the ring (i -> i + 1)."""
+    perm = [(i, (i + 1) % axis_size) for i in range(axis_size)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+
+
+def _ring_forward(q, k, v, q_pos, q_seg, *, axis_name, axis_size, causal, block_q, block_k):
+    """Per-device forward: returns (out float32, lse, tiles computed)."""
+    b, lq, hq, d = q.shape
+
+    def attend(kv, out, lse, tiles):
+        k_c, v_c, kp_c, ks_c = kv
+        out_c, lse_c, tiles_c = blockwise_forward(
+            q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, causal=causal, block_q=block_q,
+            block_k=block_k)
+        out, lse = merge_partial_attention(out, lse, out_c, lse_c)
+        return out, lse, tiles + tiles_c
+
+    def hop(carry, _):
+        kv, out, lse, tiles = carry
+        next_kv = _shift(kv, axis_name, axis_size)          # issued before this hop's math
+        out, lse, tiles = attend(kv, out, lse, tiles)
+        return (next_kv, out, lse, tiles), None
+
+    out = jnp.zeros((b, lq, hq, d), jnp.float32)
+    lse = jnp.full((b, lq, hq), -jnp.inf, jnp.float32)
+    tiles = jnp.zeros((), jnp.int32)
+    kv = (k, v, q_pos, q_seg)                               # self-attention: keys share q's slice
+    if axis_size > 1:
+        (kv, out, lse, tiles), _ = jax.lax.scan(hop, (kv, out, lse, tiles), None,
+                                                length=axis_size - 1)
+    return attend(kv, out, lse, tiles)                      # last hop: nothing left to send
+
+
+def _ring_backward(q, k, v, q_pos, q_seg, out, lse, d_out, *, axis_name, axis_size, causal,
+                   block_q, block_k):
+    """Per-device backward: dq stays home; dK/dV ride along with K/V for N hops."""
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
+
+    def contributions(kv):
+        k_c, v_c, kp_c, ks_c = kv
+        return blockwise_backward(q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, lse, d_out, delta,
+                                  causal=causal, block_q=block_q, block_k=block_k)
+
+    def hop(carry, _):
+        kv, dkv, dq = carry
+        next_kv = _shift(kv, axis_name, axis_size)          # issued before this hop's math
+        dq_c, dk_c, dv_c = contributions(kv)
+        dkv = _shift((dkv[0] + dk_c, dkv[1] + dv_c), axis_name, axis_size)
+        return (next_kv, dkv, dq + dq_c), None
+
+    kv = (k, v, q_pos, q_seg)
+    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dq = jnp.zeros(q.shape, jnp.float32)
+    (kv, dkv, dq), _ = jax.lax.scan(hop, (kv, dkv, dq), None, length=axis_size - 1)
+    # Last hop: the K/V here came from device i+1; after adding our part, one more shift
+    # brings each dK/dV home (N shifts in all).
+    dq_c, dk_c, dv_c = contributions(kv)
+    dk, dv = _shift((dkv[0] + dk_c, dkv[1] + dv_c), axis_name, axis_size)
+    return dq + dq_c, dk, dv
+
+
+def _local_ring(axis_name: str, axis_size: int, causal: bool, block_q: int, block_k: int):
+    """The per-device ring attention with its custom backward ring."""
+    options = dict(axis_name=axis_name, axis_size=axis_size, causal=causal,
+                   block_q=block_q, block_k=block_k)
+
+    @jax.custom_vjp
+    def ring(q, k, v, q_pos, q_seg):
+        out, _, _ = _ring_forward(q, k, v, q_pos, q_seg, **options)
+        return out.astype(q.dtype)
+
+    def ring_fwd(q, k, v, q_pos, q_seg):
+        out, lse, _ = _ring_forward(q, k, v, q_pos, q_seg, **options)
+        out = out.astype(q.dtype)
+        return out, (q, k, v, q_pos, q_seg, out, lse)
+
+    def ring_bwd(residuals, d_out):
+        q, k, v, q_pos, q_seg, out, lse = residuals
+        dq, dk, dv = _ring_backward(q, k, v, q_pos, q_seg, out, lse, d_out, **options)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring
+
+
+def _specs(mesh: Mesh, axis_name: str):
+    batch = tuple(a for a in BATCH_AXES if a in mesh.shape) or None
+    heads = "tensor" if "tensor" in mesh.shape else None
+    return P(batch, axis_name, heads, None), P(batch, axis_name)
+
+
+def _validate(q, k, v, mesh: Mesh, axis_name: str, block_q: int, block_k: int):
+    _check_shapes(q, k, v)
+    if axis_name not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis_name!r}: {dict(mesh.shape)}")
+    n = mesh.shape[axis_name]
+    length = q.shape[1]
+    if length % (2 * n):
+        raise ValueError(f"ring attention: length {length} is not divisible by 2 x "
+                         f"{axis_name} = {2 * n} (zigzag chunks)")
+    batch_split = 1
+    for axis in BATCH_AXES:
+        batch_split *= mesh.shape.get(axis, 1)
+    if q.shape[0] % batch_split:
+        raise ValueError(f"ring attention: batch {q.shape[0]} is not divisible by the mesh's "
+                         f"data x fsdp = {batch_split}")
+    if k.shape[2] % mesh.shape.get("tensor", 1):
+        raise ValueError(f"ring attention: kv_heads {k.shape[2]} not divisible by tensor = "
+                         f"{mesh.shape['tensor']}")
+    local = length // n
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if local % fit_block(local, block):
+            raise ValueError(f"ring attention: per-device length {local} is not a multiple "
+                             f"of {name} = {block}")
+
+
+def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
+                   segment_ids=None, causal: bool = True, block_q: int = 512,
+                   block_k: int = 512):
+    """Attention with the sequence split over `axis_name` of `mesh`.
+
+    Same contract as `model.attention.dot_product_attention`: q [batch, length, q_heads,
+    head_dim], k/v [batch, length, kv_heads, head_dim], positions/segment_ids [batch,
+    length]; returns [batch, length, q_heads, head_dim]. The batch is split over the
+    mesh's data/fsdp axes and heads over `tensor`. With an axis of size 1 this is the
+    blockwise kernel. The length must be divisible by 2 x the axis size.
+    """
+    _validate(q, k, v, mesh, axis_name, block_q, block_k)
+    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+    n = mesh.shape[axis_name]
+    if n == 1:
+        return blockwise_attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                   causal=causal, block_q=block_q, block_k=block_k)
+    local = q.shape[1] // n
+    ring = _local_ring(axis_name, n, bool(causal), fit_block(local, block_q),
+                       fit_block(local, block_k))
+    heads_spec, rows_spec = _specs(mesh, axis_name)
+    sharded = jax.shard_map(ring, mesh=mesh,
+                            in_specs=(heads_spec, heads_spec, heads_spec, rows_spec, rows_spec),
+                            out_specs=heads_spec, check_vma=False)
+    return sharded(q, k, v, positions, segment_ids)
+
+
+def ring_tiles_per_device(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
+                          segment_ids=None, causal: bool = True, block_q: int = 512,
+                          block_k: int = 512):
+    """How many (query block, key block) tiles each device of the ring computes in the
+    forward pass: int32 [axis size]. Runs the same kernel as `ring_attention`."""
+    _validate(q, k, v, mesh, axis_name, block_q, block_k)
+    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    n = mesh.shape[axis_name]
+    local = q.shape[1] // n
+    options = dict(axis_name=axis_name, axis_size=n, causal=causal,
+                   block_q=fit_block(local, block_q), block_k=fit_block(local, block_k))
+
+    def count(q, k, v, q_pos, q_seg):
+        _, _, tiles = _ring_forward(q, k, v, q_pos, q_seg, **options)
+        # identical on every batch/head shard only if they hold identical masks; sum them
+        other_axes = tuple(a for a in mesh.axis_names if a != axis_name)
+        return jax.lax.psum(tiles, other_axes)[None] if other_axes else tiles[None]
+
+    heads_spec, rows_spec = _specs(mesh, axis_name)
+    counted = jax.shard_map(count, mesh=mesh,
+                            in_specs=(heads_spec, heads_spec, heads_spec, rows_spec, rows_spec),
+                            out_specs=P(axis_name), check_vma=False)
+    return jax.jit(counted)(q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
+
+
+def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", block_q: int = 512,
+                        block_k: int = 512):
+    """`ring_attention` bound to a mesh, with the attention-function signature the model
+    layer calls: fn(q, k, v, *, positions, segment_ids, causal)."""
+    return functools.partial(ring_attention, mesh=mesh, axis_name=axis_name,
+                             block_q=block_q, block_k=block_k)
