@@ -74,6 +74,8 @@ def get_config() -> config_dict.ConfigDict:
     mesh.fsdp = 1
     mesh.seq = 1
     mesh.tensor = 1
+    # token order along the seq axis: zigzag balances causal ring attention across devices
+    mesh.layout = "zigzag"        # zigzag | contiguous
     config.mesh = mesh
 
     # --- checkpoints ------------------------------------------------------------------

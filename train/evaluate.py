@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
 from train import data as data_lib
 from train.loss import token_loss_sums
@@ -60,6 +61,8 @@ def perplexity_by_length(run, params, eval_batches: dict[int, list],
         nll_total, count_total = 0.0, 0.0
         _, _, _, row_offset = mesh_lib.data_shard(run.mesh, global_rows, length)
         for host_batch in eval_batches[length]:
+            host_batch = layout_lib.apply_layout(host_batch, run.config.mesh.layout,
+                                                 run.mesh.shape["seq"])
             batch = mesh_lib.host_batch_to_global(host_batch, run.mesh, global_rows, row_offset)
             nll, count = jax.device_get(score(params, batch))
             nll_total += float(nll)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from model.transformer import ModelConfig, Transformer, count_parameters
+from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
@@ -57,6 +58,8 @@ def validate_config(config, device_count: int | None = None) -> None:
     if config.eval.batch_size % row_groups:
         raise ValueError(f"eval.batch_size ({config.eval.batch_size}) must be a multiple of "
                          f"mesh.data x mesh.fsdp ({row_groups})")
+    if config.mesh.layout not in layout_lib.LAYOUTS:
+        raise ValueError(f"mesh.layout must be one of {layout_lib.LAYOUTS}, got {config.mesh.layout!r}")
     if sizes["seq"] > 1 and m.attention != "ring":
         raise ValueError(f"mesh.seq={sizes['seq']} splits the sequence: set "
                          f"model.attention='ring'")
@@ -211,9 +214,11 @@ class StepCache:
 
 
 # ------------------------------------------------------------------ data on the mesh
-def put_batch(batch, mesh, global_rows: int):
-    """This process's host rows -> global arrays on the mesh."""
+def put_batch(batch, mesh, global_rows: int, layout: str):
+    """This process's host rows -> global arrays on the mesh, tokens in `layout` order
+    along the seq axis (targets were shifted before, so the permutation is safe)."""
     _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows, batch["tokens"].shape[1])
+    batch = layout_lib.apply_layout(batch, layout, mesh.shape["seq"])
     return mesh_lib.host_batch_to_global(batch, mesh, global_rows, row_offset=row_offset)
 
 
@@ -285,7 +290,7 @@ def train(config, workdir: str) -> dict:
     with mesh_lib.use_mesh(run.mesh):
         while step < total_steps:
             host_batch = next(data_iterator)
-            batch = put_batch(host_batch, run.mesh, global_rows)
+            batch = put_batch(host_batch, run.mesh, global_rows, config.mesh.layout)
             learning_rate = learning_rate_at(
                 tokens, total_tokens, config.train.learning_rate,
                 config.train.warmup_fraction, config.train.min_learning_rate_ratio)
