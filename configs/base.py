@@ -26,8 +26,8 @@ def get_config() -> config_dict.ConfigDict:
     # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
     model.rope.scaling = config_dict.placeholder(object)
     model.attention = "blockwise"  # dense | blockwise | ring
-    model.block_q = 512           # query block of the blockwise/ring kernels
-    model.block_k = 512           # key/value block of the blockwise/ring kernels
+    model.block_q = 256           # query block of the blockwise/ring kernels
+    model.block_k = 256           # key/value block of the blockwise/ring kernels
     model.tie_embeddings = True
     model.dtype = "bfloat16"      # compute dtype of activations and matmuls
     model.param_dtype = "float32"

@@ -95,19 +95,20 @@ def dot_product_attention(q, k, v, *, positions=None, segment_ids=None, causal=T
 
 
 # ------------------------------------------------------------- blockwise building blocks
-def _split_blocks(x, block: int, name: str):
-    """[b, len, ...] -> [len // block, b, block, ...]; the length must divide evenly."""
-    length = x.shape[1]
+# Blocks are read and written in place with dynamic slices along the length axis, so no
+# blocked copy of q, k, v or of the gradients is ever made.
+def _check_block(length: int, block: int, name: str) -> None:
     if length % block:
         raise ValueError(f"{name} length {length} is not a multiple of its block size {block}")
-    blocks = x.reshape(x.shape[0], length // block, block, *x.shape[2:])
-    return jnp.moveaxis(blocks, 1, 0)
 
 
-def _merge_blocks(x):
-    """Inverse of `_split_blocks`: [n, b, block, ...] -> [b, n * block, ...]."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+def _block(x, index, size: int):
+    """Block `index` of `size` tokens along the length axis (axis 1)."""
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
+
+
+def _put_block(x, part, index, size: int):
+    return jax.lax.dynamic_update_slice_in_dim(x, part, index * size, axis=1)
 
 
 def fit_block(length: int, block: int) -> int:
@@ -127,59 +128,57 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
     computed and discarded.
     """
     b, lq, hq, d = q.shape
-    kv_heads = k.shape[2]
+    lk, kv_heads = k.shape[1], k.shape[2]
     groups = hq // kv_heads
+    _check_block(lq, block_q, "query")
+    _check_block(lk, block_k, "key")
     scale = 1.0 / np.sqrt(d)
-    q_blocks = _split_blocks(_group_queries(q, kv_heads), block_q, "query")  # [nq,b,bq,hk,g,d]
-    qp_blocks = _split_blocks(q_pos, block_q, "query")                        # [nq, b, bq]
-    qs_blocks = _split_blocks(q_seg, block_q, "query")
-    k_blocks = _split_blocks(k, block_k, "key")                               # [nk,b,bk,hk,d]
-    v_blocks = _split_blocks(v, block_k, "key")
-    kp_blocks = _split_blocks(k_pos, block_k, "key")                          # [nk, b, bk]
-    ks_blocks = _split_blocks(k_seg, block_k, "key")
 
-    def one_query_block(args):
-        qb, qpb, qsb = args
+    def query_block(i, carry):
+        out, lse, tiles = carry
+        qb = _group_queries(_block(q, i, block_q), kv_heads)             # [b, bq, hk, g, d]
+        qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)  # [b, bq]
 
-        def visit_key_block(carry, key_block):
-            kb, vb, kpb, ksb = key_block
-            mask = attention_mask(qpb, kpb, qsb, ksb, causal)                 # [b, bq, bk]
+        def key_block(j, state):
+            kb, vb = _block(k, j, block_k), _block(v, j, block_k)       # [b, bk, hk, d]
+            mask = attention_mask(qpb, _block(k_pos, j, block_k), qsb,
+                                  _block(k_seg, j, block_k), causal)     # [b, bq, bk]
 
-            def compute(carry):
-                acc, row_max, row_sum, tiles = carry
+            def compute(state):
+                acc, row_max, row_sum, tiles = state
+                # tiles in the matmul's natural layout [b, hk, g, bq, bk]: no relayout copy
                 s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb,
                                preferred_element_type=jnp.float32) * scale
-                m = mask[:, None, None]                                       # [b,1,1,bq,bk]
+                m = mask[:, None, None]                                  # [b, 1, 1, bq, bk]
                 s = jnp.where(m, s, _MASKED)
-                new_max = jnp.maximum(row_max, s.max(axis=-1))               # [b,hk,g,bq]
+                new_max = jnp.maximum(row_max, s.max(axis=-1))          # [b, hk, g, bq]
                 correction = jnp.exp(row_max - new_max)
                 p = jnp.where(m, jnp.exp(s - new_max[..., None]), 0.0)
                 row_sum = row_sum * correction + p.sum(axis=-1)
                 acc = acc * correction[..., None] + jnp.einsum(
                     "bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=jnp.float32)                  # [b, hk, g, bq, d]
                 return acc, new_max, row_sum, tiles + 1
 
-            carry = jax.lax.cond(mask.any(), compute, lambda c: c, carry)
-            return carry, None
+            return jax.lax.cond(mask.any(), compute, lambda state: state, state)
 
-        bq = qb.shape[1]
-        init = (jnp.zeros((b, kv_heads, groups, bq, d), jnp.float32),
-                jnp.full((b, kv_heads, groups, bq), _MASKED, jnp.float32),
-                jnp.zeros((b, kv_heads, groups, bq), jnp.float32),
-                jnp.zeros((), jnp.int32))
-        (acc, row_max, row_sum, tiles), _ = jax.lax.scan(
-            visit_key_block, init, (k_blocks, v_blocks, kp_blocks, ks_blocks))
+        rows = (b, kv_heads, groups, block_q)
+        state = (jnp.zeros(rows + (d,), jnp.float32), jnp.full(rows, _MASKED, jnp.float32),
+                 jnp.zeros(rows, jnp.float32), tiles)
+        acc, row_max, row_sum, tiles = jax.lax.fori_loop(0, lk // block_k, key_block, state)
         seen = row_sum > 0
-        out = jnp.where(seen[..., None], acc / jnp.where(seen, row_sum, 1.0)[..., None], 0.0)
-        lse = jnp.where(seen, row_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
-        # [b, hk, g, bq, d] -> [b, bq, hq, d];  [b, hk, g, bq] -> [b, bq, hq]
-        out = jnp.moveaxis(out, 3, 1).reshape(b, bq, hq, d)
-        lse = jnp.moveaxis(lse, 3, 1).reshape(b, bq, hq)
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        out_b = jnp.where(seen[..., None], acc / safe_sum[..., None], 0.0)  # [b, hk, g, bq, d]
+        lse_b = jnp.where(seen, row_max + jnp.log(safe_sum), -jnp.inf)     # [b, hk, g, bq]
+        out_b = jnp.moveaxis(out_b, 3, 1).reshape(b, block_q, hq, d)
+        lse_b = jnp.moveaxis(lse_b, 3, 1).reshape(b, block_q, hq)
+        out = _put_block(out, out_b, i, block_q)
+        lse = _put_block(lse, lse_b, i, block_q)
         return out, lse, tiles
 
-    out, lse, tiles = jax.lax.map(one_query_block, (q_blocks, qp_blocks, qs_blocks))
-    return _merge_blocks(out), _merge_blocks(lse), tiles.sum()
+    init = (jnp.zeros((b, lq, hq, d), jnp.float32), jnp.zeros((b, lq, hq), jnp.float32),
+            jnp.zeros((), jnp.int32))
+    return jax.lax.fori_loop(0, lq // block_q, query_block, init)
 
 
 def merge_partial_attention(out_a, lse_a, out_b, lse_b):
@@ -197,76 +196,67 @@ def merge_partial_attention(out_a, lse_a, out_b, lse_b):
 
 
 def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *,
-                       causal: bool, block_q: int, block_k: int):
+                       causal: bool, block_q: int, block_k: int, accumulators=None):
     """Gradients of one query chunk's attention with respect to q and one key/value chunk.
 
     lse [b, lq, hq] is the log-sum-exp over ALL keys the queries attend to (not just this
     chunk) and delta [b, lq, hq] = sum(d_out * out, -1) with the final output, so the
-    contributions of several key chunks simply add up. Returns (dq, dk, dv) in float32.
-    Loops over key blocks (outer) and query blocks (inner); masked-out blocks are skipped.
+    contributions of several key chunks simply add up. `accumulators` (dq, dk, dv), float32
+    arrays shaped like q, k, v, are added to in place (zeros if None); returns the sums.
+    Loops over key blocks (outer) and query blocks (inner); masked-out tiles are skipped.
     """
     b, lq, hq, d = q.shape
-    kv_heads = k.shape[2]
+    lk, kv_heads = k.shape[1], k.shape[2]
     groups = hq // kv_heads
+    _check_block(lq, block_q, "query")
+    _check_block(lk, block_k, "key")
     scale = 1.0 / np.sqrt(d)
+    block_rows = (b, block_q, kv_heads, groups)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)                # rows seeing nothing: p = 0
+    if accumulators is None:
+        accumulators = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+                        jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = accumulators
 
-    def grouped_rows(x):  # [b, l, hq] -> [b, l, hk, g]
-        return x.reshape(x.shape[0], x.shape[1], kv_heads, groups)
+    def key_block(j, carry):
+        dq, dk, dv = carry
+        kb, vb = _block(k, j, block_k), _block(v, j, block_k)           # [b, bk, hk, d]
+        kpb, ksb = _block(k_pos, j, block_k), _block(k_seg, j, block_k)
 
-    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)  # rows that see nothing get p = 0 anyway
-    q_blocks = _split_blocks(_group_queries(q, kv_heads), block_q, "query")  # [nq,b,bq,hk,g,d]
-    do_blocks = _split_blocks(_group_queries(d_out, kv_heads), block_q, "query")
-    lse_blocks = _split_blocks(grouped_rows(lse), block_q, "query")            # [nq,b,bq,hk,g]
-    delta_blocks = _split_blocks(grouped_rows(delta), block_q, "query")
-    qp_blocks = _split_blocks(q_pos, block_q, "query")
-    qs_blocks = _split_blocks(q_seg, block_q, "query")
-    k_blocks = _split_blocks(k, block_k, "key")
-    v_blocks = _split_blocks(v, block_k, "key")
-    kp_blocks = _split_blocks(k_pos, block_k, "key")
-    ks_blocks = _split_blocks(k_seg, block_k, "key")
+        def query_block(i, inner):
+            qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)
+            mask = attention_mask(qpb, kpb, qsb, ksb, causal)            # [b, bq, bk]
 
-    def one_key_block(dq_total, key_block):
-        kb, vb, kpb, ksb = key_block
-        bk = kb.shape[1]
-
-        def visit_query_block(carry, query_block):
-            qb, dob, lseb, deltab, qpb, qsb = query_block
-            mask = attention_mask(qpb, kpb, qsb, ksb, causal)                  # [b, bq, bk]
-
-            def compute(carry):
-                dk, dv = carry
-                s = jnp.einsum("bqhgd,bkhd->bqhgk", qb, kb,
+            def compute(inner):
+                dq, dk_j, dv_j = inner
+                qb = _group_queries(_block(q, i, block_q), kv_heads)    # [b, bq, hk, g, d]
+                dob = _group_queries(_block(d_out, i, block_q), kv_heads)
+                # row statistics as [b, hk, g, bq] to match the tile layout [b, hk, g, bq, bk]
+                lseb = jnp.moveaxis(_block(lse, i, block_q).reshape(block_rows), 1, 3)
+                deltab = jnp.moveaxis(_block(delta, i, block_q).reshape(block_rows), 1, 3)
+                s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb,
                                preferred_element_type=jnp.float32) * scale
-                m = mask[:, :, None, None, :]                                  # [b,bq,1,1,bk]
-                p = jnp.where(m, jnp.exp(s - lseb[..., None]), 0.0)           # [b,bq,hk,g,bk]
-                dv = dv + jnp.einsum("bqhgk,bqhgd->bkhd", p.astype(dob.dtype), dob,
-                                     preferred_element_type=jnp.float32)
-                dp = jnp.einsum("bqhgd,bkhd->bqhgk", dob, vb,
-                                preferred_element_type=jnp.float32)
+                m = mask[:, None, None]                                  # [b, 1, 1, bq, bk]
+                p = jnp.where(m, jnp.exp(s - lseb[..., None]), 0.0)
+                dv_j = dv_j + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(dob.dtype), dob,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
                 ds = p * (dp - deltab[..., None]) * scale
-                dq = jnp.einsum("bqhgk,bkhd->bqhgd", ds.astype(kb.dtype), kb,
-                                preferred_element_type=jnp.float32)
-                dk = dk + jnp.einsum("bqhgk,bqhgd->bkhd", ds.astype(qb.dtype), qb,
-                                     preferred_element_type=jnp.float32)
-                return (dk, dv), dq
+                dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(kb.dtype), kb,
+                                  preferred_element_type=jnp.float32)
+                dq_i = dq_i.reshape(b, block_q, hq, d)
+                dq = _put_block(dq, _block(dq, i, block_q) + dq_i, i, block_q)
+                dk_j = dk_j + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(qb.dtype), qb,
+                                         preferred_element_type=jnp.float32)
+                return dq, dk_j, dv_j
 
-            def skip(carry):
-                return carry, jnp.zeros(qb.shape, jnp.float32)
+            return jax.lax.cond(mask.any(), compute, lambda inner: inner, inner)
 
-            return jax.lax.cond(mask.any(), compute, skip, carry)
+        inner = (dq, _block(dk, j, block_k), _block(dv, j, block_k))
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, lq // block_q, query_block, inner)
+        return dq, _put_block(dk, dk_j, j, block_k), _put_block(dv, dv_j, j, block_k)
 
-        init = (jnp.zeros((b, bk, kv_heads, d), jnp.float32),
-                jnp.zeros((b, bk, kv_heads, d), jnp.float32))
-        (dk, dv), dq_blocks = jax.lax.scan(
-            visit_query_block, init,
-            (q_blocks, do_blocks, lse_blocks, delta_blocks, qp_blocks, qs_blocks))
-        return dq_total + dq_blocks, (dk, dv)
-
-    dq_init = jnp.zeros(q_blocks.shape, jnp.float32)
-    dq_blocks, (dk_blocks, dv_blocks) = jax.lax.scan(
-        one_key_block, dq_init, (k_blocks, v_blocks, kp_blocks, ks_blocks))
-    dq = _merge_blocks(dq_blocks).reshape(b, lq, hq, d)
-    return dq, _merge_blocks(dk_blocks), _merge_blocks(dv_blocks)
+    return jax.lax.fori_loop(0, lk // block_k, key_block, (dq, dk, dv))
 
 
 # -------------------------------------------------------------- blockwise attention
@@ -297,7 +287,7 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
-                        block_q: int = 512, block_k: int = 512):
+                        block_q: int = 256, block_k: int = 256):
     """Attention with memory linear in length: online softmax over key blocks.
 
     Same contract as `dot_product_attention`. Saves only q, k, v, the output and the
@@ -315,7 +305,7 @@ def blockwise_attention(q, k, v, *, positions=None, segment_ids=None, causal=Tru
 AttentionFn = Callable[..., jax.Array]
 
 
-def attention_function(name: str, *, block_q: int = 512, block_k: int = 512) -> AttentionFn:
+def attention_function(name: str, *, block_q: int = 256, block_k: int = 256) -> AttentionFn:
     """The attention function a config name stands for (ring is added by parallel/)."""
     if name == "dense":
         return dot_product_attention

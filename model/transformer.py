@@ -40,8 +40,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling_json: str = "null"  # normalised HF rope_scaling dict, as JSON (hashable)
     attention: str = "blockwise"
-    block_q: int = 512
-    block_k: int = 512
+    block_q: int = 256
+    block_k: int = 256
     tie_embeddings: bool = True
     dtype: str = "bfloat16"
     param_dtype: str = "float32"

@@ -36,6 +36,16 @@ def _shift(tree, axis_name: str, axis_size: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
 
+def _run_hops(hop, carry, axis_size: int):
+    """Apply `hop` axis_size - 1 times. The first hop is peeled off the loop so that it
+    reads the caller's K/V directly (a loop would first copy them into its carry)."""
+    if axis_size > 1:
+        carry, _ = hop(carry, None)
+    if axis_size > 2:
+        carry, _ = jax.lax.scan(hop, carry, None, length=axis_size - 2)
+    return carry
+
+
 def _ring_forward(q, k, v, q_pos, q_seg, *, axis_name, axis_size, causal, block_q, block_k):
     """Per-device forward: returns (out float32, lse, tiles computed)."""
     b, lq, hq, d = q.shape
@@ -57,10 +67,8 @@ def _ring_forward(q, k, v, q_pos, q_seg, *, axis_name, axis_size, causal, block_
     out = jnp.zeros((b, lq, hq, d), jnp.float32)
     lse = jnp.full((b, lq, hq), -jnp.inf, jnp.float32)
     tiles = jnp.zeros((), jnp.int32)
-    kv = (k, v, q_pos, q_seg)                               # self-attention: keys share q's slice
-    if axis_size > 1:
-        (kv, out, lse, tiles), _ = jax.lax.scan(hop, (kv, out, lse, tiles), None,
-                                                length=axis_size - 1)
+    carry = ((k, v, q_pos, q_seg), out, lse, tiles)         # self-attention: keys share q's slice
+    kv, out, lse, tiles = _run_hops(hop, carry, axis_size)
     return attend(kv, out, lse, tiles)                      # last hop: nothing left to send
 
 
@@ -69,27 +77,28 @@ def _ring_backward(q, k, v, q_pos, q_seg, out, lse, d_out, *, axis_name, axis_si
     """Per-device backward: dq stays home; dK/dV ride along with K/V for N hops."""
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
 
-    def contributions(kv):
+    def accumulate(kv, accumulators):
         k_c, v_c, kp_c, ks_c = kv
         return blockwise_backward(q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, lse, d_out, delta,
-                                  causal=causal, block_q=block_q, block_k=block_k)
+                                  causal=causal, block_q=block_q, block_k=block_k,
+                                  accumulators=accumulators)
 
     def hop(carry, _):
-        kv, dkv, dq = carry
+        kv, dk, dv, dq = carry
         next_kv = _shift(kv, axis_name, axis_size)          # issued before this hop's math
-        dq_c, dk_c, dv_c = contributions(kv)
-        dkv = _shift((dkv[0] + dk_c, dkv[1] + dv_c), axis_name, axis_size)
-        return (next_kv, dkv, dq + dq_c), None
+        dq, dk, dv = accumulate(kv, (dq, dk, dv))
+        dk, dv = _shift((dk, dv), axis_name, axis_size)     # dK/dV follow their K/V
+        return (next_kv, dk, dv, dq), None
 
     kv = (k, v, q_pos, q_seg)
-    dkv = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     dq = jnp.zeros(q.shape, jnp.float32)
-    (kv, dkv, dq), _ = jax.lax.scan(hop, (kv, dkv, dq), None, length=axis_size - 1)
+    kv, dk, dv, dq = _run_hops(hop, (kv, dk, dv, dq), axis_size)
     # Last hop: the K/V here came from device i+1; after adding our part, one more shift
     # brings each dK/dV home (N shifts in all).
-    dq_c, dk_c, dv_c = contributions(kv)
-    dk, dv = _shift((dkv[0] + dk_c, dkv[1] + dv_c), axis_name, axis_size)
-    return dq + dq_c, dk, dv
+    dq, dk, dv = accumulate(kv, (dq, dk, dv))
+    dk, dv = _shift((dk, dv), axis_name, axis_size)
+    return dq, dk, dv
 
 
 def _local_ring(axis_name: str, axis_size: int, causal: bool, block_q: int, block_k: int):
@@ -148,8 +157,8 @@ def _validate(q, k, v, mesh: Mesh, axis_name: str, block_q: int, block_k: int):
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
-                   segment_ids=None, causal: bool = True, block_q: int = 512,
-                   block_k: int = 512):
+                   segment_ids=None, causal: bool = True, block_q: int = 256,
+                   block_k: int = 256):
     """Attention with the sequence split over `axis_name` of `mesh`.
 
     Same contract as `model.attention.dot_product_attention`: q [batch, length, q_heads,
@@ -176,8 +185,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=Non
 
 
 def ring_tiles_per_device(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
-                          segment_ids=None, causal: bool = True, block_q: int = 512,
-                          block_k: int = 512):
+                          segment_ids=None, causal: bool = True, block_q: int = 256,
+                          block_k: int = 256):
     """How many (query block, key block) tiles each device of the ring computes in the
     forward pass: int32 [axis size]. Runs the same kernel as `ring_attention`."""
     _validate(q, k, v, mesh, axis_name, block_q, block_k)
@@ -200,8 +209,8 @@ def ring_tiles_per_device(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positi
     return jax.jit(counted)(q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
 
 
-def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", block_q: int = 512,
-                        block_k: int = 512):
+def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", block_q: int = 256,
+                        block_k: int = 256):
     """`ring_attention` bound to a mesh, with the attention-function signature the model
     layer calls: fn(q, k, v, *, positions, segment_ids, causal)."""
     return functools.partial(ring_attention, mesh=mesh, axis_name=axis_name,
