@@ -15,6 +15,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
@@ -49,6 +50,8 @@ def start_distributed() -> None:
 
 def main(argv):
     del argv
+    # Library INFO logs (Orbax, XLA) drown the progress line; keep warnings and our own.
+    absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("boundless").setLevel(logging.INFO)
     config = _CONFIG.value
     if config is None:

@@ -60,6 +60,7 @@ def get_config() -> config_dict.ConfigDict:
     train.grad_clip_norm = 1.0
     train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide)
     train.log_every_steps = 10
+    train.stop_at_step = 0        # >0: checkpoint and exit after this step (resume later)
     config.train = train
 
     # --- length curriculum ------------------------------------------------------------

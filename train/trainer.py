@@ -191,7 +191,7 @@ def make_train_step(run: Run, accum_steps: int):
         updates, opt_state = run.optimizer.update(grads, state["opt_state"], params,
                                                   learning_rate=learning_rate)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": nll_sum / count, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
                    "target_tokens": count}
         return {"params": params, "opt_state": opt_state}, metrics
 
@@ -255,14 +255,11 @@ def train(config, workdir: str) -> dict:
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
 
-    abstract_state = jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        jax.eval_shape(lambda: init_state_shapes(run)), run.state_shardings)
     step, tokens = 0, 0
     latest = checkpointer.latest_step()
     if latest is not None:
         _check_same_model(checkpointer.restore_meta(latest), run, workdir)
-        state, meta = checkpointer.restore(latest, abstract_state, data_iterator)
+        state, meta = checkpointer.restore(latest, abstract_state(run), data_iterator)
         step, tokens = int(meta["step"]), int(meta["tokens"])
         log.info("resumed from %s at step %d (%d tokens)", checkpointer.directory, step, tokens)
     else:
@@ -322,14 +319,16 @@ def train(config, workdir: str) -> dict:
                 eval_result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
                 writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
                 _print_eval(eval_result, is_writer)
-            if step % config.checkpoint.every_steps == 0 or step == total_steps \
-                    or checkpointer.reached_preemption(step):
+            preempted = checkpointer.reached_preemption(step)
+            stopping = preempted or step == config.train.stop_at_step
+            if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
                 checkpointer.save(step, state, data_iterator, meta_now())
-                if checkpointer.reached_preemption(step):
-                    log.warning("preemption signal: saved step %d and stopping", step)
-                    checkpointer.close()
-                    writer.close()
-                    return {"step": step, "tokens": tokens, "preempted": True}
+            if stopping and step < total_steps:
+                log.warning("%s: saved step %d and stopping", "preemption signal" if preempted
+                            else "train.stop_at_step", step)
+                checkpointer.close()
+                writer.close()
+                return {"step": step, "tokens": tokens, "stopped": True}
 
         final_loss = float(jax.device_get(pending["loss"])) if pending is not None else None
         eval_result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
@@ -341,12 +340,20 @@ def train(config, workdir: str) -> dict:
     return {"step": step, "tokens": tokens, "final_loss": final_loss, "eval": eval_result}
 
 
-def init_state_shapes(run: Run):
-    """Shapes of the train state (no arrays allocated; used for restoring)."""
-    model = Transformer(run.model_config, rngs=nnx.Rngs(0),
-                        attention_fn=attention_override(run.model_config, run.mesh))
-    params = nnx.state(model, nnx.Param)
-    return {"params": params, "opt_state": run.optimizer.init(params)}
+def abstract_state(run: Run):
+    """Shapes, dtypes and shardings of the train state, without allocating it."""
+    attention_fn = attention_override(run.model_config, run.mesh)
+
+    def create():
+        model = Transformer(run.model_config, rngs=nnx.Rngs(0), attention_fn=attention_fn)
+        params = nnx.state(model, nnx.Param)
+        return {"params": params, "opt_state": run.optimizer.init(params)}
+
+    with mesh_lib.use_mesh(run.mesh):
+        shapes = jax.eval_shape(create)
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes, run.state_shardings)
 
 
 def count_parameters_in(params) -> int:
@@ -368,10 +375,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     if latest is None:
         raise ValueError(f"no checkpoint in {checkpointer.directory}: train first")
     _check_same_model(checkpointer.restore_meta(latest), run, workdir)
-    abstract_state = jax.tree.map(
-        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
-        jax.eval_shape(lambda: init_state_shapes(run)), run.state_shardings)
-    state, meta = checkpointer.restore(latest, abstract_state)
+    state, meta = checkpointer.restore(latest, abstract_state(run))
     eval_batches = evaluate_lib.load_validation_batches(run, evaluation_lengths(config))
     with mesh_lib.use_mesh(run.mesh):
         result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
