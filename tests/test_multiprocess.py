@@ -1,0 +1,59 @@
+"""Two JAX processes on localhost (4 CPU devices each) train like one process with 8."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import train_losses
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ8 = ["--config.mesh.seq=8", "--config.mesh.data=1", "--config.model.attention=ring",
+        "--config.train.steps=4", "--config.checkpoint.every_steps=2"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, devices, extra=()):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    command = [sys.executable, "main.py", "--config", "tests/small_config.py",
+               "--workdir", str(workdir), *SEQ8, *extra]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process, timeout=300):
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.mark.slow
+def test_two_processes_with_seq_spanning_both_match_one_process(tmp_path):
+    finish(launch(tmp_path / "one", devices=8))
+    port = free_port()
+    processes = [launch(tmp_path / "two", devices=4,
+                        extra=[f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                               f"--process_id={i}"]) for i in range(2)]
+    outputs = [finish(p) for p in processes]
+    assert "mesh {'data': 1, 'fsdp': 1, 'seq': 8, 'tensor': 1}" in outputs[0]
+    assert "step 4/4" in outputs[0] and "step 4/4" not in outputs[1]  # only process 0 logs
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3, 4]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5)
+    # resuming the two-process run from its checkpoint works too
+    resume_port = free_port()
+    processes = [launch(tmp_path / "two", devices=4,
+                        extra=[f"--coordinator_address=localhost:{resume_port}",
+                               "--num_processes=2", f"--process_id={i}",
+                               "--config.train.steps=6"]) for i in range(2)]
+    for p in processes:
+        finish(p)
+    assert sorted(train_losses(tmp_path / "two")) == [1, 2, 3, 4, 5, 6]
