@@ -140,3 +140,9 @@ def test_impossible_settings_fail_with_one_clear_line_before_compiling(tmp_path,
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr.splitlines()[-1]
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unigram_baseline_is_the_exponentiated_entropy_of_the_scored_targets():
+    from train.evaluate import unigram_perplexity_of_targets
+    batch = {"targets": np.array([[1, 1, 2, 2, 7]]), "loss_mask": np.array([[1, 1, 1, 1, 0.0]])}
+    assert unigram_perplexity_of_targets([batch], 256) == pytest.approx(2.0)  # two equal tokens

@@ -52,7 +52,7 @@ def perplexity_by_length(run, params, eval_batches: dict[int, list],
     global_rows = run.config.eval.batch_size
     score = jax.jit(lambda p, b: token_loss_sums(run.graphdef, p, b))
     result = {"lengths": [], "perplexity": [], "loss": [], "target_tokens": [],
-              "not_evaluable": {}}
+              "unigram_perplexity": [], "not_evaluable": {}}
     for length in sorted(set(lengths) | set(eval_batches)):
         reason = evaluable(run.model_config, length)
         if reason is not None:
@@ -72,6 +72,8 @@ def perplexity_by_length(run, params, eval_batches: dict[int, list],
         result["loss"].append(loss)
         result["perplexity"].append(math.exp(loss))
         result["target_tokens"].append(int(count_total))
+        result["unigram_perplexity"].append(
+            unigram_perplexity_of_targets(eval_batches[length], run.model_config.vocab_size))
     return result
 
 
@@ -85,10 +87,12 @@ def scalars(result: dict) -> dict[str, float]:
 
 
 def format_table(result: dict) -> str:
-    lines = ["length | loss   | perplexity | target tokens", "-------|--------|------------|--------------"]
-    for length, loss, ppl, n in zip(result["lengths"], result["loss"], result["perplexity"],
-                                    result["target_tokens"]):
-        lines.append(f"{length:>6} | {loss:.4f} | {ppl:>10.3f} | {n}")
+    lines = ["length | loss   | perplexity | unigram baseline | target tokens",
+             "-------|--------|------------|------------------|--------------"]
+    for length, loss, ppl, unigram, n in zip(result["lengths"], result["loss"],
+                                             result["perplexity"], result["unigram_perplexity"],
+                                             result["target_tokens"]):
+        lines.append(f"{length:>6} | {loss:.4f} | {ppl:>10.3f} | {unigram:>16.3f} | {n}")
     for length, reason in result.get("not_evaluable", {}).items():
         lines.append(f"{length:>6} | not evaluable: {reason}")
     return "\n".join(lines)
@@ -103,20 +107,22 @@ def write_perplexity_files(result: dict, eval_dir: str, is_writer: bool = True) 
         json.dump(result, f, indent=2)
     with open(os.path.join(eval_dir, "perplexity_by_length.csv"), "w", newline="") as f:
         table = csv.writer(f)
-        table.writerow(["length", "loss", "perplexity", "target_tokens"])
+        table.writerow(["length", "loss", "perplexity", "unigram_perplexity", "target_tokens"])
         for row in zip(result["lengths"], result["loss"], result["perplexity"],
-                       result["target_tokens"]):
+                       result["unigram_perplexity"], result["target_tokens"]):
             table.writerow(row)
 
 
-def unigram_perplexity(documents, tokenizer, vocab_size: int) -> float:
-    """Perplexity of the best context-free model: the unigram distribution of the
-    tokens themselves (an oracle baseline a model that learned nothing cannot beat)."""
+def unigram_perplexity_of_targets(batches, vocab_size: int) -> float:
+    """Baseline: perplexity of the best context-free model on exactly the scored targets,
+    i.e. exp(entropy) of their own unigram distribution (an oracle: it is fitted to the
+    very tokens it scores). A model that has learned anything from context is below it.
+    Counted over this process's rows."""
     counts = np.zeros(vocab_size, np.float64)
-    for text in documents:
-        ids = tokenizer.encode(text)
-        counts += np.bincount(ids, minlength=vocab_size)[:vocab_size]
-    probs = counts / counts.sum()
-    nonzero = probs > 0
-    entropy = -np.sum(probs[nonzero] * np.log(probs[nonzero]))
-    return float(math.exp(entropy))
+    for batch in batches:
+        real = batch["loss_mask"] > 0
+        counts += np.bincount(batch["targets"][real], minlength=vocab_size)[:vocab_size]
+    if counts.sum() == 0:
+        return float("nan")
+    probs = counts[counts > 0] / counts.sum()
+    return float(math.exp(-np.sum(probs * np.log(probs))))
