@@ -81,12 +81,14 @@ def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(tmp_path
 @pytest.mark.slow
 def test_workdir_holds_config_metrics_tensorboard_checkpoints_and_eval(tmp_path):
     workdir = str(tmp_path / "run")
-    summary = trainer.train(small_config(), workdir)
+    summary = trainer.train(small_config(**{"eval.every_steps": 4}), workdir)
     assert json.load(open(os.path.join(workdir, "config.json")))["curriculum"]["l_max"] == 64
     record = read_metrics(workdir)[0]
     for key in ("step", "tokens", "loss", "lr", "grad_norm", "seq_len", "batch_size",
                 "tokens_per_sec", "step_time_s"):
         assert key in record
+    eval_steps = [r["step"] for r in read_metrics(workdir) if "perplexity_64" in r]
+    assert eval_steps == [4, 8]                          # every eval.every_steps and at the end
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
     evaluation = json.load(open(os.path.join(workdir, "eval", "perplexity_by_length.json")))
