@@ -66,7 +66,30 @@ def get_config() -> config_dict.ConfigDict:
     # --- length curriculum ------------------------------------------------------------
     curriculum = config_dict.ConfigDict()
     curriculum.l_max = 1024       # training length of level 0 (and the learned-position limit)
-    curriculum.levels = 1
+    curriculum.levels = 1         # K: level k trains at lengths[k] (default l_max * 2^k)
+    # what the budget (train.steps x train.batch_size rows of l_max tokens) counts:
+    # "tokens": every step has batch_size x l_max tokens (the batch halves when the length
+    #   doubles), so token-driven lr schedules and the loss scale match across levels;
+    # "sequences": every level keeps batch_size rows, so tokens per step grow with length.
+    curriculum.unit = "tokens"    # tokens | sequences
+    # ascending: stages short to long; interleaved: levels mixed step by step in an order
+    # drawn from config.seed (each level keeps its share of the steps).
+    curriculum.order = "ascending"  # ascending | interleaved
+    # move devices from mesh.data to mesh.seq as the length grows (and the batch shrinks),
+    # so every device keeps the same rows and local length; needs model.attention="ring".
+    curriculum.relayout = True
+    # budget share per level, positive, summing to 1. None: 2^-(k+1), the last level also
+    # takes the remainder (K=4: 0.5, 0.25, 0.125, 0.125).
+    curriculum.shares = config_dict.placeholder(tuple)
+    # training length per level, increasing, lengths[0] == l_max. None: l_max * 2^k.
+    curriculum.lengths = config_dict.placeholder(tuple)
+    # RoPE base per level (staged recipes raise it with the length). None: model.rope.theta.
+    curriculum.rope_thetas = config_dict.placeholder(tuple)
+    # RoPE scaling per level: each None or a HF rope_scaling dict / JSON string.
+    # None: model.rope.scaling at every level.
+    curriculum.rope_scalings = config_dict.placeholder(tuple)
+    # learning-rate multiplier per level (applied on top of the schedule). None: 1.0 each.
+    curriculum.lr_multipliers = config_dict.placeholder(tuple)
     config.curriculum = curriculum
 
     # --- device mesh ------------------------------------------------------------------

@@ -24,6 +24,7 @@ from model.transformer import ModelConfig, Transformer, count_parameters
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
+from train import curriculum as curriculum_lib
 from train import data as data_lib
 from train import evaluate as evaluate_lib
 from train.loss import token_loss_sums
@@ -34,37 +35,45 @@ log = logging.getLogger("boundless")
 
 
 # ------------------------------------------------------------------ config checks
-def validate_config(config, device_count: int | None = None) -> None:
-    """Raise ValueError with one clear line for any setting that cannot work.
-
-    Runs before anything is compiled or any data is read.
-    """
+def validate_config(config, device_count: int | None = None):
+    """Raise ValueError with one clear line for any setting that cannot work; return the
+    curriculum plan. Runs before anything is compiled or any data is read."""
     device_count = jax.device_count() if device_count is None else device_count
-    sizes = mesh_lib.mesh_shape(config.mesh, device_count)
     m, t, c = config.model, config.train, config.curriculum
-    if c.levels != 1:
-        raise ValueError("curriculum.levels > 1 is not supported yet (length curriculum)")
     if c.l_max <= 0:
         raise ValueError(f"curriculum.l_max must be positive, got {c.l_max}")
     if t.steps <= 0 or t.batch_size <= 0:
         raise ValueError("train.steps and train.batch_size must be positive")
-    row_groups = sizes["data"] * sizes["fsdp"]
-    if t.batch_size % row_groups:
-        raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                         f"mesh.data x mesh.fsdp ({row_groups})")
-    if t.grad_accum_steps < 1 or (t.batch_size // row_groups) % t.grad_accum_steps:
-        raise ValueError(f"train.grad_accum_steps ({t.grad_accum_steps}) must divide the "
-                         f"rows per data shard ({t.batch_size // row_groups})")
-    if config.eval.batch_size % row_groups:
-        raise ValueError(f"eval.batch_size ({config.eval.batch_size}) must be a multiple of "
-                         f"mesh.data x mesh.fsdp ({row_groups})")
     if config.mesh.layout not in layout_lib.LAYOUTS:
         raise ValueError(f"mesh.layout must be one of {layout_lib.LAYOUTS}, got {config.mesh.layout!r}")
+    if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
+        raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
+    mesh_lib.mesh_shape(config.mesh, device_count)            # the config's own mesh is valid
+    plan = curriculum_lib.make_plan(config, device_count)
+    for level in plan.levels:
+        check_mesh(config, level.mesh_dict, level.batch_size, f"curriculum level {level.index}")
+        check_length(level.seq_len, config, level.mesh_dict)
+    eval_mesh = plan.levels[-1].mesh_dict                       # evaluation runs on the last layout
+    check_mesh(config, eval_mesh, config.eval.batch_size, "eval.batch_size")
+    for length in evaluation_lengths(config):
+        check_length(length, config, eval_mesh)
+    return plan
+
+
+def check_mesh(config, sizes, batch_size: int, what: str) -> None:
+    """The model and a batch of `batch_size` rows must split over mesh `sizes`."""
+    m = config.model
+    row_groups = sizes["data"] * sizes["fsdp"]
+    if batch_size % row_groups:
+        raise ValueError(f"{what}: batch of {batch_size} rows is not a multiple of "
+                         f"mesh data x fsdp = {row_groups}")
+    accum = config.train.grad_accum_steps
+    if accum < 1 or (batch_size // row_groups) % accum:
+        raise ValueError(f"{what}: train.grad_accum_steps ({accum}) must divide the rows "
+                         f"per data shard ({batch_size // row_groups})")
     if sizes["seq"] > 1 and m.attention != "ring":
-        raise ValueError(f"mesh.seq={sizes['seq']} splits the sequence: set "
+        raise ValueError(f"{what}: mesh seq={sizes['seq']} splits the sequence: set "
                          f"model.attention='ring'")
-    for length in [c.l_max] + list(evaluation_lengths(config)):
-        check_length(length, config, sizes)
     if m.q_heads % sizes["tensor"] or m.kv_heads % sizes["tensor"]:
         raise ValueError(f"model.q_heads ({m.q_heads}) and model.kv_heads ({m.kv_heads}) "
                          f"must be multiples of mesh.tensor ({sizes['tensor']})")
@@ -72,17 +81,16 @@ def validate_config(config, device_count: int | None = None) -> None:
         raise ValueError(f"model.mlp_dim ({m.mlp_dim}) must be a multiple of mesh.tensor")
     weight_split = sizes["fsdp"] * sizes["seq"]
     if m.d_model % weight_split:
-        raise ValueError(f"model.d_model ({m.d_model}) must be a multiple of mesh.fsdp x "
-                         f"mesh.seq ({weight_split}), which shard the weights")
-    if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
-        raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
+        raise ValueError(f"{what}: model.d_model ({m.d_model}) must be a multiple of mesh "
+                         f"fsdp x seq ({weight_split}), which shard the weights")
 
 
 def check_length(length: int, config, sizes: dict) -> None:
     """A sequence length must split into 2 x seq chunks (zigzag) and into blocks."""
     seq = sizes["seq"]
     if seq > 1 and length % (2 * seq):
-        raise ValueError(f"length {length} is not divisible by 2 x mesh.seq = {2 * seq}")
+        raise ValueError(f"length {length} is not divisible by 2 x seq = {2 * seq} (mesh seq "
+                         f"axis, zigzag chunks)")
     local = length // seq
     for name in ("block_q", "block_k"):
         block = min(getattr(config.model, name), local)
@@ -117,15 +125,25 @@ def attention_override(model_config: ModelConfig, mesh) -> Callable | None:
     return make_ring_attention(mesh, block_q=model_config.block_q, block_k=model_config.block_k)
 
 
-def build_run(config, devices=None) -> Run:
-    """Validate the config, make the mesh, the tokenizer and the abstract train state."""
+def build_run(config, devices=None, level=None) -> Run:
+    """Validate the config, make the mesh, the tokenizer and the abstract train state.
+
+    `level` (a curriculum Level) replaces the config's mesh and RoPE settings with that
+    level's; parameters have the same structure at every level, only their shardings and
+    the model's static settings (attention bound to the mesh, RoPE) differ.
+    """
     validate_config(config, len(devices) if devices is not None else None)
     tokenizer = data_lib.make_tokenizer(config.data.tokenizer)
     model_config = ModelConfig.from_config(config, tokenizer.vocab_size)
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
-    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    mesh_sizes = config.mesh
+    if level is not None:
+        mesh_sizes = level.mesh_dict
+        model_config = dataclasses.replace(model_config, rope_theta=level.rope_theta,
+                                           rope_scaling_json=level.rope_scaling_json)
+    mesh = mesh_lib.make_mesh(mesh_sizes, devices)
     if model_config.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
     attention_fn = attention_override(model_config, mesh)
@@ -199,20 +217,6 @@ def make_train_step(run: Run, accum_steps: int):
                    out_shardings=(run.state_shardings, None))
 
 
-class StepCache:
-    """One compiled step per (length, batch, mesh layout), compiled when first used."""
-
-    def __init__(self, run: Run):
-        self.run = run
-        self._steps: dict[tuple, Callable] = {}
-
-    def get(self, batch) -> Callable:
-        key = (batch["tokens"].shape, tuple(self.run.mesh.shape.items()))
-        if key not in self._steps:
-            self._steps[key] = make_train_step(self.run, self.run.config.train.grad_accum_steps)
-        return self._steps[key]
-
-
 # ------------------------------------------------------------------ data on the mesh
 def put_batch(batch, mesh, global_rows: int, layout: str):
     """This process's host rows -> global arrays on the mesh, tokens in `layout` order
@@ -229,23 +233,47 @@ def _config_json(config) -> str:
 
 def _check_same_model(meta: dict, run: Run, workdir: str) -> None:
     saved = meta.get("model_config")
-    if saved and saved != dataclasses.asdict(run.model_config):
-        differing = sorted(k for k in saved if saved.get(k) != dataclasses.asdict(run.model_config).get(k))
+    current = dataclasses.asdict(run.model_config)
+    ignored = {"rope_theta", "rope_scaling_json", "attention"}  # may change between levels/evals
+    differing = sorted(k for k in current if k not in ignored and saved and saved.get(k) != current[k])
+    if differing:
         raise ValueError(f"{workdir} holds checkpoints of a different model (differs in "
                          f"{', '.join(differing)}); use another --workdir")
+
+
+def layout_name(mesh) -> str:
+    return " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items() if size > 1) or "1 device"
+
+
+class Levels:
+    """Per curriculum level: its Run (mesh + model variant) and its data iterator."""
+
+    def __init__(self, config, plan):
+        self.plan = plan
+        self.runs = [build_run(config, level=level) for level in plan.levels]
+        self.iterators = {}
+        for level, run in zip(plan.levels, self.runs):
+            shard_index, shard_count, local_rows, _ = mesh_lib.data_shard(
+                run.mesh, level.batch_size, level.seq_len)
+            self.iterators[f"data_{level.index}"] = data_lib.make_train_iterator(
+                config.data, run.tokenizer, seq_len=level.seq_len, batch_size=local_rows,
+                seed=config.data.shuffle_seed + level.index, shard_index=shard_index,
+                shard_count=shard_count)
+
+    def next_batch(self, level):
+        return next(self.iterators[f"data_{level.index}"])
 
 
 def train(config, workdir: str) -> dict:
     """Train (resuming from the newest checkpoint in workdir/checkpoints if any), evaluate
     at the end, and return a summary {"step", "tokens", "final_loss", "eval"}."""
-    run = build_run(config)
+    plan = validate_config(config)
     is_writer = jax.process_index() == 0
-    seq_len, global_rows = config.curriculum.l_max, config.train.batch_size
-    shard_index, shard_count, local_rows, _ = mesh_lib.data_shard(run.mesh, global_rows, seq_len)
-    data_iterator = data_lib.make_train_iterator(
-        config.data, run.tokenizer, seq_len=seq_len, batch_size=local_rows,
-        seed=config.data.shuffle_seed, shard_index=shard_index, shard_count=shard_count)
-    eval_batches = evaluate_lib.load_validation_batches(run, evaluation_lengths(config))
+    if is_writer:
+        print(plan.format(), flush=True)
+    levels = Levels(config, plan)
+    eval_run = levels.runs[-1]
+    eval_batches = evaluate_lib.load_validation_batches(eval_run, evaluation_lengths(config))
 
     if is_writer:
         os.makedirs(workdir, exist_ok=True)
@@ -253,85 +281,102 @@ def train(config, workdir: str) -> dict:
             f.write(_config_json(config))
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save)
+        async_save=config.checkpoint.async_save, data_names=tuple(levels.iterators))
 
     step, tokens = 0, 0
     latest = checkpointer.latest_step()
     if latest is not None:
-        _check_same_model(checkpointer.restore_meta(latest), run, workdir)
-        state, meta = checkpointer.restore(latest, abstract_state(run), data_iterator)
+        start_run = levels.runs[plan.level_at(min(latest, plan.total_steps - 1)).index]
+        _check_same_model(checkpointer.restore_meta(latest), start_run, workdir)
+        state, meta = checkpointer.restore(latest, abstract_state(start_run), levels.iterators)
         step, tokens = int(meta["step"]), int(meta["tokens"])
-        log.info("resumed from %s at step %d (%d tokens)", checkpointer.directory, step, tokens)
+        if is_writer:
+            print(f"resumed from {checkpointer.directory} at step {step} ({tokens} tokens)",
+                  flush=True)
     else:
-        state = init_state(run, config.seed)
+        start_run = levels.runs[plan.level_at(0).index]
+        state = init_state(start_run, config.seed)
     if is_writer:
-        n_params = count_parameters_in(state["params"])
-        print(f"model: {n_params / 1e6:.2f}M parameters; mesh {dict(run.mesh.shape)}; "
-              f"{seq_len} tokens x {global_rows} rows per step; workdir {workdir}", flush=True)
+        print(f"model: {count_parameters_in(state['params']) / 1e6:.2f}M parameters; "
+              f"{plan.total_steps} steps, {plan.total_tokens} tokens; workdir {workdir}",
+              flush=True)
 
-    total_steps = config.train.steps
-    tokens_per_step = seq_len * global_rows
-    total_tokens = total_steps * tokens_per_step
+    total_steps, total_tokens = plan.total_steps, plan.total_tokens
     writer = MetricsWriter(workdir)
     progress = ProgressLine(total_steps)
-    steps = StepCache(run)
+    compiled: dict[int, Callable] = {}
+    current_run = start_run
 
     def meta_now():
         return {"step": step, "tokens": tokens,
-                "model_config": dataclasses.asdict(run.model_config),
+                "model_config": dataclasses.asdict(current_run.model_config),
                 "config": json.loads(_config_json(config))}
 
     last_log_time, last_log_step = time.time(), step
-    pending = None
-    eval_result = None
-    with mesh_lib.use_mesh(run.mesh):
-        while step < total_steps:
-            host_batch = next(data_iterator)
-            batch = put_batch(host_batch, run.mesh, global_rows, config.mesh.layout)
-            learning_rate = learning_rate_at(
-                tokens, total_tokens, config.train.learning_rate,
-                config.train.warmup_fraction, config.train.min_learning_rate_ratio)
-            compile_start = time.time()
-            step_fn = steps.get(batch)
-            state, metrics = step_fn(state, batch, jnp.float32(learning_rate))
-            if step == last_log_step and pending is None:
+    pending, final_loss = None, None
+    while step < total_steps:
+        level = plan.level_at(step)
+        run = levels.runs[level.index]
+        if run is not current_run:
+            # relayout: the same parameters, resharded device-to-device for this level's mesh
+            state = jax.device_put(state, run.state_shardings)
+            current_run = run
+        host_batch = levels.next_batch(level)
+        batch = put_batch(host_batch, run.mesh, level.batch_size, config.mesh.layout)
+        learning_rate = level.lr_multiplier * learning_rate_at(
+            tokens, total_tokens, config.train.learning_rate, config.train.warmup_fraction,
+            config.train.min_learning_rate_ratio)
+        with mesh_lib.use_mesh(run.mesh):
+            if level.index not in compiled:
+                compile_start = time.time()
+                compiled[level.index] = make_train_step(run, config.train.grad_accum_steps)
+                state, metrics = compiled[level.index](state, batch, jnp.float32(learning_rate))
                 jax.block_until_ready(metrics)
                 if is_writer:
-                    log.info("first step (incl. compile) took %.1fs", time.time() - compile_start)
-            step += 1
-            tokens += tokens_per_step
-            pending = metrics
-            if step % config.train.log_every_steps == 0 or step == total_steps:
-                values = jax.device_get(pending)
-                now = time.time()
-                step_time = (now - last_log_time) / max(1, step - last_log_step)
-                last_log_time, last_log_step = now, step
-                record = {"tokens": tokens, "loss": float(values["loss"]),
-                          "lr": learning_rate, "grad_norm": float(values["grad_norm"]),
-                          "seq_len": seq_len, "batch_size": global_rows,
-                          "tokens_per_sec": tokens_per_step / step_time,
-                          "step_time_s": step_time}
-                writer.write(step, record)
-                progress.show(step, record["loss"], learning_rate, record["tokens_per_sec"],
-                              step_time)
-            if config.eval.every_steps and step % config.eval.every_steps == 0 \
-                    and step < total_steps:
-                eval_result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
-                writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
-                _print_eval(eval_result, is_writer)
-            preempted = checkpointer.reached_preemption(step)
-            stopping = preempted or step == config.train.stop_at_step
-            if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
-                checkpointer.save(step, state, data_iterator, meta_now())
-            if stopping and step < total_steps:
-                log.warning("%s: saved step %d and stopping", "preemption signal" if preempted
-                            else "train.stop_at_step", step)
-                checkpointer.close()
-                writer.close()
-                return {"step": step, "tokens": tokens, "stopped": True}
+                    print(f"compiled the step for level {level.index} (length {level.seq_len}, "
+                          f"batch {level.batch_size}, {layout_name(run.mesh)}) in "
+                          f"{time.time() - compile_start:.1f}s (incl. its first step)", flush=True)
+                last_log_time = time.time()
+            else:
+                state, metrics = compiled[level.index](state, batch, jnp.float32(learning_rate))
+        step += 1
+        tokens += level.seq_len * level.batch_size
+        pending = metrics
+        if step % config.train.log_every_steps == 0 or step == total_steps:
+            values = jax.device_get(pending)
+            now = time.time()
+            step_time = (now - last_log_time) / max(1, step - last_log_step)
+            last_log_time, last_log_step = now, step
+            record = {"tokens": tokens, "loss": float(values["loss"]), "lr": learning_rate,
+                      "grad_norm": float(values["grad_norm"]), "seq_len": level.seq_len,
+                      "batch_size": level.batch_size, "level": level.index,
+                      "layout": layout_name(run.mesh),
+                      "tokens_per_sec": level.seq_len * level.batch_size / step_time,
+                      "step_time_s": step_time}
+            final_loss = record["loss"]
+            writer.write(step, record)
+            progress.show(step, record["loss"], learning_rate, record["tokens_per_sec"],
+                          step_time, extra=f"L={level.seq_len}" if len(plan.levels) > 1 else "")
+        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
+            eval_params = jax.device_put(state["params"], eval_run.state_shardings["params"])
+            with mesh_lib.use_mesh(eval_run.mesh):
+                eval_result = evaluate_lib.perplexity_by_length(eval_run, eval_params, eval_batches)
+            writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
+            _print_eval(eval_result, is_writer)
+        preempted = checkpointer.reached_preemption(step)
+        stopping = preempted or step == config.train.stop_at_step
+        if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
+            checkpointer.save(step, state, levels.iterators, meta_now())
+        if stopping and step < total_steps:
+            log.warning("%s: saved step %d and stopping", "preemption signal" if preempted
+                        else "train.stop_at_step", step)
+            checkpointer.close()
+            writer.close()
+            return {"step": step, "tokens": tokens, "stopped": True}
 
-        final_loss = float(jax.device_get(pending["loss"])) if pending is not None else None
-        eval_result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
+    eval_params = jax.device_put(state["params"], eval_run.state_shardings["params"])
+    with mesh_lib.use_mesh(eval_run.mesh):
+        eval_result = evaluate_lib.perplexity_by_length(eval_run, eval_params, eval_batches)
     writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
     evaluate_lib.write_perplexity_files(eval_result, os.path.join(workdir, "eval"), is_writer)
     _print_eval(eval_result, is_writer)
@@ -367,10 +412,11 @@ def _print_eval(result: dict, is_writer: bool) -> None:
 
 def evaluate_workdir(config, workdir: str) -> dict:
     """--mode eval: load the newest checkpoint of workdir and write workdir/eval/ files."""
-    run = build_run(config)
+    plan = validate_config(config)
+    run = build_run(config, level=plan.levels[-1])
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-        async_save=False)
+        async_save=False, data_names=tuple(f"data_{k}" for k in range(len(plan.levels))))
     latest = checkpointer.latest_step()
     if latest is None:
         raise ValueError(f"no checkpoint in {checkpointer.directory}: train first")

@@ -1,0 +1,393 @@
+"""Length curriculum: which sequence length, batch and mesh layout at which step.
+
+Pure functions and frozen dataclasses; nothing here touches devices or compiles anything.
+`make_plan(config, device_count)` turns the `curriculum` config section into a `Plan`:
+
+- Levels k = 0 .. K-1 train at `lengths[k]` (default `l_max * 2^k`; `lengths[0] == l_max`).
+- The budget is the plain level-0 run: `train.steps` (S) steps of `train.batch_size` (B) rows
+  of `l_max` tokens. `curriculum.unit` says what is shared out:
+    * "tokens" (default): budget S·B·l_max tokens. Level k's batch is B·l_max / len_k rows
+      (must be a whole number >= 1), so every step has exactly B·l_max tokens, the total
+      step count stays S, and a learning-rate schedule driven by tokens (or steps) and the
+      loss scale stay comparable across levels (Dataset Decomposition; Li et al. 2022).
+    * "sequences": budget S·B sequences. Every level keeps batch B, so a step of level k
+      has B·len_k tokens: total tokens exceed S·B·l_max and tokens per step grow with the
+      length (`Plan.tokens_before` gives the running token count for such schedules).
+  Level k gets share_k of the budget (default 2^-(k+1), the last level also takes the
+  remainder: K=4 gives 0.5, 0.25, 0.125, 0.125). In both units a level has
+  steps_k = round_half_up(share_k · S) for k < K-1 and the last level gets S minus the rest,
+  so the plan has exactly S steps. A level left with 0 steps is an error.
+- Order: "ascending" runs the levels as stages, short to long; "interleaved" mixes them step
+  by step with `np.random.default_rng(config.seed).permutation`, keeping each level's steps.
+- Mesh per level (`curriculum.relayout`): from `parallel.mesh.mesh_shape(config.mesh, n)`.
+  With relayout, level k with integer length factor f = len_k / l_max moves m devices from
+  `data` to `seq`, m = the largest power of two dividing both f and the data size:
+  data_k = data / m, seq_k = seq · m. When f is a power of two and data >= f (e.g. 8
+  devices, data 8 x seq 1 at l_max ... data 1 x seq 8 at 8·l_max) every device keeps the
+  same rows and the same local length at every level. When data cannot give all of f, the
+  rest of the factor stays as a longer local length per device (fewer rows per device with
+  unit "tokens"); a non-integer f (explicit lengths) moves nothing. `fsdp` and `tensor`
+  never move. Without relayout every level uses the config's mesh.
+- Per-level overrides: `rope_thetas`, `rope_scalings` (normalised with
+  `model.positions.normalize_rope_scaling(..., original_max_position_embeddings=l_max)`),
+  `lr_multipliers`; each None (the model's value / 1.0 at every level) or one entry per level.
+
+Every invalid combination raises ValueError with one line naming the key or level.
+What this module does not check (the trainer does, per level, with `Level.mesh_dict`):
+that each level's length splits into the model's attention blocks (`check_length`) and
+the weight-sharding divisibilities of the level's mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+
+import numpy as np
+
+from model.positions import normalize_rope_scaling
+from parallel.mesh import MESH_AXES, mesh_shape
+
+UNITS = ("tokens", "sequences")
+ORDERS = ("ascending", "interleaved")
+SHARE_TOLERANCE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """One length of the curriculum and everything a step at that length needs."""
+    index: int
+    seq_len: int
+    batch_size: int        # global rows per step at this level
+    steps: int
+    share: float           # the budget share requested for this level
+    mesh: tuple            # ((axis, size), ...) for data, fsdp, seq, tensor, in that order
+    rope_theta: float
+    rope_scaling_json: str  # json.dumps(normalised scaling, sort_keys=True) or "null"
+    lr_multiplier: float
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this level trains on: seq_len x batch_size x steps."""
+        return self.seq_len * self.batch_size * self.steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.seq_len * self.batch_size
+
+    @property
+    def mesh_dict(self) -> dict[str, int]:
+        """{"data": .., "fsdp": .., "seq": .., "tensor": ..}, e.g. for `parallel.mesh.make_mesh`."""
+        return dict(self.mesh)
+
+    @property
+    def rope_scaling(self) -> dict | None:
+        """The normalised RoPE scaling dict (None: plain RoPE)."""
+        return json.loads(self.rope_scaling_json)
+
+    @property
+    def rows_per_device(self) -> int:
+        """Rows each batch shard (data x fsdp group) holds at every step."""
+        mesh = self.mesh_dict
+        return self.batch_size // (mesh["data"] * mesh["fsdp"])
+
+    @property
+    def local_len(self) -> int:
+        """Tokens of each row a device holds (the length split over `seq`)."""
+        return self.seq_len // self.mesh_dict["seq"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The whole curriculum: the levels and the level of every step.
+
+    Contracts: `len(schedule) == total_steps == sum(level.steps)`; `schedule` holds each
+    level index exactly `levels[k].steps` times; steps are 0-based.
+    """
+    levels: tuple[Level, ...]
+    order: str
+    unit: str
+    schedule: tuple[int, ...]   # the level index of every step
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.schedule)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(level.tokens for level in self.levels)
+
+    @property
+    def actual_shares(self) -> tuple[float, ...]:
+        """Each level's part of the budget as planned (after rounding steps), in `unit`."""
+        if self.unit == "tokens":
+            amounts = [level.tokens for level in self.levels]
+        else:
+            amounts = [level.batch_size * level.steps for level in self.levels]
+        total = sum(amounts)
+        return tuple(a / total for a in amounts)
+
+    def _check_step(self, step: int) -> int:
+        step = int(step)
+        if not 0 <= step < self.total_steps:
+            raise IndexError(f"step {step} is outside the curriculum's {self.total_steps} steps")
+        return step
+
+    @functools.cached_property
+    def _index_in_level(self) -> np.ndarray:
+        """For every step, how many steps of its level precede it."""
+        schedule = np.asarray(self.schedule, dtype=np.int64)
+        out = np.empty(len(schedule), dtype=np.int64)
+        for k in range(len(self.levels)):
+            where = np.flatnonzero(schedule == k)
+            out[where] = np.arange(len(where))
+        return out
+
+    @functools.cached_property
+    def _tokens_cumulative(self) -> np.ndarray:
+        per_level = np.array([level.tokens_per_step for level in self.levels], dtype=np.int64)
+        per_step = per_level[np.asarray(self.schedule, dtype=np.int64)]
+        return np.concatenate([[0], np.cumsum(per_step)])
+
+    def level_at(self, step: int) -> Level:
+        """The level that step `step` (0-based, < total_steps) trains at."""
+        return self.levels[self.schedule[self._check_step(step)]]
+
+    def steps_done_in_level(self, step: int) -> int:
+        """How many steps of `level_at(step)`'s level come before `step` (resume bookkeeping)."""
+        return int(self._index_in_level[self._check_step(step)])
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained on by steps 0 .. step-1 (0 <= step <= total_steps)."""
+        step = int(step)
+        if not 0 <= step <= self.total_steps:
+            raise IndexError(f"step {step} is outside 0 .. {self.total_steps}")
+        return int(self._tokens_cumulative[step])
+
+    def format(self) -> str:
+        """The plan as a text table: one row per level, then the totals."""
+        header = ("level", "length", "batch", "steps", "tokens", "share", "actual",
+                  "mesh", "rope theta", "rope scaling", "lr x")
+        rows = []
+        for level, actual in zip(self.levels, self.actual_shares):
+            rows.append((str(level.index), str(level.seq_len), str(level.batch_size),
+                         str(level.steps), f"{level.tokens:,}", f"{level.share:.4g}",
+                         f"{actual:.4g}", format_mesh(level.mesh), _format_number(level.rope_theta),
+                         _format_scaling(level.rope_scaling), f"{level.lr_multiplier:g}"))
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+
+        def line(cells):
+            return "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
+
+        out = [f"length curriculum: {len(self.levels)} level(s), order {self.order}, "
+               f"budget in {self.unit}",
+               line(header), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        out.append(f"total: {self.total_steps} steps, {self.total_tokens:,} tokens")
+        return "\n".join(out)
+
+
+def format_mesh(mesh) -> str:
+    """"data 8 x seq 1", plus fsdp / tensor when they are > 1."""
+    sizes = dict(mesh)
+    parts = [f"{axis} {sizes[axis]}" for axis in MESH_AXES
+             if axis in ("data", "seq") or sizes[axis] > 1]
+    return " x ".join(parts)
+
+
+def _format_number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+def _format_scaling(scaling: dict | None) -> str:
+    if scaling is None:
+        return "none"
+    factor = scaling.get("factor")
+    return scaling["rope_type"] + (f" x{factor:g}" if factor is not None else "")
+
+
+# ------------------------------------------------------------------------ building a plan
+def default_shares(levels: int) -> tuple[float, ...]:
+    """2^-(k+1) for k < K-1; the last level takes the remainder 2^-(K-1) (sum exactly 1)."""
+    shares = [2.0 ** -(k + 1) for k in range(levels - 1)]
+    return tuple(shares + [1.0 - sum(shares)])
+
+
+def _per_level(value, levels: int, key: str) -> tuple | None:
+    """A per-level override as a tuple of length `levels`, or None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ValueError(f"curriculum.{key} must be a list with one entry per level, got {value!r}")
+    value = tuple(value)
+    if len(value) != levels:
+        raise ValueError(f"curriculum.{key} has {len(value)} entries but curriculum.levels is "
+                         f"{levels}")
+    return value
+
+
+def _positive_floats(value, levels: int, key: str) -> tuple[float, ...] | None:
+    value = _per_level(value, levels, key)
+    if value is None:
+        return None
+    out = []
+    for k, x in enumerate(value):
+        try:
+            x = float(x)
+        except (TypeError, ValueError):
+            raise ValueError(f"curriculum.{key}[{k}] must be a number, got {x!r}") from None
+        if not (math.isfinite(x) and x > 0):
+            raise ValueError(f"curriculum.{key}[{k}] must be positive, got {x!r}")
+        out.append(x)
+    return tuple(out)
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _relayout_factor(seq_len: int, l_max: int, data: int) -> int:
+    """Largest power of two dividing both the length factor len/l_max and `data`."""
+    if seq_len % l_max:
+        return 1
+    common = math.gcd(seq_len // l_max, data)
+    return common & -common   # lowest set bit: the largest power of two dividing it
+
+
+def make_plan(config, device_count: int) -> Plan:
+    """The curriculum `config` asks for on `device_count` devices.
+
+    Reads `config.curriculum`, `config.train.steps / batch_size / grad_accum_steps`,
+    `config.mesh`, `config.model.position / attention / rope`, `config.seed`.
+    `levels == 1` gives one level equal to the plain run (l_max, batch_size, steps, mesh).
+
+    Raises ValueError (one line, naming the key or level) for: an unknown unit or order;
+    shares that are not positive, not one per level or do not sum to 1 (within 1e-6);
+    lengths that are not positive increasing integers, one per level, starting at l_max;
+    overrides without one entry per level, non-positive thetas / multipliers, invalid
+    scalings; a level whose batch is not a whole number of rows, or gets 0 steps, or whose
+    batch does not split over its data x fsdp devices and grad_accum_steps; learned
+    positions with lengths beyond l_max; a relayout onto seq > 1 without ring attention.
+    """
+    c, t = config.curriculum, config.train
+    K = int(c.levels)
+    l_max = int(c.l_max)
+    S, B = int(t.steps), int(t.batch_size)
+    if K < 1:
+        raise ValueError(f"curriculum.levels must be >= 1, got {K}")
+    if l_max <= 0:
+        raise ValueError(f"curriculum.l_max must be positive, got {l_max}")
+    if S <= 0 or B <= 0:
+        raise ValueError("train.steps and train.batch_size must be positive")
+    unit, order = c.unit, c.order
+    if unit not in UNITS:
+        raise ValueError(f"curriculum.unit must be one of {UNITS}, got {unit!r}")
+    if order not in ORDERS:
+        raise ValueError(f"curriculum.order must be one of {ORDERS}, got {order!r}")
+
+    # shares
+    shares = _per_level(c.shares, K, "shares")
+    if shares is None:
+        shares = default_shares(K)
+    else:
+        shares = _positive_floats(shares, K, "shares")
+        if abs(sum(shares) - 1.0) > SHARE_TOLERANCE:
+            raise ValueError(f"curriculum.shares must sum to 1, got {sum(shares):.8g} "
+                             f"from {list(shares)}")
+
+    # lengths
+    lengths = _per_level(c.lengths, K, "lengths")
+    if lengths is None:
+        lengths = tuple(l_max * 2 ** k for k in range(K))
+    else:
+        for k, x in enumerate(lengths):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
+                raise ValueError(f"curriculum.lengths[{k}] must be a positive integer, got {x!r}")
+        lengths = tuple(int(x) for x in lengths)
+        if any(b <= a for a, b in zip(lengths, lengths[1:])):
+            raise ValueError(f"curriculum.lengths must increase, got {list(lengths)}")
+        if lengths[0] != l_max:
+            raise ValueError(f"curriculum.lengths[0] ({lengths[0]}) must equal "
+                             f"curriculum.l_max ({l_max}), the length of level 0")
+    if config.model.position == "learned" and lengths[-1] > l_max:
+        raise ValueError(f"model.position='learned' covers l_max={l_max} tokens but the "
+                         f"curriculum goes to {lengths[-1]}: use model.position='rope'")
+
+    # per-level overrides
+    thetas = _positive_floats(c.rope_thetas, K, "rope_thetas")
+    if thetas is None:
+        thetas = (float(config.model.rope.theta),) * K
+    scalings = _per_level(c.rope_scalings, K, "rope_scalings")
+    if scalings is None:
+        scalings = (config.model.rope.scaling,) * K
+    scaling_json = []
+    for k, scaling in enumerate(scalings):
+        try:
+            normal = normalize_rope_scaling(scaling, original_max_position_embeddings=l_max)
+        except ValueError as e:
+            raise ValueError(f"curriculum.rope_scalings[{k}]: {e}") from None
+        scaling_json.append(json.dumps(normal, sort_keys=True))
+    multipliers = _positive_floats(c.lr_multipliers, K, "lr_multipliers")
+    if multipliers is None:
+        multipliers = (1.0,) * K
+
+    # batches
+    if unit == "tokens":
+        batches = []
+        for k, length in enumerate(lengths):
+            if (B * l_max) % length:
+                raise ValueError(
+                    f"curriculum level {k}: length {length} does not divide the step's "
+                    f"{B} x {l_max} = {B * l_max} tokens into whole rows; raise "
+                    f"train.batch_size to a multiple of {length // math.gcd(length, l_max)}")
+            batches.append(B * l_max // length)
+    else:
+        batches = [B] * K
+
+    # steps: round(share x S) for all but the last level, which takes the rest
+    steps = [_round_half_up(share * S) for share in shares[:-1]]
+    steps.append(S - sum(steps))
+    for k, n in enumerate(steps):
+        if n <= 0:
+            raise ValueError(f"curriculum level {k} gets {max(n, 0)} steps of {S}; raise "
+                             f"train.steps (or its share)")
+
+    # meshes
+    base = mesh_shape(config.mesh, device_count)
+    levels = []
+    for k in range(K):
+        sizes = dict(base)
+        if c.relayout:
+            m = _relayout_factor(lengths[k], l_max, sizes["data"])
+            sizes["data"] //= m
+            sizes["seq"] *= m
+        if sizes["seq"] > 1 and sizes["seq"] != base["seq"] and config.model.attention != "ring":
+            raise ValueError(f"curriculum level {k} moves devices onto mesh.seq "
+                             f"({sizes['seq']}, curriculum.relayout): set "
+                             f"model.attention='ring' or curriculum.relayout=False")
+        row_groups = sizes["data"] * sizes["fsdp"]
+        if batches[k] % row_groups:
+            raise ValueError(
+                f"curriculum level {k} (length {lengths[k]}): batch {batches[k]} does not split "
+                f"over data x fsdp = {sizes['data']} x {sizes['fsdp']} devices; raise "
+                f"train.batch_size" + ("" if c.relayout else " or set curriculum.relayout=True"))
+        accum = int(t.grad_accum_steps)
+        if accum >= 1 and (batches[k] // row_groups) % accum:
+            raise ValueError(f"curriculum level {k} (length {lengths[k]}): train.grad_accum_steps "
+                             f"({accum}) does not divide its {batches[k] // row_groups} rows "
+                             f"per data shard")
+        levels.append(Level(
+            index=k, seq_len=lengths[k], batch_size=batches[k], steps=steps[k],
+            share=float(shares[k]), mesh=tuple((axis, sizes[axis]) for axis in MESH_AXES),
+            rope_theta=thetas[k], rope_scaling_json=scaling_json[k],
+            lr_multiplier=multipliers[k]))
+
+    schedule = np.repeat(np.arange(K), steps)
+    if order == "interleaved":
+        schedule = np.random.default_rng(config.seed).permutation(schedule)
+    return Plan(levels=tuple(levels), order=order, unit=unit,
+                schedule=tuple(int(x) for x in schedule))
+
+
+__all__ = ["Level", "Plan", "make_plan", "default_shares", "format_mesh", "UNITS", "ORDERS"]
