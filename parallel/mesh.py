@@ -131,3 +131,27 @@ def data_shard(mesh: Mesh, global_rows: int, seq_len: int) -> tuple[int, int, in
     start, stop = process_row_block(mesh, global_rows, seq_len)
     rows = stop - start
     return start // rows, global_rows // rows, rows, start
+
+
+WEIGHT_STORAGE_AXES = ("fsdp", "seq")
+
+
+def compute_shardings(param_shardings):
+    """Shardings of the weights while they are used: storage axes (fsdp, seq) removed.
+
+    Weights are stored split over fsdp x seq to save memory, and gathered whole (tensor
+    splits kept) for the forward and backward pass; their gradients are reduce-scattered
+    back to storage by the step's output shardings. Without this, XLA may instead gather
+    the full-length activations onto every device to meet the weights' sharding, which
+    defeats sequence parallelism (measured: 2x instead of 8x longer sequences at seq=8).
+    """
+    def strip(sharding: NamedSharding) -> NamedSharding:
+        entries = []
+        for entry in sharding.spec:
+            axes = () if entry is None else (entry if isinstance(entry, tuple) else (entry,))
+            kept = tuple(a for a in axes if a not in WEIGHT_STORAGE_AXES)
+            entries.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+        return NamedSharding(sharding.mesh, P(*entries))
+
+    return jax.tree.map(strip, param_shardings,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))

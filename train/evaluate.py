@@ -50,7 +50,9 @@ def perplexity_by_length(run, params, eval_batches: dict[int, list],
     """Mean next-token loss and perplexity on the validation batches of each length."""
     lengths = sorted(eval_batches) if lengths is None else list(lengths)
     global_rows = run.config.eval.batch_size
-    score = jax.jit(lambda p, b: token_loss_sums(run.graphdef, p, b))
+    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
+    score = jax.jit(lambda p, b: token_loss_sums(
+        run.graphdef, jax.lax.with_sharding_constraint(p, gathered), b))
     result = {"lengths": [], "perplexity": [], "loss": [], "target_tokens": [],
               "unigram_perplexity": [], "not_evaluable": {}}
     for length in sorted(set(lengths) | set(eval_batches)):

@@ -186,8 +186,13 @@ def make_train_step(run: Run, accum_steps: int):
     With accum_steps > 1 the batch's rows are split into that many micro-batches whose
     gradient sums are added before one update; the result equals the full-batch step.
     """
-    grad_fn = jax.value_and_grad(
-        lambda params, batch: token_loss_sums(run.graphdef, params, batch), has_aux=True)
+    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
+
+    def loss_sums(params, batch):
+        params = jax.lax.with_sharding_constraint(params, gathered)   # FSDP: gather weights
+        return token_loss_sums(run.graphdef, params, batch)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
     def step(state, batch, learning_rate):
         params = state["params"]
