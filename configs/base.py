@@ -44,6 +44,13 @@ def get_config() -> config_dict.ConfigDict:
     data.tokenizer = "bytes"      # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
     data.validation_percent = 5   # share of documents (by hash of their path/index) held out
     data.shuffle_seed = 0
+    # Synthetic retrieval documents (train/retrieval.py) mixed into the TRAINING documents;
+    # validation stays pure corpus, so perplexities stay comparable. Each sample is one
+    # document of prompt + answer tokens, its length uniform in [min, max], depth in [0, 1].
+    data.retrieval_fraction = 0.0  # share of training documents that are synthetic, [0, 1); 0: none
+    data.retrieval_tasks = ("passkey", "kv", "line")  # tasks drawn uniformly per sample
+    data.retrieval_min_length = 0  # shortest sample in tokens; 0: curriculum.l_max // 4
+    data.retrieval_max_length = 0  # longest sample in tokens (<= seq_len); 0: the training seq_len
     config.data = data
 
     # --- training ---------------------------------------------------------------------
@@ -61,6 +68,9 @@ def get_config() -> config_dict.ConfigDict:
     train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide)
     train.log_every_steps = 10
     train.stop_at_step = 0        # >0: checkpoint and exit after this step (resume later)
+    # a workdir whose newest checkpoint's parameters start this run (fresh optimizer; used
+    # for fine-tuning, e.g. at a longer length with a RoPE scaling); "" = random init
+    train.init_from = ""
     config.train = train
 
     # --- length curriculum ------------------------------------------------------------
@@ -111,9 +121,25 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- evaluation -------------------------------------------------------------------
     evaluation = config_dict.ConfigDict()
+    evaluation.name = ""          # results go to eval/<name>/ (side by side); "" = eval/
     evaluation.every_steps = 0    # 0: only at the end of training
-    evaluation.lengths = config_dict.placeholder(tuple)  # None: (l_max,)
+    # None: powers of two from l_max/2 to max(8 l_max, eval.max_length)
+    evaluation.lengths = config_dict.placeholder(tuple)
+    evaluation.max_length = 0
     evaluation.batch_size = 8
-    evaluation.max_batches = 16   # validation batches per length (0: the whole split)
+    evaluation.max_batches = 16   # same-target windows: at most max_batches x batch_size documents
+    evaluation.score_tokens = 0   # targets scored per window (0: the shortest length)
+    evaluation.sliding_stride = 256      # sliding-window protocol (0: off)
+    evaluation.sliding_max_windows = 64  # windows per length in the sliding-window protocol
+    # Evaluate under another RoPE: None = the model's own; "none" = no scaling; or a Hugging
+    # Face rope_scaling dict as JSON, e.g. '{"rope_type": "yarn", "factor": 4}'.
+    evaluation.rope_scaling = config_dict.placeholder(object)
+    evaluation.rope_theta = 0.0   # 0: the model's own
+    evaluation.retrieval_tasks = ()      # e.g. ("passkey", "kv", "line"); () = no retrieval grid
+    evaluation.retrieval_lengths = config_dict.placeholder(tuple)  # None: the eval lengths
+    evaluation.retrieval_samples = 2     # samples per (depth, length) cell
+    # k_max: longest length up to which every length has mean accuracy >= this (the
+    # Position Interpolation paper's passkey criterion is 20%)
+    evaluation.retrieval_threshold = 0.2
     config.eval = evaluation
     return config

@@ -24,6 +24,8 @@ def small_config(**overrides):
     config.checkpoint.async_save = False
     config.eval.batch_size = 8
     config.eval.max_batches = 2
+    config.eval.lengths = (64,)
+    config.eval.sliding_max_windows = 8
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(getattr(config, section), name, value)

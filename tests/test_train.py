@@ -87,7 +87,7 @@ def test_workdir_holds_config_metrics_tensorboard_checkpoints_and_eval(tmp_path)
     for key in ("step", "tokens", "loss", "lr", "grad_norm", "seq_len", "batch_size",
                 "tokens_per_sec", "step_time_s"):
         assert key in record
-    eval_steps = [r["step"] for r in read_metrics(workdir) if "perplexity_64" in r]
+    eval_steps = [r["step"] for r in read_metrics(workdir) if "eval/perplexity_64" in r]
     assert eval_steps == [4, 8]                          # every eval.every_steps and at the end
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
@@ -148,3 +148,19 @@ def test_unigram_baseline_is_the_exponentiated_entropy_of_the_scored_targets():
     from train.evaluate import unigram_perplexity_of_targets
     batch = {"targets": np.array([[1, 1, 2, 2, 7]]), "loss_mask": np.array([[1, 1, 1, 1, 0.0]])}
     assert unigram_perplexity_of_targets([batch], 256) == pytest.approx(2.0)  # two equal tokens
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_longer_run_from_trained_weights_with_a_fresh_optimizer(tmp_path):
+    base = str(tmp_path / "base")
+    trainer.train(small_config(**{"train.steps": 4}), base)
+    tuned = small_config(**{"train.steps": 2, "train.init_from": base, "curriculum.l_max": 128,
+                            "train.batch_size": 4, "eval.lengths": (128,)})
+    tuned.model.rope.scaling = '{"rope_type": "linear", "factor": 2}'
+    summary = trainer.train(tuned, str(tmp_path / "tuned"))
+    fresh = small_config(**{"train.steps": 2, "curriculum.l_max": 128, "train.batch_size": 4,
+                            "eval.lengths": (128,)})
+    untrained = trainer.train(fresh, str(tmp_path / "fresh"))
+    first_loss = lambda d: train_losses(d)[1]
+    assert first_loss(tmp_path / "tuned") < first_loss(tmp_path / "fresh") - 0.5
+    assert summary["step"] == 2 and untrained["step"] == 2

@@ -17,3 +17,16 @@ def token_loss_sums(graphdef, params, batch):
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def token_scores(graphdef, params, batch):
+    """Per-token next-token negative log-likelihood and whether the target was the argmax.
+
+    Returns (nll float32 [b, l], is_argmax bool [b, l]); padding positions are included
+    (callers mask them). Evaluation reduces these on the host.
+    """
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, l, vocab]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    is_argmax = jnp.argmax(logits, axis=-1) == batch["targets"]
+    return nll, is_argmax

@@ -15,7 +15,8 @@ import jax
 
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
-    TensorBoard (tensorboardX). Values must be plain numbers."""
+    TensorBoard (tensorboardX). Values must be plain numbers; `prefix` (e.g. "eval/")
+    is put in front of every name in both."""
 
     def __init__(self, workdir: str, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -30,11 +31,11 @@ class MetricsWriter:
     def write(self, step: int, scalars: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        record = {"step": int(step), **{prefix + k: _plain(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
-                self._tensorboard.add_scalar(prefix + name, value, step)
+                self._tensorboard.add_scalar(name, value, step)
 
     def flush(self) -> None:
         if self.enabled:

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from model.positions import normalize_rope_scaling
 from model.transformer import ModelConfig, Transformer, count_parameters
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
@@ -55,7 +56,7 @@ def validate_config(config, device_count: int | None = None):
         check_length(level.seq_len, config, level.mesh_dict)
     eval_mesh = plan.levels[-1].mesh_dict                       # evaluation runs on the last layout
     check_mesh(config, eval_mesh, config.eval.batch_size, "eval.batch_size")
-    for length in evaluation_lengths(config):
+    for length in evaluate_lib.evaluation_lengths(config) + tuple(config.eval.retrieval_lengths or ()):
         check_length(length, config, eval_mesh)
     return plan
 
@@ -99,9 +100,18 @@ def check_length(length: int, config, sizes: dict) -> None:
                              f"model.{name} = {block}")
 
 
-def evaluation_lengths(config) -> tuple[int, ...]:
-    lengths = config.eval.lengths
-    return tuple(int(x) for x in lengths) if lengths else (config.curriculum.l_max,)
+def eval_level(config, plan):
+    """The level evaluation runs on: the last (most sequence-parallel) one, with the RoPE
+    overrides of eval.rope_scaling / eval.rope_theta applied."""
+    level = plan.levels[-1]
+    e = config.eval
+    if e.rope_scaling is not None:
+        scaling = normalize_rope_scaling(e.rope_scaling,
+                                         original_max_position_embeddings=config.curriculum.l_max)
+        level = dataclasses.replace(level, rope_scaling_json=json.dumps(scaling, sort_keys=True))
+    if e.rope_theta:
+        level = dataclasses.replace(level, rope_theta=float(e.rope_theta))
+    return level
 
 
 # ------------------------------------------------------------------ building a run
@@ -239,7 +249,11 @@ def _config_json(config) -> str:
 def _check_same_model(meta: dict, run: Run, workdir: str) -> None:
     saved = meta.get("model_config")
     current = dataclasses.asdict(run.model_config)
-    ignored = {"rope_theta", "rope_scaling_json", "attention"}  # may change between levels/evals
+    # may change between levels, evaluations and fine-tuning runs
+    ignored = {"rope_theta", "rope_scaling_json", "attention", "block_q", "block_k", "remat",
+               "dtype"}
+    if run.model_config.position != "learned":
+        ignored.add("l_max")              # no parameter depends on it
     differing = sorted(k for k in current if k not in ignored and saved and saved.get(k) != current[k])
     if differing:
         raise ValueError(f"{workdir} holds checkpoints of a different model (differs in "
@@ -277,8 +291,10 @@ def train(config, workdir: str) -> dict:
     if is_writer:
         print(plan.format(), flush=True)
     levels = Levels(config, plan)
-    eval_run = levels.runs[-1]
-    eval_batches = evaluate_lib.load_validation_batches(eval_run, evaluation_lengths(config))
+    eval_run = build_run(config, level=eval_level(config, plan))
+    quick_eval = evaluate_lib.build_eval_data(config, eval_run.model_config, eval_run.tokenizer,
+                                              full=False)
+    final_eval = evaluate_lib.build_eval_data(config, eval_run.model_config, eval_run.tokenizer)
 
     if is_writer:
         os.makedirs(workdir, exist_ok=True)
@@ -301,6 +317,10 @@ def train(config, workdir: str) -> dict:
     else:
         start_run = levels.runs[plan.level_at(0).index]
         state = init_state(start_run, config.seed)
+        if config.train.init_from:
+            state["params"] = load_params(config.train.init_from, start_run)
+            if is_writer:
+                print(f"initialised the parameters from {config.train.init_from}", flush=True)
     if is_writer:
         print(f"model: {count_parameters_in(state['params']) / 1e6:.2f}M parameters; "
               f"{plan.total_steps} steps, {plan.total_tokens} tokens; workdir {workdir}",
@@ -364,10 +384,9 @@ def train(config, workdir: str) -> dict:
                           step_time, extra=f"L={level.seq_len}" if len(plan.levels) > 1 else "")
         if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total_steps:
             eval_params = jax.device_put(state["params"], eval_run.state_shardings["params"])
-            with mesh_lib.use_mesh(eval_run.mesh):
-                eval_result = evaluate_lib.perplexity_by_length(eval_run, eval_params, eval_batches)
-            writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
-            _print_eval(eval_result, is_writer)
+            outcome = evaluate_lib.evaluate(eval_run, eval_params, quick_eval, step=step)
+            writer.write(step, evaluate_lib.scalars(outcome), prefix="eval/")
+            _print_eval(outcome, is_writer)
         preempted = checkpointer.reached_preemption(step)
         stopping = preempted or step == config.train.stop_at_step
         if step % config.checkpoint.every_steps == 0 or step == total_steps or stopping:
@@ -380,14 +399,16 @@ def train(config, workdir: str) -> dict:
             return {"step": step, "tokens": tokens, "stopped": True}
 
     eval_params = jax.device_put(state["params"], eval_run.state_shardings["params"])
-    with mesh_lib.use_mesh(eval_run.mesh):
-        eval_result = evaluate_lib.perplexity_by_length(eval_run, eval_params, eval_batches)
-    writer.write(step, evaluate_lib.scalars(eval_result), prefix="eval/")
-    evaluate_lib.write_perplexity_files(eval_result, os.path.join(workdir, "eval"), is_writer)
-    _print_eval(eval_result, is_writer)
+    outcome = evaluate_lib.evaluate(eval_run, eval_params, final_eval, step=step,
+                                    name=config.eval.name)
+    writer.write(step, evaluate_lib.scalars(outcome), prefix="eval/")
+    evaluate_lib.write_results(outcome, evaluate_lib.eval_directory(workdir, config.eval.name),
+                               is_writer)
+    _print_eval(outcome, is_writer)
     checkpointer.close()
     writer.close()
-    return {"step": step, "tokens": tokens, "final_loss": final_loss, "eval": eval_result}
+    return {"step": step, "tokens": tokens, "final_loss": final_loss,
+            "eval": outcome["perplexity_by_length"], "retrieval": outcome["retrieval"]}
 
 
 def abstract_state(run: Run):
@@ -406,19 +427,37 @@ def abstract_state(run: Run):
         shapes, run.state_shardings)
 
 
+def load_params(workdir: str, run: Run):
+    """The parameters of the newest checkpoint in `workdir`, in `run`'s shardings."""
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False, data_names=())
+    latest = checkpointer.latest_step()
+    if latest is None:
+        raise ValueError(f"train.init_from: no checkpoint in {checkpointer.directory}")
+    _check_same_model(checkpointer.restore_meta(latest), run, workdir)
+    state, _ = checkpointer.restore(latest, abstract_state(run))
+    checkpointer.close()
+    return state["params"]
+
+
 def count_parameters_in(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def _print_eval(result: dict, is_writer: bool) -> None:
-    if is_writer:
-        print(evaluate_lib.format_table(result), flush=True)
+def _print_eval(outcome: dict, is_writer: bool) -> None:
+    if not is_writer:
+        return
+    print(evaluate_lib.format_table(outcome["perplexity_by_length"]), flush=True)
+    for task, grid in ((outcome.get("retrieval") or {}).get("tasks") or {}).items():
+        accuracy = ", ".join(f"{L}: {a:.2f}" for L, a in zip(grid["lengths"], grid["length_accuracy"]))
+        print(f"retrieval {task}: accuracy by length {accuracy}; k_max {grid['k_max']}", flush=True)
 
 
 def evaluate_workdir(config, workdir: str) -> dict:
-    """--mode eval: load the newest checkpoint of workdir and write workdir/eval/ files."""
+    """--mode eval: score the newest checkpoint of workdir; write workdir/eval[/<name>]/."""
     plan = validate_config(config)
-    run = build_run(config, level=plan.levels[-1])
+    run = build_run(config, level=eval_level(config, plan))
+    data = evaluate_lib.build_eval_data(config, run.model_config, run.tokenizer)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=False, data_names=tuple(f"data_{k}" for k in range(len(plan.levels))))
@@ -427,15 +466,18 @@ def evaluate_workdir(config, workdir: str) -> dict:
         raise ValueError(f"no checkpoint in {checkpointer.directory}: train first")
     _check_same_model(checkpointer.restore_meta(latest), run, workdir)
     state, meta = checkpointer.restore(latest, abstract_state(run))
-    eval_batches = evaluate_lib.load_validation_batches(run, evaluation_lengths(config))
-    with mesh_lib.use_mesh(run.mesh):
-        result = evaluate_lib.perplexity_by_length(run, state["params"], eval_batches)
-    result["step"] = int(meta["step"])
-    is_writer = jax.process_index() == 0
-    evaluate_lib.write_perplexity_files(result, os.path.join(workdir, "eval"), is_writer)
-    _print_eval(result, is_writer)
     checkpointer.close()
-    return result
+    step = int(meta["step"])
+    outcome = evaluate_lib.evaluate(run, state["params"], data, step=step, name=config.eval.name)
+    is_writer = jax.process_index() == 0
+    evaluate_lib.write_results(outcome, evaluate_lib.eval_directory(workdir, config.eval.name),
+                               is_writer)
+    writer = MetricsWriter(workdir)
+    prefix = f"eval/{config.eval.name}/" if config.eval.name else "eval/"
+    writer.write(step, evaluate_lib.scalars(outcome), prefix=prefix)
+    writer.close()
+    _print_eval(outcome, is_writer)
+    return dict(outcome["perplexity_by_length"], retrieval=outcome["retrieval"])
 
 
 __all__ = ["train", "evaluate_workdir", "validate_config", "build_run", "init_state",
