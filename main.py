@@ -4,7 +4,8 @@
                  [--mode train|eval]
 
 train (default) resumes from the newest checkpoint in the workdir; eval scores the newest
-checkpoint and writes DIR/eval/. Multi-host: pass --coordinator_address, --num_processes
+checkpoint and writes DIR/eval/; compare (--workdirs A,B,C) draws their evaluations on one
+plot and one table in --workdir (default compare/). Multi-host: pass --coordinator_address, --num_processes
 and --process_id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
 on clusters JAX detects by itself (SLURM, TPU pods) use --distributed=auto.
 """
@@ -21,7 +22,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config name>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare"],
+                          "train, eval (the newest checkpoint of --workdir), or compare "
+                          "(the eval results of --workdirs on one plot and one table).")
+_WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
     "off: one process; auto: jax.distributed.initialize() detects the cluster; explicit: "
@@ -53,6 +57,18 @@ def main(argv):
     # Library INFO logs (Orbax, XLA) drown the progress line; keep warnings and our own.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("boundless").setLevel(logging.INFO)
+    if _MODE.value == "compare":
+        from train import report
+        if not _WORKDIRS.value:
+            raise app.UsageError("--mode compare needs --workdirs A,B,...")
+        out_dir = _WORKDIR.value or "compare"
+        try:
+            print(report.compare(_WORKDIRS.value, out_dir))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        print(f"wrote {out_dir}/compare.md and {out_dir}/compare_perplexity.png")
+        return
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py")

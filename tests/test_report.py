@@ -251,3 +251,23 @@ def test_compare_on_a_workdir_without_results_raises(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="has no"):
         report.compare([str(tmp_path / "empty")], str(tmp_path / "out"))
+
+
+def test_main_compare_mode_writes_one_plot_and_one_table(tmp_path):
+    import subprocess, sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name, lengths in (("a", [64, 128]), ("b", [64, 256])):
+        eval_dir = tmp_path / name / "eval"
+        eval_dir.mkdir(parents=True)
+        (eval_dir / "perplexity_by_length.json").write_text(json.dumps(
+            {"name": "", "l_max": 64, "position": "rope", "rope_scaling": None, "lengths": lengths,
+             "perplexity": [5.0, 6.0], "loss": [1.6, 1.8], "target_tokens": [10, 10],
+             "unigram_perplexity": [20.0, 20.0], "not_evaluable": {}}))
+    out = tmp_path / "cmp"
+    result = subprocess.run([sys.executable, "main.py", "--mode", "compare", "--workdirs",
+                             f"{tmp_path / 'a'},{tmp_path / 'b'}", "--workdir", str(out)],
+                            cwd=repo, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "compare_perplexity.png").exists()
+    table = (out / "compare.md").read_text()
+    assert "256" in table and "128" in table
