@@ -570,3 +570,125 @@ def test_eval_without_rows_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no rows"):
         data.make_eval_batches(config, data.make_tokenizer("bytes"), seq_len=8, batch_size=2,
                                max_batches=0)
+
+
+# --- synthetic retrieval mix ------------------------------------------------------------------
+
+def mix_config(tmp_path, count=40, **overrides):
+    """A text corpus of `count` short documents with a retrieval mix (samples of 110..160
+    bytes, long enough for every task with the byte tokenizer)."""
+    keys = dict(validation_percent=0, retrieval_fraction=0.3, retrieval_min_length=110,
+                retrieval_max_length=160)
+    keys.update(overrides)
+    return text_config(tmp_path, varied_texts(count), **keys)
+
+
+def test_mixed_documents_are_synthetic_at_the_requested_share(tmp_path):
+    config = mix_config(tmp_path, count=60, retrieval_fraction=0.3)
+    tokenizer = data.make_tokenizer("bytes")
+    mix = data.retrieval_mix(config, tokenizer, seq_len=160)
+    documents = data.list_documents(config, "train")
+    stream = data._mixed_epochs(documents, 0, mix, tokenizer)
+    first = [stream[i] for i in range(400)]  # several epochs of 60 + 26 documents
+    synthetic = [d for d in first if isinstance(d, np.ndarray)]
+    assert abs(len(synthetic) / len(first) - 0.3) < 0.03
+    assert all(isinstance(d, str) for d in first if not isinstance(d, np.ndarray))
+    assert all(d.dtype == np.int32 and 110 <= d.size <= 160 for d in synthetic)
+    assert len({d.size for d in synthetic}) > 10   # lengths vary over [min, max]
+    assert len({d.tobytes() for d in synthetic}) == len(synthetic)  # every epoch new samples
+    again = data._mixed_epochs(documents, 0, mix, tokenizer)
+    assert all(np.array_equal(a, again[i]) if isinstance(a, np.ndarray) else a == again[i]
+               for i, a in enumerate(first))  # deterministic, in any order of access
+
+
+def test_synthetic_sample_is_one_segment_with_its_answer_as_targets(tmp_path):
+    config = mix_config(tmp_path, retrieval_fraction=0.5)
+    tokenizer = data.make_tokenizer("bytes")
+    seq_len, seed = 160, 4
+    mix = data.retrieval_mix(config, tokenizer, seq_len=seq_len)
+    samples = [data.synthetic_sample(mix, tokenizer, seed=seed, epoch=0, index=j)
+               for j in range(mix.synthetic_per_epoch(40))]
+    by_sequence = {np.concatenate([s.prompt, s.answer]).tobytes(): s for s in samples}
+    iterator = data.make_train_iterator(config, tokenizer, seq_len=seq_len, batch_size=8,
+                                        seed=seed)
+    found = 0
+    for _ in range(4):
+        for tokens, targets, positions in segments(next(iterator)):
+            sample = by_sequence.get(np.append(tokens, targets[-1]).astype(np.int32).tobytes())
+            if sample is None:
+                continue
+            found += 1
+            p, a = sample.prompt.size, sample.answer.size
+            np.testing.assert_array_equal(positions, np.arange(sample.length - 1))
+            np.testing.assert_array_equal(tokens[:p], sample.prompt)   # the question ends at p-1
+            np.testing.assert_array_equal(targets[p - 1:p - 1 + a], sample.answer)
+    assert found >= 5
+
+
+def test_iterator_state_restores_the_same_next_batches_with_the_mix(tmp_path):
+    config = mix_config(tmp_path, count=12, retrieval_fraction=0.5)
+    tokenizer = data.make_tokenizer("bytes")
+    kwargs = dict(seq_len=160, batch_size=4, seed=7)
+    iterator = data.make_train_iterator(config, tokenizer, **kwargs)
+    for _ in range(6):   # several epochs of 12 + 12 documents
+        next(iterator)
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = [next(iterator) for _ in range(3)]
+    restored = data.make_train_iterator(config, tokenizer, **kwargs)
+    restored.set_state(state)
+    assert_batches_equal([next(restored) for _ in range(3)], expected)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(retrieval_fraction=1.0), "retrieval_fraction"),
+    (dict(retrieval_fraction=-0.1), "retrieval_fraction"),
+    (dict(retrieval_tasks=("passkey", "haystack")), "retrieval_tasks"),
+    (dict(retrieval_tasks=()), "retrieval_tasks"),
+    (dict(retrieval_min_length=170), "retrieval_min_length"),              # min > max
+    (dict(retrieval_max_length=200), "retrieval_max_length"),              # max > seq_len
+    (dict(retrieval_min_length=-1), "retrieval_min_length"),
+    (dict(retrieval_min_length=50), "retrieval_min_length"),               # below the tasks'
+    (dict(retrieval_min_length=0), "retrieval_min_length"),                # 0: 160 // 4 = 40
+])
+def test_bad_retrieval_keys_are_errors(tmp_path, overrides, key):
+    config = mix_config(tmp_path, count=5, **overrides)
+    with pytest.raises(ValueError, match=f"data.{key}"):
+        data.make_train_iterator(config, data.make_tokenizer("bytes"), seq_len=160,
+                                 batch_size=2, seed=0)
+
+
+def test_too_short_minimum_names_the_task_minimum():
+    config = data_config(retrieval_fraction=0.5, retrieval_tasks=("passkey",),
+                         retrieval_min_length=0)
+    with pytest.raises(ValueError, match=r"l_max // 4.*passkey sample needs at least 104"):
+        data.retrieval_mix(config, data.make_tokenizer("bytes"), seq_len=512, l_max=256)
+    mix = data.retrieval_mix(config, data.make_tokenizer("bytes"), seq_len=512, l_max=512)
+    assert (mix.min_length, mix.max_length) == (128, 512)
+
+
+def test_zero_retrieval_fraction_leaves_the_stream_unchanged(tmp_path):
+    texts = varied_texts(40)
+    tokenizer = data.make_tokenizer("bytes")
+    plain = text_config(tmp_path / "a", texts, validation_percent=0)
+    zero = text_config(tmp_path / "b", texts, validation_percent=0, retrieval_fraction=0.0,
+                       retrieval_tasks=("kv",), retrieval_min_length=999)
+    assert data.retrieval_mix(zero, tokenizer, seq_len=32) is None
+
+    def take(config):
+        iterator = data.make_train_iterator(config, tokenizer, seq_len=32, batch_size=4, seed=1)
+        return [next(iterator) for _ in range(4)]
+
+    assert_batches_equal(take(zero), take(plain))
+
+
+def test_validation_split_stays_pure_corpus_with_the_mix(tmp_path):
+    config = mix_config(tmp_path, validation_percent=100, retrieval_fraction=0.5)
+    pure = mix_config(tmp_path / "pure", validation_percent=100, retrieval_fraction=0.0)
+    tokenizer = data.make_tokenizer("bytes")
+
+    def take(config):
+        iterator = data.make_train_iterator(config, tokenizer, seq_len=160, batch_size=4,
+                                            seed=0, split="validation")
+        return [next(iterator) for _ in range(3)]
+
+    assert_batches_equal(take(config), take(pure))

@@ -5,6 +5,7 @@ Contracts (others code against these):
   list_documents(data, split)  the document texts of "train" or "validation", in a fixed order
   make_train_iterator(...)  a checkpointable grain DatasetIterator of packed batches, forever
   make_eval_batches(...)    a list of packed validation batches, deterministic
+  retrieval_mix(...)        the validated synthetic-retrieval mix of the data config, or None
 
 Every batch is a dict of numpy arrays, each [batch_size, seq_len]:
   tokens       int32    input token ids
@@ -24,6 +25,21 @@ targets 0 on padding. Only the rename to the keys above and the loss mask are ad
 
 Sharding is by rows: every process builds the same global stream of packed rows; shard s of
 S takes rows s, s+S, s+2S, ... of it (global batches of S*b rows, each sliced [s::S]).
+
+Retrieval mix (data.retrieval_fraction > 0; training split only, validation stays pure
+corpus): each epoch of the N corpus documents also holds M = max(1, round(N * f / (1 - f)))
+synthetic retrieval documents, so a share M / (N + M) ~= f of the documents is synthetic.
+The epoch is the indices 0 .. N+M-1, shuffled (per epoch, by the seed) like the corpus
+alone; index i < N is corpus document i, index N + j is synthetic document j of that epoch,
+made on demand by retrieval.make_sample from (seed, epoch, j): task uniform over
+data.retrieval_tasks, length uniform over [min_length, max_length], depth uniform in [0, 1).
+A synthetic document is already token ids, prompt + answer (length tokens), and goes through
+the same shift and packing as text: inputs = ids[:-1], targets = ids[1:], and since
+length <= seq_len it is never split, so its answer tokens are the targets right after the
+question's last token. Everything before packing is a random-access grain MapDataset, so
+the iterator state is still one index and a restore regenerates the same samples.
+Sample seeds are drawn from [2^32, 2^63): make_grid's evaluation seeds are uint32, so no
+training sample is an evaluation sample.
 """
 from __future__ import annotations
 
@@ -35,11 +51,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sysconfig
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import grain
 import numpy as np
+
+from train import retrieval
 
 log = logging.getLogger(__name__)
 
@@ -310,11 +329,16 @@ def list_documents(data_config, split: str) -> DocumentList:
 
 @dataclasses.dataclass(frozen=True)
 class _TokenizeAndShift:
-    """text -> {"inputs": ids[:-1], "targets": ids[1:]} (int32 [n - 1]); empty if n < 2."""
+    """document -> {"inputs": ids[:-1], "targets": ids[1:]} (int32 [n - 1]); empty if n < 2.
+    A document is a text (encoded here) or an array of token ids already (used as is: the
+    synthetic retrieval documents, so that they are not decoded and encoded again)."""
     tokenizer: Any
 
-    def __call__(self, text: str) -> dict[str, np.ndarray]:
-        ids = np.asarray(self.tokenizer.encode(text), dtype=np.int32)  # [n]
+    def __call__(self, document: str | np.ndarray) -> dict[str, np.ndarray]:
+        if isinstance(document, np.ndarray):
+            ids = document.astype(np.int32, copy=False).reshape(-1)  # [n]
+        else:
+            ids = np.asarray(self.tokenizer.encode(document), dtype=np.int32)  # [n]
         if ids.shape[0] < 2:
             ids = ids[:0]
             return {"inputs": ids, "targets": ids}
@@ -348,20 +372,21 @@ def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _shuffle_window(texts: Sequence[str], seq_len: int) -> int:
+def _shuffle_window(texts: Sequence[str], seq_len: int, extra_pieces: int = 0) -> int:
     """Pieces in the training shuffle window: about SHUFFLE_WINDOW_TOKENS tokens, but not
-    much more than an epoch (estimated with one token per character), within
-    SHUFFLE_WINDOW_PIECES."""
-    pieces_per_epoch = sum(-(-len(text) // seq_len) for text in texts)
+    much more than an epoch (estimated with one token per character, plus `extra_pieces`
+    per epoch: the synthetic documents, one piece each), within SHUFFLE_WINDOW_PIECES."""
+    pieces_per_epoch = sum(-(-len(text) // seq_len) for text in texts) + extra_pieces
     return int(np.clip(min(SHUFFLE_WINDOW_TOKENS // seq_len, pieces_per_epoch),
                        *SHUFFLE_WINDOW_PIECES))
 
 
 def _packed_rows(documents: grain.MapDataset, tokenizer, seq_len: int, *,
                  shuffle_seed: int | None, shuffle_window: int = 0) -> grain.IterDataset:
-    """Packed rows (dicts of [seq_len] arrays) of a dataset of texts. With a shuffle seed,
-    pieces are shuffled in windows of `shuffle_window` and packed rows are shuffled among
-    the packer's bins; with None the order is deterministic in the documents' order."""
+    """Packed rows (dicts of [seq_len] arrays) of a dataset of documents (texts, or token
+    arrays: see _TokenizeAndShift). With a shuffle seed, pieces are shuffled in windows of
+    `shuffle_window` and packed rows are shuffled among the packer's bins; with None the
+    order is deterministic in the documents' order."""
     pairs = documents.map(_TokenizeAndShift(tokenizer)).to_iter_dataset(_READ_OPTIONS)
     pieces = grain.experimental.FlatMapIterDataset(pairs, _SplitPieces(seq_len))
     if shuffle_seed is not None:
@@ -401,8 +426,174 @@ def _epochs(documents: Sequence[str], seed: int) -> grain.MapDataset:
     return grain.MapDataset.source(list(documents)).shuffle(seed=seed).repeat()
 
 
+# --- synthetic retrieval documents ---------------------------------------------------------
+
+# Training sample seeds lie in [2^32, 2^63); retrieval.make_grid's are uint32 (< 2^32).
+_SYNTHETIC_SEEDS = (1 << 32, 1 << 63)
+# Tag of the synthetic documents' random streams (so they do not share the shuffle's).
+_SYNTHETIC_STREAM = 0x52455452  # "RETR"
+# Seeds make_sample is tried with when checking data.retrieval_min_length (the minimum can
+# depend on the seed with tokenizers whose digit tokenization varies), and how many seeds a
+# synthetic document may draw before a length that is too short for all of them is an error.
+_MINIMUM_PROBES = 8
+_SYNTHETIC_ATTEMPTS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalMix:
+    """The validated retrieval keys of a data config for one training length.
+
+    fraction    share of the training documents that are synthetic, in (0, 1)
+    tasks       retrieval task names, a non-empty subset of retrieval.TASKS
+    min_length  the shortest sample, in tokens (prompt + answer)
+    max_length  the longest sample, <= seq_len
+    """
+    fraction: float
+    tasks: tuple[str, ...]
+    min_length: int
+    max_length: int
+
+    def synthetic_per_epoch(self, corpus_documents: int) -> int:
+        """M synthetic documents to go with N corpus documents in one epoch: the nearest
+        integer to N * f / (1 - f), at least 1, so the share M / (N + M) is about f."""
+        return max(1, int(round(corpus_documents * self.fraction / (1.0 - self.fraction))))
+
+
+def _task_minimum(task: str, tokenizer, length: int) -> int | None:
+    """The minimum length of `task` with this tokenizer when `length` is below it (the
+    largest over a few seeds), else None."""
+    minimum = None
+    for probe in range(_MINIMUM_PROBES):
+        try:
+            retrieval.make_sample(task, tokenizer, length=length, depth=0.5,
+                                  seed=_SYNTHETIC_SEEDS[0] + probe)
+        except ValueError as e:
+            found = re.search(r"minimum length (\d+)", str(e))
+            if found is None:
+                raise ValueError(f"data.retrieval_tasks: the {task} task cannot be made with "
+                                 f"this tokenizer: {e}") from None
+            minimum = max(minimum or 0, int(found.group(1)))
+    return minimum
+
+
+def retrieval_mix(data_config, tokenizer, *, seq_len: int,
+                  l_max: int | None = None) -> RetrievalMix | None:
+    """The synthetic-retrieval mix of data_config for training rows of seq_len tokens, or
+    None when data.retrieval_fraction is 0 (the other retrieval keys are then not read).
+
+    data.retrieval_min_length 0 means l_max // 4 (l_max None: seq_len), and
+    data.retrieval_max_length 0 means seq_len. Raises ValueError, naming the key, for a
+    fraction outside [0, 1), tasks that are empty, repeated or not in retrieval.TASKS,
+    lengths that are negative or not min <= max <= seq_len, or a minimum length below what
+    a task needs with this tokenizer (needle + question + answer).
+    """
+    fraction = getattr(data_config, "retrieval_fraction", 0.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.number)):
+        raise ValueError(f"data.retrieval_fraction must be a number in [0, 1), got {fraction!r}")
+    fraction = float(fraction)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"data.retrieval_fraction must lie in [0, 1), got {fraction}")
+    if fraction == 0.0:
+        return None
+
+    tasks = getattr(data_config, "retrieval_tasks", retrieval.TASKS)
+    if isinstance(tasks, str) or not isinstance(tasks, (tuple, list)):
+        raise ValueError(f"data.retrieval_tasks must be a tuple of task names from "
+                         f"{retrieval.TASKS}, got {tasks!r}")
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in retrieval.TASKS]
+    if not tasks or unknown or len(set(tasks)) != len(tasks):
+        raise ValueError(f"data.retrieval_tasks must be distinct names from "
+                         f"{retrieval.TASKS}, at least one, got {tasks!r}")
+
+    raw = {}
+    for key in ("retrieval_min_length", "retrieval_max_length"):
+        value = getattr(data_config, key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"data.{key} must be an int >= 0 (0: the default), got {value!r}")
+        raw[key] = int(value)
+    l_max = seq_len if l_max is None else int(l_max)
+    min_length = raw["retrieval_min_length"] or l_max // 4
+    max_length = raw["retrieval_max_length"] or seq_len
+    described = (f"data.retrieval_min_length {min_length}"
+                 + ("" if raw["retrieval_min_length"] else f" (0: l_max // 4, l_max {l_max})")
+                 + f", data.retrieval_max_length {max_length}"
+                 + ("" if raw["retrieval_max_length"] else " (0: the training seq_len)"))
+    if not min_length <= max_length <= seq_len:
+        raise ValueError(f"data.retrieval_min_length <= data.retrieval_max_length <= seq_len "
+                         f"({seq_len}) does not hold: {described}")
+    for task in tasks:
+        minimum = _task_minimum(task, tokenizer, min_length)
+        if minimum is not None:
+            raise ValueError(f"data.retrieval_min_length is too short for the {task} task: "
+                             f"{described}, but a {task} sample needs at least {minimum} "
+                             f"tokens with this tokenizer; set data.retrieval_min_length >= "
+                             f"{minimum} (or leave {task} out of data.retrieval_tasks)")
+    return RetrievalMix(fraction=fraction, tasks=tasks, min_length=min_length,
+                        max_length=max_length)
+
+
+def synthetic_sample(mix: RetrievalMix, tokenizer, *, seed: int, epoch: int,
+                     index: int) -> retrieval.Sample:
+    """Synthetic document `index` of `epoch` of the mixed training stream of `seed`: task,
+    length and depth drawn uniformly from a random stream keyed by (seed, epoch, index),
+    then retrieval.make_sample with a sample seed in [2^32, 2^63) from the same stream. If
+    the length is too short for that seed (tokenizers whose digit tokenization varies), a
+    new sample seed is drawn, deterministically."""
+    key = [int(seed) & ((1 << 64) - 1), int(epoch), int(index), _SYNTHETIC_STREAM]
+    rng = np.random.default_rng(key)
+    task = mix.tasks[int(rng.integers(len(mix.tasks)))]
+    length = int(rng.integers(mix.min_length, mix.max_length + 1))
+    depth = float(rng.random())
+    for _ in range(_SYNTHETIC_ATTEMPTS):
+        sample_seed = int(rng.integers(*_SYNTHETIC_SEEDS))
+        try:
+            return retrieval.make_sample(task, tokenizer, length=length, depth=depth,
+                                         seed=sample_seed)
+        except ValueError as e:
+            if "too short" not in str(e):
+                raise
+            error = e
+    raise ValueError(f"data: synthetic document {index} of epoch {epoch}: {error} (for "
+                     f"{_SYNTHETIC_ATTEMPTS} seeds); raise data.retrieval_min_length")
+
+
+class _MixedDocument(grain.transforms.MapWithIndex):
+    """(global index, index within the epoch) -> corpus text or synthetic token ids: i < N is
+    corpus document i, N + j is synthetic document j of epoch global_index // (N + M)."""
+
+    def __init__(self, documents: Sequence[str], synthetic: int, mix: RetrievalMix,
+                 tokenizer, seed: int):
+        self._documents = list(documents)
+        self._epoch_length = len(self._documents) + synthetic
+        self._mix, self._tokenizer, self._seed = mix, tokenizer, seed
+
+    def __repr__(self) -> str:  # not the whole corpus
+        return (f"_MixedDocument({len(self._documents)} documents, "
+                f"{self._epoch_length - len(self._documents)} synthetic per epoch)")
+
+    def map_with_index(self, index: int, item: int) -> str | np.ndarray:
+        item = int(item)
+        if item < len(self._documents):
+            return self._documents[item]
+        sample = synthetic_sample(self._mix, self._tokenizer, seed=self._seed,
+                                  epoch=index // self._epoch_length,
+                                  index=item - len(self._documents))
+        return np.concatenate([sample.prompt, sample.answer]).astype(np.int32)  # [length]
+
+
+def _mixed_epochs(documents: Sequence[str], seed: int, mix: RetrievalMix,
+                  tokenizer) -> grain.MapDataset:
+    """Like _epochs, with mix.synthetic_per_epoch(N) synthetic documents (token arrays) in
+    each epoch, shuffled in with the corpus by index."""
+    synthetic = mix.synthetic_per_epoch(len(documents))
+    indices = grain.MapDataset.range(len(documents) + synthetic).shuffle(seed=seed).repeat()
+    return indices.map_with_index(_MixedDocument(documents, synthetic, mix, tokenizer, seed))
+
+
 def make_train_iterator(data_config, tokenizer, *, seq_len: int, batch_size: int, seed: int,
-                        shard_index: int = 0, shard_count: int = 1, split: str = "train"):
+                        shard_index: int = 0, shard_count: int = 1, split: str = "train",
+                        l_max: int | None = None):
     """A grain DatasetIterator of packed batches ([batch_size, seq_len] each, keys as in the
     module docstring), forever: epochs repeat, the documents reshuffled each epoch by
     `seed`. Checkpointable with get_state()/set_state() and grain.checkpoint.
@@ -410,12 +601,23 @@ def make_train_iterator(data_config, tokenizer, *, seq_len: int, batch_size: int
     batch_size is this shard's rows per step. The global stream of rows is the same for any
     shard_count and batch_size; shard s of S takes rows s, s+S, ... of it, so at each step the
     S shards together hold the rows a single shard with batch S*batch_size would.
+
+    With data.retrieval_fraction > 0 and split "train", synthetic retrieval documents are
+    mixed in (module docstring; retrieval_mix validates the keys). l_max (None: seq_len) is
+    the curriculum's l_max, only read for data.retrieval_min_length = 0 (l_max // 4).
     """
     _check_shards(shard_index, shard_count, seq_len, batch_size)
+    mix = (retrieval_mix(data_config, tokenizer, seq_len=seq_len, l_max=l_max)
+           if split == "train" else None)
     documents = list_documents(data_config, split)
     _require_tokens(documents, tokenizer, split)
-    rows = _packed_rows(_epochs(documents, seed), tokenizer, seq_len, shuffle_seed=seed,
-                        shuffle_window=_shuffle_window(documents, seq_len))  # [seq_len] each
+    if mix is None:
+        epochs, synthetic = _epochs(documents, seed), 0
+    else:
+        epochs = _mixed_epochs(documents, seed, mix, tokenizer)
+        synthetic = mix.synthetic_per_epoch(len(documents))
+    rows = _packed_rows(epochs, tokenizer, seq_len, shuffle_seed=seed,
+                        shuffle_window=_shuffle_window(documents, seq_len, synthetic))
     batches = rows.batch(batch_size * shard_count, drop_remainder=True)  # [S * b, seq_len]
     batches = batches.map(functools.partial(
         _shard_rows, shard_index=shard_index, shard_count=shard_count))  # [b, seq_len]

@@ -277,7 +277,7 @@ class Levels:
             self.iterators[f"data_{level.index}"] = data_lib.make_train_iterator(
                 config.data, run.tokenizer, seq_len=level.seq_len, batch_size=local_rows,
                 seed=config.data.shuffle_seed + level.index, shard_index=shard_index,
-                shard_count=shard_count)
+                shard_count=shard_count, l_max=config.curriculum.l_max)
 
     def next_batch(self, level):
         return next(self.iterators[f"data_{level.index}"])
@@ -427,17 +427,22 @@ def abstract_state(run: Run):
         shapes, run.state_shardings)
 
 
-def load_params(workdir: str, run: Run):
-    """The parameters of the newest checkpoint in `workdir`, in `run`'s shardings."""
+def restore_newest(workdir: str, run: Run, what: str):
+    """(state, meta) of the newest checkpoint in `workdir`, in `run`'s shardings."""
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=1, async_save=False, data_names=())
     latest = checkpointer.latest_step()
     if latest is None:
-        raise ValueError(f"train.init_from: no checkpoint in {checkpointer.directory}")
+        raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
     _check_same_model(checkpointer.restore_meta(latest), run, workdir)
-    state, _ = checkpointer.restore(latest, abstract_state(run))
+    state, meta = checkpointer.restore(latest, abstract_state(run))
     checkpointer.close()
-    return state["params"]
+    return state, meta
+
+
+def load_params(workdir: str, run: Run):
+    """The parameters of the newest checkpoint in `workdir`, in `run`'s shardings."""
+    return restore_newest(workdir, run, "train.init_from")[0]
 
 
 def count_parameters_in(params) -> int:
@@ -458,15 +463,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     plan = validate_config(config)
     run = build_run(config, level=eval_level(config, plan))
     data = evaluate_lib.build_eval_data(config, run.model_config, run.tokenizer)
-    checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-        async_save=False, data_names=tuple(f"data_{k}" for k in range(len(plan.levels))))
-    latest = checkpointer.latest_step()
-    if latest is None:
-        raise ValueError(f"no checkpoint in {checkpointer.directory}: train first")
-    _check_same_model(checkpointer.restore_meta(latest), run, workdir)
-    state, meta = checkpointer.restore(latest, abstract_state(run))
-    checkpointer.close()
+    state, meta = restore_newest(workdir, run, "--mode eval (train first)")
     step = int(meta["step"])
     outcome = evaluate_lib.evaluate(run, state["params"], data, step=step, name=config.eval.name)
     is_writer = jax.process_index() == 0
