@@ -46,12 +46,14 @@ def main():
                 f"dynamic{f}": json.dumps({"rope_type": "dynamic", "factor": f}),
                 f"yarn{f}": json.dumps({"rope_type": "yarn", "factor": f})}
     for name, scaling in scalings.items():
+        if os.path.exists(os.path.join(REPO, args.base, "eval", name, "perplexity_by_length.json")):
+            print(f"(skipping {name}: already evaluated)")
+            continue
         main_py("--mode", "eval", "--workdir", args.base, f"--config.eval.name={name}",
                 f"--config.eval.rope_scaling={scaling}", *evaluation)
 
     finetune = os.path.join(args.out, f"pi{f}_finetune")
-    linear = json.dumps({"rope_type": "linear", "factor": f,
-                         "original_max_position_embeddings": l_max})
+    linear = json.dumps({"rope_type": "linear", "factor": f})   # positions / f: 4 l_max -> l_max
     tiny_batch = 16
     main_py("--workdir", finetune, f"--config.train.init_from={args.base}",
             f"--config.curriculum.l_max={f * l_max}", f"--config.model.rope.scaling={linear}",

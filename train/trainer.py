@@ -442,7 +442,7 @@ def restore_newest(workdir: str, run: Run, what: str):
 
 def load_params(workdir: str, run: Run):
     """The parameters of the newest checkpoint in `workdir`, in `run`'s shardings."""
-    return restore_newest(workdir, run, "train.init_from")[0]
+    return restore_newest(workdir, run, "train.init_from")[0]["params"]
 
 
 def count_parameters_in(params) -> int:
