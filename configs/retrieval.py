@@ -18,7 +18,7 @@ def get_config():
     config.data.retrieval_tasks = ("passkey", "kv", "line")
     config.data.retrieval_min_length = 128
     config.data.retrieval_max_length = 0    # the training seq_len (l_max = 256)
-    config.train.steps = 1600
+    config.train.steps = 4000
     config.train.batch_size = 8
     config.train.log_every_steps = 50
     config.checkpoint.every_steps = 400
