@@ -125,11 +125,17 @@ def plot(lengths, series: dict, path: str) -> None:
     ax.set_title("train step, configs/tiny.py, batch 1, one device")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    save_figure(fig, path)
+
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -34,7 +34,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from attention_memory import MIB, RESULTS, _int_list, _memory  # noqa: E402
+from attention_memory import MIB, RESULTS, _int_list, _memory, save_figure  # noqa: E402
 from configs import curriculum_cpu  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from train import curriculum as curriculum_lib  # noqa: E402
@@ -247,10 +247,7 @@ def plot(results: dict, path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"per-device compiled memory per curriculum level ({jax.device_count()} "
                  f"simulated devices)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

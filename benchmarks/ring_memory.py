@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from attention_memory import RESULTS, _int_list, _memory, train_step_memory  # noqa: E402
+from attention_memory import RESULTS, _int_list, _memory, save_figure, train_step_memory  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
 from parallel.ring_attention import ring_attention  # noqa: E402
 
@@ -138,10 +138,7 @@ def plot(attention_cells, step_cells, lengths, seqs, budget, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("ring attention: per-device compiled memory (8 simulated devices)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
