@@ -51,6 +51,8 @@ def get_config() -> config_dict.ConfigDict:
     data.retrieval_tasks = ("passkey", "kv", "line")  # tasks drawn uniformly per sample
     data.retrieval_min_length = 0  # shortest sample in tokens; 0: curriculum.l_max // 4
     data.retrieval_max_length = 0  # longest sample in tokens (<= seq_len); 0: the training seq_len
+    data.retrieval_answer_weight = 1.0  # loss weight of the answer tokens (others: 1)
+    data.retrieval_task_weights = config_dict.placeholder(tuple)  # None: tasks uniform
     config.data = data
 
     # --- training ---------------------------------------------------------------------
@@ -123,9 +125,13 @@ def get_config() -> config_dict.ConfigDict:
     evaluation = config_dict.ConfigDict()
     evaluation.name = ""          # results go to eval/<name>/ (side by side); "" = eval/
     evaluation.every_steps = 0    # 0: only at the end of training
-    # None: powers of two from l_max/2 to max(8 l_max, eval.max_length)
+    # None: powers of two from l_max/2 up to the longest that the eval mesh fits (probed by
+    # compiling the scoring step), that eval.batch_size validation documents are long enough
+    # for, and that is <= eval.max_length; never below 8 l_max.
     evaluation.lengths = config_dict.placeholder(tuple)
-    evaluation.max_length = 0
+    evaluation.max_length = 0          # cap on the default lengths (0: none)
+    evaluation.memory_budget_mib = 0.0 # per device, for that probe (0: the device's memory;
+                                       # CPU: host memory / local devices)
     evaluation.batch_size = 8
     evaluation.max_batches = 16   # same-target windows: at most max_batches x batch_size documents
     evaluation.score_tokens = 0   # targets scored per window (0: the shortest length)

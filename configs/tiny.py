@@ -26,4 +26,7 @@ def get_config():
     config.checkpoint.every_steps = 200
     config.eval.batch_size = 8
     config.eval.max_batches = 16
+    # default lengths 128 .. 2048 = 8 l_max: the memory probe would go further on a CPU
+    # host (tens of GiB), but each doubling doubles the evaluation time
+    config.eval.max_length = 2048
     return config

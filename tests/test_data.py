@@ -1,5 +1,6 @@
 """Tests of train/data.py: documents, tokenizers, packing, sharding and iterator state."""
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -590,15 +591,15 @@ def test_mixed_documents_are_synthetic_at_the_requested_share(tmp_path):
     documents = data.list_documents(config, "train")
     stream = data._mixed_epochs(documents, 0, mix, tokenizer)
     first = [stream[i] for i in range(400)]  # several epochs of 60 + 26 documents
-    synthetic = [d for d in first if isinstance(d, np.ndarray)]
+    synthetic = [d.ids for d in first if isinstance(d, data.SyntheticDocument)]
     assert abs(len(synthetic) / len(first) - 0.3) < 0.03
-    assert all(isinstance(d, str) for d in first if not isinstance(d, np.ndarray))
+    assert all(isinstance(d, str) for d in first if not isinstance(d, data.SyntheticDocument))
     assert all(d.dtype == np.int32 and 110 <= d.size <= 160 for d in synthetic)
     assert len({d.size for d in synthetic}) > 10   # lengths vary over [min, max]
     assert len({d.tobytes() for d in synthetic}) == len(synthetic)  # every epoch new samples
     again = data._mixed_epochs(documents, 0, mix, tokenizer)
-    assert all(np.array_equal(a, again[i]) if isinstance(a, np.ndarray) else a == again[i]
-               for i, a in enumerate(first))  # deterministic, in any order of access
+    assert all(np.array_equal(a.ids, again[i].ids) if isinstance(a, data.SyntheticDocument)
+               else a == again[i] for i, a in enumerate(first))  # deterministic, any order
 
 
 def test_synthetic_sample_is_one_segment_with_its_answer_as_targets(tmp_path):
@@ -625,6 +626,31 @@ def test_synthetic_sample_is_one_segment_with_its_answer_as_targets(tmp_path):
     assert found >= 5
 
 
+def test_answer_targets_weigh_retrieval_answer_weight_and_the_rest_one(tmp_path):
+    config = mix_config(tmp_path, retrieval_fraction=0.5, retrieval_answer_weight=5.0)
+    tokenizer = data.make_tokenizer("bytes")
+    mix = data.retrieval_mix(config, tokenizer, seq_len=160)
+    answers = {}
+    for epoch, j in itertools.product(range(3), range(mix.synthetic_per_epoch(40))):
+        sample = data.synthetic_sample(mix, tokenizer, seed=3, epoch=epoch, index=j)
+        answers[np.concatenate([sample.prompt, sample.answer]).tobytes()] = sample.answer.size
+    batch = next(data.make_train_iterator(config, tokenizer, seq_len=160, batch_size=16, seed=3))
+    found = 0
+    for row in range(16):
+        ids, weights = batch["segment_ids"][row], batch["loss_mask"][row]
+        assert np.all(weights[ids == 0] == 0.0)                      # padding weighs nothing
+        for segment in np.unique(ids[ids > 0]):
+            where = ids == segment
+            sequence = np.append(batch["tokens"][row][where], batch["targets"][row][where][-1])
+            expected = np.ones(where.sum(), np.float32)
+            answer_tokens = answers.get(sequence.astype(np.int32).tobytes())
+            if answer_tokens:
+                expected[-answer_tokens:] = 5.0
+                found += 1
+            np.testing.assert_array_equal(weights[where], expected)
+    assert found >= 3
+
+
 def test_iterator_state_restores_the_same_next_batches_with_the_mix(tmp_path):
     config = mix_config(tmp_path, count=12, retrieval_fraction=0.5)
     tokenizer = data.make_tokenizer("bytes")
@@ -649,6 +675,8 @@ def test_iterator_state_restores_the_same_next_batches_with_the_mix(tmp_path):
     (dict(retrieval_min_length=-1), "retrieval_min_length"),
     (dict(retrieval_min_length=50), "retrieval_min_length"),               # below the tasks'
     (dict(retrieval_min_length=0), "retrieval_min_length"),                # 0: 160 // 4 = 40
+    (dict(retrieval_answer_weight=0.0), "retrieval_answer_weight"),
+    (dict(retrieval_answer_weight=float("inf")), "retrieval_answer_weight"),
 ])
 def test_bad_retrieval_keys_are_errors(tmp_path, overrides, key):
     config = mix_config(tmp_path, count=5, **overrides)
@@ -692,3 +720,22 @@ def test_validation_split_stays_pure_corpus_with_the_mix(tmp_path):
         return [next(iterator) for _ in range(3)]
 
     assert_batches_equal(take(config), take(pure))
+
+
+def test_task_weights_set_each_task_share_of_the_synthetic_documents(tmp_path):
+    config = mix_config(tmp_path, retrieval_task_weights=(3, 1, 0))
+    tokenizer = data.make_tokenizer("bytes")
+    mix = data.retrieval_mix(config, tokenizer, seq_len=160)
+    tasks = [data.synthetic_sample(mix, tokenizer, seed=0, epoch=0, index=j).task
+             for j in range(400)]
+    assert tasks.count("line") == 0                          # weight 0: never drawn
+    assert abs(tasks.count("passkey") / 400 - 0.75) < 0.06   # 3 : 1
+    uniform = data.retrieval_mix(mix_config(tmp_path / "u"), tokenizer, seq_len=160)
+    assert uniform.task_probabilities is None
+
+
+@pytest.mark.parametrize("weights", [(1, 1), (1, -1, 1), (0, 0, 0), ("a", 1, 1)])
+def test_bad_task_weights_are_errors(tmp_path, weights):
+    config = mix_config(tmp_path, count=5, retrieval_task_weights=weights)
+    with pytest.raises(ValueError, match="data.retrieval_task_weights"):
+        data.retrieval_mix(config, data.make_tokenizer("bytes"), seq_len=160)

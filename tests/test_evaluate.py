@@ -107,3 +107,66 @@ def test_a_trained_checkpoint_is_evaluated_end_to_end_on_8_devices(tmp_path):
     assert grid["lengths"] == [128, 256] and len(grid["accuracy"]) == 2
     assert len(grid["accuracy"][0]) == len(evaluate.DEPTHS)
     assert any("eval/grid/perplexity_64" in line for line in open(os.path.join(workdir, "metrics.jsonl")))
+
+
+# ------------------------------------------------------------------ default lengths
+def test_default_lengths_double_from_half_l_max_to_the_probed_top():
+    config = small_config(**{"eval.lengths": None})           # l_max 64
+    assert evaluate.evaluation_lengths(config) == (32, 64, 128, 256, 512)
+    assert evaluate.evaluation_lengths(config, top=2048)[-1] == 2048
+    assert evaluate.evaluation_lengths(config, top=100)[-1] == 512    # never below 8 l_max
+
+
+def test_default_top_length_is_the_largest_power_of_two_that_fits():
+    fits = lambda length: True if length <= 4096 else f"{length} too big"
+    top = evaluate.default_top_length(64, [10**6] * 8, rows=8, fits=fits)
+    assert top.length == 4096 and "8192 too big" in top.reason
+
+
+def test_default_top_length_needs_a_batch_of_long_enough_documents():
+    # 8 rows: the 8th longest document (2000 tokens) allows 1024 but not 2048
+    docs = [10**6] * 7 + [2000]
+    top = evaluate.default_top_length(64, docs, rows=8, fits=None)
+    assert top.length == 1024 and "fewer than eval.batch_size = 8" in top.reason
+
+
+def test_default_top_length_respects_eval_max_length():
+    top = evaluate.default_top_length(64, [10**6] * 8, rows=8, max_length=2048)
+    assert top.length == 2048 and "eval.max_length 2048" in top.reason
+
+
+def test_default_top_length_keeps_8_l_max_and_says_why_when_it_does_not_fit():
+    top = evaluate.default_top_length(64, [10**6] * 8, rows=8, fits=lambda n: "no memory")
+    assert top.length == 512 and top.reason.startswith("8 l_max kept although no memory")
+
+
+def test_scoring_memory_grows_with_length_and_decides_the_top():
+    config = small_config(**{"eval.lengths": None})
+    run = trainer.build_run(config, jax.devices()[:1])
+    params = trainer.abstract_state(run)["params"]
+    small, large = (evaluate.scoring_bytes(run, params, 8, n) for n in (512, 2048))
+    assert large > 2 * small                                 # activations and logits grow
+    budget = (small + large) // 2
+    fits = evaluate.memory_fits(run, params, 8, budget)
+    assert fits(512) is True and "over the budget" in fits(2048)
+    top = evaluate.default_top_length(64, [10**6] * 8, rows=8, fits=fits)
+    assert top.length == 1024                    # between the two measured lengths
+
+
+def test_memory_budget_comes_from_the_config_first():
+    assert evaluate.memory_budget_bytes(jax.devices(), 300) == (300 * 2**20, "eval.memory_budget_mib")
+    budget, source = evaluate.memory_budget_bytes(jax.devices())
+    assert budget > 0 and "host memory / 8 local devices" == source   # CPU: no bytes_limit
+
+
+def test_evaluation_probes_the_default_lengths_and_prints_why_it_stopped(capsys):
+    # 8 validation documents of 1025+ tokens exist, and a budget that fits 1024 but not 2048
+    config = small_config(**{"eval.lengths": None, "eval.max_batches": 1})
+    plan = trainer.validate_config(config)
+    run = trainer.build_run(config, level=trainer.eval_level(config, plan))
+    params = trainer.abstract_state(run)["params"]
+    budget = sum(evaluate.scoring_bytes(run, params, 8, n) for n in (1024, 2048)) // 2
+    config.eval.memory_budget_mib = budget / 2**20
+    data = trainer.eval_batches(config, run)
+    assert data.lengths == [32, 64, 128, 256, 512, 1024]
+    assert "eval lengths up to 1024 (stopped: scoring [8, 2048] needs" in capsys.readouterr().out

@@ -12,7 +12,8 @@ Every batch is a dict of numpy arrays, each [batch_size, seq_len]:
   targets      int32    the next token of the same document (0 on padding)
   positions    int32    position of the input token in its document piece, from 0
   segment_ids  int32    1, 2, 3, ... per document piece within the row; 0 = padding
-  loss_mask    float32  1.0 where the target is real, 0.0 on padding
+  loss_mask    float32  the target's loss weight: 0.0 on padding, 1.0 on real targets
+                        (data.retrieval_answer_weight on synthetic answers; see below)
 
 Packing: a document of n tokens gives inputs = ids[:-1] and targets = ids[1:] (the shift is per
 document, so a target never crosses a document boundary; documents with n < 2 are dropped).
@@ -32,11 +33,15 @@ synthetic retrieval documents, so a share M / (N + M) ~= f of the documents is s
 The epoch is the indices 0 .. N+M-1, shuffled (per epoch, by the seed) like the corpus
 alone; index i < N is corpus document i, index N + j is synthetic document j of that epoch,
 made on demand by retrieval.make_sample from (seed, epoch, j): task uniform over
-data.retrieval_tasks, length uniform over [min_length, max_length], depth uniform in [0, 1).
+data.retrieval_tasks (or in proportion to data.retrieval_task_weights), length uniform over
+[min_length, max_length], depth uniform in [0, 1).
 A synthetic document is already token ids, prompt + answer (length tokens), and goes through
 the same shift and packing as text: inputs = ids[:-1], targets = ids[1:], and since
 length <= seq_len it is never split, so its answer tokens are the targets right after the
-question's last token. Everything before packing is a random-access grain MapDataset, so
+question's last token. Those answer targets weigh data.retrieval_answer_weight in the loss
+(loss_mask; default 1): the answers are a few tokens in hundreds, and raising their weight
+is what lets a small model learn to retrieve in a short run (configs/retrieval.py).
+Everything before packing is a random-access grain MapDataset, so
 the iterator state is still one index and a restore regenerates the same samples.
 Sample seeds are drawn from [2^32, 2^63): make_grid's evaluation seeds are uint32, so no
 training sample is an evaluation sample.
@@ -328,21 +333,36 @@ def list_documents(data_config, split: str) -> DocumentList:
 # --- tokenizing, splitting, packing ------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class _TokenizeAndShift:
-    """document -> {"inputs": ids[:-1], "targets": ids[1:]} (int32 [n - 1]); empty if n < 2.
-    A document is a text (encoded here) or an array of token ids already (used as is: the
-    synthetic retrieval documents, so that they are not decoded and encoded again)."""
-    tokenizer: Any
+class SyntheticDocument:
+    """A synthetic retrieval document: its token ids (prompt + answer, int32 [length]) and
+    how many of the last ones are the answer."""
+    ids: np.ndarray
+    answer_tokens: int
 
-    def __call__(self, document: str | np.ndarray) -> dict[str, np.ndarray]:
-        if isinstance(document, np.ndarray):
-            ids = document.astype(np.int32, copy=False).reshape(-1)  # [n]
+
+@dataclasses.dataclass(frozen=True)
+class _TokenizeAndShift:
+    """document -> {"inputs": ids[:-1], "targets": ids[1:], "weights": loss weights}
+    (int32, int32, float32 [n - 1]); empty if n < 2. A document is a text (encoded here) or
+    a SyntheticDocument (its ids used as they are, not decoded and encoded again), whose
+    answer targets weigh `answer_weight`; every other target weighs 1."""
+    tokenizer: Any
+    answer_weight: float = 1.0
+
+    def __call__(self, document: str | SyntheticDocument) -> dict[str, np.ndarray]:
+        answer_tokens = 0
+        if isinstance(document, SyntheticDocument):
+            ids = document.ids.astype(np.int32, copy=False).reshape(-1)  # [n]
+            answer_tokens = document.answer_tokens
         else:
             ids = np.asarray(self.tokenizer.encode(document), dtype=np.int32)  # [n]
         if ids.shape[0] < 2:
             ids = ids[:0]
-            return {"inputs": ids, "targets": ids}
-        return {"inputs": ids[:-1], "targets": ids[1:]}
+            return {"inputs": ids, "targets": ids, "weights": ids.astype(np.float32)}
+        weights = np.ones([ids.shape[0] - 1], np.float32)    # [n - 1], one per target
+        if answer_tokens:
+            weights[-answer_tokens:] = self.answer_weight    # the answer is the last targets
+        return {"inputs": ids[:-1], "targets": ids[1:], "weights": weights}
 
 
 class _SplitPieces(grain.experimental.FlatMapTransform):
@@ -368,7 +388,9 @@ def _to_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "targets": packed["targets"].astype(np.int32),
         "positions": packed["inputs_positions"].astype(np.int32),
         "segment_ids": segment_ids,
-        "loss_mask": (segment_ids > 0).astype(np.float32),
+        # the targets' loss weights: 0 on padding (packed with zeros), else 1 but for the
+        # answers of synthetic documents (data.retrieval_answer_weight)
+        "loss_mask": np.where(segment_ids > 0, packed["weights"], 0.0).astype(np.float32),
     }
 
 
@@ -382,18 +404,20 @@ def _shuffle_window(texts: Sequence[str], seq_len: int, extra_pieces: int = 0) -
 
 
 def _packed_rows(documents: grain.MapDataset, tokenizer, seq_len: int, *,
-                 shuffle_seed: int | None, shuffle_window: int = 0) -> grain.IterDataset:
+                 shuffle_seed: int | None, shuffle_window: int = 0,
+                 answer_weight: float = 1.0) -> grain.IterDataset:
     """Packed rows (dicts of [seq_len] arrays) of a dataset of documents (texts, or token
     arrays: see _TokenizeAndShift). With a shuffle seed, pieces are shuffled in windows of
     `shuffle_window` and packed rows are shuffled among the packer's bins; with None the
     order is deterministic in the documents' order."""
-    pairs = documents.map(_TokenizeAndShift(tokenizer)).to_iter_dataset(_READ_OPTIONS)
+    pairs = documents.map(_TokenizeAndShift(tokenizer, answer_weight)).to_iter_dataset(
+        _READ_OPTIONS)
     pieces = grain.experimental.FlatMapIterDataset(pairs, _SplitPieces(seq_len))
     if shuffle_seed is not None:
         pieces = grain.experimental.WindowShuffleIterDataset(
             pieces, window_size=shuffle_window, seed=shuffle_seed + 1)
     packed = grain.experimental.FirstFitPackIterDataset(
-        pieces, length_struct={"inputs": seq_len, "targets": seq_len},
+        pieces, length_struct={"inputs": seq_len, "targets": seq_len, "weights": seq_len},
         num_packing_bins=PACKING_BINS, seed=0 if shuffle_seed is None else shuffle_seed + 2,
         shuffle_bins=shuffle_seed is not None)
     return packed.map(_to_row)
@@ -447,11 +471,15 @@ class RetrievalMix:
     tasks       retrieval task names, a non-empty subset of retrieval.TASKS
     min_length  the shortest sample, in tokens (prompt + answer)
     max_length  the longest sample, <= seq_len
+    answer_weight  loss weight of a sample's answer targets (every other target: 1)
+    task_probabilities  probability of each task, or None: uniform
     """
     fraction: float
     tasks: tuple[str, ...]
     min_length: int
     max_length: int
+    answer_weight: float = 1.0
+    task_probabilities: tuple[float, ...] | None = None
 
     def synthetic_per_epoch(self, corpus_documents: int) -> int:
         """M synthetic documents to go with N corpus documents in one epoch: the nearest
@@ -529,20 +557,44 @@ def retrieval_mix(data_config, tokenizer, *, seq_len: int,
                              f"{described}, but a {task} sample needs at least {minimum} "
                              f"tokens with this tokenizer; set data.retrieval_min_length >= "
                              f"{minimum} (or leave {task} out of data.retrieval_tasks)")
+    answer_weight = getattr(data_config, "retrieval_answer_weight", 1.0)
+    if (isinstance(answer_weight, bool) or not isinstance(answer_weight, (int, float, np.number))
+            or not 0.0 < float(answer_weight) < float("inf")):
+        raise ValueError(f"data.retrieval_answer_weight must be a finite number > 0, got "
+                         f"{answer_weight!r}")
+    task_weights = getattr(data_config, "retrieval_task_weights", None)
+    probabilities = None
+    if task_weights is not None:
+        numbers = (isinstance(task_weights, (tuple, list))
+                   and all(isinstance(w, (int, float, np.number)) and not isinstance(w, bool)
+                           for w in task_weights))
+        if (not numbers or len(task_weights) != len(tasks)
+                or not all(0.0 <= float(w) < float("inf") for w in task_weights)
+                or sum(task_weights) <= 0):
+            raise ValueError(f"data.retrieval_task_weights must be one finite weight >= 0 per "
+                             f"task of data.retrieval_tasks {tasks}, not all 0, got "
+                             f"{task_weights!r}")
+        total = float(sum(task_weights))
+        probabilities = tuple(float(w) / total for w in task_weights)
     return RetrievalMix(fraction=fraction, tasks=tasks, min_length=min_length,
-                        max_length=max_length)
+                        max_length=max_length, answer_weight=float(answer_weight),
+                        task_probabilities=probabilities)
 
 
 def synthetic_sample(mix: RetrievalMix, tokenizer, *, seed: int, epoch: int,
                      index: int) -> retrieval.Sample:
-    """Synthetic document `index` of `epoch` of the mixed training stream of `seed`: task,
-    length and depth drawn uniformly from a random stream keyed by (seed, epoch, index),
-    then retrieval.make_sample with a sample seed in [2^32, 2^63) from the same stream. If
-    the length is too short for that seed (tokenizers whose digit tokenization varies), a
-    new sample seed is drawn, deterministically."""
+    """Synthetic document `index` of `epoch` of the mixed training stream of `seed`: task
+    (by mix.task_probabilities, else uniform), length and depth (uniform) drawn from a
+    random stream keyed by (seed, epoch, index), then retrieval.make_sample with a sample
+    seed in [2^32, 2^63) from the same stream. If the length is too short for that seed
+    (tokenizers whose digit tokenization varies), a new sample seed is drawn,
+    deterministically."""
     key = [int(seed) & ((1 << 64) - 1), int(epoch), int(index), _SYNTHETIC_STREAM]
     rng = np.random.default_rng(key)
-    task = mix.tasks[int(rng.integers(len(mix.tasks)))]
+    if mix.task_probabilities is None:
+        task = mix.tasks[int(rng.integers(len(mix.tasks)))]
+    else:
+        task = mix.tasks[int(rng.choice(len(mix.tasks), p=mix.task_probabilities))]
     length = int(rng.integers(mix.min_length, mix.max_length + 1))
     depth = float(rng.random())
     for _ in range(_SYNTHETIC_ATTEMPTS):
@@ -579,7 +631,8 @@ class _MixedDocument(grain.transforms.MapWithIndex):
         sample = synthetic_sample(self._mix, self._tokenizer, seed=self._seed,
                                   epoch=index // self._epoch_length,
                                   index=item - len(self._documents))
-        return np.concatenate([sample.prompt, sample.answer]).astype(np.int32)  # [length]
+        ids = np.concatenate([sample.prompt, sample.answer]).astype(np.int32)  # [length]
+        return SyntheticDocument(ids, int(sample.answer.size))
 
 
 def _mixed_epochs(documents: Sequence[str], seed: int, mix: RetrievalMix,
@@ -617,7 +670,8 @@ def make_train_iterator(data_config, tokenizer, *, seq_len: int, batch_size: int
         epochs = _mixed_epochs(documents, seed, mix, tokenizer)
         synthetic = mix.synthetic_per_epoch(len(documents))
     rows = _packed_rows(epochs, tokenizer, seq_len, shuffle_seed=seed,
-                        shuffle_window=_shuffle_window(documents, seq_len, synthetic))
+                        shuffle_window=_shuffle_window(documents, seq_len, synthetic),
+                        answer_weight=1.0 if mix is None else mix.answer_weight)
     batches = rows.batch(batch_size * shard_count, drop_remainder=True)  # [S * b, seq_len]
     batches = batches.map(functools.partial(
         _shard_rows, shard_index=shard_index, shard_count=shard_count))  # [b, seq_len]

@@ -40,17 +40,102 @@ DEPTHS = tuple(i / 10 for i in range(11))   # 0%, 10%, ..., 100%
 
 
 # ------------------------------------------------------------------ lengths
-def evaluation_lengths(config) -> tuple[int, ...]:
-    """eval.lengths, or powers of two from l_max / 2 up to max(8 l_max, eval.max_length)."""
+def evaluation_lengths(config, top: int | None = None) -> tuple[int, ...]:
+    """eval.lengths if set; else powers of two from l_max / 2 up to max(8 l_max, top).
+
+    `top` is the probed longest length (default_top_length); None: 8 l_max."""
     if config.eval.lengths:
         return tuple(sorted(int(x) for x in config.eval.lengths))
     l_max = config.curriculum.l_max
-    top = max(8 * l_max, config.eval.max_length)
+    top = max(8 * l_max, top or 0)
     lengths, length = [], max(1, l_max // 2)
     while length <= top:
         lengths.append(length)
         length *= 2
     return tuple(lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLength:
+    """The result of default_top_length: the longest default evaluation length and why the
+    doubling stopped there (for the log)."""
+    length: int
+    reason: str
+
+
+def default_top_length(l_max: int, document_lengths, *, rows: int, max_length: int = 0,
+                       fits=None) -> TopLength:
+    """The largest power of two L = 8 l_max * 2^k such that
+      - fits(L) is true (the mesh holds the scoring of a [rows, L] batch; None: not checked),
+      - at least `rows` validation documents have L + 1 tokens (same-target windows use
+        the same documents at every length, so a longer L would use fewer of them),
+      - L <= max_length when max_length > 0 (a cap: evaluation time grows with L).
+    8 l_max itself is returned even when it fails these (the evaluation's minimum); the
+    reason then says which check failed. Every candidate is checked in order, so `fits`
+    (which compiles) is called at most once more than the number of lengths kept."""
+    document_lengths = sorted((int(n) for n in document_lengths), reverse=True)
+
+    def failure(length: int) -> str | None:
+        if max_length and length > max_length:
+            return f"{length} > eval.max_length {max_length}"
+        enough = len(document_lengths) >= rows and document_lengths[rows - 1] >= length + 1
+        if not enough:
+            return (f"fewer than eval.batch_size = {rows} validation documents have "
+                    f"{length + 1} tokens")
+        if fits is not None:
+            verdict = fits(length)
+            if verdict is not True:
+                return verdict
+        return None
+
+    length = 8 * l_max
+    reason = failure(length)
+    if reason is not None:
+        return TopLength(length, f"8 l_max kept although {reason}")
+    while True:
+        reason = failure(2 * length)
+        if reason is not None:
+            return TopLength(length, f"stopped: {reason}")
+        length *= 2
+
+
+def memory_budget_bytes(devices, budget_mib: float = 0) -> tuple[int, str]:
+    """Bytes one device may use while evaluating, and where the figure comes from:
+    eval.memory_budget_mib when > 0; else the accelerator's own limit (memory_stats
+    bytes_limit); else, on CPU, the host's physical memory shared by its local devices."""
+    if budget_mib > 0:
+        return int(budget_mib * 2**20), "eval.memory_budget_mib"
+    stats = devices[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]), f"{devices[0].platform} bytes_limit"
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    local = max(1, sum(1 for d in devices if d.process_index == jax.process_index()))
+    return physical // local, f"host memory / {local} local devices"
+
+
+def scoring_bytes(run, abstract_params, rows: int, length: int) -> int:
+    """Bytes one device holds while scoring a [rows, length] batch on run's mesh (arguments
+    + outputs + temporaries - aliased, from compile().memory_analysis())."""
+    sharding = mesh_lib.batch_sharding(run.mesh)
+    batch = {key: jax.ShapeDtypeStruct((rows, length), dtype, sharding=sharding)
+             for key, dtype in (("tokens", np.int32), ("targets", np.int32),
+                                ("positions", np.int32), ("segment_ids", np.int32),
+                                ("loss_mask", np.float32))}
+    with mesh_lib.use_mesh(run.mesh):
+        analysis = score_function(run).lower(abstract_params, batch).compile().memory_analysis()
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def memory_fits(run, abstract_params, rows: int, budget: int):
+    """fits(length) for default_top_length: True, or why the scoring does not fit."""
+    def fits(length: int):
+        needed = scoring_bytes(run, abstract_params, rows, length)
+        if needed <= budget:
+            return True
+        return (f"scoring [{rows}, {length}] needs {needed / 2**20:.0f} MiB per device, "
+                f"over the budget of {budget / 2**20:.0f} MiB")
+    return fits
 
 
 def evaluable(model_config, length: int) -> str | None:
@@ -181,15 +266,23 @@ class EvalData:
     retrieval_not_evaluable: dict[str, str]
 
 
-def build_eval_data(config, model_config, tokenizer, *, full: bool = True) -> EvalData:
+def validation_documents(config, tokenizer) -> list[np.ndarray]:
+    """The validation split as int64 token arrays, in order."""
+    return [np.asarray(tokenizer.encode(text), np.int64)
+            for text in data_lib.list_documents(config.data, "validation")]
+
+
+def build_eval_data(config, model_config, tokenizer, *, full: bool = True,
+                    top_length: int | None = None, documents=None) -> EvalData:
     """The evaluation batches for `config.eval`; with full=False only the same-target
-    perplexity (the cheap check run during training)."""
+    perplexity (the cheap check run during training). top_length: the probed longest
+    default length (evaluation_lengths); documents: validation_documents, if already read."""
     e = config.eval
-    lengths = evaluation_lengths(config)
+    lengths = evaluation_lengths(config, top_length)
     not_evaluable = {str(L): r for L in lengths if (r := evaluable(model_config, L))}
     lengths = [L for L in lengths if str(L) not in not_evaluable]
-    documents = [np.asarray(tokenizer.encode(text), np.int64)
-                 for text in data_lib.list_documents(config.data, "validation")]
+    if documents is None:
+        documents = validation_documents(config, tokenizer)
     windows, sliding = {}, {}
     if lengths:
         score_tokens = e.score_tokens or min(lengths)
@@ -214,15 +307,21 @@ def build_eval_data(config, model_config, tokenizer, *, full: bool = True) -> Ev
 
 
 # ------------------------------------------------------------------ scoring on the mesh
+def score_function(run):
+    """jit((params, batch) -> (nll, is_argmax)) on run's mesh, weights gathered for compute
+    like the train step (parallel.mesh.compute_shardings)."""
+    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
+    return jax.jit(lambda p, b: token_scores(
+        run.graphdef, jax.lax.with_sharding_constraint(p, gathered), b))
+
+
 class Scorer:
     """Per-token scores of global host batches on `run`'s mesh, back on the host in the
     original token order. One compiled function per shape."""
 
     def __init__(self, run, params):
         self.run, self.params = run, params
-        gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
-        self._score = jax.jit(lambda p, b: token_scores(
-            run.graphdef, jax.lax.with_sharding_constraint(p, gathered), b))
+        self._score = score_function(run)
 
     def __call__(self, batch: dict):
         run = self.run

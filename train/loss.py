@@ -7,10 +7,11 @@ from flax import nnx
 
 
 def token_loss_sums(graphdef, params, batch):
-    """Sum of next-token negative log-likelihoods over real targets, and their count.
+    """Weighted sum of next-token negative log-likelihoods, and the sum of the weights.
 
     batch: "tokens", "targets", "positions", "segment_ids" [b, l] int32 and "loss_mask"
-    [b, l] (1 where the target is real). Returns two float32 scalars.
+    [b, l] float, each target's loss weight (0 on padding, 1 on an ordinary target; see
+    train/data.py). Their ratio is the mean loss. Returns two float32 scalars.
     """
     model = nnx.merge(graphdef, params)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, l, vocab]

@@ -225,7 +225,7 @@ def make_train_step(run: Run, accum_steps: int):
                                                   learning_rate=learning_rate)
         params = optax.apply_updates(params, updates)
         metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
-                   "target_tokens": count}
+                   "loss_weight": count}
         return {"params": params, "opt_state": opt_state}, metrics
 
     return jax.jit(step, donate_argnums=0,
@@ -292,9 +292,8 @@ def train(config, workdir: str) -> dict:
         print(plan.format(), flush=True)
     levels = Levels(config, plan)
     eval_run = build_run(config, level=eval_level(config, plan))
-    quick_eval = evaluate_lib.build_eval_data(config, eval_run.model_config, eval_run.tokenizer,
-                                              full=False)
-    final_eval = evaluate_lib.build_eval_data(config, eval_run.model_config, eval_run.tokenizer)
+    final_eval = eval_batches(config, eval_run)
+    quick_eval = dataclasses.replace(final_eval, sliding={}, retrieval={})   # same lengths
 
     if is_writer:
         os.makedirs(workdir, exist_ok=True)
@@ -458,11 +457,33 @@ def _print_eval(outcome: dict, is_writer: bool) -> None:
         print(f"retrieval {task}: accuracy by length {accuracy}; k_max {grid['k_max']}", flush=True)
 
 
+def eval_batches(config, run: Run):
+    """evaluate.build_eval_data for `run` (the eval level's). With eval.lengths unset, the
+    longest default length is probed against the memory of run's mesh (compiling the scoring
+    step at doubling lengths; evaluate.default_top_length) and printed with why it stopped."""
+    documents = evaluate_lib.validation_documents(config, run.tokenizer)
+    top = None
+    if not config.eval.lengths:
+        e = config.eval
+        budget, source = evaluate_lib.memory_budget_bytes(list(run.mesh.devices.flat),
+                                                          e.memory_budget_mib)
+        fits = evaluate_lib.memory_fits(run, abstract_state(run)["params"], e.batch_size, budget)
+        found = evaluate_lib.default_top_length(
+            config.curriculum.l_max, [len(d) for d in documents], rows=e.batch_size,
+            max_length=e.max_length, fits=fits)
+        top = found.length
+        if jax.process_index() == 0:
+            print(f"eval lengths up to {top} ({found.reason}; memory budget "
+                  f"{budget / 2**20:.0f} MiB per device from {source})", flush=True)
+    return evaluate_lib.build_eval_data(config, run.model_config, run.tokenizer,
+                                        top_length=top, documents=documents)
+
+
 def evaluate_workdir(config, workdir: str) -> dict:
     """--mode eval: score the newest checkpoint of workdir; write workdir/eval[/<name>]/."""
     plan = validate_config(config)
     run = build_run(config, level=eval_level(config, plan))
-    data = evaluate_lib.build_eval_data(config, run.model_config, run.tokenizer)
+    data = eval_batches(config, run)
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
     step = int(meta["step"])
     outcome = evaluate_lib.evaluate(run, state["params"], data, step=step, name=config.eval.name)
