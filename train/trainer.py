@@ -472,6 +472,9 @@ def eval_batches(config, run: Run):
             config.curriculum.l_max, [len(d) for d in documents], rows=e.batch_size,
             max_length=e.max_length, fits=fits)
         top = found.length
+        if jax.process_count() > 1:   # host memory may differ: every process takes process 0's
+            from jax.experimental import multihost_utils
+            top = int(multihost_utils.broadcast_one_to_all(np.int64(top)))
         if jax.process_index() == 0:
             print(f"eval lengths up to {top} ({found.reason}; memory budget "
                   f"{budget / 2**20:.0f} MiB per device from {source})", flush=True)
