@@ -94,6 +94,19 @@ def summary(lengths, fixed: dict, curriculum: dict, l_max: int) -> str:
     return "; ".join(parts)
 
 
+def print_ratio_table(lengths, fixed: dict, curriculum: dict, unigram: dict | None = None):
+    """A markdown table of fixed vs curriculum perplexity (and their ratio) by length, with
+    a unigram-baseline column when `unigram` is given."""
+    print("| length | fixed l_max | curriculum | curriculum / fixed |"
+          + (" unigram baseline |" if unigram is not None else ""))
+    print("|---:|---:|---:|---:|" + ("---:|" if unigram is not None else ""))
+    for length in lengths:
+        f, c = fixed.get(length), curriculum.get(length)
+        ratio = f"{c / f:.3f}" if f is not None and c is not None else "-"
+        extra = f" {_cell(unigram.get(length))} |" if unigram is not None else ""
+        print(f"| {length} | {_cell(f)} | {_cell(c)} | {ratio} |" + extra)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None,
@@ -133,12 +146,7 @@ def main(argv=None) -> None:
     f_ppl, c_ppl = _by_length(fixed["eval"]), _by_length(curriculum["eval"])
     unigram = _by_length(curriculum["eval"], "unigram_perplexity")
     print("\nvalidation perplexity by evaluation length (eval/perplexity_by_length.json)")
-    print("| length | fixed l_max | curriculum | curriculum / fixed | unigram baseline |")
-    print("|---:|---:|---:|---:|---:|")
-    for length in lengths:
-        f, c = f_ppl.get(length), c_ppl.get(length)
-        ratio = f"{c / f:.3f}" if f is not None and c is not None else "-"
-        print(f"| {length} | {_cell(f)} | {_cell(c)} | {ratio} | {_cell(unigram.get(length))} |")
+    print_ratio_table(lengths, f_ppl, c_ppl, unigram)
     for name, r in results.items():
         for length, reason in (r["eval"].get("not_evaluable") or {}).items():
             print(f"  {name}, length {length}: not evaluable: {reason}")
@@ -147,12 +155,7 @@ def main(argv=None) -> None:
     if f_slide or c_slide:
         stride = (curriculum["eval"].get("sliding_window") or {}).get("stride")
         print(f"\nsliding-window perplexity (stride {stride})")
-        print("| length | fixed l_max | curriculum | curriculum / fixed |")
-        print("|---:|---:|---:|---:|")
-        for length in lengths:
-            f, c = f_slide.get(length), c_slide.get(length)
-            ratio = f"{c / f:.3f}" if f is not None and c is not None else "-"
-            print(f"| {length} | {_cell(f)} | {_cell(c)} | {ratio} |")
+        print_ratio_table(lengths, f_slide, c_slide)
     print(f"\nboth runs in {time.time() - start:.0f}s; workdirs {workdir}/{{fixed,curriculum}}")
     print("summary: " + summary(lengths, f_ppl, c_ppl, l_max)
           + ("" if same else f" (token totals differ: {fixed['tokens']:,} vs "
