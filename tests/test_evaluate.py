@@ -89,6 +89,21 @@ def test_evaluation_under_another_rope_scaling_is_recorded_and_changes_the_resul
     assert scaled["perplexity"][0] != pytest.approx(plain["perplexity"][0], rel=1e-6)
 
 
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
+def test_every_hugging_face_scaling_can_replace_the_trained_rope_at_evaluation(rope_type):
+    config = small_config(**{"eval.rope_scaling": f'{{"rope_type": "{rope_type}", "factor": 4}}'})
+    level = trainer.eval_level(config, trainer.validate_config(config))
+    scaling = json.loads(level.rope_scaling_json)
+    assert scaling["rope_type"] == rope_type and scaling["factor"] == 4.0
+
+
+def test_eval_rope_scaling_none_evaluates_a_scaled_model_without_its_scaling():
+    config = small_config(**{"eval.rope_scaling": "none"})
+    config.model.rope.scaling = '{"rope_type": "linear", "factor": 2}'
+    level = trainer.eval_level(config, trainer.validate_config(config))
+    assert json.loads(level.rope_scaling_json) is None
+
+
 @pytest.mark.slow
 def test_a_trained_checkpoint_is_evaluated_end_to_end_on_8_devices(tmp_path):
     workdir = str(tmp_path / "run")
