@@ -1,13 +1,12 @@
 """Boundless entry point.
 
   python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
-                 [--mode train|eval]
+                 [--mode train|eval|compare]
 
-train (default) resumes from the newest checkpoint in the workdir; eval scores the newest
-checkpoint and writes DIR/eval/; compare (--workdirs A,B,C) draws their evaluations on one
-plot and one table in --workdir (default compare/). Multi-host: pass --coordinator_address, --num_processes
-and --process_id (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
-on clusters JAX detects by itself (SLURM, TPU pods) use --distributed=auto.
+train (default) resumes from the newest checkpoint in the workdir (default
+~/boundless_workdirs/<config name>); eval scores the newest checkpoint and writes
+DIR/eval/; compare (--workdirs A,B,C) prints their evaluations as one table, and with
+--workdir also writes it and one plot there. Multi-host flags: README, "Multi-host".
 """
 from __future__ import annotations
 
@@ -19,12 +18,18 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+# Outside the repository, so that runs never land in a checkout unless asked to.
+DEFAULT_WORKDIRS = os.path.expanduser("~/boundless_workdirs")
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<config name>).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (default: ~/boundless_workdirs/<config name>; for "
+    "--mode compare, where to write compare.md and the plot: nothing is written without it).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare"],
                           "train, eval (the newest checkpoint of --workdir), or compare "
-                          "(the eval results of --workdirs on one plot and one table).")
+                          "(the eval results of --workdirs as one table; with --workdir, "
+                          "also written there with a plot).")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
@@ -58,16 +63,16 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("boundless").setLevel(logging.INFO)
     if _MODE.value == "compare":
-        from train import report
+        from evaluation import report
         if not _WORKDIRS.value:
             raise app.UsageError("--mode compare needs --workdirs A,B,...")
-        out_dir = _WORKDIR.value or "compare"
         try:
-            print(report.compare(_WORKDIRS.value, out_dir))
+            print(report.compare(_WORKDIRS.value, _WORKDIR.value))
         except ValueError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
-        print(f"wrote {out_dir}/compare.md and {out_dir}/compare_perplexity.png")
+        if _WORKDIR.value:
+            print(f"wrote {_WORKDIR.value}/compare.md and {_WORKDIR.value}/compare_perplexity.png")
         return
     config = _CONFIG.value
     if config is None:
@@ -75,7 +80,7 @@ def main(argv):
     start_distributed()
     from train import trainer  # imported after jax.distributed is up
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
+    workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
     try:
         if _MODE.value == "train":
             trainer.train(config, workdir)

@@ -44,7 +44,7 @@ def get_config() -> config_dict.ConfigDict:
     data.tokenizer = "bytes"      # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
     data.validation_percent = 5   # share of documents (by hash of their path/index) held out
     data.shuffle_seed = 0
-    # Synthetic retrieval documents (train/retrieval.py) mixed into the TRAINING documents;
+    # Synthetic retrieval documents (data/retrieval_tasks.py) mixed into the TRAINING documents;
     # validation stays pure corpus, so perplexities stay comparable. Each sample is one
     # document of prompt + answer tokens, its length uniform in [min, max], depth in [0, 1].
     data.retrieval_fraction = 0.0  # share of training documents that are synthetic, [0, 1); 0: none
@@ -124,7 +124,9 @@ def get_config() -> config_dict.ConfigDict:
     # --- evaluation -------------------------------------------------------------------
     evaluation = config_dict.ConfigDict()
     evaluation.name = ""          # results go to eval/<name>/ (side by side); "" = eval/
-    evaluation.every_steps = 0    # 0: only at the end of training
+    # >0: also evaluate every N steps during training, perplexity by length only (the
+    # sliding window and the retrieval grid run at the end); 0: only at the end
+    evaluation.every_steps = 0
     # None: powers of two from l_max/2 up to the longest that the eval mesh fits (probed by
     # compiling the scoring step), that eval.batch_size validation documents are long enough
     # for, and that is <= eval.max_length; never below 8 l_max.

@@ -1,7 +1,7 @@
 """The tiny model trained on a mix of the corpus and synthetic retrieval tasks.
 
 For the depth x length grid: a small model that can actually retrieve (passkey, kv, line;
-train/retrieval.py) at its training length l_max = 256, evaluated at 128 .. 1024 to show
+data/retrieval_tasks.py) at its training length l_max = 256, evaluated at 128 .. 1024 to show
 what happens beyond it.
 
 The mix: 995 in 1000 training documents are synthetic samples of 128 to 256 tokens (corpus

@@ -1,36 +1,15 @@
 """Rotary position embeddings (RoPE) and the Hugging Face `rope_scaling` variants.
 
 Pure functions, no parameters and no mesh code:
-
 - `normalize_rope_scaling(scaling)`: validate a `rope_scaling` value (None, a dict or
   ConfigDict, or a JSON string) and fill in every default; None means plain RoPE.
 - `rope_frequencies(head_dim, theta, scaling, seq_len)`: the inverse frequencies
-  `[head_dim // 2]` (float64 numpy) and the attention factor for cos/sin. Computed from
-  static values at trace time, so each (scaling, length) compiles to constants.
+  `[head_dim // 2]` (float64 numpy) and the attention factor for cos/sin, computed from
+  static values at trace time.
 - `apply_rope(x, positions, inv_freq)`: rotate `[batch, length, heads, head_dim]` by the
-  global positions carried as data (never array indices), Hugging Face Llama layout
-  ("rotate half": dimension i is paired with i + head_dim / 2).
-
-Notation (see shared/REFERENCES.md, "Rotary position embeddings and their scalings"):
-d = head_dim (the rotary part), theta = base, inv_freq[i] = theta^(-2i/d) for
-i = 0 .. d/2 - 1, wavelength lambda_i = 2 pi / inv_freq[i], s = `factor`,
-L0 = `original_max_position_embeddings` (the length the model was trained at).
-
-Scalings (the names are Hugging Face `rope_type` values; old configs use the key `type`):
-- `default`: theta^(-2i/d) (Su et al. 2021, RoFormer).
-- `linear`: Position Interpolation (Chen et al. 2023, "Extending Context Window of Large
-  Language Models via Positional Interpolation", arXiv:2306.15595): inv_freq / s, which is
-  the same as reading position p as p / s.
-- `dynamic`: dynamic NTK-aware scaling (bloc97's NTK-aware base change, made dynamic by
-  emozilla; as used by Hugging Face `transformers`): unchanged while the length
-  L <= L0, beyond it theta' = theta * (s L / L0 - (s - 1))^(d / (d - 2)).
-- `yarn`: YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large
-  Language Models", arXiv:2309.00071): "NTK-by-parts" ramp between the interpolated and
-  the original frequencies, plus an attention factor 0.1 ln(s) + 1 on cos and sin.
-- `llama3`: Meta Llama 3.1 frequency scaling (Llama 3.1 reference code /
-  "The Llama 3 Herd of Models", 2024): low frequencies divided by s, high frequencies
-  kept, a smooth blend between the two wavelength thresholds L0 / low_freq_factor and
-  L0 / high_freq_factor.
+  global positions carried as data, Hugging Face Llama layout ("rotate half").
+Scalings: `default`, `linear` (Position Interpolation), `dynamic` (NTK), `yarn`, `llama3`;
+their formulas and sources are in the README ("Rotary positions and their scalings").
 """
 from __future__ import annotations
 
@@ -196,7 +175,7 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
                     raise ValueError(f"rope_scaling 'yarn': {key} must be a number, got {out[key]!r}")
                 out[key] = float(out[key])
         if out["attention_factor"] is None:
-            # REFERENCES.md / YaRN: 0.1 ln(s) + 1. Hugging Face (DeepSeek configs) uses the
+            # YaRN paper: 0.1 ln(s) + 1. Hugging Face (DeepSeek configs) uses the
             # ratio mscale(s, mscale) / mscale(s, mscale_all_dim) when both are given, nonzero.
             if out["mscale"] and out["mscale_all_dim"]:
                 out["attention_factor"] = _yarn_mscale(out["factor"], out["mscale"]) / _yarn_mscale(

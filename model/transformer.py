@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model import positions as pos_lib
 from model.attention import Attention, AttentionFn, attention_function
+from model.layers import RMSNorm, SwiGLU, param
 
 POSITION_KINDS = ("rope", "learned", "none")
 
@@ -91,41 +93,6 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16")
 
 
-def _param(rngs: nnx.Rngs, shape, names, init, dtype) -> nnx.Param:
-    return nnx.Param(nnx.with_partitioning(init, names)(rngs.params(), shape, dtype))
-
-
-class RMSNorm(nnx.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019), computed in float32."""
-
-    def __init__(self, dim: int, eps: float, param_dtype, rngs: nnx.Rngs):
-        self.scale = _param(rngs, (dim,), ("embed",), nnx.initializers.ones, param_dtype)
-        self.eps = eps
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
-class SwiGLU(nnx.Module):
-    """The gated MLP of Shazeer (2020): down(silu(x @ gate) * (x @ up))."""
-
-    def __init__(self, d_model: int, mlp_dim: int, init_std: float, dtype, param_dtype,
-                 rngs: nnx.Rngs):
-        init = nnx.initializers.normal(init_std)
-        self.w_gate = _param(rngs, (d_model, mlp_dim), ("embed", "mlp"), init, param_dtype)
-        self.w_up = _param(rngs, (d_model, mlp_dim), ("embed", "mlp"), init, param_dtype)
-        self.w_down = _param(rngs, (mlp_dim, d_model), ("mlp", "embed"), init, param_dtype)
-        self.dtype = dtype
-
-    def __call__(self, x):
-        x = x.astype(self.dtype)
-        gate = x @ self.w_gate[...].astype(self.dtype)                   # [b, l, mlp]
-        up = x @ self.w_up[...].astype(self.dtype)
-        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(self.dtype)
-
-
 class Block(nnx.Module):
     """One pre-norm decoder block."""
 
@@ -158,15 +125,15 @@ class Transformer(nnx.Module):
                                               block_k=cfg.block_k)
         self.cfg = cfg
         param_dtype = jnp.dtype(cfg.param_dtype)
-        self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+        self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                                 nnx.initializers.normal(cfg.init_std), param_dtype)
         if cfg.position == "learned":
-            self.position_table = _param(rngs, (cfg.l_max, cfg.d_model), (None, "embed"),
+            self.position_table = param(rngs, (cfg.l_max, cfg.d_model), (None, "embed"),
                                          nnx.initializers.normal(cfg.init_std), param_dtype)
         self.blocks = nnx.List([Block(cfg, attention_fn, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+            self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                                   nnx.initializers.normal(cfg.init_std), param_dtype)
 
     def rotation(self, length: int) -> Callable | None:
@@ -210,9 +177,8 @@ class Transformer(nnx.Module):
                           preferred_element_type=jnp.float32)
 
 
-def count_parameters(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-def describe(cfg: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def count_parameters(tree) -> int:
+    """Number of parameters of a module, or of a pytree of parameter arrays."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))

@@ -63,20 +63,9 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
                          devices=devices)
 
 
-def logical_to_mesh(names) -> P:
-    """PartitionSpec for a tuple of logical axis names (None = replicated)."""
-    rules = dict(LOGICAL_RULES)
-    return P(*(rules.get(name) if name is not None else None for name in names))
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of a [batch, length] input: rows over (data, fsdp), length over seq."""
     return NamedSharding(mesh, P(BATCH_AXES, "seq"))
-
-
-def batch_row_groups(mesh: Mesh) -> int:
-    """How many ways the batch dimension is split (data x fsdp)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int,

@@ -3,7 +3,7 @@
 Each device holds a slice of the sequence (its queries, keys and values, with their global
 positions and segment ids). Key/value slices travel around the ring with `lax.ppermute`;
 after N hops every query has met every key. Each hop is one call of the blockwise kernel
-(model/attention.py) and the partial results merge by log-sum-exp, in float32.
+(model/blockwise.py) and the partial results merge by log-sum-exp, in float32.
 
 The backward pass is a ring of its own (Liu, Zaharia & Abbeel 2023): K/V travel again and
 their gradients dK/dV travel with them, arriving back at their home device after N hops.
@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from model.attention import (_check_shapes, blockwise_attention, blockwise_backward,
-                             blockwise_forward, default_positions_and_segments, fit_block,
-                             merge_partial_attention)
+from model.blockwise import (blockwise_attention, blockwise_backward, blockwise_forward,
+                             fit_block, merge_partial_attention)
+from model.masking import check_shapes, default_positions_and_segments
 from parallel.mesh import BATCH_AXES
 
 
@@ -131,15 +131,26 @@ def _specs(mesh: Mesh, axis_name: str):
     return P(batch, axis_name, heads, None), P(batch, axis_name)
 
 
+def check_sequence_split(length: int, axis_size: int, block_q: int, block_k: int,
+                         axis_name: str = "seq") -> None:
+    """Raise ValueError unless a sequence of `length` tokens splits into 2 x axis_size
+    zigzag chunks (when axis_size > 1) and each device's part into whole query and key
+    blocks (a block longer than the part shrinks to it)."""
+    if axis_size > 1 and length % (2 * axis_size):
+        raise ValueError(f"length {length} is not divisible by 2 x {axis_name} = "
+                         f"{2 * axis_size} (mesh {axis_name} axis, zigzag chunks)")
+    local = length // axis_size
+    for name, block in (("block_q", block_q), ("block_k", block_k)):
+        if local % fit_block(local, block):
+            raise ValueError(f"length {length} (per device {local}) is not a multiple of "
+                             f"model.{name} = {block}")
+
+
 def _validate(q, k, v, mesh: Mesh, axis_name: str, block_q: int, block_k: int):
-    _check_shapes(q, k, v)
+    check_shapes(q, k, v)
     if axis_name not in mesh.shape:
         raise ValueError(f"mesh has no axis {axis_name!r}: {dict(mesh.shape)}")
-    n = mesh.shape[axis_name]
-    length = q.shape[1]
-    if length % (2 * n):
-        raise ValueError(f"ring attention: length {length} is not divisible by 2 x "
-                         f"{axis_name} = {2 * n} (zigzag chunks)")
+    check_sequence_split(q.shape[1], mesh.shape[axis_name], block_q, block_k, axis_name)
     batch_split = 1
     for axis in BATCH_AXES:
         batch_split *= mesh.shape.get(axis, 1)
@@ -149,11 +160,6 @@ def _validate(q, k, v, mesh: Mesh, axis_name: str, block_q: int, block_k: int):
     if k.shape[2] % mesh.shape.get("tensor", 1):
         raise ValueError(f"ring attention: kv_heads {k.shape[2]} not divisible by tensor = "
                          f"{mesh.shape['tensor']}")
-    local = length // n
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if local % fit_block(local, block):
-            raise ValueError(f"ring attention: per-device length {local} is not a multiple "
-                             f"of {name} = {block}")
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 
@@ -28,9 +27,6 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterators: dict, meta: dict, *,
              force: bool = True) -> bool:
@@ -60,15 +56,6 @@ class Checkpointer:
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) of a pytree of arrays, for restoring into."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -1,41 +1,11 @@
 """Length curriculum: which sequence length, batch and mesh layout at which step.
 
-Pure functions and frozen dataclasses; nothing here touches devices or compiles anything.
 `make_plan(config, device_count)` turns the `curriculum` config section into a `Plan`:
-
-- Levels k = 0 .. K-1 train at `lengths[k]` (default `l_max * 2^k`; `lengths[0] == l_max`).
-- The budget is the plain level-0 run: `train.steps` (S) steps of `train.batch_size` (B) rows
-  of `l_max` tokens. `curriculum.unit` says what is shared out:
-    * "tokens" (default): budget S·B·l_max tokens. Level k's batch is B·l_max / len_k rows
-      (must be a whole number >= 1), so every step has exactly B·l_max tokens, the total
-      step count stays S, and a learning-rate schedule driven by tokens (or steps) and the
-      loss scale stay comparable across levels (Dataset Decomposition; Li et al. 2022).
-    * "sequences": budget S·B sequences. Every level keeps batch B, so a step of level k
-      has B·len_k tokens: total tokens exceed S·B·l_max and tokens per step grow with the
-      length (`Plan.tokens_before` gives the running token count for such schedules).
-  Level k gets share_k of the budget (default 2^-(k+1), the last level also takes the
-  remainder: K=4 gives 0.5, 0.25, 0.125, 0.125). In both units a level has
-  steps_k = round_half_up(share_k · S) for k < K-1 and the last level gets S minus the rest,
-  so the plan has exactly S steps. A level left with 0 steps is an error.
-- Order: "ascending" runs the levels as stages, short to long; "interleaved" mixes them step
-  by step with `np.random.default_rng(config.seed).permutation`, keeping each level's steps.
-- Mesh per level (`curriculum.relayout`): from `parallel.mesh.mesh_shape(config.mesh, n)`.
-  With relayout, level k with integer length factor f = len_k / l_max moves m devices from
-  `data` to `seq`, m = the largest power of two dividing both f and the data size:
-  data_k = data / m, seq_k = seq · m. When f is a power of two and data >= f (e.g. 8
-  devices, data 8 x seq 1 at l_max ... data 1 x seq 8 at 8·l_max) every device keeps the
-  same rows and the same local length at every level. When data cannot give all of f, the
-  rest of the factor stays as a longer local length per device (fewer rows per device with
-  unit "tokens"); a non-integer f (explicit lengths) moves nothing. `fsdp` and `tensor`
-  never move. Without relayout every level uses the config's mesh.
-- Per-level overrides: `rope_thetas`, `rope_scalings` (normalised with
-  `model.positions.normalize_rope_scaling(..., original_max_position_embeddings=l_max)`),
-  `lr_multipliers`; each None (the model's value / 1.0 at every level) or one entry per level.
-
-Every invalid combination raises ValueError with one line naming the key or level.
-What this module does not check (the trainer does, per level, with `Level.mesh_dict`):
-that each level's length splits into the model's attention blocks (`check_length`) and
-the weight-sharding divisibilities of the level's mesh.
+K levels with their length (default l_max * 2^k), batch, step count (share of the budget,
+rounded half up; the last level takes the rest), mesh (devices moved from `data` to `seq`
+with `curriculum.relayout`) and per-level RoPE / learning-rate overrides, plus the level of
+every step (`ascending` or seeded `interleaved`). Pure functions and frozen dataclasses;
+nothing here touches devices. The rules are in the README ("Length curriculum").
 """
 from __future__ import annotations
 
@@ -46,6 +16,7 @@ import math
 
 import numpy as np
 
+from evaluation.tables import format_table
 from model.positions import normalize_rope_scaling
 from parallel.mesh import MESH_AXES, mesh_shape
 
@@ -166,26 +137,19 @@ class Plan:
         return int(self._tokens_cumulative[step])
 
     def format(self) -> str:
-        """The plan as a text table: one row per level, then the totals."""
+        """The plan as a table: one row per level, then the totals."""
         header = ("level", "length", "batch", "steps", "tokens", "share", "actual",
                   "mesh", "rope theta", "rope scaling", "lr x")
-        rows = []
-        for level, actual in zip(self.levels, self.actual_shares):
-            rows.append((str(level.index), str(level.seq_len), str(level.batch_size),
-                         str(level.steps), f"{level.tokens:,}", f"{level.share:.4g}",
-                         f"{actual:.4g}", format_mesh(level.mesh), _format_number(level.rope_theta),
-                         _format_scaling(level.rope_scaling), f"{level.lr_multiplier:g}"))
-        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-
-        def line(cells):
-            return "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
-
-        out = [f"length curriculum: {len(self.levels)} level(s), order {self.order}, "
-               f"budget in {self.unit}",
-               line(header), line(["-" * w for w in widths])]
-        out += [line(r) for r in rows]
-        out.append(f"total: {self.total_steps} steps, {self.total_tokens:,} tokens")
-        return "\n".join(out)
+        rows = [(level.index, level.seq_len, level.batch_size, level.steps, f"{level.tokens:,}",
+                 f"{level.share:.4g}", f"{actual:.4g}", format_mesh(level.mesh),
+                 _format_number(level.rope_theta), _format_scaling(level.rope_scaling),
+                 f"{level.lr_multiplier:g}")
+                for level, actual in zip(self.levels, self.actual_shares)]
+        return "\n".join([
+            f"length curriculum: {len(self.levels)} level(s), order {self.order}, "
+            f"budget in {self.unit}",
+            format_table(header, rows),
+            f"total: {self.total_steps} steps, {self.total_tokens:,} tokens"])
 
 
 def format_mesh(mesh) -> str:
@@ -354,6 +318,9 @@ def make_plan(config, device_count: int) -> Plan:
                              f"train.steps (or its share)")
 
     # meshes
+    accum = int(t.grad_accum_steps)
+    if accum < 1:
+        raise ValueError(f"train.grad_accum_steps must be >= 1, got {accum}")
     base = mesh_shape(config.mesh, device_count)
     levels = []
     for k in range(K):
@@ -372,8 +339,7 @@ def make_plan(config, device_count: int) -> Plan:
                 f"curriculum level {k} (length {lengths[k]}): batch {batches[k]} does not split "
                 f"over data x fsdp = {sizes['data']} x {sizes['fsdp']} devices; raise "
                 f"train.batch_size" + ("" if c.relayout else " or set curriculum.relayout=True"))
-        accum = int(t.grad_accum_steps)
-        if accum >= 1 and (batches[k] // row_groups) % accum:
+        if (batches[k] // row_groups) % accum:
             raise ValueError(f"curriculum level {k} (length {lengths[k]}): train.grad_accum_steps "
                              f"({accum}) does not divide its {batches[k] // row_groups} rows "
                              f"per data shard")
@@ -390,4 +356,18 @@ def make_plan(config, device_count: int) -> Plan:
                 schedule=tuple(int(x) for x in schedule))
 
 
-__all__ = ["Level", "Plan", "make_plan", "default_shares", "format_mesh", "UNITS", "ORDERS"]
+def eval_level(config, plan: Plan) -> Level:
+    """The level evaluation runs on: the last (most sequence-parallel) one, with the RoPE
+    overrides of eval.rope_scaling / eval.rope_theta applied."""
+    level = plan.levels[-1]
+    e = config.eval
+    if e.rope_scaling is not None:
+        try:
+            scaling = normalize_rope_scaling(e.rope_scaling,
+                                             original_max_position_embeddings=config.curriculum.l_max)
+        except ValueError as error:
+            raise ValueError(f"eval.rope_scaling: {error}") from None
+        level = dataclasses.replace(level, rope_scaling_json=json.dumps(scaling, sort_keys=True))
+    if e.rope_theta:
+        level = dataclasses.replace(level, rope_theta=float(e.rope_theta))
+    return level

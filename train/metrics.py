@@ -1,4 +1,4 @@
-"""What a run writes about itself: metrics.jsonl, TensorBoard events, a console line.
+"""What a run writes about itself: metrics.jsonl and TensorBoard events.
 
 Only process 0 writes; other processes get a writer that does nothing, so callers need
 no `if process_index == 0` of their own.
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 
 import jax
 
@@ -52,30 +50,3 @@ def _plain(value):
     if hasattr(value, "item"):
         value = value.item()
     return value
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-class ProgressLine:
-    """One console line per logged step: step/total, loss, lr, tokens/s, ETA."""
-
-    def __init__(self, total_steps: int, stream=sys.stdout, enabled: bool | None = None):
-        self.total_steps = total_steps
-        self.stream = stream
-        self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.started = time.time()
-
-    def show(self, step: int, loss: float, learning_rate: float, tokens_per_sec: float,
-             seconds_per_step: float, extra: str = "") -> None:
-        if not self.enabled:
-            return
-        eta = format_duration((self.total_steps - step) * seconds_per_step)
-        width = len(str(self.total_steps))
-        line = (f"step {step:>{width}}/{self.total_steps} | loss {loss:.4f} | "
-                f"lr {learning_rate:.2e} | {tokens_per_sec / 1e3:.1f}k tok/s | ETA {eta}")
-        print(line + (f" | {extra}" if extra else ""), file=self.stream, flush=True)

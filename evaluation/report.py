@@ -1,38 +1,23 @@
 """Reports of evaluation results: plots, markdown summaries and cross-run comparisons.
 
-Reads the JSON files that train/evaluate.py writes and writes PNG and markdown files; no
-JAX here. Inputs:
-  <workdir>/eval[/<name>]/perplexity_by_length.json   one result (a "curve")
-  <workdir>/eval[/<name>]/retrieval.json              optional retrieval grids
-Every key except "lengths" and "perplexity" may be absent (older files have fewer keys).
-Not-evaluable lengths (e.g. learned positions beyond l_max) are never drawn or tabulated
-as numbers: they appear as an 'x' marker on plots and as "n/e" / their reason in tables.
-
-Outputs:
-  write_summary(eval_dir) -> eval_dir/summary.md
-  write_plots(eval_dir)   -> eval_dir/perplexity_by_length.png, eval_dir/retrieval.png
-  compare(workdirs, out)  -> out/compare.md, out/compare_perplexity.png
-
-Figures are built with matplotlib's object API (`matplotlib.figure.Figure`, rendered by the
-Agg canvas on save), so this module never touches pyplot or the global backend. The
-`*_figure` builders return the Figure so that callers and tests can inspect it.
-
-Command line:
-  python -m train.report summary <eval_dir>
-  python -m train.report compare <workdir> [<workdir> ...] --out <dir>
+Reads eval[/<name>]/perplexity_by_length.json (and retrieval.json) as written by
+evaluation/suite.py, writes PNG and markdown; no JAX here. Keys other than "lengths" and
+"perplexity" may be absent. Not-evaluable lengths are never drawn or tabulated as numbers
+('x' markers on plots, "n/e" or their reason in tables). Figures use matplotlib's object
+API (no pyplot); the `*_figure` builders return the Figure for inspection.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullLocator
+
+from evaluation.tables import format_table
 
 PERPLEXITY_FILE = "perplexity_by_length.json"
 RETRIEVAL_FILE = "retrieval.json"
@@ -132,17 +117,8 @@ def _format_number(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
 
 
-def _cell(text) -> str:
-    """Text made safe for one markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Lines of a markdown table."""
-    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return lines
+def _table_lines(header: list[str], rows: list[list[str]]) -> list[str]:
+    return format_table(header, rows).splitlines()
 
 
 def scaling_label(rope_scaling) -> str:
@@ -397,28 +373,35 @@ def _header_lines(result: dict) -> list[str]:
     return lines + [""]
 
 
-def _perplexity_lines(result: dict) -> list[str]:
-    """Table length | perplexity | unigram baseline | sliding-window perplexity | target
-    tokens over every length (evaluated, sliding or not evaluable), ascending."""
+def perplexity_table(result: dict) -> str:
+    """Table length | loss | perplexity | sliding-window perplexity | unigram baseline |
+    target tokens over every length (evaluated, sliding or not evaluable), ascending; the
+    console and summary.md print it."""
     skip = _not_evaluable(result)
     n = len(result["lengths"])
     columns = {key: dict(zip(result["lengths"], result.get(key) or [None] * n))
-               for key in ("perplexity", "unigram_perplexity", "target_tokens")}
+               for key in ("loss", "perplexity", "unigram_perplexity", "target_tokens")}
     window = result.get("sliding_window") or {}
     sliding = dict(zip(window.get("lengths", []), window.get("perplexity", [])))
     lengths = sorted({int(L) for L in result["lengths"]} | set(sliding) | set(skip))
     rows = []
     for L in lengths:
         if L in skip:
-            rows.append([str(L), f"not evaluable: {skip[L]}", "", "", ""])
+            rows.append([str(L), f"not evaluable: {skip[L]}"])
             continue
         tokens = columns["target_tokens"].get(L)
-        rows.append([str(L), _format_number(columns["perplexity"].get(L)),
+        rows.append([str(L), _format_number(columns["loss"].get(L), 4),
+                     _format_number(columns["perplexity"].get(L)), _format_number(sliding.get(L)),
                      _format_number(columns["unigram_perplexity"].get(L)),
-                     _format_number(sliding.get(L)), "" if tokens is None else str(tokens)])
-    lines = ["## Perplexity by context length", ""]
-    lines += _markdown_table(["length", "perplexity", "unigram baseline",
-                              "sliding-window perplexity", "target tokens"], rows)
+                     "" if tokens is None else str(tokens)])
+    return format_table(["length", "loss", "perplexity", "sliding-window perplexity",
+                         "unigram baseline", "target tokens"], rows)
+
+
+def _perplexity_lines(result: dict) -> list[str]:
+    """The perplexity_table section of summary.md, with its notes."""
+    window = result.get("sliding_window") or {}
+    lines = ["## Perplexity by context length", ""] + perplexity_table(result).splitlines()
     notes = []
     if window.get("stride"):
         notes.append(f"sliding window stride {window['stride']}")
@@ -437,7 +420,7 @@ def _position_lines(result: dict) -> list[str]:
             for s, e, loss, tokens in zip(buckets["bucket_start"], buckets["bucket_end"],
                                           buckets["loss"], buckets["tokens"])]
     lines = [f"## Loss by token position (windows of {buckets.get('length', '?')} tokens)", ""]
-    return lines + _markdown_table(["positions", "mean loss", "perplexity", "tokens"], rows) + [""]
+    return lines + _table_lines(["positions", "mean loss", "perplexity", "tokens"], rows) + [""]
 
 
 def _retrieval_task_lines(task: str, grid: dict) -> list[str]:
@@ -455,7 +438,7 @@ def _retrieval_task_lines(task: str, grid: dict) -> list[str]:
              f"k_max = {k_max if k_max is not None else 'none (the shortest length fails)'}"
              f" (threshold {grid.get('threshold', '?')}, "
              f"{grid.get('samples_per_cell', '?')} samples per cell)", ""]
-    return lines + _markdown_table(["depth \\ length"] + [str(L) for L in lengths] + ["mean"],
+    return lines + _table_lines(["depth \\ length"] + [str(L) for L in lengths] + ["mean"],
                                    rows) + [""]
 
 
@@ -539,7 +522,7 @@ def comparison_markdown(results: list[dict], labels: list[str]) -> str:
             + _comparison_row(r, lengths, dict(zip(r["lengths"], r["perplexity"])))
             for r, label in zip(results, labels)]
     lines = ["# Perplexity by context length", ""]
-    lines += _markdown_table(["run", "l_max"] + [str(L) for L in lengths], rows) + [""]
+    lines += _table_lines(["run", "l_max"] + [str(L) for L in lengths], rows) + [""]
     windows = [(r, label, r.get("sliding_window")) for r, label in zip(results, labels)]
     windows = [(r, label, w) for r, label, w in windows if w]
     if windows:
@@ -547,7 +530,7 @@ def comparison_markdown(results: list[dict], labels: list[str]) -> str:
         s_rows = [[label] + _comparison_row(r, s_lengths, dict(zip(w["lengths"], w["perplexity"])))
                   for r, label, w in windows]
         lines += ["## Sliding-window perplexity", ""]
-        lines += _markdown_table(["run"] + [str(L) for L in s_lengths], s_rows) + [""]
+        lines += _table_lines(["run"] + [str(L) for L in s_lengths], s_rows) + [""]
     reasons = [f"- {label}, length {L}: {reason}" for r, label in zip(results, labels)
                for L, reason in sorted(_not_evaluable(r).items())]
     if reasons:
@@ -555,44 +538,17 @@ def comparison_markdown(results: list[dict], labels: list[str]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def compare(workdirs: list[str], out_dir: str) -> str:
-    """Compare every result (find_results) of every workdir: one perplexity-vs-length plot
-    out_dir/compare_perplexity.png and one markdown file out_dir/compare.md (see
-    comparison_markdown; rows = unique curve labels). Returns the markdown.
+def compare(workdirs: list[str], out_dir: str | None = None) -> str:
+    """Compare every result (find_results) of every workdir and return the markdown (see
+    comparison_markdown; rows = unique curve labels). With `out_dir`, also write
+    out_dir/compare.md and the perplexity-vs-length plot out_dir/compare_perplexity.png.
     ValueError (one line) for an empty list, a missing workdir or one without results."""
     results = _collect(workdirs)
     labels = unique_labels(results)
     markdown = comparison_markdown(results, labels)
-    os.makedirs(out_dir, exist_ok=True)
-    _save(perplexity_figure(results, labels=labels), os.path.join(out_dir, COMPARE_PNG))
-    with open(os.path.join(out_dir, COMPARE_MD), "w") as f:
-        f.write(markdown)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        _save(perplexity_figure(results, labels=labels), os.path.join(out_dir, COMPARE_PNG))
+        with open(os.path.join(out_dir, COMPARE_MD), "w") as f:
+            f.write(markdown)
     return markdown
-
-
-# ------------------------------------------------------------------ command line
-def main(argv: list[str] | None = None) -> int:
-    """`summary <eval_dir>` (summary.md + plots) or `compare <workdirs...> --out <dir>`;
-    prints the markdown. Returns the exit status (2 with a one-line error for ValueError)."""
-    parser = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    summary = commands.add_parser("summary", help="summary.md and PNGs of one eval directory")
-    summary.add_argument("eval_dir")
-    comparison = commands.add_parser("compare", help="compare the results of workdirs")
-    comparison.add_argument("workdirs", nargs="+")
-    comparison.add_argument("--out", required=True, help="directory for compare.md / .png")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "summary":
-            write_plots(args.eval_dir)
-            print(write_summary(args.eval_dir))
-        else:
-            print(compare(args.workdirs, args.out))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

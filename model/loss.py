@@ -11,7 +11,7 @@ def token_loss_sums(graphdef, params, batch):
 
     batch: "tokens", "targets", "positions", "segment_ids" [b, l] int32 and "loss_mask"
     [b, l] float, each target's loss weight (0 on padding, 1 on an ordinary target; see
-    train/data.py). Their ratio is the mean loss. Returns two float32 scalars.
+    data/packing.py). Their ratio is the mean loss. Returns two float32 scalars.
     """
     model = nnx.merge(graphdef, params)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [b, l, vocab]

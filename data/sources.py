@@ -1,0 +1,194 @@
+"""Document sources: the text of every document of a split, in a fixed order.
+
+Sources (`data.source`): "stdlib" (the interpreter's standard-library *.py files), "text"
+(one document per file), "jsonl" (one per line, field `data.text_field`), "parquet" (one per
+row, column `data.text_field`). `data.path` is a file or a glob; .gz files are read
+gunzipped. A document is held out for validation by a stable hash of its identity.
+"""
+from __future__ import annotations
+
+import glob as glob_lib
+import gzip
+import hashlib
+import json
+import logging
+import os
+import sysconfig
+from typing import Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation")
+
+
+SOURCES = ("stdlib", "text", "jsonl", "parquet")
+
+
+class DocumentList(list):
+    """The document texts of a split (a plain list of str), plus `skipped_files`: the files
+    of that split that were not valid UTF-8 and were left out."""
+
+    def __init__(self, texts: Sequence[str] = (), skipped_files: Sequence[str] = ()):
+        super().__init__(texts)
+        self.skipped_files = list(skipped_files)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files)
+
+
+def in_validation(identity: str, validation_percent: int) -> bool:
+    """Whether the document named `identity` is held out: a stable hash (not Python's
+    salted hash()) of the name, taken modulo 100, is below validation_percent."""
+    digest = hashlib.sha256(identity.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < validation_percent
+
+
+def _wanted(identity: str, split: str, validation_percent: int) -> bool:
+    return in_validation(identity, validation_percent) == (split == "validation")
+
+
+def _stdlib_files() -> list[tuple[str, str]]:
+    """(absolute path, relative path) of the interpreter's standard-library *.py files,
+    sorted by relative path, without site-packages / dist-packages."""
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages")]
+        for name in names:
+            if name.endswith(".py"):
+                path = os.path.join(directory, name)
+                files.append((path, os.path.relpath(path, root).replace(os.sep, "/")))
+    return sorted(files, key=lambda f: f[1])
+
+
+def _glob_root(pattern: str) -> str:
+    """The directory part of `pattern` before its first wildcard: names are made relative
+    to it, so the split does not depend on where the corpus lies on disk."""
+    parts = pattern.split(os.sep)
+    for i, part in enumerate(parts):
+        if glob_lib.has_magic(part):
+            return os.sep.join(parts[:i]) or "."
+    return os.path.dirname(pattern) or "."
+
+
+def _matched_files(pattern: str) -> list[tuple[str, str]]:
+    """(path, name relative to the glob's root) of the files `pattern` matches, sorted.
+    Raises when the pattern is empty, names a missing file or matches nothing."""
+    if not pattern:
+        raise ValueError("data.path is empty: give a file or a glob of files")
+    if not glob_lib.has_magic(pattern):
+        if os.path.isdir(pattern):
+            raise ValueError(f"data.path {pattern!r} is a directory: give a glob such as "
+                             f"'{os.path.join(pattern, '**', '*.txt')}'")
+        if not os.path.isfile(pattern):
+            raise FileNotFoundError(f"data.path: no such file {pattern!r}")
+    paths = sorted(p for p in glob_lib.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not paths:
+        raise FileNotFoundError(f"data.path: the glob {pattern!r} matches no file")
+    root = _glob_root(pattern)
+    return sorted(((p, os.path.relpath(p, root).replace(os.sep, "/")) for p in paths),
+                  key=lambda f: f[1])
+
+
+def _read_utf8(path: str) -> str | None:
+    """The file's text (gunzipped if it ends in .gz), or None if it is not valid UTF-8."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _jsonl_texts(path: str, name: str, text: str, field: str) -> Iterator[tuple[str, str]]:
+    """(identity "name:line", text) of each non-blank line of a JSONL file."""
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or field not in record:
+            raise ValueError(f"{path}:{line_number}: no field {field!r} (data.text_field)")
+        value = record[field]
+        if not isinstance(value, str):
+            raise ValueError(f"{path}:{line_number}: field {field!r} is "
+                             f"{type(value).__name__}, not a string")
+        yield f"{name}:{line_number}", value
+
+
+def _parquet_texts(path: str, name: str, field: str) -> Iterator[tuple[str, str]]:
+    """(identity "name:row", text) of each row of a Parquet file (rows from 0; nulls are
+    empty documents)."""
+    import pyarrow.parquet as pq
+    parquet_file = pq.ParquetFile(path)
+    if field not in parquet_file.schema_arrow.names:
+        raise ValueError(f"{path}: no column {field!r} (data.text_field); columns: "
+                         f"{', '.join(parquet_file.schema_arrow.names)}")
+    column = parquet_file.read(columns=[field]).column(field).to_pylist()
+    for row, value in enumerate(column):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{path}: row {row} of column {field!r} is "
+                             f"{type(value).__name__}, not a string")
+        yield f"{name}:{row}", value or ""
+
+
+def list_documents(data_config, split: str) -> DocumentList:
+    """The document texts of `split` ("train" or "validation") of the configured source, in
+    a deterministic order (files sorted by relative path, rows in file order).
+
+    A document goes to validation when a hash of its identity (relative path of a file;
+    "path:line" of a JSONL line, "path:row" of a Parquet row) modulo 100 is below
+    data_config.validation_percent. Files that are not valid UTF-8 are left out, counted in
+    the result's `skipped_files` and logged as a warning. Raises ValueError or
+    FileNotFoundError, with one line naming the problem, for an unknown source, a missing
+    path, a glob that matches nothing, malformed JSONL, a missing column/field, or a split
+    without documents (including one whose every file failed to decode).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    source = data_config.source
+    percent = data_config.validation_percent
+    field = data_config.text_field
+    if source == "stdlib":
+        files = _stdlib_files()
+    elif source in ("text", "jsonl", "parquet"):
+        files = _matched_files(data_config.path)
+    else:
+        raise ValueError(f"data.source {source!r} is not one of {', '.join(SOURCES)}")
+
+    texts, skipped = [], []
+    for path, name in files:
+        if source in ("stdlib", "text"):
+            if not _wanted(name, split, percent):
+                continue
+            text = _read_utf8(path)
+            if text is None:
+                skipped.append(path)
+            else:
+                texts.append(text)
+        elif source == "jsonl":
+            text = _read_utf8(path)
+            if text is None:
+                skipped.append(path)
+                continue
+            texts.extend(t for identity, t in _jsonl_texts(path, name, text, field)
+                         if _wanted(identity, split, percent))
+        else:
+            texts.extend(t for identity, t in _parquet_texts(path, name, field)
+                         if _wanted(identity, split, percent))
+
+    where = "the standard library" if source == "stdlib" else repr(data_config.path)
+    if skipped:
+        log.warning("data: skipped %d file(s) of %s (%s split) that are not valid UTF-8, "
+                    "e.g. %s", len(skipped), where, split, skipped[0])
+    if not texts:
+        if skipped:
+            raise ValueError(f"data: every file of the {split} split of {where} "
+                             f"({len(skipped)}) failed to decode as UTF-8")
+        raise ValueError(f"data: {source} source {where} has no documents in the {split} "
+                         f"split (validation_percent={percent})")
+    return DocumentList(texts, skipped)

@@ -1,0 +1,84 @@
+"""Tokenizers: bytes, SentencePiece (*.model) and Hugging Face tokenizers (tokenizer.json).
+
+Every tokenizer has `vocab_size`, `encode(text) -> int32 ids` (no BOS/EOS added) and
+`decode(ids) -> text`; `make_tokenizer(spec)` builds one from the `data.tokenizer` key.
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> np.ndarray:
+        """int32 ids of `text`, no BOS/EOS added."""
+
+    def decode(self, ids) -> str:
+        """Text of a sequence of ids."""
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, lossless on any text."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() > 255):
+            raise ValueError(f"byte tokenizer: ids must lie in [0, 255], got "
+                             f"[{ids.min()}, {ids.max()}]")
+        return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model file (*.model)."""
+
+    def __init__(self, path: str):
+        import sentencepiece
+        self.path = path
+        self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        self.vocab_size = int(self._processor.get_piece_size())
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._processor.encode(text), dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizers` file (tokenizer.json); special tokens are not added."""
+
+    def __init__(self, path: str):
+        import tokenizers
+        self.path = path
+        self._tokenizer = tokenizers.Tokenizer.from_file(path)
+        self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+        return self._tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def make_tokenizer(spec: str) -> Tokenizer:
+    """"bytes", a SentencePiece "*.model" file or a Hugging Face "*.json" tokenizer file."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec.endswith(".model") or spec.endswith(".json"):
+        if not os.path.isfile(spec):
+            raise FileNotFoundError(f"data.tokenizer: no tokenizer file {spec!r}")
+        return SentencePieceTokenizer(spec) if spec.endswith(".model") else HuggingFaceTokenizer(spec)
+    raise ValueError(f"data.tokenizer {spec!r}: expected 'bytes', a SentencePiece '.model' "
+                     "file or a Hugging Face tokenizer '.json' file")

@@ -1,0 +1,92 @@
+"""Evaluation rows of the validation split: same-target windows and sliding windows.
+
+Rows are dicts of [n, L] numpy arrays in the training rows' format (data/packing.py),
+with positions 0 .. L-1 in each row; padding rows and tails have segment 0 and no loss.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from data.sources import list_documents
+
+
+def validation_documents(data_config, tokenizer) -> list[np.ndarray]:
+    """The validation split as int64 token arrays, in order."""
+    return [np.asarray(tokenizer.encode(text), np.int64)
+            for text in list_documents(data_config, "validation")]
+
+
+def _rows(tokens, targets, loss_mask, segment_ids=None):
+    """A dict of [n, L] rows with positions 0..L-1 (row-wise) from stacked inputs."""
+    n, length = tokens.shape
+    if segment_ids is None:
+        segment_ids = np.ones((n, length), np.int32)
+    positions = np.where(segment_ids > 0, np.arange(length, dtype=np.int32)[None], 0)
+    return {"tokens": tokens.astype(np.int32), "targets": targets.astype(np.int32),
+            "positions": positions.astype(np.int32), "segment_ids": segment_ids.astype(np.int32),
+            "loss_mask": loss_mask.astype(np.float32)}
+
+
+def same_target_windows(documents, lengths, score_tokens: int, max_windows: int) -> dict:
+    """{L: rows [n, L]} ending at each document's end; the last `score_tokens` targets scored.
+
+    Uses the documents (int token arrays) with at least max(lengths) + 1 tokens, at most
+    `max_windows` of them (0: all). Raises ValueError if there is none.
+    """
+    longest = max(lengths)
+    usable = [d for d in documents if len(d) >= longest + 1]
+    if max_windows:
+        usable = usable[:max_windows]
+    if not usable:
+        raise ValueError(f"no validation document has {longest + 1} tokens, which the "
+                         f"longest evaluation length {longest} needs; lower eval.lengths")
+    if not 0 < score_tokens <= min(lengths):
+        raise ValueError(f"eval.score_tokens ({score_tokens}) must be in 1..{min(lengths)}")
+    windows = {}
+    for length in lengths:
+        tokens = np.stack([d[len(d) - 1 - length:len(d) - 1] for d in usable])   # [n, L]
+        targets = np.stack([d[len(d) - length:] for d in usable])
+        loss_mask = np.zeros(tokens.shape, np.float32)
+        loss_mask[:, -score_tokens:] = 1.0
+        windows[length] = _rows(tokens, targets, loss_mask)
+    return windows
+
+
+def sliding_windows(documents, length: int, stride: int, max_windows: int) -> dict:
+    """Rows [n, length] of the sliding-window protocol (stride `stride`); each window scores
+    only targets no earlier window scored. Short tails are padded (segment 0, no loss)."""
+    tokens, targets, masks, segments = [], [], [], []
+    for doc in documents:
+        inputs_end = len(doc) - 1                        # inputs are doc[:-1], targets doc[1:]
+        scored_until = 0
+        for begin in range(0, max(inputs_end, 1), stride):
+            end = min(begin + length, inputs_end)
+            n = end - begin
+            row = np.zeros((4, length), np.int64)
+            row[0, :n], row[1, :n] = doc[begin:end], doc[begin + 1:end + 1]
+            row[2, :n] = np.arange(begin, end) >= scored_until
+            row[3, :n] = 1
+            tokens.append(row[0]); targets.append(row[1]); masks.append(row[2]); segments.append(row[3])
+            scored_until = end
+            if end == inputs_end or (max_windows and len(tokens) >= max_windows):
+                break
+        if max_windows and len(tokens) >= max_windows:
+            break
+    if not tokens:
+        raise ValueError("the validation split has no document with 2 tokens")
+    return _rows(np.stack(tokens), np.stack(targets), np.stack(masks).astype(np.float32),
+                 np.stack(segments))
+
+
+def batches_of(rows: dict, batch_size: int) -> list[dict]:
+    """Split [n, L] rows into batches of `batch_size`; the last is padded with empty rows."""
+    n = len(rows["tokens"])
+    out = []
+    for start in range(0, n, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+        missing = batch_size - len(batch["tokens"])
+        if missing:
+            batch = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+                     for k, v in batch.items()}
+        out.append(batch)
+    return out

@@ -1,0 +1,74 @@
+"""Per-token scores of host batches on a mesh: the one jitted scoring function, the
+Scorer that moves batches on and scores off the mesh, and its compiled memory.
+
+`run` is the trainer's Run (train/state.py), read for .mesh, .graphdef, .config.mesh.layout
+and .state_shardings["params"]; nothing here imports train/.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from model.loss import token_scores
+from parallel import layout as layout_lib
+from parallel import mesh as mesh_lib
+
+
+def score_function(run):
+    """jit((params, batch) -> (nll, is_argmax)) on run's mesh, weights gathered for compute
+    like the train step (parallel.mesh.compute_shardings)."""
+    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
+    return jax.jit(lambda p, b: token_scores(
+        run.graphdef, jax.lax.with_sharding_constraint(p, gathered), b))
+
+
+class Scorer:
+    """Per-token scores of global host batches on `run`'s mesh, back on the host in the
+    original token order. One compiled function per shape."""
+
+    def __init__(self, run, params):
+        self.run, self.params = run, params
+        self._score = score_function(run)
+
+    def __call__(self, batch: dict):
+        run = self.run
+        rows, length = batch["tokens"].shape
+        seq = run.mesh.shape["seq"]
+        layout = run.config.mesh.layout
+        _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows, length)
+        local = {k: v[offset:offset + local_rows] for k, v in batch.items()}
+        local = layout_lib.apply_layout(local, layout, seq)
+        device_batch = mesh_lib.host_batch_to_global(local, run.mesh, rows, row_offset=offset)
+        with mesh_lib.use_mesh(run.mesh):
+            nll, is_argmax = self._score(self.params, device_batch)
+        nll, is_argmax = multihost_utils.process_allgather((nll, is_argmax), tiled=True)
+        if layout == "zigzag" and seq > 1:
+            restored = layout_lib.from_zigzag({"nll": np.asarray(nll), "hit": np.asarray(is_argmax)}, seq)
+            nll, is_argmax = restored["nll"], restored["hit"]
+        return np.asarray(nll, np.float64), np.asarray(is_argmax)
+
+
+def scoring_bytes(run, abstract_params, rows: int, length: int) -> int:
+    """Bytes one device holds while scoring a [rows, length] batch on run's mesh (arguments
+    + outputs + temporaries - aliased, from compile().memory_analysis())."""
+    sharding = mesh_lib.batch_sharding(run.mesh)
+    batch = {key: jax.ShapeDtypeStruct((rows, length), dtype, sharding=sharding)
+             for key, dtype in (("tokens", np.int32), ("targets", np.int32),
+                                ("positions", np.int32), ("segment_ids", np.int32),
+                                ("loss_mask", np.float32))}
+    with mesh_lib.use_mesh(run.mesh):
+        analysis = score_function(run).lower(abstract_params, batch).compile().memory_analysis()
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+               + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+
+
+def memory_fits(run, abstract_params, rows: int, budget: int):
+    """fits(length) for default_top_length: True, or why the scoring does not fit."""
+    def fits(length: int):
+        needed = scoring_bytes(run, abstract_params, rows, length)
+        if needed <= budget:
+            return True
+        return (f"scoring [{rows}, {length}] needs {needed / 2**20:.0f} MiB per device, "
+                f"over the budget of {budget / 2**20:.0f} MiB")
+    return fits

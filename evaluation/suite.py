@@ -1,0 +1,181 @@
+"""The evaluation suite of a config: build its batches once, score a checkpoint, write
+eval[/<name>]/ (perplexity_by_length.json/.csv, retrieval.json, PNGs, summary.md).
+
+`run` is the trainer's Run (train/state.py), read for .config, .model_config, .mesh,
+.graphdef and .state_shardings; nothing here imports train/.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from data import retrieval_tasks
+from data.windows import batches_of, same_target_windows, sliding_windows, validation_documents
+from evaluation import lengths as lengths_lib
+from evaluation import perplexity, report
+from evaluation import retrieval as retrieval_lib
+from evaluation.progress import Progress
+from evaluation.scoring import Scorer, memory_fits
+
+DEPTHS = tuple(i / 10 for i in range(11))   # 0%, 10%, ..., 100%
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Host-side batches (global rows), built once and reused at every evaluation."""
+    lengths: list[int]                       # evaluable lengths
+    not_evaluable: dict[str, str]
+    windows: dict[int, list[dict]]           # same-target batches per length
+    sliding: dict[int, list[dict]]           # sliding-window batches per length
+    retrieval: dict[str, tuple[list, dict[int, list[dict]]]]  # task -> (samples, batches per length)
+    retrieval_not_evaluable: dict[str, str]
+
+    def batch_count(self) -> int:
+        """Batches `evaluate` scores (the loss-by-position pass rescoring the longest
+        windows included)."""
+        count = sum(len(b) for b in self.windows.values())
+        if self.sliding:
+            count += sum(len(b) for b in self.sliding.values())
+            count += len(self.windows[max(self.lengths)])
+        return count + sum(len(b) for _, by_length in self.retrieval.values()
+                           for b in by_length.values())
+
+
+def build_eval_data(config, model_config, tokenizer, *, top_length: int | None = None,
+                    documents=None) -> EvalData:
+    """The evaluation batches for `config.eval`. top_length: the probed longest default
+    length (lengths.evaluation_lengths); documents: validation_documents, if already read."""
+    e = config.eval
+    lengths = lengths_lib.evaluation_lengths(config, top_length)
+    not_evaluable = {str(L): r for L in lengths if (r := lengths_lib.evaluable(model_config, L))}
+    lengths = [L for L in lengths if str(L) not in not_evaluable]
+    if documents is None:
+        documents = validation_documents(config.data, tokenizer)
+    windows, sliding = {}, {}
+    if lengths:
+        score_tokens = e.score_tokens or min(lengths)
+        rows = same_target_windows(documents, lengths, score_tokens, e.max_batches * e.batch_size)
+        windows = {L: batches_of(r, e.batch_size) for L, r in rows.items()}
+        if e.sliding_stride:
+            for L in lengths:
+                r = sliding_windows(documents, L, min(e.sliding_stride, L), e.sliding_max_windows)
+                sliding[L] = batches_of(r, e.batch_size)
+    retrieval, retrieval_not_evaluable = {}, {}
+    if e.retrieval_tasks:
+        r_lengths = sorted(e.retrieval_lengths or lengths)
+        retrieval_not_evaluable = {str(L): r for L in r_lengths if (r := lengths_lib.evaluable(model_config, L))}
+        r_lengths = [L for L in r_lengths if str(L) not in retrieval_not_evaluable]
+        for task in e.retrieval_tasks:
+            samples = retrieval_tasks.make_grid(task, tokenizer, lengths=r_lengths, depths=DEPTHS,
+                                              samples_per_cell=e.retrieval_samples, seed=config.seed)
+            by_length = {L: batches_of(retrieval_lib.teacher_forced_batch(
+                [s for s in samples if s.length == L], L), e.batch_size) for L in r_lengths}
+            retrieval[task] = (samples, by_length)
+    return EvalData(lengths, not_evaluable, windows, sliding, retrieval, retrieval_not_evaluable)
+
+
+def prepare(config, run, abstract_params) -> EvalData:
+    """build_eval_data for `run` (the eval level's). With eval.lengths unset, the longest
+    default length is probed against the memory of run's mesh (compiling the scoring step
+    at doubling lengths with `abstract_params`) and printed with why it stopped."""
+    documents = validation_documents(config.data, run.tokenizer)
+    top = None
+    if not config.eval.lengths:
+        e = config.eval
+        budget, source = lengths_lib.memory_budget_bytes(list(run.mesh.devices.flat),
+                                                         e.memory_budget_mib)
+        found = lengths_lib.default_top_length(
+            config.curriculum.l_max, [len(d) for d in documents], rows=e.batch_size,
+            max_length=e.max_length, fits=memory_fits(run, abstract_params, e.batch_size, budget))
+        top = found.length
+        if jax.process_count() > 1:   # host memory may differ: every process takes process 0's
+            from jax.experimental import multihost_utils
+            top = int(multihost_utils.broadcast_one_to_all(np.int64(top)))
+        if jax.process_index() == 0:
+            print(f"eval lengths up to {top} ({found.reason}; memory budget "
+                  f"{budget / 2**20:.0f} MiB per device from {source})", flush=True)
+    return build_eval_data(config, run.model_config, run.tokenizer, top_length=top,
+                           documents=documents)
+
+
+def perplexity_only(data: EvalData) -> EvalData:
+    """`data` without the sliding-window and retrieval batches: what the periodic
+    evaluations during training (eval.every_steps) run; the final one runs everything."""
+    return dataclasses.replace(data, sliding={}, retrieval={})
+
+
+def evaluate(run, params, data: EvalData, *, step: int | None = None, name: str = "") -> dict:
+    """Score `params` on every evaluation in `data`: {"perplexity_by_length": {...},
+    "retrieval": {...} or None}."""
+    scorer = Scorer(run, params)
+    progress = Progress(data.batch_count(), "eval")
+    mc = run.model_config
+    result = {"name": name, "step": step, "l_max": mc.l_max, "position": mc.position,
+              "rope_theta": mc.rope_theta, "rope_scaling": mc.rope_scaling,
+              **perplexity.same_target_perplexity(scorer, data.windows, progress, mc.vocab_size),
+              "not_evaluable": dict(data.not_evaluable)}
+    if data.sliding:
+        result["sliding_window"] = perplexity.sliding_window_perplexity(
+            scorer, data.sliding, run.config.eval.sliding_stride, progress)
+        result["loss_by_position"] = perplexity.loss_by_position(
+            scorer, data.windows[max(data.lengths)], progress)
+    retrieval = None
+    if data.retrieval:
+        threshold = run.config.eval.retrieval_threshold
+        retrieval = {"threshold": threshold,
+                     "tasks": retrieval_lib.score_grids(scorer, data.retrieval, threshold, progress),
+                     "not_evaluable": dict(data.retrieval_not_evaluable)}
+    return {"perplexity_by_length": result, "retrieval": retrieval}
+
+
+def scalars(outcome: dict) -> dict[str, float]:
+    """Flat scalars for metrics.jsonl / TensorBoard."""
+    result = outcome["perplexity_by_length"]
+    out = {}
+    for length, ppl, loss in zip(result["lengths"], result["perplexity"], result["loss"]):
+        out[f"perplexity_{length}"] = ppl
+        out[f"loss_{length}"] = loss
+    sliding = result.get("sliding_window")
+    if sliding:
+        for length, ppl in zip(sliding["lengths"], sliding["perplexity"]):
+            out[f"sliding_perplexity_{length}"] = ppl
+    for task, grid in ((outcome.get("retrieval") or {}).get("tasks") or {}).items():
+        for length, accuracy in zip(grid["lengths"], grid["length_accuracy"]):
+            out[f"retrieval_{task}_{length}"] = accuracy
+        if grid["k_max"] is not None:
+            out[f"retrieval_{task}_k_max"] = grid["k_max"]
+    return out
+
+
+def eval_directory(workdir: str, name: str = "") -> str:
+    return os.path.join(workdir, "eval", name) if name else os.path.join(workdir, "eval")
+
+
+def write_results(outcome: dict, eval_dir: str, is_writer: bool = True) -> None:
+    """perplexity_by_length.json/.csv, retrieval.json, PNG plots and summary.md."""
+    if not is_writer:
+        return
+    os.makedirs(eval_dir, exist_ok=True)
+    result = outcome["perplexity_by_length"]
+    with open(os.path.join(eval_dir, "perplexity_by_length.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    window = result.get("sliding_window") or {}
+    sliding = dict(zip(window.get("lengths", []), window.get("perplexity", [])))
+    with open(os.path.join(eval_dir, "perplexity_by_length.csv"), "w", newline="") as f:
+        table = csv.writer(f)
+        table.writerow(["length", "loss", "perplexity", "sliding_window_perplexity",
+                        "unigram_perplexity", "target_tokens"])
+        for row in zip(result["lengths"], result["loss"], result["perplexity"],
+                       [sliding.get(L, "") for L in result["lengths"]],
+                       result["unigram_perplexity"], result["target_tokens"]):
+            table.writerow(row)
+    if outcome.get("retrieval"):
+        with open(os.path.join(eval_dir, "retrieval.json"), "w") as f:
+            json.dump(outcome["retrieval"], f, indent=2)
+    report.write_plots(eval_dir)
+    report.write_summary(eval_dir)

@@ -1,0 +1,223 @@
+"""The blockwise attention kernel: memory linear in length, with its own backward pass.
+
+Forward: online softmax over key blocks (Milakov & Gimelshein 2018), keeping a running max
+and denominator per query row. Backward: the FlashAttention-2 scheme (Dao 2023),
+recomputing probabilities block by block from the saved log-sum-exp. `blockwise_forward`
+and `blockwise_backward` take one query chunk against one key/value chunk with positions
+for each, so ring attention (parallel/ring_attention.py) reuses them at every hop.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.masking import (MASKED, attention_mask, check_shapes, default_positions_and_segments,
+                           group_queries)
+
+
+# Blocks are read and written in place with dynamic slices along the length axis, so no
+# blocked copy of q, k, v or of the gradients is ever made.
+def _check_block(length: int, block: int, name: str) -> None:
+    if length % block:
+        raise ValueError(f"{name} length {length} is not a multiple of its block size {block}")
+
+
+def _block(x, index, size: int):
+    """Block `index` of `size` tokens along the length axis (axis 1)."""
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
+
+
+def _put_block(x, part, index, size: int):
+    return jax.lax.dynamic_update_slice_in_dim(x, part, index * size, axis=1)
+
+
+def fit_block(length: int, block: int) -> int:
+    """The block size used for a sequence: `block`, or the whole length if shorter."""
+    return min(block, length)
+
+
+def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
+                      block_q: int, block_k: int):
+    """Attention of one query chunk over one key/value chunk, in blocks.
+
+    Returns (out, lse, tiles): out [b, lq, q_heads, d] in float32, normalised over this
+    chunk's keys only; lse [b, lq, q_heads] float32, the log-sum-exp of the visible scores
+    (-inf for rows that see no key here, whose out is 0); tiles, an int32 count of the
+    (query block, key block) tiles actually computed. Two chunks' results merge with
+    `merge_partial_attention`. Tiles with no visible pair are skipped (`lax.cond`), not
+    computed and discarded.
+    """
+    b, lq, hq, d = q.shape
+    lk, kv_heads = k.shape[1], k.shape[2]
+    groups = hq // kv_heads
+    _check_block(lq, block_q, "query")
+    _check_block(lk, block_k, "key")
+    scale = 1.0 / np.sqrt(d)
+
+    def query_block(i, carry):
+        out, lse, tiles = carry
+        qb = group_queries(_block(q, i, block_q), kv_heads)             # [b, bq, hk, g, d]
+        qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)  # [b, bq]
+
+        def key_block(j, state):
+            kb, vb = _block(k, j, block_k), _block(v, j, block_k)       # [b, bk, hk, d]
+            mask = attention_mask(qpb, _block(k_pos, j, block_k), qsb,
+                                  _block(k_seg, j, block_k), causal)     # [b, bq, bk]
+
+            def compute(state):
+                acc, row_max, row_sum, tiles = state
+                # tiles in the matmul's natural layout [b, hk, g, bq, bk]: no relayout copy
+                s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb,
+                               preferred_element_type=jnp.float32) * scale
+                m = mask[:, None, None]                                  # [b, 1, 1, bq, bk]
+                s = jnp.where(m, s, MASKED)
+                new_max = jnp.maximum(row_max, s.max(axis=-1))          # [b, hk, g, bq]
+                correction = jnp.exp(row_max - new_max)
+                p = jnp.where(m, jnp.exp(s - new_max[..., None]), 0.0)
+                row_sum = row_sum * correction + p.sum(axis=-1)
+                acc = acc * correction[..., None] + jnp.einsum(
+                    "bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb,
+                    preferred_element_type=jnp.float32)                  # [b, hk, g, bq, d]
+                return acc, new_max, row_sum, tiles + 1
+
+            return jax.lax.cond(mask.any(), compute, lambda state: state, state)
+
+        rows = (b, kv_heads, groups, block_q)
+        state = (jnp.zeros(rows + (d,), jnp.float32), jnp.full(rows, MASKED, jnp.float32),
+                 jnp.zeros(rows, jnp.float32), tiles)
+        acc, row_max, row_sum, tiles = jax.lax.fori_loop(0, lk // block_k, key_block, state)
+        seen = row_sum > 0
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        out_b = jnp.where(seen[..., None], acc / safe_sum[..., None], 0.0)  # [b, hk, g, bq, d]
+        lse_b = jnp.where(seen, row_max + jnp.log(safe_sum), -jnp.inf)     # [b, hk, g, bq]
+        out_b = jnp.moveaxis(out_b, 3, 1).reshape(b, block_q, hq, d)
+        lse_b = jnp.moveaxis(lse_b, 3, 1).reshape(b, block_q, hq)
+        out = _put_block(out, out_b, i, block_q)
+        lse = _put_block(lse, lse_b, i, block_q)
+        return out, lse, tiles
+
+    init = (jnp.zeros((b, lq, hq, d), jnp.float32), jnp.zeros((b, lq, hq), jnp.float32),
+            jnp.zeros((), jnp.int32))
+    return jax.lax.fori_loop(0, lq // block_q, query_block, init)
+
+
+def merge_partial_attention(out_a, lse_a, out_b, lse_b):
+    """Combine attention over two disjoint key sets from their (out, lse) pairs.
+
+    out_* [b, l, h, d] float32 (each normalised over its own keys), lse_* [b, l, h].
+    Rows where both are -inf stay zero.
+    """
+    lse = jnp.logaddexp(lse_a, lse_b)
+    finite = jnp.isfinite(lse)
+    safe = jnp.where(finite, lse, 0.0)
+    weight_a = jnp.where(finite, jnp.exp(lse_a - safe), 0.0)[..., None]
+    weight_b = jnp.where(finite, jnp.exp(lse_b - safe), 0.0)[..., None]
+    return out_a * weight_a + out_b * weight_b, lse
+
+
+def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *,
+                       causal: bool, block_q: int, block_k: int, accumulators=None):
+    """Gradients of one query chunk's attention with respect to q and one key/value chunk.
+
+    lse [b, lq, hq] is the log-sum-exp over ALL keys the queries attend to (not just this
+    chunk) and delta [b, lq, hq] = sum(d_out * out, -1) with the final output, so the
+    contributions of several key chunks simply add up. `accumulators` (dq, dk, dv), float32
+    arrays shaped like q, k, v, are added to in place (zeros if None); returns the sums.
+    Loops over key blocks (outer) and query blocks (inner); masked-out tiles are skipped.
+    """
+    b, lq, hq, d = q.shape
+    lk, kv_heads = k.shape[1], k.shape[2]
+    groups = hq // kv_heads
+    _check_block(lq, block_q, "query")
+    _check_block(lk, block_k, "key")
+    scale = 1.0 / np.sqrt(d)
+    block_rows = (b, block_q, kv_heads, groups)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)                # rows seeing nothing: p = 0
+    if accumulators is None:
+        accumulators = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+                        jnp.zeros(v.shape, jnp.float32))
+    dq, dk, dv = accumulators
+
+    def key_block(j, carry):
+        dq, dk, dv = carry
+        kb, vb = _block(k, j, block_k), _block(v, j, block_k)           # [b, bk, hk, d]
+        kpb, ksb = _block(k_pos, j, block_k), _block(k_seg, j, block_k)
+
+        def query_block(i, inner):
+            qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)
+            mask = attention_mask(qpb, kpb, qsb, ksb, causal)            # [b, bq, bk]
+
+            def compute(inner):
+                dq, dk_j, dv_j = inner
+                qb = group_queries(_block(q, i, block_q), kv_heads)    # [b, bq, hk, g, d]
+                dob = group_queries(_block(d_out, i, block_q), kv_heads)
+                # row statistics as [b, hk, g, bq] to match the tile layout [b, hk, g, bq, bk]
+                lseb = jnp.moveaxis(_block(lse, i, block_q).reshape(block_rows), 1, 3)
+                deltab = jnp.moveaxis(_block(delta, i, block_q).reshape(block_rows), 1, 3)
+                s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb,
+                               preferred_element_type=jnp.float32) * scale
+                m = mask[:, None, None]                                  # [b, 1, 1, bq, bk]
+                p = jnp.where(m, jnp.exp(s - lseb[..., None]), 0.0)
+                dv_j = dv_j + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(dob.dtype), dob,
+                                         preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=jnp.float32)
+                ds = p * (dp - deltab[..., None]) * scale
+                dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(kb.dtype), kb,
+                                  preferred_element_type=jnp.float32)
+                dq_i = dq_i.reshape(b, block_q, hq, d)
+                dq = _put_block(dq, _block(dq, i, block_q) + dq_i, i, block_q)
+                dk_j = dk_j + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(qb.dtype), qb,
+                                         preferred_element_type=jnp.float32)
+                return dq, dk_j, dv_j
+
+            return jax.lax.cond(mask.any(), compute, lambda inner: inner, inner)
+
+        inner = (dq, _block(dk, j, block_k), _block(dv, j, block_k))
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, lq // block_q, query_block, inner)
+        return dq, _put_block(dk, dk_j, j, block_k), _put_block(dv, dv_j, j, block_k)
+
+    return jax.lax.fori_loop(0, lk // block_k, key_block, (dq, dk, dv))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q, k, v, positions, segment_ids, causal, block_q, block_k):
+    out, _, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
+                                  causal=causal, block_q=block_q, block_k=block_k)
+    return out.astype(q.dtype)
+
+
+def _blockwise_fwd(q, k, v, positions, segment_ids, causal, block_q, block_k):
+    out, lse, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
+                                    causal=causal, block_q=block_q, block_k=block_k)
+    out = out.astype(q.dtype)
+    return out, (q, k, v, positions, segment_ids, out, lse)
+
+
+def _blockwise_bwd(causal, block_q, block_k, residuals, d_out):
+    q, k, v, positions, segment_ids, out, lse = residuals
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    dq, dk, dv = blockwise_backward(
+        q, k, v, positions, positions, segment_ids, segment_ids, lse, d_out, delta,
+        causal=causal, block_q=block_q, block_k=block_k)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def blockwise_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
+                        block_q: int = 256, block_k: int = 256):
+    """Attention with memory linear in length: online softmax over key blocks.
+
+    Same contract as `dot_product_attention`. Saves only q, k, v, the output and the
+    per-row log-sum-exp for the backward pass. The length must be a multiple of the block
+    sizes (blocks longer than the sequence shrink to it).
+    """
+    check_shapes(q, k, v)
+    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    length = q.shape[1]
+    return _blockwise(q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32),
+                      bool(causal), fit_block(length, block_q), fit_block(length, block_k))

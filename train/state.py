@@ -1,0 +1,142 @@
+"""A run's static parts (mesh, model structure, optimizer, shardings) and its train state:
+created fresh in its shardings, described abstractly, or restored from a workdir.
+
+The train state is a pytree {"params": nnx.State, "opt_state": optax state} on the mesh;
+the model's structure (graphdef) is static and lives in the Run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import optax
+from flax import nnx
+
+from data.tokenizers import make_tokenizer
+from model.transformer import ModelConfig, Transformer
+from parallel import mesh as mesh_lib
+from train import checkpoint as checkpoint_lib
+from train.optimizer import make_optimizer
+
+
+@dataclasses.dataclass
+class Run:
+    """What a config resolves to on one mesh: the model's structure and the optimizer."""
+    config: Any
+    mesh: jax.sharding.Mesh
+    model_config: ModelConfig
+    tokenizer: Any
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    state_shardings: Any
+
+
+def attention_override(model_config: ModelConfig, mesh) -> Callable | None:
+    """Ring attention bound to the mesh when the config asks for it (else the model's own)."""
+    if model_config.attention != "ring":
+        return None
+    from parallel.ring_attention import make_ring_attention
+    return make_ring_attention(mesh, block_q=model_config.block_q, block_k=model_config.block_k)
+
+
+def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
+    """The mesh, model structure, optimizer and state shardings of `config` (already
+    validated: train/validate.py).
+
+    `level` (a curriculum Level) replaces the config's mesh and RoPE settings with that
+    level's; parameters have the same structure at every level, only their shardings and
+    the model's static settings (attention bound to the mesh, RoPE) differ.
+    """
+    tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
+    model_config = ModelConfig.from_config(config, tokenizer.vocab_size)
+    if model_config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
+                         f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+    mesh_sizes = config.mesh
+    if level is not None:
+        mesh_sizes = level.mesh_dict
+        model_config = dataclasses.replace(model_config, rope_theta=level.rope_theta,
+                                           rope_scaling_json=level.rope_scaling_json)
+    mesh = mesh_lib.make_mesh(mesh_sizes, devices)
+    if model_config.vocab_size % mesh.shape["tensor"]:
+        raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
+    attention_fn = attention_override(model_config, mesh)
+    with mesh_lib.use_mesh(mesh):
+        abstract_model = nnx.eval_shape(
+            lambda: Transformer(model_config, rngs=nnx.Rngs(0), attention_fn=attention_fn))
+        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        optimizer = make_optimizer(config.train, abstract_params)
+        param_shardings = jax.tree.map(
+            lambda spec: jax.sharding.NamedSharding(mesh, spec),
+            nnx.get_partition_spec(abstract_params),
+            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
+    return Run(config, mesh, model_config, tokenizer, graphdef, optimizer, state_shardings)
+
+
+def _state_factory(run: Run, seed: int) -> Callable[[], dict]:
+    """() -> a fresh train state of `run` (to jit into its shardings, or to eval_shape)."""
+    attention_fn = attention_override(run.model_config, run.mesh)
+
+    def create():
+        model = Transformer(run.model_config, rngs=nnx.Rngs(seed), attention_fn=attention_fn)
+        params = nnx.state(model, nnx.Param)
+        return {"params": params, "opt_state": run.optimizer.init(params)}
+
+    return create
+
+
+def init_state(run: Run, seed: int):
+    """Fresh parameters and optimizer state, created directly in their shardings."""
+    with mesh_lib.use_mesh(run.mesh):
+        return jax.jit(_state_factory(run, seed), out_shardings=run.state_shardings)()
+
+
+def abstract_state(run: Run):
+    """Shapes, dtypes and shardings of the train state, without allocating it."""
+    with mesh_lib.use_mesh(run.mesh):
+        shapes = jax.eval_shape(_state_factory(run, 0))
+    return jax.tree.map(
+        lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+        shapes, run.state_shardings)
+
+
+def check_same_model(meta: dict, run: Run, workdir: str) -> None:
+    """Raise unless the checkpoint metadata `meta` describes `run`'s parameters."""
+    saved = meta.get("model_config")
+    current = dataclasses.asdict(run.model_config)
+    # may change between levels, evaluations and fine-tuning runs
+    ignored = {"rope_theta", "rope_scaling_json", "attention", "block_q", "block_k", "remat",
+               "dtype"}
+    if run.model_config.position != "learned":
+        ignored.add("l_max")              # no parameter depends on it
+    differing = sorted(k for k in current if k not in ignored and saved and saved.get(k) != current[k])
+    if differing:
+        raise ValueError(f"{workdir} holds checkpoints of a different model (differs in "
+                         f"{', '.join(differing)}); use another --workdir")
+
+
+def restore_newest(workdir: str, run: Run, what: str):
+    """(state, meta) of the newest checkpoint in `workdir`, in `run`'s shardings; `what`
+    names the caller in the error when there is none."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False,
+                                               data_names=())
+    try:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
+        check_same_model(checkpointer.restore_meta(latest), run, workdir)
+        return checkpointer.restore(latest, abstract_state(run))
+    finally:
+        checkpointer.close()

@@ -1,0 +1,61 @@
+"""The jitted train step, and a host batch put onto the mesh in the configured layout."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from model.loss import token_loss_sums
+from parallel import layout as layout_lib
+from parallel import mesh as mesh_lib
+from train.optimizer import with_learning_rate
+
+
+def make_train_step(run, accum_steps: int):
+    """jit((state, batch, learning_rate) -> (state, metrics)) for `run` (train/state.py).
+
+    With accum_steps > 1 the batch's rows are split into that many micro-batches whose
+    gradient sums are added before one update; the result equals the full-batch step.
+    metrics: "loss" (the loss_mask-weighted mean), "grad_norm", "loss_weight".
+    """
+    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
+
+    def loss_sums(params, batch):
+        params = jax.lax.with_sharding_constraint(params, gathered)   # FSDP: gather weights
+        return token_loss_sums(run.graphdef, params, batch)
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def step(state, batch, learning_rate):
+        params = state["params"]
+        if accum_steps == 1:
+            (nll_sum, count), grads = grad_fn(params, batch)
+        else:
+            # micro-batch i takes rows i, i + accum, ... so each stays spread over devices
+            micro = jax.tree.map(
+                lambda x: jnp.swapaxes(x.reshape(-1, accum_steps, *x.shape[1:]), 0, 1), batch)
+
+            def accumulate(totals, micro_batch):
+                (nll, n), g = grad_fn(params, micro_batch)
+                return jax.tree.map(jnp.add, totals, (nll, n, g)), None
+
+            zeros = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (nll_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)
+        opt_state = with_learning_rate(state["opt_state"], learning_rate)
+        updates, opt_state = run.optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
+                   "loss_weight": count}
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
+
+
+def put_batch(batch, mesh, global_rows: int, layout: str):
+    """This process's host rows -> global arrays on the mesh, tokens in `layout` order
+    along the seq axis (targets were shifted before, so the permutation is safe)."""
+    _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows, batch["tokens"].shape[1])
+    batch = layout_lib.apply_layout(batch, layout, mesh.shape["seq"])
+    return mesh_lib.host_batch_to_global(batch, mesh, global_rows, row_offset=row_offset)

@@ -1,0 +1,62 @@
+"""Every check of a config that can fail before data is read or anything is compiled.
+
+`validate_config` runs once per run and returns the curriculum plan; each failure is a
+ValueError of one line naming the key. The plan checks its own keys (train/curriculum.py),
+the model its own (ModelConfig.validate); this module adds what ties them to a mesh.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from evaluation.lengths import evaluation_lengths
+from parallel import layout as layout_lib
+from parallel import mesh as mesh_lib
+from parallel.ring_attention import check_sequence_split
+from train import curriculum as curriculum_lib
+
+
+def validate_config(config, device_count: int | None = None) -> curriculum_lib.Plan:
+    """Raise ValueError for any setting that cannot work on `device_count` devices (default:
+    all); return the curriculum plan."""
+    device_count = jax.device_count() if device_count is None else device_count
+    if config.mesh.layout not in layout_lib.LAYOUTS:
+        raise ValueError(f"mesh.layout must be one of {layout_lib.LAYOUTS}, got {config.mesh.layout!r}")
+    if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
+        raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
+    sizes = mesh_lib.mesh_shape(config.mesh, device_count)      # the config's own mesh is valid
+    if sizes["seq"] > 1 and config.model.attention != "ring":
+        raise ValueError(f"mesh seq={sizes['seq']} splits the sequence: set "
+                         f"model.attention='ring'")
+    plan = curriculum_lib.make_plan(config, device_count)
+    for level in plan.levels:
+        check_weight_split(config.model, level.mesh_dict, f"curriculum level {level.index}")
+        check_length(level.seq_len, config, level.mesh_dict)
+    eval_sizes = curriculum_lib.eval_level(config, plan).mesh_dict   # evaluation's layout
+    row_groups = eval_sizes["data"] * eval_sizes["fsdp"]
+    if config.eval.batch_size % row_groups:
+        raise ValueError(f"eval.batch_size: batch of {config.eval.batch_size} rows is not a "
+                         f"multiple of mesh data x fsdp = {row_groups}")
+    for length in evaluation_lengths(config) + tuple(config.eval.retrieval_lengths or ()):
+        check_length(length, config, eval_sizes)
+    return plan
+
+
+def check_weight_split(model, sizes: dict, what: str) -> None:
+    """The model's weights must split over mesh `sizes`: heads and MLP width over tensor,
+    d_model over fsdp x seq."""
+    if model.q_heads % sizes["tensor"] or model.kv_heads % sizes["tensor"]:
+        raise ValueError(f"model.q_heads ({model.q_heads}) and model.kv_heads "
+                         f"({model.kv_heads}) must be multiples of mesh.tensor ({sizes['tensor']})")
+    if model.mlp_dim % sizes["tensor"]:
+        raise ValueError(f"model.mlp_dim ({model.mlp_dim}) must be a multiple of mesh.tensor")
+    weight_split = sizes["fsdp"] * sizes["seq"]
+    if model.d_model % weight_split:
+        raise ValueError(f"{what}: model.d_model ({model.d_model}) must be a multiple of mesh "
+                         f"fsdp x seq ({weight_split}), which shard the weights")
+
+
+def check_length(length: int, config, sizes: dict) -> None:
+    """A sequence of `length` tokens must split over mesh `sizes` and the attention blocks."""
+    check_sequence_split(length, sizes["seq"], config.model.block_q, config.model.block_k)
