@@ -6,39 +6,44 @@ l_max 1024 (1024 .. 8192), builds each level's Run twice:
   * relayout on (the default): the level's own mesh, devices moved from data to seq as the
     length grows (data 8 -> data 4 x seq 2 -> data 2 x seq 4 -> seq 8);
   * relayout off: every level keeps the config's mesh (data 8 x seq 1; ring attention on
-    seq 1 is the blockwise kernel). A level whose batch does not split over data x fsdp
-    cannot run that way: its cell says "n/a" with the reason from trainer.check_mesh.
+    seq 1 is the blockwise kernel). A level that cannot run that way (e.g. its batch does
+    not split over data x fsdp) says "n/a" with the reason: the ValueError that
+    train.curriculum.make_plan (batch split) or train.validate (weight and sequence
+    splits) raises for that level with relayout off.
 and reads `make_train_step(run, 1).lower(state, batch, lr).compile().memory_analysis()` on
 `jax.ShapeDtypeStruct` inputs (nothing is allocated). Total = temp + arguments + outputs,
 as in ring_memory.py (the donated state counts in arguments and in outputs).
 
 Prints a markdown table per l_max, a breakdown (train state / batch / temp), a one-line
 verdict on the target (relayout on: the last level's total within +-15% of the first
-level's) and writes a PNG.
+level's) and with --png writes a plot.
 
-    python benchmarks/curriculum_memory.py [--l_max 64,1024] [--levels 4] [--batch 32]
+    python -m benchmarks.curriculum_memory [--l_max 64,1024] [--levels 4] [--batch 32]
+                                           [--png PATH]
 """
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from attention_memory import MIB, RESULTS, _int_list, _memory, save_figure  # noqa: E402
+from benchmarks.common import (MIB, error_line, int_list, memory, pyplot,  # noqa: E402
+                               save_figure)
 from configs import curriculum_cpu  # noqa: E402
+from evaluation.tables import format_table  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from train import curriculum as curriculum_lib  # noqa: E402
-from train import trainer  # noqa: E402
+from train import state as state_lib  # noqa: E402
+from train import validate  # noqa: E402
+from train.step import make_train_step  # noqa: E402
 
 TOLERANCE = 0.15          # target: last level's total within +-15% of the first level's
 BATCH_FIELDS = {"tokens": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
@@ -57,8 +62,8 @@ def make_config(l_max: int, levels: int, batch: int, relayout: bool = True):
 
 def step_memory(config, level) -> dict:
     """Compiled per-device memory of the train step at `level` (its mesh, length, batch)."""
-    run = trainer.build_run(config, level=level)
-    state = trainer.abstract_state(run)
+    run = state_lib.build_run(config, level=level)
+    state = state_lib.abstract_state(run)
     rows = mesh_lib.batch_sharding(run.mesh)
     shape = (level.batch_size, level.seq_len)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
@@ -66,8 +71,8 @@ def step_memory(config, level) -> dict:
     learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
-        compiled = trainer.make_train_step(run, 1).lower(state, batch, learning_rate).compile()
-    out = _memory(compiled, time.time() - start)
+        compiled = make_train_step(run, 1).lower(state, batch, learning_rate).compile()
+    out = memory(compiled, time.time() - start)
     # what the arguments hold: the train state (params + optimizer) and this device's batch
     out["state"] = sum(_bytes(x.sharding.shard_shape(x.shape), x.dtype)
                        for x in jax.tree.leaves(state)) / MIB
@@ -84,11 +89,36 @@ def _bytes(shape, dtype) -> int:
     return n * jnp.dtype(dtype).itemsize
 
 
+_LEVEL_PREFIX = re.compile(r"^curriculum level \d+( \(length \d+\))?: ")
+
+
+def off_reason(config, level) -> str | None:
+    """Why `level` cannot run with relayout off (on the config's own mesh), or None.
+
+    The level alone is planned as a one-level curriculum (its length and batch, relayout
+    off), so train.curriculum.make_plan checks its batch split as for any level; then
+    train.validate checks the weight split and the sequence split on that mesh. The
+    reason is the ValueError's message, without make_plan's "curriculum level 0 (length
+    N): " prefix (the table's row names the level)."""
+    single = make_config(level.seq_len, 1, level.batch_size, relayout=False)
+    for key in ("lengths", "shares", "rope_thetas", "rope_scalings", "lr_multipliers"):
+        single.curriculum[key] = None
+    try:
+        (only,) = curriculum_lib.make_plan(single, jax.device_count()).levels
+        validate.check_weight_split(config.model, only.mesh_dict, "the config's mesh")
+        validate.check_length(level.seq_len, config, only.mesh_dict)
+    except ValueError as error:
+        return _LEVEL_PREFIX.sub("", str(error))
+    return None
+
+
 def measure(l_max: int, levels: int, batch: int) -> dict:
     """{"plan", "on": [cell per level], "off": [...], "off_plan_error", "off_mesh"}; a
-    cell is a memory dict or a string ("n/a: reason" / an error class name)."""
+    cell is a memory dict or a string ("n/a: reason" / an error class name). Every level
+    runs with relayout on (validate_config checked the plan); with relayout off a level
+    says n/a with the reason from off_reason."""
     config = make_config(l_max, levels, batch)
-    plan = trainer.validate_config(config)
+    plan = validate.validate_config(config)
     base = mesh_lib.mesh_shape(config.mesh, jax.device_count())
     off_mesh = tuple((axis, base[axis]) for axis in curriculum_lib.MESH_AXES)
     try:
@@ -102,11 +132,8 @@ def measure(l_max: int, levels: int, batch: int) -> dict:
     for level in plan.levels:
         for key, lvl in (("on", level), ("off", dataclasses.replace(level, mesh=off_mesh))):
             what = f"level {level.index} (length {level.seq_len}), relayout {key}"
-            try:
-                trainer.check_mesh(config, lvl.mesh_dict, lvl.batch_size, what)
-                trainer.check_length(lvl.seq_len, config, lvl.mesh_dict)
-            except ValueError as error:
-                reason = str(error).removeprefix(f"{what}: ")
+            reason = off_reason(config, level) if key == "off" else None
+            if reason is not None:
                 result[key].append(f"n/a: {reason}")
                 print(f"  l_max={l_max} {what}: n/a: {reason}", flush=True)
                 continue
@@ -118,8 +145,7 @@ def measure(l_max: int, levels: int, batch: int) -> dict:
                       f"{m['output']:.1f}) compiled in {m['compile_s']:.1f}s", flush=True)
             except Exception as error:  # noqa: BLE001 - the table shows what failed
                 result[key].append(f"{type(error).__name__}")
-                print(f"  l_max={l_max} {what}: {type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:200] if str(error) else ''}", flush=True)
+                print(f"  l_max={l_max} {what}: {error_line(error)}", flush=True)
     return result
 
 
@@ -133,34 +159,34 @@ def print_tables(l_max: int, result: dict) -> None:
     plan = result["plan"]
     print(f"\nl_max {l_max}: per-device compiled memory of the train step, MiB "
           f"(total = temp + arguments + outputs)")
-    print("| level | length | batch | mesh (relayout on) | on: total MiB | off: mesh | "
-          "off: total MiB |")
-    print("|---:|---:|---:|---|---:|---|---:|")
+    rows = []
     for level, on, off in zip(plan.levels, result["on"], result["off"]):
         on_mesh = on["mesh"] if isinstance(on, dict) else curriculum_lib.format_mesh(level.mesh)
         off_mesh = curriculum_lib.format_mesh(result["off_mesh"])
-        print(f"| {level.index} | {level.seq_len} | {level.batch_size} | {on_mesh} | "
-              f"{_total(on)} | {off_mesh} | {_total(off)} |")
+        rows.append([level.index, level.seq_len, level.batch_size, on_mesh, _total(on),
+                     off_mesh, _total(off)])
+    print(format_table(["level", "length", "batch", "mesh (relayout on)", "on: total MiB",
+                        "off: mesh", "off: total MiB"], rows))
     if result["off_plan_error"]:
         print(f"  relayout off, make_plan itself raises: {result['off_plan_error']}")
 
     print(f"\nl_max {l_max}: breakdown, MiB per device (state = params + optimizer "
           f"state; batch = this device's rows; arguments = state + batch; outputs = the new "
           f"state, aliased to the donated one, so resident = total - aliased)")
-    print("| level | relayout | mesh | rows x tokens per device | state | batch | temp | "
-          "outputs | total | resident | compile s |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
     for level, on, off in zip(plan.levels, result["on"], result["off"]):
         for key, cell in (("on", on), ("off", off)):
             if not isinstance(cell, dict):
                 continue
             mesh = dict(level.mesh if key == "on" else result["off_mesh"])
-            rows = level.batch_size // (mesh["data"] * mesh["fsdp"])
+            rows_per_device = level.batch_size // (mesh["data"] * mesh["fsdp"])
             local = level.seq_len // mesh["seq"]
-            print(f"| {level.index} | {key} | {cell['mesh']} | {rows} x {local} | "
-                  f"{cell['state']:.2f} | {cell['batch']:.3f} | {cell['temp']:.2f} | "
-                  f"{cell['output']:.2f} | {cell['total']:.2f} | {cell['total'] - cell['alias']:.2f} | "
-                  f"{cell['compile_s']:.1f} |")
+            rows.append([level.index, key, cell["mesh"], f"{rows_per_device} x {local}",
+                         f"{cell['state']:.2f}", f"{cell['batch']:.3f}", f"{cell['temp']:.2f}",
+                         f"{cell['output']:.2f}", f"{cell['total']:.2f}",
+                         f"{cell['total'] - cell['alias']:.2f}", f"{cell['compile_s']:.1f}"])
+    print(format_table(["level", "relayout", "mesh", "rows x tokens per device", "state",
+                        "batch", "temp", "outputs", "total", "resident", "compile s"], rows))
 
 
 def ratio_text(cells, key: str = "total") -> tuple[str, float | None]:
@@ -216,10 +242,7 @@ def verdict(l_max: int, result: dict) -> str:
 
 
 def plot(results: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(results), figsize=(6 * len(results), 4.4), squeeze=False)
     for ax, (l_max, result) in zip(axes[0], results.items()):
         lengths = [level.seq_len for level in result["plan"].levels]
         for key, style in (("on", "-"), ("off", "--")):
@@ -251,12 +274,15 @@ def plot(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--l_max", type=_int_list, default=[64, 1024],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.curriculum_memory",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--l_max", type=int_list, default=[64, 1024],
                         help="comma-separated curriculum.l_max values, one table each")
     parser.add_argument("--levels", type=int, default=4, help="curriculum.levels")
     parser.add_argument("--batch", type=int, default=32, help="train.batch_size (rows at l_max)")
-    parser.add_argument("--png", default=os.path.join(RESULTS, "curriculum_memory.png"))
+    parser.add_argument("--png", default=None,
+                        help="write the plot to this PNG (default: no plot; the README's is "
+                             "benchmarks/results/curriculum_memory.png)")
     args = parser.parse_args(argv)
     print(f"# curriculum memory: configs/curriculum_cpu.py, {args.levels} levels, batch "
           f"{args.batch} at l_max, on {jax.device_count()} simulated "
@@ -265,12 +291,13 @@ def main(argv=None) -> None:
     results = {}
     for l_max in args.l_max:
         config = make_config(l_max, args.levels, args.batch)
-        print(trainer.validate_config(config).format(), flush=True)
+        print(validate.validate_config(config).format(), flush=True)
         results[l_max] = measure(l_max, args.levels, args.batch)
     for l_max, result in results.items():
         print_tables(l_max, result)
-    plot(results, args.png)
-    print(f"\nwrote {args.png}")
+    if args.png:
+        plot(results, args.png)
+        print(f"\nwrote {args.png}")
     print(f"measured in {time.time() - start:.0f}s")
     print("verdict: " + "; ".join(verdict(l, r) for l, r in results.items()))
 

@@ -2,7 +2,8 @@
 corpus: validation perplexity at l_max, 2 l_max, 4 l_max and 8 l_max.
 
 Launches main.py twice on 8 simulated CPU devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=8, cwd = the repository):
+(XLA_FLAGS=--xla_force_host_platform_device_count=8, cwd = the repository, --workdir
+always given):
   * curriculum: configs/curriculum_cpu.py as it is (64 x 32 rows -> 128 x 16 -> 256 x 8 ->
     512 x 4, relayout data 8 -> seq 8; 50/25/12.5/12.5% of the steps);
   * fixed: the same config with --config.curriculum.levels=1 (64 tokens x 32 rows on
@@ -13,9 +14,10 @@ tokens from each run's metrics.jsonl and perplexities from eval/perplexity_by_le
 prints markdown tables (the runs: levels as logged, evaluation mesh = the last level's,
 steps, tokens, final loss, wall time; perplexity by length; sliding-window perplexity when
 the evaluation reports it) and a one-line summary computed from the numbers. Each run's
-output goes to <workdir>/<run>.log; existing runs are never overwritten.
+output goes to <workdir>/<run>.log; existing runs are never overwritten. Without
+--workdir the runs go to a fresh directory under the system's temp dir, not the repository.
 
-    python benchmarks/curriculum_vs_fixed.py [--steps 400] [--workdir workdirs/curriculum_vs_fixed]
+    python -m benchmarks.curriculum_vs_fixed [--steps 400] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.common import REPO, new_workdir
+from evaluation.tables import format_table
+
 CONFIG = "configs/curriculum_cpu.py"
 DEVICES = 8
 RUNS = (("fixed", ["--config.curriculum.levels=1"]), ("curriculum", []))
@@ -97,26 +101,30 @@ def summary(lengths, fixed: dict, curriculum: dict, l_max: int) -> str:
 def print_ratio_table(lengths, fixed: dict, curriculum: dict, unigram: dict | None = None):
     """A markdown table of fixed vs curriculum perplexity (and their ratio) by length, with
     a unigram-baseline column when `unigram` is given."""
-    print("| length | fixed l_max | curriculum | curriculum / fixed |"
-          + (" unigram baseline |" if unigram is not None else ""))
-    print("|---:|---:|---:|---:|" + ("---:|" if unigram is not None else ""))
+    header = ["length", "fixed l_max", "curriculum", "curriculum / fixed"]
+    if unigram is not None:
+        header.append("unigram baseline")
+    rows = []
     for length in lengths:
         f, c = fixed.get(length), curriculum.get(length)
         ratio = f"{c / f:.3f}" if f is not None and c is not None else "-"
-        extra = f" {_cell(unigram.get(length))} |" if unigram is not None else ""
-        print(f"| {length} | {_cell(f)} | {_cell(c)} | {ratio} |" + extra)
+        rows.append([length, _cell(f), _cell(c), ratio]
+                    + ([_cell(unigram.get(length))] if unigram is not None else []))
+    print(format_table(header, rows))
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.curriculum_vs_fixed",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=None,
                         help="train.steps of both runs (default: the config's, 400)")
-    parser.add_argument("--workdir", default="workdirs/curriculum_vs_fixed",
-                        help="parent directory of the two runs (relative to the repository)")
+    parser.add_argument("--workdir", default=None,
+                        help="parent directory of the two runs (default: a new directory "
+                             "boundless_curriculum_vs_fixed_* in the system's temp dir)")
     parser.add_argument("--lengths", default="64,128,256,512",
                         help="comma-separated evaluation lengths (l_max, 2, 4, 8 x l_max)")
     args = parser.parse_args(argv)
-    workdir = os.path.join(REPO, args.workdir) if not os.path.isabs(args.workdir) else args.workdir
+    workdir = os.path.abspath(args.workdir) if args.workdir else new_workdir("curriculum_vs_fixed")
     for name, _ in RUNS:
         for path in (os.path.join(workdir, name), os.path.join(workdir, name + ".log")):
             if os.path.exists(path):
@@ -132,13 +140,12 @@ def main(argv=None) -> None:
     l_max = lengths[0]
 
     print(f"\n{CONFIG} on {DEVICES} simulated CPU devices, {fixed['steps']} steps each")
-    print("| run | levels in metrics.jsonl (length x rows, mesh) | eval mesh | steps | tokens "
-          "| final train loss | wall time |")
-    print("|---|---|---|---:|---:|---:|---:|")
-    for name, r in results.items():
-        levels = ", ".join(f"{l} x {b} ({m})" for l, b, m in r["levels"])
-        print(f"| {name} | {levels} | {r['levels'][-1][2]} | {r['steps']} | {r['tokens']:,} | "
-              f"{r['final_loss']:.4f} | {r['wall_s']:.0f}s |")
+    print(format_table(
+        ["run", "levels in metrics.jsonl (length x rows, mesh)", "eval mesh", "steps", "tokens",
+         "final train loss", "wall time"],
+        [[name, ", ".join(f"{l} x {b} ({m})" for l, b, m in r["levels"]), r["levels"][-1][2],
+          r["steps"], f"{r['tokens']:,}", f"{r['final_loss']:.4f}", f"{r['wall_s']:.0f}s"]
+         for name, r in results.items()]))
     same = fixed["tokens"] == curriculum["tokens"]
     print(f"tokens: fixed {fixed['tokens']:,}, curriculum {curriculum['tokens']:,}: "
           f"{'equal' if same else 'DIFFERENT'}")

@@ -8,18 +8,16 @@ Two measurements, both from `jax.jit(f).lower(...).compile().memory_analysis()` 
   2. the full train step of configs/tiny.py at batch 1 with model.attention = "ring" and
      mesh.seq = seq (data = fsdp = tensor = 1). Total = temp + argument + output.
 Prints markdown tables, the longest length whose train step fits --budget_mib per seq, a
-one-line verdict on the targets, and writes a PNG.
+one-line verdict on the targets, and with --png writes a plot.
 
-    python benchmarks/ring_memory.py [--lengths 4096,...] [--seqs 1,2,4,8] [--budget_mib 512]
+    python -m benchmarks.ring_memory [--lengths 4096,...] [--seqs 1,2,4,8] [--budget_mib 512]
+                                     [--png PATH]
 """
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import time  # noqa: E402
@@ -28,7 +26,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from attention_memory import RESULTS, _int_list, _memory, save_figure, train_step_memory  # noqa: E402
+from benchmarks.common import (error_line, int_list, memory, pyplot, save_figure,  # noqa: E402
+                               train_step_memory)
+from evaluation.tables import format_table  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
 from parallel.ring_attention import ring_attention  # noqa: E402
 
@@ -46,7 +46,7 @@ def attention_memory(length: int, seq: int, heads: int = 4, head_dim: int = 64) 
                     argnums=(0, 1, 2))
     start = time.time()
     compiled = jax.jit(grad).lower(x, x, x).compile()
-    return _memory(compiled, time.time() - start)
+    return memory(compiled, time.time() - start)
 
 
 class Skipped(str):
@@ -73,8 +73,7 @@ def measure_grid(name: str, fn, lengths, seqs, max_compile_seconds: float) -> di
                     slow[seq] = (length, m["compile_s"])
             except Exception as error:  # noqa: BLE001 - the table shows what failed
                 cells[length, seq] = type(error).__name__
-                print(f"  {name} T={length:6d} seq={seq}: {type(error).__name__}: "
-                      f"{str(error).splitlines()[0][:200] if str(error) else ''}", flush=True)
+                print(f"  {name} T={length:6d} seq={seq}: {error_line(error)}", flush=True)
     return cells
 
 
@@ -88,12 +87,9 @@ def _fmt(cell, key: str, with_temp: bool = False) -> str:
 
 def print_table(title: str, cells, lengths, seqs, key: str, with_temp: bool = False) -> None:
     print(f"\n{title}")
-    header = ["T"] + [f"seq={s}" for s in seqs]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "|".join("---:" for _ in header) + "|")
-    for length in lengths:
-        print(f"| {length} | " + " | ".join(_fmt(cells[length, s], key, with_temp)
-                                           for s in seqs) + " |")
+    print(format_table(["T"] + [f"seq={s}" for s in seqs],
+                       [[str(length)] + [_fmt(cells[length, s], key, with_temp) for s in seqs]
+                        for length in lengths]))
     notes = sorted({str(c) for c in cells.values() if isinstance(c, Skipped)})
     for note in notes:
         cells_with = [f"T={l} seq={s}" for (l, s), c in cells.items() if str(c) == note]
@@ -112,10 +108,7 @@ def longest_fitting(cells, lengths, seq: int, budget: float):
 
 
 def plot(attention_cells, step_cells, lengths, seqs, budget, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = pyplot().subplots(1, 2, figsize=(12, 4.6))
     panels = [(axes[0], step_cells, "total", "full train step (configs/tiny.py, batch 1)",
                "per-device temp + arguments + outputs (MiB)", budget,
                f"budget {budget:.0f} MiB"),
@@ -142,10 +135,11 @@ def plot(attention_cells, step_cells, lengths, seqs, budget, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=_int_list, default=[4096 * 2 ** i for i in range(6)],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ring_memory",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int_list, default=[4096 * 2 ** i for i in range(6)],
                         help="comma-separated sequence lengths (default 4096..131072)")
-    parser.add_argument("--seqs", type=_int_list, default=[1, 2, 4, 8],
+    parser.add_argument("--seqs", type=int_list, default=[1, 2, 4, 8],
                         help="comma-separated sizes of the seq mesh axis")
     parser.add_argument("--budget_mib", type=float, default=512.0,
                         help="per-device memory budget for the full train step")
@@ -153,7 +147,9 @@ def main(argv=None) -> None:
                         help="once one compile for a seq takes longer, skip its longer lengths")
     parser.add_argument("--parts", default="attention,step",
                         help="which measurements to run: attention, step or both")
-    parser.add_argument("--png", default=os.path.join(RESULTS, "ring_memory.png"))
+    parser.add_argument("--png", default=None,
+                        help="write the plot to this PNG (default: no plot; the README's is "
+                             "benchmarks/results/ring_memory.png)")
     args = parser.parse_args(argv)
     lengths, seqs, budget = sorted(args.lengths), sorted(args.seqs), args.budget_mib
     parts = set(args.parts.split(","))
@@ -196,16 +192,17 @@ def main(argv=None) -> None:
                       f"arguments {measured[-1]['alias']:.1f} MiB)")
 
         print(f"\nlongest T whose train step fits {budget:.0f} MiB per device:")
-        print("| seq | longest T (+: limit not reached in the grid) | total MiB | x seq=1 |")
-        print("|---:|---:|---:|---:|")
         fits = {seq: longest_fitting(step_cells, lengths, seq, budget) for seq in seqs}
         base = fits[seqs[0]][0] if seqs[0] == 1 else None
+        rows = []
         for seq in seqs:
             best, open_above = fits[seq]
             total = f"{step_cells[best, seq]['total']:.1f}" if best else "-"
             ratio = f"{best / base:.1f}x" if best and base else "-"
             bound = "+" if best and open_above else ""
-            print(f"| {seq} | {best or 'none'}{bound} | {total} | {ratio} |")
+            rows.append([str(seq), f"{best or 'none'}{bound}", total, ratio])
+        print(format_table(["seq", "longest T (+: limit not reached in the grid)", "total MiB",
+                            "x seq=1"], rows))
         if 1 in fits and TARGET_SEQ in fits:
             lo, hi = fits[1][0], fits[TARGET_SEQ][0]
             if lo and hi:
@@ -224,7 +221,7 @@ def main(argv=None) -> None:
                                 f"{lo or 'no length'}, seq={TARGET_SEQ} fits "
                                 f"{hi or 'no length'} of the grid: ratio undefined")
 
-    if attention_cells is not None or step_cells is not None:
+    if args.png and (attention_cells is not None or step_cells is not None):
         empty = {(l, s): "-" for l in lengths for s in seqs}
         plot(attention_cells or empty, step_cells or empty, lengths, seqs, budget, args.png)
         print(f"\nwrote {args.png}")

@@ -68,11 +68,13 @@ def build_eval_data(config, model_config, tokenizer, *, top_length: int | None =
     retrieval, retrieval_not_evaluable = {}, {}
     if e.retrieval_tasks:
         r_lengths = sorted(e.retrieval_lengths or lengths)
-        retrieval_not_evaluable = {str(L): r for L in r_lengths if (r := lengths_lib.evaluable(model_config, L))}
+        retrieval_not_evaluable = {str(L): r for L in r_lengths
+                                   if (r := lengths_lib.evaluable(model_config, L))}
         r_lengths = [L for L in r_lengths if str(L) not in retrieval_not_evaluable]
         for task in e.retrieval_tasks:
-            samples = retrieval_tasks.make_grid(task, tokenizer, lengths=r_lengths, depths=DEPTHS,
-                                              samples_per_cell=e.retrieval_samples, seed=config.seed)
+            samples = retrieval_tasks.make_grid(task, tokenizer, lengths=r_lengths,
+                                                depths=DEPTHS, seed=config.seed,
+                                                samples_per_cell=e.retrieval_samples)
             by_length = {L: batches_of(retrieval_lib.teacher_forced_batch(
                 [s for s in samples if s.length == L], L), e.batch_size) for L in r_lengths}
             retrieval[task] = (samples, by_length)

@@ -1,0 +1,92 @@
+"""Helpers shared by the benchmark scripts (run each as `python -m benchmarks.NAME`).
+
+Nothing here imports jax at module level: a script that simulates devices sets
+`XLA_FLAGS` first and may import this module before or after that.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+MIB = 2 ** 20
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: "1024,2048" -> [1024, 2048]."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def new_workdir(name: str) -> str:
+    """A fresh, empty directory outside the repository for a benchmark's runs:
+    <system temp dir>/boundless_<name>_XXXXXX."""
+    return tempfile.mkdtemp(prefix=f"boundless_{name}_")
+
+
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """"ErrorClass: first line of the message" (cut to `limit` characters)."""
+    text = str(error).splitlines()[0][:limit] if str(error) else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def memory(compiled, seconds: float) -> dict:
+    """Per-device memory of a compiled XLA executable from its buffer assignment:
+    {"temp", "argument", "output", "alias", "total", "compile_s"} in MiB / seconds, with
+    total = temp + argument + output."""
+    m = compiled.memory_analysis()
+    out = {"temp": m.temp_size_in_bytes / MIB, "argument": m.argument_size_in_bytes / MIB,
+           "output": m.output_size_in_bytes / MIB, "alias": m.alias_size_in_bytes / MIB,
+           "compile_s": seconds}
+    out["total"] = out["temp"] + out["argument"] + out["output"]
+    return out
+
+
+def train_step_memory(attention: str, length: int, seq: int = 1) -> dict:
+    """Compiled per-device memory (see `memory`) of one train step of configs/tiny.py at
+    batch 1 with `model.attention = attention`, on a mesh seq x 1 over the first `seq`
+    devices (data = fsdp = tensor = 1). Inputs are abstract: nothing is allocated."""
+    import jax
+    import jax.numpy as jnp
+
+    from configs import tiny
+    from parallel import mesh as mesh_lib
+    from train import state as state_lib
+    from train.step import make_train_step
+
+    config = tiny.get_config()
+    config.model.attention = attention
+    config.curriculum.l_max = length
+    config.eval.lengths = None
+    config.train.batch_size = 1
+    config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, seq, 1
+    run = state_lib.build_run(config, devices=jax.devices()[:seq])
+    state = state_lib.abstract_state(run)
+    rows = mesh_lib.batch_sharding(run.mesh)
+    batch = {name: jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=rows)
+             for name in ("tokens", "targets", "positions", "segment_ids")}
+    batch["loss_mask"] = jax.ShapeDtypeStruct((1, length), jnp.float32, sharding=rows)
+    learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
+    start = time.time()
+    with mesh_lib.use_mesh(run.mesh):
+        compiled = make_train_step(run, 1).lower(state, batch, learning_rate).compile()
+    return memory(compiled, time.time() - start)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
