@@ -463,9 +463,8 @@ def summary_markdown(result: dict, retrieval: dict | None = None) -> str:
 
 def write_summary(eval_dir: str) -> str:
     """Read eval_dir/perplexity_by_length.json (and retrieval.json if present), write
-    eval_dir/summary.md and return its markdown: run metadata; a table length | perplexity |
-    unigram baseline | sliding-window perplexity | target tokens with one row per length
-    (not-evaluable rows carry their reason); the loss-by-position bucket table when present;
+    eval_dir/summary.md and return its markdown: run metadata; perplexity_table (one row
+    per length, not-evaluable rows with their reason); the loss-by-position bucket table when present;
     per retrieval task its k_max and a depth x length accuracy table.
     ValueError if perplexity_by_length.json is missing or malformed."""
     markdown = summary_markdown(load_result(eval_dir), load_retrieval(eval_dir))

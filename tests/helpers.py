@@ -1,6 +1,11 @@
-"""Shared test helpers: a small config that compiles and trains in seconds."""
+"""Shared test helpers: a small config that compiles and trains in seconds, readers of a
+run's files, random attention inputs, and a parser of the markdown tables the code prints."""
 import json
 import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from configs import tiny
 
@@ -40,3 +45,70 @@ def read_metrics(workdir):
 def train_losses(workdir):
     """{step: loss} of the training records in metrics.jsonl (eval records excluded)."""
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+# ------------------------------------------------------------------ attention inputs
+def random_qkv(seed, batch=2, length=64, q_heads=4, kv_heads=2, head_dim=16, dtype=jnp.float32):
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    q = jax.random.normal(kq, (batch, length, q_heads, head_dim), dtype)
+    k = jax.random.normal(kk, (batch, length, kv_heads, head_dim), dtype)
+    v = jax.random.normal(kv, (batch, length, kv_heads, head_dim), dtype)
+    return q, k, v
+
+
+def packed_segments(seed, batch, length, documents=4):
+    """Sorted random segment ids and positions restarting at 0 in each segment."""
+    rng = np.random.default_rng(seed)
+    segments = np.sort(rng.integers(0, documents, (batch, length)), axis=1)
+    positions = np.zeros_like(segments)
+    for row in range(batch):
+        for t in range(1, length):
+            same = segments[row, t] == segments[row, t - 1]
+            positions[row, t] = positions[row, t - 1] + 1 if same else 0
+    return jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
+
+
+def relative_error(a, b):
+    return float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(a.astype(jnp.float32)))
+
+
+# ------------------------------------------------------------------ markdown tables
+def _cells(line):
+    """The stripped cells of one markdown table line ("| a | b |")."""
+    return [cell.strip() for cell in line.strip()[1:-1].split("|")]
+
+
+def parse_markdown_table(lines):
+    """(header, rows) of the first markdown table in `lines`: the header line, a rule line
+    of dashes (and colons), then the rows up to the first line that is not a table row."""
+    lines = list(lines)
+    for i, line in enumerate(lines[:-1]):
+        rule = lines[i + 1].strip()
+        if line.strip().startswith("|") and rule.startswith("|") and set(rule) <= set("|-: "):
+            header = _cells(line)
+            rows = []
+            for row in lines[i + 2:]:
+                if not row.strip().startswith("|"):
+                    break
+                cells = _cells(row)
+                assert len(cells) == len(header), (header, row)
+                rows.append(cells)
+            return header, rows
+    raise AssertionError("no markdown table in:\n" + "\n".join(lines))
+
+
+PLAN_COLUMNS = ["level", "length", "batch", "steps", "tokens", "share", "actual", "mesh",
+                "rope theta", "rope scaling", "lr x"]
+
+
+def plan_table(text):
+    """The printed curriculum plan (Plan.format) in `text`, checked for its layout: a line
+    "length curriculum: ...", the table with PLAN_COLUMNS, then "total: N steps, T tokens".
+    Returns one {column: cell} dict per level."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("length curriculum: "))
+    header, rows = parse_markdown_table(lines[start + 1:])
+    assert header == PLAN_COLUMNS
+    assert lines[start + 1].strip().startswith("| level"), lines[start + 1]  # right below
+    assert lines[start + 3 + len(rows)].startswith("total: "), lines[start + 3 + len(rows)]
+    return [dict(zip(header, row)) for row in rows]

@@ -1,10 +1,8 @@
-"""A config file for tests that launch main.py: the small config of tests/helpers.py."""
-import os
-import sys
+"""A config file for tests that launch main.py: the small config of tests/helpers.py.
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from tests.helpers import small_config  # noqa: E402
+main.py's directory (the repository root) is on sys.path when it runs, so `tests` imports.
+"""
+from tests.helpers import small_config
 
 
 def get_config():

@@ -4,32 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import (blockwise_attention, blockwise_forward, dot_product_attention,
-                             merge_partial_attention)
-
-
-def random_qkv(seed, batch=2, length=64, q_heads=4, kv_heads=2, head_dim=16, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (batch, length, q_heads, head_dim), dtype)
-    k = jax.random.normal(kk, (batch, length, kv_heads, head_dim), dtype)
-    v = jax.random.normal(kv, (batch, length, kv_heads, head_dim), dtype)
-    return q, k, v
-
-
-def packed_segments(seed, batch, length, documents=4):
-    """Sorted random segment ids and positions restarting at 0 in each segment."""
-    rng = np.random.default_rng(seed)
-    segments = np.sort(rng.integers(0, documents, (batch, length)), axis=1)
-    positions = np.zeros_like(segments)
-    for row in range(batch):
-        for t in range(1, length):
-            same = segments[row, t] == segments[row, t - 1]
-            positions[row, t] = positions[row, t - 1] + 1 if same else 0
-    return jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
-
-
-def relative_error(a, b):
-    return float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(a.astype(jnp.float32)))
+from model.attention import dot_product_attention
+from model.blockwise import blockwise_attention, blockwise_forward, merge_partial_attention
+from tests.helpers import packed_segments, random_qkv, relative_error
 
 
 def blockwise_small_blocks(q, k, v, **kw):
@@ -44,7 +21,8 @@ def outputs_and_grads(fn, q, k, v, **kw):
 
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("q_heads,kv_heads", [(4, 1), (4, 4), (8, 2)])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 1), (4, 4),
+                                              pytest.param(8, 2, marks=pytest.mark.slow)])
 def test_blockwise_matches_dense_forward_and_gradients(causal, packed, q_heads, kv_heads):
     seed = q_heads * 10 + kv_heads + 2 * causal + packed
     q, k, v = random_qkv(seed, q_heads=q_heads, kv_heads=kv_heads)

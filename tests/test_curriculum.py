@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from configs import base
+from tests.helpers import plan_table
 from train.curriculum import default_shares, make_plan
 
 
@@ -208,11 +209,11 @@ def test_level_at_and_steps_done_match_schedule(order):
 def test_format_lists_every_level():
     plan = make_plan(config(steps=100, rope_thetas=(1e4, 1e5, 1e6, 5e7)), 8)
     text = plan.format()
-    rows = text.splitlines()[3:7]
+    rows = plan_table(text)
+    assert len(rows) == len(plan.levels)
     for level, row in zip(plan.levels, rows):
-        cells = row.split()
-        assert cells[:4] == [str(level.index), str(level.seq_len), str(level.batch_size),
-                             str(level.steps)]
+        assert [row["level"], row["length"], row["batch"], row["steps"]] == [
+            str(level.index), str(level.seq_len), str(level.batch_size), str(level.steps)]
     assert "data 8 x seq 1" in text and "data 1 x seq 8" in text
     assert "50000000" in text
 

@@ -1,11 +1,11 @@
 """Training through a length curriculum: relayout between levels, exact resume anywhere."""
-import json
-import os
 
 import pytest
 
-from tests.helpers import read_metrics, small_config, train_losses
+from tests.helpers import plan_table, read_metrics, small_config, train_losses
 from train import trainer
+from train.curriculum import format_mesh
+from train.validate import validate_config
 
 
 def curriculum_config(**overrides):
@@ -24,10 +24,17 @@ def resume_through(workdir, config_overrides, stops):
     trainer.train(curriculum_config(**config_overrides), str(workdir))
 
 
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory):
+    """A workdir trained through curriculum_config() without interruption (read only)."""
+    workdir = tmp_path_factory.mktemp("curriculum") / "whole"
+    trainer.train(curriculum_config(), str(workdir))
+    return workdir
+
+
 @pytest.mark.slow
-def test_levels_train_at_growing_length_with_the_devices_moved_to_seq(tmp_path):
-    trainer.train(curriculum_config(), str(tmp_path))
-    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+def test_levels_train_at_growing_length_with_the_devices_moved_to_seq(whole_run):
+    records = [r for r in read_metrics(whole_run) if "loss" in r]
     seen = {(r["level"], r["seq_len"], r["batch_size"], r["layout"]) for r in records}
     assert seen == {(0, 64, 8, "data 8"), (1, 128, 4, "data 4 x seq 2"), (2, 256, 2, "data 2 x seq 4")}
     assert [r["level"] for r in records] == [0, 0, 0, 0, 1, 1, 2, 2]   # 50% / 25% / 25%
@@ -35,11 +42,10 @@ def test_levels_train_at_growing_length_with_the_devices_moved_to_seq(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_mid_level_and_at_a_level_boundary_continues_exactly(tmp_path):
-    trainer.train(curriculum_config(), str(tmp_path / "whole"))
+def test_resume_mid_level_and_at_a_level_boundary_continues_exactly(whole_run, tmp_path):
     # stop in level 0 (step 3), at the 0 -> 1 boundary (step 4), in level 1 (step 5)
     resume_through(tmp_path / "resumed", {}, stops=[3, 4, 5])
-    expected, got = train_losses(tmp_path / "whole"), train_losses(tmp_path / "resumed")
+    expected, got = train_losses(whole_run), train_losses(tmp_path / "resumed")
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
@@ -57,10 +63,21 @@ def test_resume_in_interleaved_order_continues_exactly(tmp_path):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-def test_the_plan_is_printed_before_training(tmp_path, capsys):
-    trainer.train(curriculum_config(**{"train.stop_at_step": 1}), str(tmp_path))
+@pytest.mark.slow
+def test_the_plan_is_printed_as_a_table_before_training(tmp_path, capsys):
+    config = curriculum_config(**{"train.stop_at_step": 1})
+    trainer.train(config, str(tmp_path))
     out = capsys.readouterr().out
-    plan_start = out.index("length")
+    plan_start = out.index("length curriculum: 3 level(s), order ascending, budget in tokens")
     assert out.index("compiled the step") > plan_start
-    for length, batch in ((64, 8), (128, 4), (256, 2)):
-        assert str(length) in out and str(batch) in out
+    plan = validate_config(config)
+    rows = plan_table(out)
+    assert len(rows) == len(plan.levels) == 3
+    for row, level in zip(rows, plan.levels):
+        assert (row["level"], row["length"], row["batch"], row["steps"], row["mesh"]) == (
+            str(level.index), str(level.seq_len), str(level.batch_size), str(level.steps),
+            format_mesh(level.mesh))
+    assert [(r["length"], r["batch"], r["steps"], r["mesh"]) for r in rows] == [
+        ("64", "8", "4", "data 8 x seq 1"), ("128", "4", "2", "data 4 x seq 2"),
+        ("256", "2", "2", "data 2 x seq 4")]
+    assert f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens" in out

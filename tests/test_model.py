@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model.transformer import ModelConfig, Transformer
+from model.transformer import ModelConfig, Transformer, count_parameters
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2, head_dim=8,
                     mlp_dim=64, l_max=32, dtype="float32", block_q=8, block_k=8,
@@ -23,6 +23,7 @@ def random_tokens(seed, batch=2, length=32, vocab=64):
     return jax.random.randint(jax.random.key(seed), (batch, length), 0, vocab, jnp.int32)
 
 
+@pytest.mark.slow
 def test_logits_have_batch_length_vocab_shape_in_float32():
     logits = make()(random_tokens(0))
     assert logits.shape == (2, 32, 64) and logits.dtype == jnp.float32
@@ -38,6 +39,16 @@ def test_untied_head_has_its_own_weights_and_tied_has_none():
     assert not hasattr(make(), "lm_head")
     untied = make(dataclasses.replace(SMALL, tie_embeddings=False))
     assert untied.lm_head.shape == (32, 64)
+
+
+def test_count_parameters_of_a_module_equals_that_of_its_parameter_arrays():
+    model = make()
+    params = nnx.state(model, nnx.Param)
+    # embedding 64 x 32; per block: wq, wk, wv, wo, SwiGLU (3 x 32 x 64), 2 norms; final norm
+    per_block = 32 * 4 * 8 + 2 * 32 * 2 * 8 + 4 * 8 * 32 + 3 * 32 * 64 + 2 * 32
+    assert count_parameters(model) == count_parameters(params) == 64 * 32 + 2 * per_block + 32
+    abstract = jax.eval_shape(lambda: params)                # arrays or shapes alike
+    assert count_parameters(abstract) == count_parameters(model)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():
@@ -57,6 +68,7 @@ def test_dense_and_blockwise_models_agree(attention):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_rematerialisation_gives_the_same_gradients():
     tokens = random_tokens(3)
 

@@ -1,12 +1,14 @@
 """Specification of the mesh: sharded training computes what one device computes."""
 import jax
 import numpy as np
+import optax
 import pytest
 
+from model.loss import token_loss_sums
 from parallel import mesh as mesh_lib
 from tests.helpers import small_config
-from train import trainer
-from train.loss import token_loss_sums
+from train.state import build_run, init_state
+from train.step import put_batch
 
 
 def random_batch(rows=8, length=64, seed=0):
@@ -23,9 +25,9 @@ def random_batch(rows=8, length=64, seed=0):
 def loss_and_grads(mesh_sizes, attention, devices):
     config = small_config(**{"model.attention": attention})
     config.mesh.update(mesh_sizes)
-    run = trainer.build_run(config, devices=devices)
-    params = trainer.init_state(run, seed=0)["params"]
-    batch = trainer.put_batch(random_batch(), run.mesh, 8, config.mesh.layout)
+    run = build_run(config, devices=devices)
+    params = init_state(run, seed=0)["params"]
+    batch = put_batch(random_batch(), run.mesh, 8, config.mesh.layout)
 
     def mean_loss(params):
         nll, count = token_loss_sums(run.graphdef, params, batch)
@@ -47,6 +49,7 @@ def one_device_reference():
     dict(data=2, fsdp=1, seq=4, tensor=1),
     dict(data=1, fsdp=2, seq=2, tensor=2),
 ], ids=["seq8", "data2-seq4", "fsdp2-seq2-tensor2"])
+@pytest.mark.slow
 def test_sharded_loss_and_gradients_equal_one_device(one_device_reference, mesh_sizes):
     ref_loss, ref_grads = one_device_reference
     loss, grads = loss_and_grads(mesh_sizes, "ring", jax.devices())
@@ -57,16 +60,20 @@ def test_sharded_loss_and_gradients_equal_one_device(one_device_reference, mesh_
         assert err <= 1e-5, (name, err)
 
 
+@pytest.mark.slow
 def test_parameters_are_created_sharded_over_fsdp_seq_and_tensor():
     config = small_config(**{"model.attention": "ring"})
     config.mesh.update(dict(data=1, fsdp=2, seq=2, tensor=2))
-    run = trainer.build_run(config)
-    state = trainer.init_state(run, seed=0)
+    run = build_run(config)
+    state = init_state(run, seed=0)
     wq = state["params"]["blocks"][0]["attention"]["wq"][...]
     assert wq.sharding.spec == jax.sharding.PartitionSpec(("fsdp", "seq"), "tensor", None)
     # each device holds a quarter of d_model rows and half of the heads
     assert wq.addressable_shards[0].data.shape == (64 // 4, 4 // 2, 16)
-    adam_mu = jax.tree.leaves(state["opt_state"])[1]
+    # Adam's first moment of wq is sharded like wq
+    adam_mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
+    adam_mu = adam_mu["blocks"][0]["attention"]["wq"][...]
+    assert adam_mu.sharding.spec == wq.sharding.spec
     assert len({s.data.shape for s in adam_mu.addressable_shards}) == 1
     assert adam_mu.addressable_shards[0].data.size < adam_mu.size
 

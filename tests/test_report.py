@@ -1,12 +1,17 @@
-"""Tests of train/report.py: summaries, plots and comparisons built from small JSON files."""
+"""Tests of evaluation/report.py: summaries, plots and comparisons built from small JSON files."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from matplotlib.image import AxesImage
 
-from train import report
+from evaluation import report
+from tests.helpers import parse_markdown_table
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 REASON = "learned absolute positions stop at l_max=128; length 256 has no position embedding"
 
@@ -65,10 +70,10 @@ def test_summary_has_every_length_and_the_not_evaluable_reason(tmp_path):
     eval_dir = write_result(tmp_path / "eval", result_dict(not_evaluable={"256": REASON}))
     markdown = report.write_summary(eval_dir)
     assert open(os.path.join(eval_dir, "summary.md")).read() == markdown
-    assert table_row(markdown, "32")[1] == "10.000"
-    assert table_row(markdown, "64")[1] == "9.000"
-    assert table_row(markdown, "128")[1] == "8.000"
-    assert table_row(markdown, "256")[1] == f"not evaluable: {REASON}"
+    assert table_row(markdown, "32")[1:3] == [f"{np.log(10.0):.4f}", "10.000"]   # loss, ppl
+    assert table_row(markdown, "64")[2] == "9.000"
+    assert table_row(markdown, "128")[2] == "8.000"
+    assert table_row(markdown, "256")[1:] == [f"not evaluable: {REASON}", "", "", "", ""]
 
 
 def test_summary_shows_sliding_window_and_unigram_columns(tmp_path):
@@ -76,9 +81,11 @@ def test_summary_shows_sliding_window_and_unigram_columns(tmp_path):
                "target_tokens": [100, 100]}
     eval_dir = write_result(tmp_path / "eval", result_dict(sliding_window=sliding))
     markdown = report.write_summary(eval_dir)
-    assert table_row(markdown, "length") == ["length", "perplexity", "unigram baseline",
-                                             "sliding-window perplexity", "target tokens"]
-    assert table_row(markdown, "64") == ["64", "9.000", "30.000", "6.250", "512"]
+    assert table_row(markdown, "length") == ["length", "loss", "perplexity",
+                                             "sliding-window perplexity", "unigram baseline",
+                                             "target tokens"]
+    assert table_row(markdown, "64") == ["64", f"{np.log(9.0):.4f}", "9.000", "6.250", "30.000",
+                                         "512"]
     assert table_row(markdown, "128")[3] == ""
 
 
@@ -221,6 +228,14 @@ def test_compare_has_union_of_lengths_with_blanks_and_not_evaluable(tmp_path):
     assert table_row(markdown, "b") == ["b", "64", "", "10.000", "9.000", "n/e"]
 
 
+def test_compare_without_out_dir_returns_the_table_and_writes_nothing(tmp_path):
+    write_result(tmp_path / "a" / "eval", result_dict(lengths=(32, 64)))
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    markdown = report.compare([str(tmp_path / "a")])
+    assert table_row(markdown, "a") == ["a", "64", "10.000", "9.000"]
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
 def test_compare_plots_every_result_on_one_axes(tmp_path):
     write_result(tmp_path / "a" / "eval", result_dict(lengths=(32, 64)))
     write_result(tmp_path / "a" / "eval" / "x4", result_dict(name="x4"))
@@ -253,9 +268,12 @@ def test_compare_on_a_workdir_without_results_raises(tmp_path):
         report.compare([str(tmp_path / "empty")], str(tmp_path / "out"))
 
 
+def files_under(directory):
+    return sorted(os.path.relpath(os.path.join(d, name), directory)
+                  for d, _, names in os.walk(directory) for name in names)
+
+
 def test_main_compare_mode_writes_one_plot_and_one_table(tmp_path):
-    import subprocess, sys
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name, lengths in (("a", [64, 128]), ("b", [64, 256])):
         eval_dir = tmp_path / name / "eval"
         eval_dir.mkdir(parents=True)
@@ -266,8 +284,29 @@ def test_main_compare_mode_writes_one_plot_and_one_table(tmp_path):
     out = tmp_path / "cmp"
     result = subprocess.run([sys.executable, "main.py", "--mode", "compare", "--workdirs",
                              f"{tmp_path / 'a'},{tmp_path / 'b'}", "--workdir", str(out)],
-                            cwd=repo, capture_output=True, text=True, timeout=120)
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (out / "compare_perplexity.png").exists()
+    assert sorted(os.listdir(out)) == ["compare.md", "compare_perplexity.png"]
     table = (out / "compare.md").read_text()
-    assert "256" in table and "128" in table
+    assert table_row(table, "run") == ["run", "l_max", "64", "128", "256"]
+    assert table_row(table, "a") == ["a", "64", "5.000", "6.000", ""]
+    assert table_row(table, "b") == ["b", "64", "5.000", "", "6.000"]
+    assert table in result.stdout
+
+
+@pytest.mark.slow      # the shared trained workdir
+def test_main_compare_mode_without_workdir_prints_the_table_and_writes_nothing(
+        trained_workdir, tmp_path):
+    before = files_under(trained_workdir)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), "--mode", "compare",
+                             "--workdirs", str(trained_workdir)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, rows = parse_markdown_table(result.stdout.splitlines())
+    assert header[:2] == ["run", "l_max"]       # other tests may add evaluations, lengths
+    (row,) = [row for row in rows if row[0] == "run"]      # eval/ of the workdir "run"
+    perplexity = trained_workdir.summary["eval"]["perplexity"][0]
+    assert row[1] == "64" and row[header.index("64")] == f"{perplexity:.3f}"
+    assert "wrote" not in result.stdout
+    assert os.listdir(tmp_path) == []              # no compare/ (nor anything else) here
+    assert files_under(trained_workdir) == before

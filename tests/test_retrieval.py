@@ -1,11 +1,14 @@
-"""Tests of train/retrieval.py: synthetic retrieval samples, teacher-forced rows, scores."""
+"""Tests of data/retrieval_tasks.py (synthetic retrieval samples) and evaluation/retrieval.py
+(teacher-forced rows, scores)."""
 import re
 
 import numpy as np
 import pytest
 
-from train import retrieval
-from train.data import make_tokenizer
+from data import retrieval_tasks
+from data.retrieval_tasks import SampleTooShort
+from data.tokenizers import make_tokenizer
+from evaluation import retrieval
 
 BYTES = make_tokenizer("bytes")
 LENGTHS = (180, 257, 1000, 4096)
@@ -33,7 +36,7 @@ def needle_match(sample):
 def max_unit_tokens(task):
     """The longest filler unit in bytes."""
     if task == "passkey":
-        return max(len(s) for s in retrieval.PASSKEY_FILLER)
+        return max(len(s) for s in retrieval_tasks.PASSKEY_FILLER)
     if task == "kv":
         return len('"01234567": "89abcdef",\n')
     return len("line 123456: the number is 12345.\n")
@@ -68,29 +71,29 @@ class ChunkTokenizer:
 
 # --- make_sample --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_total_length_is_exact(task):
     for length in LENGTHS:
         for depth in (0.0, 0.37, 1.0):
-            sample = retrieval.make_sample(task, BYTES, length=length, depth=depth, seed=5)
+            sample = retrieval_tasks.make_sample(task, BYTES, length=length, depth=depth, seed=5)
             assert sample.prompt.size + sample.answer.size == length
             assert sample.prompt.dtype == np.int32 and sample.answer.dtype == np.int32
             assert sample.answer.size >= 1
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_total_length_is_exact_with_another_tokenizer(task):
     tokenizer = ChunkTokenizer()  # " " encodes to nothing: the pad is "." here
     for length in (150, 333, 2000):
-        sample = retrieval.make_sample(task, tokenizer, length=length, depth=0.6, seed=2)
+        sample = retrieval_tasks.make_sample(task, tokenizer, length=length, depth=0.6, seed=2)
         assert sample.prompt.size + sample.answer.size == length
-    assert retrieval.pad_token(tokenizer) == tokenizer.vocab["."]
+    assert retrieval_tasks.pad_token(tokenizer) == tokenizer.vocab["."]
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_same_seed_same_sample_other_seed_different(task):
     def make(seed):
-        return retrieval.make_sample(task, BYTES, length=1000, depth=0.5, seed=seed)
+        return retrieval_tasks.make_sample(task, BYTES, length=1000, depth=0.5, seed=seed)
 
     a, b, c = make(11), make(11), make(12)
     np.testing.assert_array_equal(a.prompt, b.prompt)
@@ -99,11 +102,11 @@ def test_same_seed_same_sample_other_seed_different(task):
     assert not np.array_equal(a.answer, c.answer)
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_needle_is_at_the_requested_depth(task, depth):
     for length in LENGTHS:
-        sample = retrieval.make_sample(task, BYTES, length=length, depth=depth, seed=3)
+        sample = retrieval_tasks.make_sample(task, BYTES, length=length, depth=depth, seed=3)
         available = sample.question_start - sample.needle_length
         assert sample.available == available > 0
         needle_match(sample)
@@ -111,19 +114,19 @@ def test_needle_is_at_the_requested_depth(task, depth):
         assert abs(sample.needle_start / available - depth) <= tolerance
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_depth_zero_and_one_are_the_ends_of_the_context(task):
-    first = retrieval.make_sample(task, BYTES, length=1000, depth=0.0, seed=4)
-    last = retrieval.make_sample(task, BYTES, length=1000, depth=1.0, seed=4)
+    first = retrieval_tasks.make_sample(task, BYTES, length=1000, depth=0.0, seed=4)
+    last = retrieval_tasks.make_sample(task, BYTES, length=1000, depth=1.0, seed=4)
     assert first.needle_start == 0
     assert last.needle_start + last.needle_length == last.question_start
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_answer_occurs_once_in_the_prompt_inside_the_needle(task):
     for seed in range(4):
         for length in LENGTHS:
-            sample = retrieval.make_sample(task, BYTES, length=length, depth=0.3, seed=seed)
+            sample = retrieval_tasks.make_sample(task, BYTES, length=length, depth=0.3, seed=seed)
             prompt, answer = text(sample.prompt), text(sample.answer)
             assert prompt.count(answer) == 1
             at = prompt.index(answer)
@@ -135,12 +138,12 @@ def test_answer_occurs_once_in_the_prompt_inside_the_needle(task):
 @pytest.mark.parametrize("task", ["kv", "line"])
 def test_answer_stays_unique_when_draws_collide(task, monkeypatch):
     # Tiny value spaces make repeated keys, values and labels certain but for the guards.
-    monkeypatch.setattr(retrieval, "KV_SPACE", 64)
-    monkeypatch.setattr(retrieval, "LINE_VALUES", (10000, 10003))
-    monkeypatch.setattr(retrieval, "LINE_LABELS", (100000, 100400))
+    monkeypatch.setattr(retrieval_tasks, "KV_SPACE", 64)
+    monkeypatch.setattr(retrieval_tasks, "LINE_VALUES", (10000, 10003))
+    monkeypatch.setattr(retrieval_tasks, "LINE_LABELS", (100000, 100400))
     for seed in range(10):
-        sample = retrieval.make_sample(task, BYTES, length=300 if task == "kv" else 1500,
-                                       depth=0.5, seed=seed)
+        sample = retrieval_tasks.make_sample(task, BYTES, length=300 if task == "kv" else 1500,
+                                             depth=0.5, seed=seed)
         prompt = text(sample.prompt)
         assert prompt.count(text(sample.answer)) == 1
         # keys and values (kv), labels (line) are all distinct
@@ -149,19 +152,19 @@ def test_answer_stays_unique_when_draws_collide(task, monkeypatch):
         assert len(names) == len(set(names)) > 5
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_answer_ids_appear_verbatim_in_the_needle(task):
     tokenizer = ChunkTokenizer()
-    sample = retrieval.make_sample(task, tokenizer, length=800, depth=0.5, seed=9)
+    sample = retrieval_tasks.make_sample(task, tokenizer, length=800, depth=0.5, seed=9)
     needle = sample.prompt[sample.needle_start:sample.needle_start + sample.needle_length]
     n = sample.answer.size
     windows = [needle[i:i + n] for i in range(needle.size - n + 1)]
     assert any(np.array_equal(w, sample.answer) for w in windows)
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_question_is_at_the_end_of_the_prompt(task):
-    sample = retrieval.make_sample(task, BYTES, length=1000, depth=0.2, seed=6)
+    sample = retrieval_tasks.make_sample(task, BYTES, length=1000, depth=0.2, seed=6)
     match = needle_match(sample)
     expected = {
         "passkey": "\nWhat is the pass key? The pass key is",
@@ -172,28 +175,30 @@ def test_question_is_at_the_end_of_the_prompt(task):
     assert text(sample.prompt[sample.question_start:]) == expected
 
 
-@pytest.mark.parametrize("task", retrieval.TASKS)
+@pytest.mark.parametrize("task", retrieval_tasks.TASKS)
 def test_too_short_length_raises_with_the_minimum(task):
-    sample = retrieval.make_sample(task, BYTES, length=1000, depth=0.5, seed=8)
+    sample = retrieval_tasks.make_sample(task, BYTES, length=1000, depth=0.5, seed=8)
     question = sample.prompt.size - sample.question_start
     minimum = sample.needle_length + question + sample.answer.size
-    fits = retrieval.make_sample(task, BYTES, length=minimum, depth=0.5, seed=8)
+    fits = retrieval_tasks.make_sample(task, BYTES, length=minimum, depth=0.5, seed=8)
     assert fits.prompt.size + fits.answer.size == minimum
-    with pytest.raises(ValueError, match=f"minimum length {minimum}"):
-        retrieval.make_sample(task, BYTES, length=minimum - 1, depth=0.5, seed=8)
+    with pytest.raises(SampleTooShort) as raised:
+        retrieval_tasks.make_sample(task, BYTES, length=minimum - 1, depth=0.5, seed=8)
+    assert raised.value.minimum == minimum
+    assert isinstance(raised.value, ValueError)
 
 
 def test_bad_task_depth_or_seed_raises():
     with pytest.raises(ValueError, match="unknown task"):
-        retrieval.make_sample("needle", BYTES, length=500, depth=0.5, seed=0)
+        retrieval_tasks.make_sample("needle", BYTES, length=500, depth=0.5, seed=0)
     with pytest.raises(ValueError, match="depth"):
-        retrieval.make_sample("kv", BYTES, length=500, depth=1.5, seed=0)
+        retrieval_tasks.make_sample("kv", BYTES, length=500, depth=1.5, seed=0)
     with pytest.raises(ValueError, match="seed"):
-        retrieval.make_sample("kv", BYTES, length=500, depth=0.5, seed=-1)
+        retrieval_tasks.make_sample("kv", BYTES, length=500, depth=0.5, seed=-1)
 
 
 def test_pad_does_not_pile_up_next_to_the_needle():
-    sample = retrieval.make_sample("passkey", BYTES, length=4096, depth=0.5, seed=1)
+    sample = retrieval_tasks.make_sample("passkey", BYTES, length=4096, depth=0.5, seed=1)
     prompt = text(sample.prompt)
     end = sample.needle_start + sample.needle_length
     assert "   " not in prompt[sample.needle_start - 3:end + 3]
@@ -203,23 +208,23 @@ def test_pad_does_not_pile_up_next_to_the_needle():
 
 def test_make_grid_order_count_and_determinism():
     kwargs = dict(lengths=[300, 600], depths=[0.0, 0.5, 1.0], samples_per_cell=2, seed=7)
-    grid = retrieval.make_grid("kv", BYTES, **kwargs)
-    again = retrieval.make_grid("kv", BYTES, **kwargs)
+    grid = retrieval_tasks.make_grid("kv", BYTES, **kwargs)
+    again = retrieval_tasks.make_grid("kv", BYTES, **kwargs)
     assert len(grid) == 2 * 3 * 2
     assert [(s.length, s.depth) for s in grid[::2]] == [
         (300, 0.0), (300, 0.5), (300, 1.0), (600, 0.0), (600, 0.5), (600, 1.0)]
     for a, b in zip(grid, again):
         np.testing.assert_array_equal(a.prompt, b.prompt)
     assert len({text(s.answer) for s in grid}) == len(grid)  # a fresh seed per sample
-    assert grid[3].seed == retrieval.sample_seed(7, 0, 1, 1)
+    assert grid[3].seed == retrieval_tasks.sample_seed(7, 0, 1, 1)
 
 
 # --- teacher_forced_batch -----------------------------------------------------------------
 
 def test_teacher_forced_batch_rows():
     length = 400
-    samples = [retrieval.make_sample(task, BYTES, length=length, depth=0.5, seed=1)
-               for task in retrieval.TASKS]
+    samples = [retrieval_tasks.make_sample(task, BYTES, length=length, depth=0.5, seed=1)
+               for task in retrieval_tasks.TASKS]
     batch = retrieval.teacher_forced_batch(samples, length)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {
         **{k: ((3, length), np.int32)
@@ -238,8 +243,8 @@ def test_teacher_forced_batch_rows():
 
 def test_answer_mask_marks_the_answer_targets_at_the_end():
     length = 500
-    samples = [retrieval.make_sample(task, BYTES, length=length, depth=0.2, seed=2)
-               for task in retrieval.TASKS]
+    samples = [retrieval_tasks.make_sample(task, BYTES, length=length, depth=0.2, seed=2)
+               for task in retrieval_tasks.TASKS]
     batch = retrieval.teacher_forced_batch(samples, length)
     for i, sample in enumerate(samples):
         n = sample.answer.size
@@ -250,7 +255,7 @@ def test_answer_mask_marks_the_answer_targets_at_the_end():
 
 
 def test_teacher_forced_batch_rejects_a_wrong_length():
-    sample = retrieval.make_sample("line", BYTES, length=300, depth=0.5, seed=0)
+    sample = retrieval_tasks.make_sample("line", BYTES, length=300, depth=0.5, seed=0)
     with pytest.raises(ValueError, match="300 tokens"):
         retrieval.teacher_forced_batch([sample], 301)
 
@@ -272,8 +277,8 @@ def test_score_answers_by_hand():
 
 def fake_grid(lengths, depths, per_cell, task="passkey"):
     one = np.zeros(1, np.int32)
-    return [retrieval.Sample(prompt=one, answer=one, task=task, length=l, depth=d,
-                             needle_start=0, needle_length=1, question_start=0, seed=0)
+    return [retrieval_tasks.Sample(prompt=one, answer=one, task=task, length=l, depth=d,
+                                   needle_start=0, needle_length=1, question_start=0, seed=0)
             for l in lengths for d in depths for _ in range(per_cell)]
 
 

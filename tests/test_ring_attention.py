@@ -9,7 +9,7 @@ from model.attention import dot_product_attention
 from parallel.layout import from_zigzag, to_zigzag, zigzag_order
 from parallel.mesh import make_mesh
 from parallel.ring_attention import ring_attention, ring_tiles_per_device
-from tests.test_attention import packed_segments, random_qkv, relative_error
+from tests.helpers import packed_segments, random_qkv, relative_error
 
 
 def seq_mesh(seq, data=1):
@@ -60,7 +60,7 @@ def test_ring_equals_dense_for_every_ring_size(seq):
 
 @pytest.mark.parametrize("causal,packed,q_heads,kv_heads,layout", [
     (False, True, 4, 1, "zigzag"),       # non-causal
-    (True, True, 4, 4, "zigzag"),        # GQA 1:1
+    pytest.param(True, True, 4, 4, "zigzag", marks=pytest.mark.slow),  # GQA 1:1
     (True, False, 4, 1, "zigzag"),       # one document per row
     (True, True, 4, 1, "contiguous"),    # plain ring
     (False, False, 4, 4, "contiguous"),
@@ -71,6 +71,7 @@ def test_ring_equals_dense_across_options(causal, packed, q_heads, kv_heads, lay
     assert max(errors) <= 1e-5, errors
 
 
+@pytest.mark.slow
 def test_ring_equals_dense_with_a_data_axis_and_batch_above_one():
     errors = compare_with_dense(seq_mesh(4, data=2), seed=12, batch=4)
     assert max(errors) <= 1e-5, errors
