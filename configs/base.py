@@ -18,7 +18,7 @@ def get_config() -> config_dict.ConfigDict:
     model.q_heads = 8
     model.kv_heads = 8            # grouped-query attention when < q_heads
     model.head_dim = 64
-    model.mlp_dim = 1408          # SwiGLU hidden width
+    model.mlp_dim = 1408          # MLP hidden width
     model.position = "rope"       # rope | learned | none
     model.rope = config_dict.ConfigDict()
     model.rope.theta = 10000.0
@@ -34,6 +34,14 @@ def get_config() -> config_dict.ConfigDict:
     model.remat = False           # rematerialise each block in the backward pass
     model.norm_eps = 1e-5
     model.init_std = 0.02
+    # Architecture options (defaults: Llama/Mistral; Qwen2 adds qkv_bias; GPT-2 is layernorm,
+    # gelu_tanh, every bias, position="learned"). No separate norm-bias key: layernorm always
+    # has scale and bias (as GPT-2's does), rmsnorm only a scale.
+    model.norm = "rmsnorm"        # rmsnorm | layernorm
+    model.mlp = "swiglu"          # swiglu (gate/up/down) | gelu_tanh (in -> tanh-GELU -> out)
+    model.qkv_bias = False        # biases on the q, k, v projections
+    model.attention_out_bias = False  # bias on the attention output projection
+    model.mlp_bias = False        # biases on the MLP's matrices
     config.model = model
 
     # --- data -------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from model.blockwise import blockwise_attention
-from model.layers import param
+from model.layers import add_bias, param, zeros
 from model.masking import (MASKED, attention_mask, check_shapes, default_positions_and_segments,
                            group_queries)
 
@@ -59,12 +59,15 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with rotary positions applied by the caller's hook.
 
     Weights: wq [d_model, q_heads, head_dim], wk/wv [d_model, kv_heads, head_dim],
-    wo [q_heads, head_dim, d_model], each tagged with logical axis names.
+    wo [q_heads, head_dim, d_model], each tagged with logical axis names. Optional zero-
+    initialised biases: q_bias [q_heads, head_dim], k_bias/v_bias [kv_heads, head_dim]
+    (`qkv_bias`, Qwen2 and GPT-2) and out_bias [d_model] (`out_bias`, GPT-2); they draw no
+    key, so the weights are the same with or without them.
     """
 
     def __init__(self, d_model: int, q_heads: int, kv_heads: int, head_dim: int, *,
                  attention_fn: AttentionFn, init_std: float, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, qkv_bias: bool = False, out_bias: bool = False):
         init = nnx.initializers.normal(init_std)
         self.wq = param(rngs, (d_model, q_heads, head_dim), ("embed", "heads", None), init,
                         param_dtype)
@@ -74,20 +77,32 @@ class Attention(nnx.Module):
                         param_dtype)
         self.wo = param(rngs, (q_heads, head_dim, d_model), ("heads", None, "embed"), init,
                         param_dtype)
+        if qkv_bias:
+            self.q_bias = zeros((q_heads, head_dim), ("heads", None), param_dtype)
+            self.k_bias = zeros((kv_heads, head_dim), ("kv_heads", None), param_dtype)
+            self.v_bias = zeros((kv_heads, head_dim), ("kv_heads", None), param_dtype)
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.out_bias = zeros((d_model,), ("embed",), param_dtype) if out_bias else None
         self.attention_fn = attention_fn
         self.dtype = dtype
 
     def __call__(self, x, positions, segment_ids, rotate: Callable | None = None):
         """x [batch, length, d_model] -> [batch, length, d_model].
 
-        `rotate(t, positions)` applies the position encoding to q and k (RoPE), or None.
+        `rotate(t, positions)` applies the position encoding to q and k (RoPE), or None;
+        the q/k biases are added before it, as in Hugging Face's Qwen2.
         """
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(self.dtype))
         k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(self.dtype))
         v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(self.dtype))
+        q = add_bias(q, self.q_bias, self.dtype)
+        k = add_bias(k, self.k_bias, self.dtype)
+        v = add_bias(v, self.v_bias, self.dtype)
         if rotate is not None:
             q, k = rotate(q, positions), rotate(k, positions)
         out = self.attention_fn(q, k, v, positions=positions, segment_ids=segment_ids,
                                 causal=True)                          # [b, l, q_heads, head_dim]
-        return jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), self.wo[...].astype(self.dtype))
+        out = jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), self.wo[...].astype(self.dtype))
+        return add_bias(out, self.out_bias, self.dtype)

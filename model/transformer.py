@@ -1,7 +1,11 @@
 """A Llama-style decoder-only transformer in Flax NNX.
 
-token embedding -> n_layers x [RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual]
--> RMSNorm -> LM head (tied to the embedding or not).
+token embedding (+ learned positions) -> n_layers x [norm -> attention -> residual,
+norm -> MLP -> residual] -> norm -> LM head (tied to the embedding or not).
+
+The defaults are Llama's (RMSNorm, SwiGLU, no biases); the options that other families need
+(model.norm, model.mlp and the bias switches: GPT-2's LayerNorm, GELU MLP and biases,
+Qwen2's q/k/v biases) are fields of ModelConfig, not a second model.
 
 The model knows nothing about devices: every activation is [batch, length, ...] and every
 parameter carries logical axis names ("vocab", "embed", "heads", "kv_heads", "mlp") that
@@ -22,7 +26,7 @@ from flax import nnx
 
 from model import positions as pos_lib
 from model.attention import Attention, AttentionFn, attention_function
-from model.layers import RMSNorm, SwiGLU, param
+from model.layers import MLP_KINDS, NORM_KINDS, make_mlp, make_norm, param
 
 POSITION_KINDS = ("rope", "learned", "none")
 
@@ -50,6 +54,11 @@ class ModelConfig:
     remat: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    norm: str = "rmsnorm"          # rmsnorm (scale) | layernorm (scale and bias)
+    mlp: str = "swiglu"            # swiglu | gelu_tanh
+    qkv_bias: bool = False         # biases on the q, k, v projections
+    attention_out_bias: bool = False  # bias on the attention output projection
+    mlp_bias: bool = False         # biases on the MLP's matrices
 
     @property
     def rope_scaling(self) -> dict | None:
@@ -69,7 +78,8 @@ class ModelConfig:
             rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
             block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
             dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, norm_eps=m.norm_eps,
-            init_std=m.init_std)
+            init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
+            attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias)
         model_config.validate()
         return model_config
 
@@ -84,6 +94,13 @@ class ModelConfig:
             raise ValueError(f"rope needs an even model.head_dim, got {self.head_dim}")
         if self.attention not in ("dense", "blockwise", "ring"):
             raise ValueError(f"model.attention must be dense, blockwise or ring, got {self.attention!r}")
+        if self.norm not in NORM_KINDS:
+            raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {self.norm!r}")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"model.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
+        for name in ("qkv_bias", "attention_out_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
                      "mlp_dim", "l_max", "block_q", "block_k"):
             if getattr(self, name) <= 0:
@@ -94,16 +111,18 @@ class ModelConfig:
 
 
 class Block(nnx.Module):
-    """One pre-norm decoder block."""
+    """One pre-norm decoder block (norm and MLP kinds and biases as `cfg` says)."""
 
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn, rngs: nnx.Rngs):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
+        self.attention_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, param_dtype, rngs)
         self.attention = Attention(cfg.d_model, cfg.q_heads, cfg.kv_heads, cfg.head_dim,
                                    attention_fn=attention_fn, init_std=cfg.init_std,
-                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype, rngs)
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                                   qkv_bias=cfg.qkv_bias, out_bias=cfg.attention_out_bias)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, param_dtype, rngs)
+        self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
+                            rngs, bias=cfg.mlp_bias)
 
     def __call__(self, x, positions, segment_ids, rotate):
         x = x + self.attention(self.attention_norm(x), positions, segment_ids, rotate)
@@ -126,15 +145,15 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         param_dtype = jnp.dtype(cfg.param_dtype)
         self.embedding = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
-                                nnx.initializers.normal(cfg.init_std), param_dtype)
+                               nnx.initializers.normal(cfg.init_std), param_dtype)
         if cfg.position == "learned":
             self.position_table = param(rngs, (cfg.l_max, cfg.d_model), (None, "embed"),
-                                         nnx.initializers.normal(cfg.init_std), param_dtype)
+                                        nnx.initializers.normal(cfg.init_std), param_dtype)
         self.blocks = nnx.List([Block(cfg, attention_fn, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype, rngs)
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, param_dtype, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                                  nnx.initializers.normal(cfg.init_std), param_dtype)
+                                 nnx.initializers.normal(cfg.init_std), param_dtype)
 
     def rotation(self, length: int) -> Callable | None:
         """The RoPE function for sequences of `length` tokens (None without RoPE)."""

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import optax
 
-_NO_DECAY_NAMES = ("norm", "embedding", "position_table")
+# parameter-path substrings that get no weight decay: norms (scale, LayerNorm bias), the
+# token and position embeddings, and every bias (q_bias, out_bias, in_bias, ...)
+_NO_DECAY_NAMES = ("norm", "embedding", "position_table", "bias")
 
 
 def learning_rate_schedule(total_tokens: int, peak: float, warmup_fraction: float,
@@ -34,7 +36,8 @@ def learning_rate_at(tokens: int, total_tokens: int, peak: float, warmup_fractio
 
 
 def weight_decay_mask(params, decay_norms_and_embeddings: bool = False):
-    """True for parameters that get weight decay: matrices, not norms or embeddings."""
+    """True for parameters that get weight decay: matrices, not norms, embeddings or biases
+    (`decay_norms_and_embeddings`: every parameter, biases too)."""
 
     def decays(path, _):
         if decay_norms_and_embeddings:

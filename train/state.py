@@ -118,7 +118,11 @@ def check_same_model(meta: dict, run: Run, workdir: str) -> None:
                "dtype"}
     if run.model_config.position != "learned":
         ignored.add("l_max")              # no parameter depends on it
-    differing = sorted(k for k in current if k not in ignored and saved and saved.get(k) != current[k])
+    # a key the checkpoint predates (e.g. model.norm) had its default then
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING}
+    differing = sorted(k for k in current if k not in ignored and saved
+                       and saved.get(k, defaults.get(k)) != current[k])
     if differing:
         raise ValueError(f"{workdir} holds checkpoints of a different model (differs in "
                          f"{', '.join(differing)}); use another --workdir")
