@@ -182,6 +182,7 @@ def test_each_option_adds_and_removes_exactly_its_parameters(option, added, remo
     assert shapes == expected
 
 
+@pytest.mark.slow
 def test_biases_start_at_zero_and_leave_the_random_weights_and_logits_as_they_were():
     default, biased = make(), make(ALL_BIASES)
     default_params, biased_params = parameters(default), parameters(biased)
@@ -201,6 +202,7 @@ def test_layernorm_model_draws_the_same_weights_as_the_rmsnorm_model():
         np.testing.assert_array_equal(layer[name], value, err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["dense", "blockwise"])
 def test_gpt2_style_model_runs_and_every_gradient_is_finite_and_reaches_the_biases(attention):
     model = make(dataclasses.replace(GPT2_STYLE, attention=attention))
@@ -233,6 +235,7 @@ def test_dense_and_blockwise_gpt2_style_models_agree():
     np.testing.assert_allclose(out(tokens), ref(tokens), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_with_every_option_keeps_float32_parameters_and_logits():
     cfg = dataclasses.replace(GPT2_STYLE, dtype="bfloat16")
     model = make(cfg)
