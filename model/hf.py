@@ -140,8 +140,7 @@ def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
     """
     hf = read_config_json(hf_dir)
     architecture = _architecture(hf)
-    dtype = _checkpoint_dtype(hf_dir, hf)
-    common = dict(vocab_size=int(hf["vocab_size"]), dtype="float32", param_dtype=dtype,
+    common = dict(vocab_size=int(hf["vocab_size"]), dtype="float32", param_dtype="float32",
                   attention="blockwise")
     if architecture == "GPT2LMHeadModel":
         activation = hf.get("activation_function", "gelu_new")
@@ -179,6 +178,7 @@ def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="rmsnorm", mlp="swiglu",
             qkv_bias=qkv_bias, attention_out_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)), **_rope_config(hf), **common)
+    config = dataclasses.replace(config, param_dtype=_checkpoint_dtype(hf_dir))
     config.validate()
     return config, architecture
 
@@ -346,7 +346,7 @@ class _Checkpoint(contextlib.ExitStack):
         return self.handle(key).get_slice(key)
 
 
-def _checkpoint_dtype(hf_dir: str, hf: dict) -> str:
+def _checkpoint_dtype(hf_dir: str) -> str:
     with _Checkpoint(hf_dir) as checkpoint:
         key = next((k for k in checkpoint.files if k.endswith(("embed_tokens.weight", "wte.weight"))),
                    next(iter(checkpoint.files)))
@@ -394,7 +394,8 @@ def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = No
             specs = nnx.get_partition_spec(state)
         shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
                                  is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-        flat_shardings = {_path_name(p): s for p, s in nnx.to_flat_state(shardings)}
+        flat_shardings = {_path_name(p): s.get_value() if isinstance(s, nnx.Variable) else s
+                          for p, s in nnx.to_flat_state(shardings)}
     else:
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(build)
@@ -605,5 +606,19 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     if tokenizer_path:
-        shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+        _copy_tokenizer(tokenizer_path, out_dir)
     return out_dir
+
+
+def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> None:
+    """tokenizer.json, and the tokenizer_config.json / special_tokens_map.json beside it;
+    without a tokenizer_config.json, one naming PreTrainedTokenizerFast (so AutoTokenizer
+    reads the file as it is, adding no special tokens)."""
+    shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+    source_dir = os.path.dirname(os.path.abspath(tokenizer_path))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(source_dir, name)):
+            shutil.copy(os.path.join(source_dir, name), os.path.join(out_dir, name))
+    if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
