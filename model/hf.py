@@ -500,7 +500,7 @@ def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = No
             abstract = nnx.eval_shape(build)
             graphdef, state = nnx.split(abstract)
         flat_shardings = None
-    device_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     with _Checkpoint(hf_dir) as checkpoint:
         sources = _sources(config, architecture, checkpoint.files)
