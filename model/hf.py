@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import struct
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -308,7 +308,7 @@ def _hf_index(source: Source, shape: tuple[int, ...], index: tuple[slice, ...]):
     return tuple(hf_index), rest_ours
 
 
-def _to_ours(source: Source, block: np.ndarray, ndim: int) -> np.ndarray:
+def _to_ours(source: Source, block: np.ndarray) -> np.ndarray:
     if source.split_axis is not None:
         a = source.split_axis
         block = block.reshape(block.shape[:a] + (-1, source.split[1]) + block.shape[a + 1:])
@@ -316,7 +316,7 @@ def _to_ours(source: Source, block: np.ndarray, ndim: int) -> np.ndarray:
 
 
 _NUMPY_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                 "BF16": np.dtype(jnp.bfloat16), "F64": np.dtype(np.float64)}
+                 "BF16": np.dtype(jnp.bfloat16)}
 
 
 class _SafetensorsFile:
@@ -520,7 +520,7 @@ def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = No
 
             def read(index, source=source, shape=shape, tensor=tensor, target_dtype=target_dtype):
                 hf_index, rest = _hf_index(source, shape, index)
-                block = _to_ours(source, tensor[hf_index], len(shape))
+                block = _to_ours(source, tensor[hf_index])
                 return _as_aligned(block[rest], target_dtype)
 
             sharding = flat_shardings[name] if flat_shardings else device_sharding
@@ -581,7 +581,7 @@ def _rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
         return out, l0
     if rope_type in ("yarn", "llama3"):
         out["original_max_position_embeddings"] = l0
-        return out, int(round(l0 * scaling["factor"]))
+        return out, round(l0 * scaling["factor"])
     return out, cfg.l_max
 
 
