@@ -54,6 +54,41 @@ class SentencePieceTokenizer:
         return self._processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
 
+def write_byte_tokenizer_json(path: str) -> str:
+    """Write ByteTokenizer as a Hugging Face tokenizer.json: id i is byte i (0..255).
+
+    A byte-level BPE without merges: the ByteLevel pre-tokenizer maps each UTF-8 byte to
+    GPT-2's printable stand-in character, and the vocabulary gives that character the
+    byte's value as id; the ByteLevel decoder maps back. So `tokenizers` (and transformers'
+    PreTrainedTokenizerFast) encode any text to exactly ByteTokenizer's ids.
+    """
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()            # the 256 stand-in characters
+    stand_in = _bytes_to_unicode()
+    assert sorted(alphabet) == sorted(stand_in.values())
+    vocab = {stand_in[b]: b for b in range(256)}
+    tokenizer = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(path)
+    return path
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the ByteLevel pre-tokenizer's)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+                 + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 class HuggingFaceTokenizer:
     """A Hugging Face `tokenizers` file (tokenizer.json); special tokens are not added."""
 

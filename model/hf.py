@@ -1,0 +1,723 @@
+"""Hugging Face checkpoints in and out: the only module that knows Hugging Face names.
+
+- `load_config(hf_dir)`: config.json -> (ModelConfig, architecture), or one ValueError line
+  naming what was found and what is supported.
+- `load_model(hf_dir, ...)`: config.json + model.safetensors (or a sharded
+  model.safetensors.index.json) -> Transformer, streamed tensor by tensor: every parameter
+  is built with `jax.make_array_from_callback`, and each callback reads from the file only
+  the rows of the checkpoint tensor its device's block needs (positioned reads, no memory
+  map: see _SafetensorsFile), then transposes / reshapes it into our layout. The host never
+  holds the checkpoint besides the model: one block at a time.
+- `save_model(model, out_dir, ...)`: the inverse; config.json in the style the installed
+  transformers (5.x) writes (`rope_parameters`), model.safetensors sharded above
+  `max_shard_bytes` with model.safetensors.index.json, tokenizer.json copied when given.
+
+Architectures: LlamaForCausalLM (Llama 2 / 3 / 3.1 / 3.2, rope types default, linear,
+dynamic, yarn, llama3), MistralForCausalLM (no active sliding window), Qwen2ForCausalLM
+(q/k/v biases; no sliding window), GPT2LMHeadModel (learned positions, LayerNorm, tanh
+GELU, biases). q/k weights need no permutation: our RoPE uses Hugging Face's rotate-half
+layout. Refused: any other architecture, an active sliding window, an unknown rope type,
+partial rotary embeddings, an activation other than silu (SwiGLU) or tanh GELU (GPT-2).
+
+Length: for RoPE models ModelConfig.l_max is the length the rope scaling is relative to
+(the scaling's original_max_position_embeddings when given, else max_position_embeddings;
+for "dynamic", Hugging Face always uses max_position_embeddings); for GPT-2 it is
+n_positions (the rows of the position table).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from model import positions as pos_lib
+from model.transformer import ModelConfig, Transformer
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
+_ROPE_ARCHITECTURES = SUPPORTED[:3]
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def read_config_json(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _architecture(hf: dict) -> str:
+    found = hf.get("architectures") or []
+    if len(found) != 1 or found[0] not in SUPPORTED:
+        raise ValueError(f"unsupported Hugging Face architecture {found or hf.get('model_type')!r}; "
+                         f"supported: {', '.join(SUPPORTED)}")
+    return found[0]
+
+
+def _rope_settings(hf: dict) -> tuple[float, dict | None]:
+    """(theta, the rope dict without theta) from either config style: `rope_parameters`
+    (transformers 5) or `rope_theta` + `rope_scaling` (older)."""
+    params = hf.get("rope_parameters")
+    if params is not None:
+        params = dict(params)
+        if any(isinstance(v, dict) for v in params.values()):
+            raise ValueError(f"per-layer rope_parameters {sorted(params)} are not supported; "
+                             "supported: one rope dict for every layer")
+        theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    else:
+        params = dict(hf.get("rope_scaling") or {})
+        theta = hf.get("rope_theta", 10000.0)
+    partial = params.pop("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor {partial} is not supported; supported: 1.0 "
+                         "(RoPE on the whole head)")
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in pos_lib.ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: "
+                         f"{', '.join(pos_lib.ROPE_TYPES)}")
+    return float(theta), (params if rope_type != "default" else None)
+
+
+def _rope_config(hf: dict) -> dict:
+    """ModelConfig fields of a RoPE model's positions (theta, scaling, l_max)."""
+    theta, scaling = _rope_settings(hf)
+    max_positions = int(hf.get("max_position_embeddings") or 2048)
+    if scaling is None:
+        return dict(rope_theta=theta, rope_scaling_json="null", l_max=max_positions)
+    scaling = dict(scaling)
+    rope_type = scaling["rope_type"]
+    if rope_type == "dynamic":   # Hugging Face: L0 is always max_position_embeddings
+        scaling["original_max_position_embeddings"] = max_positions
+    if rope_type == "yarn" and scaling.get("factor") is None and \
+            scaling.get("original_max_position_embeddings"):
+        scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
+    if rope_type == "linear":
+        scaling.pop("original_max_position_embeddings", None)
+    l_max = int(scaling.get("original_max_position_embeddings") or max_positions)
+    normalized = pos_lib.normalize_rope_scaling(scaling, original_max_position_embeddings=l_max)
+    return dict(rope_theta=theta, rope_scaling_json=json.dumps(normalized, sort_keys=True),
+                l_max=l_max)
+
+
+def _refuse_sliding_window(hf: dict, architecture: str) -> None:
+    window = hf.get("sliding_window")
+    if architecture == "Qwen2ForCausalLM":
+        layer_types = set(hf.get("layer_types") or ())
+        if hf.get("use_sliding_window") or layer_types - {"full_attention"}:
+            raise ValueError(f"Qwen2 sliding-window attention (use_sliding_window="
+                             f"{hf.get('use_sliding_window')}, sliding_window={window}) is not "
+                             "supported; supported: full causal attention")
+        return
+    max_positions = hf.get("max_position_embeddings") or 0
+    if window is not None and window < max_positions:
+        raise ValueError(f"sliding_window={window} (< max_position_embeddings={max_positions}) "
+                         "is not supported; supported: sliding_window null or >= "
+                         "max_position_embeddings (full causal attention)")
+
+
+def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
+    """(ModelConfig, architecture) of a Hugging Face model directory.
+
+    The ModelConfig has the checkpoint's parameter dtype, float32 compute and blockwise
+    attention; `load_model` replaces those with its arguments.
+    """
+    hf = read_config_json(hf_dir)
+    architecture = _architecture(hf)
+    common = dict(vocab_size=int(hf["vocab_size"]), dtype="float32", param_dtype="float32",
+                  attention="blockwise")
+    if architecture == "GPT2LMHeadModel":
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in _GPT2_ACTIVATIONS:
+            raise ValueError(f"GPT-2 activation_function {activation!r} is not supported; "
+                             f"supported: {', '.join(_GPT2_ACTIVATIONS)} (tanh GELU)")
+        for key, bad in (("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                         ("add_cross_attention", True)):
+            if hf.get(key, not bad) == bad:
+                raise ValueError(f"GPT-2 {key}={bad} is not supported; supported: {not bad}")
+        d_model, heads = int(hf["n_embd"]), int(hf["n_head"])
+        config = ModelConfig(
+            d_model=d_model, n_layers=int(hf["n_layer"]), q_heads=heads, kv_heads=heads,
+            head_dim=d_model // heads, mlp_dim=int(hf.get("n_inner") or 4 * d_model),
+            l_max=int(hf["n_positions"]), position="learned",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm="layernorm",
+            mlp="gelu_tanh", qkv_bias=True, attention_out_bias=True, mlp_bias=True, **common)
+    else:
+        _refuse_sliding_window(hf, architecture)
+        activation = hf.get("hidden_act", "silu")
+        if activation != "silu":
+            raise ValueError(f"hidden_act {activation!r} is not supported for {architecture}; "
+                             "supported: silu (SwiGLU)")
+        heads = int(hf["num_attention_heads"])
+        d_model = int(hf["hidden_size"])
+        attention_bias = bool(hf.get("attention_bias", False))
+        qkv_bias = True if architecture == "Qwen2ForCausalLM" else attention_bias
+        config = ModelConfig(
+            d_model=d_model, n_layers=int(hf["num_hidden_layers"]), q_heads=heads,
+            kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or d_model // heads),
+            mlp_dim=int(hf["intermediate_size"]), position="rope",
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="rmsnorm", mlp="swiglu",
+            qkv_bias=qkv_bias, attention_out_bias=attention_bias,
+            mlp_bias=bool(hf.get("mlp_bias", False)), **_rope_config(hf), **common)
+    config = dataclasses.replace(config, param_dtype=_checkpoint_dtype(hf_dir))
+    config.validate()
+    return config, architecture
+
+
+# --------------------------------------------------------------------------- tensor mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How one of our parameters comes from one checkpoint tensor `key`:
+    take [start, start + length) of HF axis `part_axis` (GPT-2's packed q|k|v), split HF axis
+    `split_axis` into `split` (e.g. q_heads * head_dim -> (q_heads, head_dim); the inner
+    part is never sharded), then transpose by `perm` (ours[i] = reshaped[perm[i]])."""
+    key: str
+    perm: tuple[int, ...] = ()
+    split_axis: int | None = None
+    split: tuple[int, int] | None = None
+    part_axis: int | None = None
+    part_start: int = 0
+
+
+def _llama_sources(cfg: ModelConfig) -> dict[str, Source]:
+    """Our parameter path -> Source, for Llama / Mistral / Qwen2 (prefix "model.")."""
+    q, kv, hd = cfg.q_heads, cfg.kv_heads, cfg.head_dim
+    out = {"embedding": Source("model.embed_tokens.weight"),
+           "final_norm/scale": Source("model.norm.weight")}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = Source("lm_head.weight", perm=(1, 0))
+    for i in range(cfg.n_layers):
+        p, b = f"model.layers.{i}.", f"blocks/{i}/"
+        out.update({
+            b + "attention_norm/scale": Source(p + "input_layernorm.weight"),
+            b + "mlp_norm/scale": Source(p + "post_attention_layernorm.weight"),
+            # q_proj [q*hd, d] -> [q, hd, d] -> wq [d, q, hd]
+            b + "attention/wq": Source(p + "self_attn.q_proj.weight", (2, 0, 1), 0, (q, hd)),
+            b + "attention/wk": Source(p + "self_attn.k_proj.weight", (2, 0, 1), 0, (kv, hd)),
+            b + "attention/wv": Source(p + "self_attn.v_proj.weight", (2, 0, 1), 0, (kv, hd)),
+            # o_proj [d, q*hd] -> [d, q, hd] -> wo [q, hd, d]
+            b + "attention/wo": Source(p + "self_attn.o_proj.weight", (1, 2, 0), 1, (q, hd)),
+            b + "mlp/w_gate": Source(p + "mlp.gate_proj.weight", (1, 0)),
+            b + "mlp/w_up": Source(p + "mlp.up_proj.weight", (1, 0)),
+            b + "mlp/w_down": Source(p + "mlp.down_proj.weight", (1, 0)),
+        })
+        if cfg.qkv_bias:
+            for name, heads in (("q", q), ("k", kv), ("v", kv)):
+                out[b + f"attention/{name}_bias"] = Source(
+                    p + f"self_attn.{name}_proj.bias", (0, 1), 0, (heads, hd))
+        if cfg.attention_out_bias:
+            out[b + "attention/out_bias"] = Source(p + "self_attn.o_proj.bias")
+        if cfg.mlp_bias:
+            for ours, theirs in (("gate", "gate"), ("up", "up"), ("down", "down")):
+                out[b + f"mlp/{ours}_bias"] = Source(p + f"mlp.{theirs}_proj.bias")
+    return out
+
+
+def _gpt2_sources(cfg: ModelConfig, prefix: str) -> dict[str, Source]:
+    """GPT-2: Conv1D weights are [in, out]; c_attn packs q | k | v along the output axis."""
+    h, hd, d = cfg.q_heads, cfg.head_dim, cfg.d_model
+    out = {"embedding": Source(prefix + "wte.weight"),
+           "position_table": Source(prefix + "wpe.weight"),
+           "final_norm/scale": Source(prefix + "ln_f.weight"),
+           "final_norm/bias": Source(prefix + "ln_f.bias")}
+    if not cfg.tie_embeddings:
+        out["lm_head"] = Source("lm_head.weight", perm=(1, 0))
+    for i in range(cfg.n_layers):
+        p, b = f"{prefix}h.{i}.", f"blocks/{i}/"
+        out.update({
+            b + "attention_norm/scale": Source(p + "ln_1.weight"),
+            b + "attention_norm/bias": Source(p + "ln_1.bias"),
+            b + "mlp_norm/scale": Source(p + "ln_2.weight"),
+            b + "mlp_norm/bias": Source(p + "ln_2.bias"),
+            # c_proj [h*hd, d] -> wo [h, hd, d]
+            b + "attention/wo": Source(p + "attn.c_proj.weight", (0, 1, 2), 0, (h, hd)),
+            b + "attention/out_bias": Source(p + "attn.c_proj.bias"),
+            b + "mlp/w_in": Source(p + "mlp.c_fc.weight"),
+            b + "mlp/in_bias": Source(p + "mlp.c_fc.bias"),
+            b + "mlp/w_out": Source(p + "mlp.c_proj.weight"),
+            b + "mlp/out_bias": Source(p + "mlp.c_proj.bias"),
+        })
+        for j, name in enumerate("qkv"):
+            # c_attn [d, 3d]: columns [j*d, (j+1)*d) -> [d, h, hd]
+            out[b + f"attention/w{name}"] = Source(p + "attn.c_attn.weight", (0, 1, 2), 1, (h, hd),
+                                                   part_axis=1, part_start=j * d)
+            out[b + f"attention/{name}_bias"] = Source(p + "attn.c_attn.bias", (0, 1), 0, (h, hd),
+                                                       part_axis=0, part_start=j * d)
+    return out
+
+
+def _sources(cfg: ModelConfig, architecture: str, keys) -> dict[str, Source]:
+    if architecture == "GPT2LMHeadModel":
+        prefix = "transformer." if "transformer.wte.weight" in keys else ""
+        return _gpt2_sources(cfg, prefix)
+    return _llama_sources(cfg)
+
+
+def _hf_index(source: Source, shape: tuple[int, ...], index: tuple[slice, ...]):
+    """The slice of the checkpoint tensor that our block `index` (of our `shape`) needs, and
+    the slice left to take of the reshaped/transposed block (for a partly selected inner
+    split axis)."""
+    ndim = len(shape)
+    perm = source.perm or tuple(range(ndim))
+    index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+    reshaped = [None] * ndim
+    for ours, theirs in enumerate(perm):
+        reshaped[theirs] = index[ours]
+    reshaped_shape = [0] * ndim
+    for ours, theirs in enumerate(perm):
+        reshaped_shape[theirs] = shape[ours]
+    hf_index, rest = [], [slice(None)] * ndim
+    axis = 0
+    while axis < ndim:
+        hf_axis = len(hf_index)
+        if source.split_axis is not None and hf_axis == source.split_axis:
+            outer, inner = reshaped[axis], reshaped[axis + 1]
+            inner_size = reshaped_shape[axis + 1]
+            hf_index.append(slice(outer.start * inner_size, outer.stop * inner_size))
+            rest[axis + 1] = inner            # inner part read whole, cut afterwards
+            axis += 2
+        else:
+            hf_index.append(reshaped[axis])
+            axis += 1
+    if source.part_axis is not None:
+        s = hf_index[source.part_axis]
+        hf_index[source.part_axis] = slice(s.start + source.part_start, s.stop + source.part_start)
+    # `rest` is in reshaped order; bring it into ours.
+    rest_ours = tuple(rest[theirs] for theirs in perm)
+    return tuple(hf_index), rest_ours
+
+
+def _to_ours(source: Source, block: np.ndarray) -> np.ndarray:
+    if source.split_axis is not None:
+        a = source.split_axis
+        block = block.reshape(block.shape[:a] + (-1, source.split[1]) + block.shape[a + 1:])
+    return np.transpose(block, source.perm) if source.perm else block
+
+
+_NUMPY_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+                 "BF16": np.dtype(jnp.bfloat16)}
+
+
+class _SafetensorsFile:
+    """One .safetensors file read with positioned reads (os.pread), not a memory map.
+
+    `safe_open` maps the file, and every page it touches counts in the process's resident
+    memory until the file is closed: importing a 1.2B-parameter bf16 checkpoint measured
+    2.1x the checkpoint's size in maxrss, half of it mapped file pages. Reading only the
+    bytes a block needs into a fresh array keeps the peak at the parameters plus one block.
+    The format is an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}} and the row-major data.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self.header, self.data_start = header, 8 + length
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self):
+        os.close(self.fd)
+
+    def keys(self):
+        return self.header.keys()
+
+
+class _Tensor:
+    """A tensor of a _SafetensorsFile: shape, dtype, and blocks read by slicing
+    (the rows of axis 0 the block needs are read, the other axes cut in memory)."""
+
+    def __init__(self, file: _SafetensorsFile, key: str):
+        entry = file.header[key]
+        self.file, self.key = file, key
+        self.shape = tuple(entry["shape"])
+        self.dtype_name = entry["dtype"]
+        self.start = file.data_start + entry["data_offsets"][0]
+
+    def get_shape(self):
+        return list(self.shape)
+
+    def get_dtype(self):
+        return self.dtype_name
+
+    def __getitem__(self, index) -> np.ndarray:
+        if self.dtype_name not in _NUMPY_DTYPES:
+            raise ValueError(f"{self.key}: checkpoint dtype {self.dtype_name} is not supported; "
+                             f"supported: {', '.join(_NUMPY_DTYPES)}")
+        dtype = _NUMPY_DTYPES[self.dtype_name]
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        if not self.shape:
+            rows, rest = None, ()
+        else:
+            rows, rest = slice(*index[0].indices(self.shape[0])[:2]), index[1:]
+        row_items = int(np.prod(self.shape[1:], dtype=np.int64))
+        first, count = (0, 1) if rows is None else (rows.start, max(rows.stop - rows.start, 0))
+        nbytes = count * row_items * dtype.itemsize
+        out = _aligned_empty((count * row_items,), dtype)
+        view, done = memoryview(out.view(np.uint8)), 0
+        while done < nbytes:
+            n = os.preadv(self.file.fd, [view[done:]],
+                          self.start + first * row_items * dtype.itemsize + done)
+            if n <= 0:
+                raise ValueError(f"{self.file.path}: truncated tensor {self.key}")
+            done += n
+        out = out.reshape(((count,) if rows is not None else ()) + self.shape[1:])
+        if rows is None:
+            return out
+        return out[(slice(None),) + rest] if any(s != slice(None) for s in rest) else out
+
+
+_ALIGNMENT = 64   # XLA's CPU client adopts 64-byte aligned host buffers without a copy
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buffer = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = (-buffer.ctypes.data) % _ALIGNMENT
+    return buffer[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _as_aligned(block: np.ndarray, dtype) -> np.ndarray:
+    """`block` as a C-contiguous, 64-byte aligned array of `dtype` (itself if it is one):
+    on CPU, jax then uses it as the device buffer instead of copying it."""
+    dtype = np.dtype(dtype)
+    if block.dtype == dtype and block.flags.c_contiguous and \
+            block.ctypes.data % _ALIGNMENT == 0:
+        return block
+    out = _aligned_empty(block.shape, dtype)
+    np.copyto(out, block, casting="unsafe")
+    return out
+
+
+class _Checkpoint(contextlib.ExitStack):
+    """The safetensors files of a model directory (model.safetensors, or the files that
+    model.safetensors.index.json names), opened lazily."""
+
+    def __init__(self, hf_dir: str):
+        super().__init__()
+        self.hf_dir = hf_dir
+        index_path = os.path.join(hf_dir, "model.safetensors.index.json")
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                self.files = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+            file = _SafetensorsFile(os.path.join(hf_dir, "model.safetensors"))
+            self.callback(file.close)
+            self._open = {"model.safetensors": file}
+            self.files = {key: "model.safetensors" for key in file.keys()}
+            return
+        else:
+            raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
+                             "(only safetensors checkpoints are supported)")
+        self._open = {}
+
+    def slice(self, key: str) -> _Tensor:
+        if key not in self.files:
+            raise ValueError(f"{self.hf_dir}: the checkpoint has no tensor {key!r}")
+        name = self.files[key]
+        if name not in self._open:
+            self._open[name] = _SafetensorsFile(os.path.join(self.hf_dir, name))
+            self.callback(self._open[name].close)
+        return _Tensor(self._open[name], key)
+
+
+def _checkpoint_dtype(hf_dir: str) -> str:
+    with _Checkpoint(hf_dir) as checkpoint:
+        key = next((k for k in checkpoint.files if k.endswith(("embed_tokens.weight", "wte.weight"))),
+                   next(iter(checkpoint.files)))
+        dtype = checkpoint.slice(key).get_dtype()
+    if dtype not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"checkpoint dtype {dtype} is not supported; supported: "
+                         f"{', '.join(_SAFETENSORS_DTYPES)}")
+    return _SAFETENSORS_DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _path_name(path) -> str:
+    return "/".join(str(key) for key in path)
+
+
+def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = None,
+               attention: str = "blockwise", mesh=None, axis_rules=None,
+               attention_fn: Callable | None = None, **overrides) -> Transformer:
+    """A Transformer with the weights of a Hugging Face checkpoint directory.
+
+    Args:
+      dtype: the compute dtype. param_dtype: the parameters' dtype (default: the
+        checkpoint's). attention: dense | blockwise | ring (ring needs `attention_fn`,
+        e.g. parallel.ring_attention.make_ring_attention(mesh)).
+      mesh, axis_rules: with a mesh, every parameter is created sharded as the model's
+        logical axis names map onto it under `axis_rules` (parallel.mesh.LOGICAL_RULES;
+        model/ cannot import parallel/), and each process reads only the slices its devices
+        hold. Without a mesh, on the default device.
+      overrides: other ModelConfig fields (block_q, block_k, remat, ...).
+    """
+    config, architecture = load_config(hf_dir)
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype or config.param_dtype,
+                                 attention=attention, **overrides)
+    config.validate()
+
+    def build():
+        return Transformer(config, rngs=nnx.Rngs(0), attention_fn=attention_fn)
+
+    if mesh is not None:
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(axis_rules or ()):
+            abstract = nnx.eval_shape(build)
+            graphdef, state = nnx.split(abstract)
+            specs = nnx.get_partition_spec(state)
+        shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        flat_shardings = {_path_name(p): s.get_value() if isinstance(s, nnx.Variable) else s
+                          for p, s in nnx.to_flat_state(shardings)}
+    else:
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(build)
+            graphdef, state = nnx.split(abstract)
+        flat_shardings = None
+    device_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    with _Checkpoint(hf_dir) as checkpoint:
+        sources = _sources(config, architecture, checkpoint.files)
+        flat = nnx.to_flat_state(state)
+        names = {_path_name(path) for path, _ in flat}
+        if names != set(sources):
+            raise AssertionError(f"parameter mapping out of date: {sorted(names ^ set(sources))}")
+        for path, variable in flat:
+            name = _path_name(path)
+            source = sources[name]
+            shape, target_dtype = tuple(variable.shape), jnp.dtype(variable.dtype)
+            tensor = checkpoint.slice(source.key)
+            expected = _expected_hf_shape(source, shape, tensor.get_shape())
+            if tuple(tensor.get_shape()) != expected:
+                raise ValueError(f"{source.key}: checkpoint shape {tuple(tensor.get_shape())}, "
+                                 f"config.json implies {expected}")
+
+            def read(index, source=source, shape=shape, tensor=tensor, target_dtype=target_dtype):
+                hf_index, rest = _hf_index(source, shape, index)
+                block = _to_ours(source, tensor[hf_index])
+                return _as_aligned(block[rest], target_dtype)
+
+            sharding = flat_shardings[name] if flat_shardings else device_sharding
+            variable.set_value(jax.make_array_from_callback(shape, sharding, read))
+    model = nnx.merge(graphdef, state)
+    model.hf_architecture = architecture
+    return model
+
+
+def _expected_hf_shape(source: Source, shape, hf_shape) -> tuple[int, ...]:
+    """The checkpoint tensor's shape that our `shape` implies (packed axes: the file's)."""
+    perm = source.perm or tuple(range(len(shape)))
+    reshaped = [0] * len(shape)
+    for ours, theirs in enumerate(perm):
+        reshaped[theirs] = shape[ours]
+    if source.split_axis is not None:
+        a = source.split_axis
+        reshaped[a:a + 2] = [reshaped[a] * reshaped[a + 1]]
+    if source.part_axis is not None:
+        reshaped[source.part_axis] = hf_shape[source.part_axis]
+    return tuple(reshaped)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def infer_architecture(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture that computes what `cfg` computes, or ValueError."""
+    gpt2 = (cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu_tanh"
+            and cfg.qkv_bias and cfg.attention_out_bias and cfg.mlp_bias
+            and cfg.q_heads == cfg.kv_heads and cfg.q_heads * cfg.head_dim == cfg.d_model)
+    if gpt2:
+        return "GPT2LMHeadModel"
+    if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
+        if cfg.qkv_bias and not cfg.attention_out_bias and not cfg.mlp_bias:
+            return "Qwen2ForCausalLM"
+        if cfg.qkv_bias == cfg.attention_out_bias:
+            return "LlamaForCausalLM"
+    raise ValueError(
+        f"no Hugging Face architecture computes this model (position={cfg.position}, "
+        f"norm={cfg.norm}, mlp={cfg.mlp}, qkv_bias={cfg.qkv_bias}, attention_out_bias="
+        f"{cfg.attention_out_bias}, mlp_bias={cfg.mlp_bias}); supported: Llama/Mistral "
+        "(rope, rmsnorm, swiglu, q/k/v and output biases both or neither), Qwen2 (q/k/v "
+        "biases only), GPT-2 (learned, layernorm, gelu_tanh, every bias)")
+
+
+def _rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
+    """(rope_parameters, max_position_embeddings) for config.json."""
+    scaling = cfg.rope_scaling
+    out = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if scaling is None:
+        return out, cfg.l_max
+    out.update({k: v for k, v in scaling.items() if v is not None})
+    rope_type = scaling["rope_type"]
+    l0 = scaling.get("original_max_position_embeddings") or cfg.l_max
+    if rope_type == "dynamic":
+        out.pop("original_max_position_embeddings", None)
+        return out, l0
+    if rope_type in ("yarn", "llama3"):
+        out["original_max_position_embeddings"] = l0
+        return out, round(l0 * scaling["factor"])
+    return out, cfg.l_max
+
+
+def hf_config(cfg: ModelConfig, architecture: str) -> dict:
+    """config.json for `cfg` as `architecture`, in transformers 5's style."""
+    torch_dtype = cfg.param_dtype
+    if architecture == "GPT2LMHeadModel":
+        return {
+            "architectures": [architecture], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.q_heads,
+            "n_inner": cfg.mlp_dim, "n_positions": cfg.l_max, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "bos_token_id": None, "eos_token_id": None, "dtype": torch_dtype}
+    if cfg.position != "rope":
+        raise ValueError(f"{architecture} needs model.position='rope', got {cfg.position!r}")
+    rope, max_positions = _rope_parameters(cfg)
+    out = {
+        "architectures": [architecture], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.q_heads, "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim, "hidden_act": "silu",
+        "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": max_positions,
+        "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": None,
+        "dtype": torch_dtype}
+    if architecture == "LlamaForCausalLM":
+        out.update(model_type="llama", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    elif architecture == "MistralForCausalLM":
+        if cfg.qkv_bias or cfg.attention_out_bias or cfg.mlp_bias:
+            raise ValueError("MistralForCausalLM has no biases; export as LlamaForCausalLM")
+        out.update(model_type="mistral", sliding_window=None)
+    elif architecture == "Qwen2ForCausalLM":
+        if not cfg.qkv_bias or cfg.attention_out_bias or cfg.mlp_bias:
+            raise ValueError("Qwen2ForCausalLM has q/k/v biases and no others")
+        out.update(model_type="qwen2", use_sliding_window=False, sliding_window=None,
+                   max_window_layers=cfg.n_layers,
+                   layer_types=["full_attention"] * cfg.n_layers)
+    else:
+        raise ValueError(f"cannot export as {architecture!r}; supported: {', '.join(SUPPORTED)}")
+    return out
+
+
+def _from_ours(source: Source, value: np.ndarray) -> np.ndarray:
+    """Our full parameter -> its (part of the) checkpoint tensor."""
+    if source.perm:
+        value = np.transpose(value, np.argsort(source.perm))
+    if source.split_axis is not None:
+        a = source.split_axis
+        value = value.reshape(value.shape[:a] + (-1,) + value.shape[a + 2:])
+    return value
+
+
+def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = None,
+               architecture: str | None = None,
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+    """Write `model` as a Hugging Face directory `transformers` loads (AutoModelForCausalLM).
+
+    architecture: default the one the model was loaded from, else inferred from its config
+    (LlamaForCausalLM for models trained here). The weights are written in the parameter
+    dtype, one tensor gathered to the host at a time (a single-process export: every
+    parameter must be fully addressable), in shards of at most `max_shard_bytes` (with
+    model.safetensors.index.json when there is more than one). `tokenizer_path`: a
+    tokenizer.json, copied.
+    """
+    cfg = model.cfg
+    architecture = architecture or getattr(model, "hf_architecture", None) or \
+        infer_architecture(cfg)
+    config = hf_config(cfg, architecture)
+    os.makedirs(out_dir, exist_ok=True)
+    params = {_path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sources = _sources(cfg, architecture, {"transformer.wte.weight"})
+    if set(params) != set(sources):
+        raise AssertionError(f"parameter mapping out of date: {sorted(set(params) ^ set(sources))}")
+    # checkpoint key -> our parameters (several for GPT-2's packed c_attn)
+    by_key: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        by_key.setdefault(source.key, []).append(name)
+
+    for name in os.listdir(out_dir):
+        if name.startswith("model") and name.endswith((".safetensors", ".index.json")):
+            os.remove(os.path.join(out_dir, name))
+    # Shards are written as they fill (the host holds one shard at most), then renamed
+    # model-0000i-of-0000n.safetensors once n is known.
+    written: list[tuple[str, list[str]]] = []
+    current: dict[str, np.ndarray] = {}
+    size = total = 0
+
+    def flush():
+        nonlocal current, size
+        file = f"model-part-{len(written) + 1}.safetensors"
+        save_file(current, os.path.join(out_dir, file), metadata={"format": "pt"})
+        written.append((file, list(current)))
+        current, size = {}, 0
+
+    for key, names in by_key.items():
+        names = sorted(names, key=lambda n: sources[n].part_start)
+        parts = [_from_ours(sources[n], np.asarray(jax.device_get(params[n][...])))
+                 for n in names]
+        tensor = parts[0] if len(parts) == 1 else \
+            np.concatenate(parts, axis=sources[names[0]].part_axis)
+        del parts
+        if current and size + tensor.nbytes > max_shard_bytes:
+            flush()
+        current[key] = np.ascontiguousarray(tensor)
+        size += tensor.nbytes
+        total += tensor.nbytes
+    if current or not written:
+        flush()
+    if len(written) == 1:
+        os.replace(os.path.join(out_dir, written[0][0]), os.path.join(out_dir, "model.safetensors"))
+    else:
+        weight_map = {}
+        for i, (file, keys) in enumerate(written):
+            final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(os.path.join(out_dir, file), os.path.join(out_dir, final))
+            weight_map.update({key: final for key in keys})
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if tokenizer_path:
+        _copy_tokenizer(tokenizer_path, out_dir)
+    return out_dir
+
+
+def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> None:
+    """tokenizer.json, and the tokenizer_config.json / special_tokens_map.json beside it;
+    without a tokenizer_config.json, one naming PreTrainedTokenizerFast (so AutoTokenizer
+    reads the file as it is, adding no special tokens)."""
+    shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+    source_dir = os.path.dirname(os.path.abspath(tokenizer_path))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(source_dir, name)):
+            shutil.copy(os.path.join(source_dir, name), os.path.join(out_dir, name))
+    if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
