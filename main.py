@@ -2,6 +2,8 @@
 
   python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
                  [--mode train|eval|compare]
+  python main.py --mode import --hf_dir DIR --workdir W    (Hugging Face -> workdir)
+  python main.py --mode export --workdir W --hf_dir OUT    (workdir -> Hugging Face)
 
 train (default) resumes from the newest checkpoint in the workdir (default
 ~/boundless_workdirs/<config name>); eval scores the newest checkpoint and writes
@@ -26,10 +28,14 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: ~/boundless_workdirs/<config name>; for "
     "--mode compare, where to write compare.md and the plot: nothing is written without it).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare"],
-                          "train, eval (the newest checkpoint of --workdir), or compare "
-                          "(the eval results of --workdirs as one table; with --workdir, "
-                          "also written there with a plot).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare", "import", "export"],
+                          "train; eval (the newest checkpoint of --workdir; without --config, "
+                          "with the workdir's config.json); compare (the eval results of "
+                          "--workdirs as one table; with --workdir, also written there with a "
+                          "plot); import (--hf_dir into a new --workdir); export (--workdir's "
+                          "newest checkpoint to --hf_dir).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "--mode import: a Hugging Face model directory "
+                              "to read; --mode export: the directory to write.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
@@ -74,18 +80,38 @@ def main(argv):
         if _WORKDIR.value:
             print(f"wrote {_WORKDIR.value}/compare.md and {_WORKDIR.value}/compare_perplexity.png")
         return
+    if _MODE.value in ("import", "export"):
+        if not _WORKDIR.value or not _HF_DIR.value:
+            raise app.UsageError(f"--mode {_MODE.value} needs --workdir and --hf_dir")
+        start_distributed()
+        from train import hf_workdir  # imported after jax.distributed is up
+        run = hf_workdir.import_workdir if _MODE.value == "import" else hf_workdir.export_workdir
+        args = ((_HF_DIR.value, _WORKDIR.value) if _MODE.value == "import"
+                else (_WORKDIR.value, _HF_DIR.value))
+        _exit_on_error(lambda: print(run(*args), flush=True))
+        return
     config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    if config is None and not (_MODE.value == "eval" and _WORKDIR.value):
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py (--mode eval "
+                             "--workdir W alone takes W's config.json)")
     start_distributed()
-    from train import trainer  # imported after jax.distributed is up
-    config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-    workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
+    from train import trainer, workdir_config  # imported after jax.distributed is up
+    if config is None:
+        workdir = _WORKDIR.value
+        config = _exit_on_error(lambda: workdir_config.load(workdir))
+    else:
+        config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+        workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
+    if _MODE.value == "train":
+        _exit_on_error(lambda: trainer.train(config, workdir))
+    else:
+        _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))
+
+
+def _exit_on_error(action):
+    """Run `action`; a ValueError or FileNotFoundError becomes one line on stderr, exit 2."""
     try:
-        if _MODE.value == "train":
-            trainer.train(config, workdir)
-        else:
-            trainer.evaluate_workdir(config, workdir)
+        return action()
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -23,6 +23,7 @@ from evaluation.progress import Progress
 from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
+from train import workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.optimizer import learning_rate_at
@@ -70,9 +71,7 @@ def train(config, workdir: str) -> dict:
     eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer)
     final_eval = suite.prepare(config, eval_run, abstract_state(eval_run)["params"])
     if is_writer:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(_config_json(config))
+        workdir_config.write(config, workdir)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save, data_names=tuple(levels.iterators))
@@ -213,13 +212,9 @@ def _evaluate(config, eval_run, state, data, step: int, writer, *, workdir: str 
     return outcome
 
 
-def _config_json(config) -> str:
-    return config.to_json_best_effort(indent=2, sort_keys=True)
-
-
 def _checkpoint_meta(config, run, step: int, tokens: int) -> dict:
     return {"step": step, "tokens": tokens, "model_config": dataclasses.asdict(run.model_config),
-            "config": json.loads(_config_json(config))}
+            "config": json.loads(workdir_config.to_json(config))}
 
 
 def _layout_name(mesh) -> str:

@@ -1,0 +1,46 @@
+"""A run's config as its workdir holds it: written as config.json, read back for the modes
+that take their config from a workdir (eval without --config, import's output, export)."""
+from __future__ import annotations
+
+import json
+import os
+
+from ml_collections import config_dict
+
+from configs import base
+
+CONFIG_FILE = "config.json"
+
+
+def to_json(config) -> str:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def write(config, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(to_json(config))
+
+
+def load(workdir: str) -> config_dict.ConfigDict:
+    """configs/base.py's config with every value of workdir/config.json set on it; one
+    ValueError line for a missing file or a key the project does not have."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist: is {workdir!r} a workdir (train or "
+                         f"--mode import first)?")
+    with open(path) as f:
+        saved = json.load(f)
+    config = base.get_config()
+    _update(config, saved, path, "")
+    return config
+
+
+def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -> None:
+    for key, value in saved.items():
+        if key not in node:
+            raise ValueError(f"{path}: unknown key {prefix}{key} (written by another version?)")
+        if isinstance(node[key], config_dict.ConfigDict) and isinstance(value, dict):
+            _update(node[key], value, path, f"{prefix}{key}.")
+        else:
+            node[key] = tuple(value) if isinstance(value, list) else value
