@@ -1,12 +1,15 @@
 """Boundless entry point.
 
   python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
-                 [--mode train|eval|compare]
+                 [--mode train|eval|generate|compare]
+  python main.py --mode generate --workdir DIR --config.generate.prompt="..." [...]
 
 train (default) resumes from the newest checkpoint in the workdir (default
 ~/boundless_workdirs/<config name>); eval scores the newest checkpoint and writes
-DIR/eval/; compare (--workdirs A,B,C) prints their evaluations as one table, and with
---workdir also writes it and one plot there. Multi-host flags: README, "Multi-host".
+DIR/eval/; generate continues --config.generate.prompt with the newest checkpoint (the
+run's config from DIR/config.json unless --config is given); compare (--workdirs A,B,C)
+prints their evaluations as one table, and with --workdir also writes it and one plot
+there. Multi-host flags: README, "Multi-host".
 """
 from __future__ import annotations
 
@@ -21,15 +24,21 @@ from ml_collections import config_flags
 # Outside the repository, so that runs never land in a checkout unless asked to.
 DEFAULT_WORKDIRS = os.path.expanduser("~/boundless_workdirs")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=True)
+# configs/base.py is the default only so that --mode generate can take --config.KEY
+# overrides without a --config file (it reads the run's config.json); the other modes
+# still require --config (checked in main()).
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _BASE_CONFIG, "Config file (configs/*.py); --mode generate reads the "
+    "workdir's config.json when it is not given.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: ~/boundless_workdirs/<config name>; for "
     "--mode compare, where to write compare.md and the plot: nothing is written without it).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare"],
-                          "train, eval (the newest checkpoint of --workdir), or compare "
-                          "(the eval results of --workdirs as one table; with --workdir, "
-                          "also written there with a plot).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "generate", "compare"],
+                          "train, eval (the newest checkpoint of --workdir), generate "
+                          "(continue --config.generate.prompt with the newest checkpoint of "
+                          "--workdir), or compare (the eval results of --workdirs as one "
+                          "table; with --workdir, also written there with a plot).")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
@@ -74,9 +83,21 @@ def main(argv):
         if _WORKDIR.value:
             print(f"wrote {_WORKDIR.value}/compare.md and {_WORKDIR.value}/compare_perplexity.png")
         return
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+    config_given = flags.FLAGS["config"].present
+    if _MODE.value == "generate" and not config_given:
+        if not _WORKDIR.value:
+            raise app.UsageError("--mode generate needs --workdir (the trained run)")
+        from train import generate_mode
+        try:
+            config = generate_mode.workdir_config(
+                _WORKDIR.value, config_flags.get_override_values(flags.FLAGS["config"]))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+    else:
+        config = _CONFIG.value
+        if not config_given or config is None:
+            raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
     start_distributed()
     from train import trainer  # imported after jax.distributed is up
     config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
@@ -84,6 +105,9 @@ def main(argv):
     try:
         if _MODE.value == "train":
             trainer.train(config, workdir)
+        elif _MODE.value == "generate":
+            from train import generate_mode
+            generate_mode.generate_workdir(config, workdir)
         else:
             trainer.evaluate_workdir(config, workdir)
     except (ValueError, FileNotFoundError) as error:
