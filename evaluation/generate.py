@@ -2,9 +2,9 @@
 sampling.
 
 `generate(model, prompt_ids, max_new_tokens, ...)` runs as one jitted function: a prefill of
-the whole prompt into a cache of prompt + max_new_tokens slots (model/kv_cache.py), then a
-`lax.while_loop` that feeds one token per step and attends to the cache; the sequence is
-never re-run. It is compiled once per (model structure, prompt shape, max_new_tokens,
+the prompt (in pieces of `prefill_chunk` tokens) into a cache of prompt + max_new_tokens
+slots (model/kv_cache.py), then a `lax.while_loop` that feeds one token per step and
+attends to the cache; the sequence is never re-run. It is compiled once per (model structure, prompt shape, max_new_tokens,
 greedy or sampling, top_p < 1 or not, eos_id) and reused; temperature, top_p and seed are
 traced values.
 
@@ -40,9 +40,9 @@ def sample_next(logits, key, temperature, top_p, *, greedy: bool, nucleus: bool)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "nucleus",
-                                             "eos_id"))
+                                             "eos_id", "prefill_chunk"))
 def _generate(graphdef, state, prompt, temperature, top_p, seed, *, max_new_tokens: int,
-              greedy: bool, nucleus: bool, eos_id: int | None):
+              greedy: bool, nucleus: bool, eos_id: int | None, prefill_chunk: int):
     """(tokens [batch, max_new_tokens], steps): the new tokens (eos_id after a row's EOS)
     and how many were generated before every row had stopped."""
     model = nnx.merge(graphdef, state)
@@ -51,7 +51,15 @@ def _generate(graphdef, state, prompt, temperature, top_p, seed, *, max_new_toke
     sample = functools.partial(sample_next, temperature=temperature, top_p=top_p,
                                greedy=greedy, nucleus=nucleus)
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model(prompt, cache=cache)                          # prefill
+    prefill_chunk = min(prefill_chunk, prompt_len)
+
+    def prefill_piece(i, cache):               # the prompt in pieces of prefill_chunk tokens
+        piece = jax.lax.dynamic_slice_in_dim(prompt, i * prefill_chunk, prefill_chunk, axis=1)
+        return model(piece, cache=cache)[1]
+
+    pieces = (prompt_len - 1) // prefill_chunk  # the last 1..prefill_chunk tokens go below
+    cache = jax.lax.fori_loop(0, pieces, prefill_piece, cache)
+    logits, cache = model(prompt[:, pieces * prefill_chunk:], cache=cache)
     first = sample(logits[:, -1], jax.random.fold_in(key, 0))
     out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = (first == eos_id) if eos_id is not None else jnp.zeros((batch,), bool)
@@ -77,7 +85,8 @@ def _generate(graphdef, state, prompt, temperature, top_p, seed, *, max_new_toke
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> np.ndarray:
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             prefill_chunk: int = 512) -> np.ndarray:
     """New token ids after `prompt_ids` (int array [length], or [batch, length] of prompts
     of equal length), at most `max_new_tokens` of them, as int32 numpy with the prompt's
     leading shape.
@@ -93,6 +102,10 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     prefill and at every step (a full forward over the final sequence computes the same
     frequencies; Hugging Face's dynamic scaling instead recomputes them as the sequence
     grows). Learned positions need prompt + max_new_tokens <= l_max.
+
+    The prompt is prefilled `prefill_chunk` tokens at a time, each piece attending densely
+    to the cache, so prefill memory is O(prefill_chunk x (prompt + max_new_tokens)) per
+    layer and head, not quadratic in the prompt.
     """
     prompt = np.asarray(prompt_ids)
     single = prompt.ndim == 1
@@ -113,6 +126,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
         raise ValueError(f"generate: temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p must lie in (0, 1], got {top_p}")
+    if prefill_chunk < 1:
+        raise ValueError(f"generate: prefill_chunk must be >= 1, got {prefill_chunk}")
     if eos_id is not None and not 0 <= eos_id < vocab:
         raise ValueError(f"generate: eos_id must lie in [0, {vocab}), got {eos_id}")
     if max_new_tokens == 0:
@@ -124,6 +139,6 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
         graphdef, state, jnp.asarray(prompt, jnp.int32), jnp.float32(temperature or 1.0),
         jnp.float32(top_p), jnp.uint32(seed), max_new_tokens=int(max_new_tokens),
         greedy=greedy, nucleus=not greedy and top_p < 1,
-        eos_id=None if eos_id is None else int(eos_id))
+        eos_id=None if eos_id is None else int(eos_id), prefill_chunk=int(prefill_chunk))
     out = np.asarray(tokens)[:, :int(steps)]
     return out[0] if single else out

@@ -76,6 +76,7 @@ def test_cached_decode_logits_equal_the_full_forward_at_every_step(variant):
     assert int(cache.length) == length
 
 
+@pytest.mark.slow
 def test_logits_without_a_cache_are_bit_identical_to_those_before_the_kv_cache():
     """tests/data/logits_before_kv_cache.npz holds the no-cache logits computed by commit
     49eb4f2 (before the cache existed) for these four models and this input."""
@@ -113,6 +114,7 @@ def slow_greedy(model, prompt, new_tokens):
     return buffer[:, prompt_len:]
 
 
+@pytest.mark.slow
 def test_greedy_generate_equals_the_argmax_of_a_full_forward_per_token():
     model = make(DENSE)
     prompt = np.asarray(tokens(2, length=8))
@@ -120,6 +122,14 @@ def test_greedy_generate_equals_the_argmax_of_a_full_forward_per_token():
     assert out.shape == (2, 16) and out.dtype == np.int32
     np.testing.assert_array_equal(out, slow_greedy(model, prompt, 16))
     np.testing.assert_array_equal(generate(model, prompt[0], 16), out[0])   # 1-D prompt
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_the_prompt_prefilled_in_pieces_gives_the_tokens_of_one_prefill(chunk):
+    model = make(DENSE)
+    prompt = np.asarray(tokens(2, length=8))
+    np.testing.assert_array_equal(generate(model, prompt, 6, prefill_chunk=chunk),
+                                  generate(model, prompt, 6, prefill_chunk=8))
 
 
 def test_sampling_is_the_same_for_a_seed_and_changes_with_the_seed():
