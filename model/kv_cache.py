@@ -5,7 +5,8 @@ head_dim] in the model's compute dtype; `length` (int32 scalar) is how many slot
 filled. Slot j holds the key/value of the token at position j of one sequence that starts
 at position 0 (no packing, no padding): decoding writes the new tokens at slots
 length .. length + t - 1 and attends over slots <= its own (model/attention.py,
-`cached_attention`). Both are NamedTuples, so the cache is a pytree that jit, lax loops
+`cached_attention`). The caller sizes the cache: a write past max_len is not detected
+inside jit (lax.dynamic_update_slice clamps its start). Both are NamedTuples, so the cache is a pytree that jit, lax loops
 and device_put take as it is.
 """
 from __future__ import annotations
