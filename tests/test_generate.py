@@ -43,6 +43,9 @@ VARIANTS = {
     "no_positions": {"position": "none"},
     "multi_head": {"kv_heads": 4},
     "multi_query": {"kv_heads": 1},
+    "gpt2_options": {"position": "learned", "norm": "layernorm", "mlp": "gelu_tanh",
+                     "qkv_bias": True, "attention_out_bias": True, "mlp_bias": True,
+                     "tie_embeddings": False},
 }
 
 
@@ -60,7 +63,7 @@ def tokens(seed, batch=2, length=24):
 def test_cached_decode_logits_equal_the_full_forward_at_every_step(variant):
     cfg = dataclasses.replace(SMALL, **VARIANTS[variant])
     model = make(cfg)
-    length = 32 if variant == "learned" else 48          # learned positions end at l_max
+    length = 32 if cfg.position == "learned" else 48     # learned positions end at l_max
     sequence = tokens(1, length=length)
     full = model(sequence)                                # [2, length, vocab], no cache
     graphdef, state = nnx.split(model)
