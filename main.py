@@ -2,13 +2,17 @@
 
   python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
                  [--mode train|eval|compare]
+  python main.py --mode eval --workdir W [--config.KEY=VALUE ...]     (W's config.json)
+  python main.py --mode generate --workdir W --config.generate.prompt="..." [...]
   python main.py --mode import --hf_dir DIR --workdir W    (Hugging Face -> workdir)
   python main.py --mode export --workdir W --hf_dir OUT    (workdir -> Hugging Face)
 
 train (default) resumes from the newest checkpoint in the workdir (default
 ~/boundless_workdirs/<config name>); eval scores the newest checkpoint and writes
-DIR/eval/; compare (--workdirs A,B,C) prints their evaluations as one table, and with
---workdir also writes it and one plot there. Multi-host flags: README, "Multi-host".
+DIR/eval/; generate continues a prompt with it; eval and generate without --config take
+the run's config from DIR/config.json (with the --config.KEY overrides on top); compare
+(--workdirs A,B,C) prints their evaluations as one table, and with --workdir also writes
+it and one plot there. Multi-host flags: README, "Multi-host".
 """
 from __future__ import annotations
 
@@ -22,18 +26,24 @@ from ml_collections import config_flags
 
 # Outside the repository, so that runs never land in a checkout unless asked to.
 DEFAULT_WORKDIRS = os.path.expanduser("~/boundless_workdirs")
+# The modes that can take the run's config from the workdir's config.json.
+WORKDIR_CONFIG_MODES = ("eval", "generate")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                          lock_config=True)
+# configs/base.py is the default only so that --config.KEY overrides work without a
+# --config file in the modes that read the workdir's config.json; train requires --config.
+_BASE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", _BASE_CONFIG, "Config file (configs/*.py); --mode eval / generate read the "
+    "workdir's config.json when it is not given.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: ~/boundless_workdirs/<config name>; for "
     "--mode compare, where to write compare.md and the plot: nothing is written without it).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compare", "import", "export"],
-                          "train; eval (the newest checkpoint of --workdir; without --config, "
-                          "with the workdir's config.json); compare (the eval results of "
-                          "--workdirs as one table; with --workdir, also written there with a "
-                          "plot); import (--hf_dir into a new --workdir); export (--workdir's "
-                          "newest checkpoint to --hf_dir).")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "generate", "compare", "import", "export"],
+    "train; eval (the newest checkpoint of --workdir); generate (continue "
+    "--config.generate.prompt with it); compare (the eval results of --workdirs as one "
+    "table; with --workdir, also written there with a plot); import (--hf_dir into a new "
+    "--workdir); export (--workdir's newest checkpoint to --hf_dir).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "--mode import: a Hugging Face model directory "
                               "to read; --mode export: the directory to write.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
@@ -68,42 +78,47 @@ def main(argv):
     # Library INFO logs (Orbax, XLA) drown the progress line; keep warnings and our own.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("boundless").setLevel(logging.INFO)
-    if _MODE.value == "compare":
+    mode = _MODE.value
+    if mode == "compare":
         from evaluation import report
         if not _WORKDIRS.value:
             raise app.UsageError("--mode compare needs --workdirs A,B,...")
-        try:
-            print(report.compare(_WORKDIRS.value, _WORKDIR.value))
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+        print(_exit_on_error(lambda: report.compare(_WORKDIRS.value, _WORKDIR.value)))
         if _WORKDIR.value:
             print(f"wrote {_WORKDIR.value}/compare.md and {_WORKDIR.value}/compare_perplexity.png")
         return
-    if _MODE.value in ("import", "export"):
+    if mode in ("import", "export"):
         if not _WORKDIR.value or not _HF_DIR.value:
-            raise app.UsageError(f"--mode {_MODE.value} needs --workdir and --hf_dir")
+            raise app.UsageError(f"--mode {mode} needs --workdir and --hf_dir")
         start_distributed()
         from train import hf_workdir  # imported after jax.distributed is up
-        run = hf_workdir.import_workdir if _MODE.value == "import" else hf_workdir.export_workdir
-        args = ((_HF_DIR.value, _WORKDIR.value) if _MODE.value == "import"
-                else (_WORKDIR.value, _HF_DIR.value))
-        _exit_on_error(lambda: print(run(*args), flush=True))
+        if mode == "import":
+            line = _exit_on_error(lambda: hf_workdir.import_workdir(_HF_DIR.value, _WORKDIR.value))
+        else:
+            line = _exit_on_error(lambda: hf_workdir.export_workdir(_WORKDIR.value, _HF_DIR.value))
+        print(line, flush=True)
         return
-    config = _CONFIG.value
-    if config is None and not (_MODE.value == "eval" and _WORKDIR.value):
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py (--mode eval "
-                             "--workdir W alone takes W's config.json)")
-    start_distributed()
-    from train import trainer, workdir_config  # imported after jax.distributed is up
-    if config is None:
-        workdir = _WORKDIR.value
-        config = _exit_on_error(lambda: workdir_config.load(workdir))
-    else:
+
+    config_given = flags.FLAGS["config"].present
+    if config_given:
+        config = _CONFIG.value
         config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
         workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
-    if _MODE.value == "train":
+    elif mode in WORKDIR_CONFIG_MODES and _WORKDIR.value:
+        from train import workdir_config
+        workdir = _WORKDIR.value
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        config = _exit_on_error(lambda: workdir_config.load(workdir, overrides))
+    else:
+        raise app.UsageError("--config is required, e.g. --config configs/tiny.py (--mode eval "
+                             "or generate with --workdir W alone take W's config.json)")
+    start_distributed()
+    from train import trainer  # imported after jax.distributed is up
+    if mode == "train":
         _exit_on_error(lambda: trainer.train(config, workdir))
+    elif mode == "generate":
+        from train import generate_mode
+        _exit_on_error(lambda: generate_mode.generate_workdir(config, workdir))
     else:
         _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))
 

@@ -158,4 +158,14 @@ def get_config() -> config_dict.ConfigDict:
     # Position Interpolation paper's passkey criterion is 20%)
     evaluation.retrieval_threshold = 0.2
     config.eval = evaluation
+
+    # --- generation (--mode generate) -------------------------------------------------
+    generate = config_dict.ConfigDict()
+    generate.prompt = ""          # text, encoded with data.tokenizer
+    generate.max_new_tokens = 64
+    generate.temperature = 0.0    # 0: greedy (top_p unused); > 0: sampling
+    generate.top_p = 1.0          # nucleus: sample from the most likely tokens of this mass
+    generate.seed = 0             # jax.random seed of the sampling
+    generate.output = ""          # JSON file {"prompt_ids", "output_ids", "text"}; "": none
+    config.generate = generate
     return config

@@ -1,7 +1,8 @@
 """The attention layer and the dense reference attention.
 
 `dot_product_attention` materialises the [q_len, k_len] scores: the slow reference every
-fast path (model/blockwise.py, parallel/ring_attention.py) is tested against. A query row
+fast path (model/blockwise.py, parallel/ring_attention.py) is tested against; its math
+(`masked_attention`) also serves decoding over a KV cache (`cached_attention`). A query row
 that sees no key returns zeros. Grouped-query attention reshapes queries to
 [batch, len, kv_heads, groups, head_dim] instead of repeating K/V per query head.
 """
@@ -16,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from model.blockwise import blockwise_attention
+from model.kv_cache import LayerCache
 from model.layers import add_bias, param, zeros
 from model.masking import (MASKED, attention_mask, check_shapes, default_positions_and_segments,
                            group_queries)
@@ -30,17 +32,43 @@ def dot_product_attention(q, k, v, *, positions=None, segment_ids=None, causal=T
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     if k.shape[1] != q.shape[1]:
         raise ValueError("self-attention: q and k must have the same length")
+    mask = attention_mask(positions, positions, segment_ids, segment_ids, causal)
+    return masked_attention(q, k, v, mask)
+
+
+def masked_attention(q, k, v, mask):
+    """The dense math: q [b, lq, hq, d] attends to k, v [b, lk, hk, d] where `mask`
+    [b, lq, lk] is True (float32 scores and softmax; a row with no key gives zeros)."""
     kv_heads, head_dim = k.shape[2], k.shape[3]
     qg = group_queries(q, kv_heads)                                  # [b, lq, hk, g, d]
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k,
                         preferred_element_type=jnp.float32) / np.sqrt(head_dim)
-    mask = attention_mask(positions, positions, segment_ids, segment_ids, causal)
     mask = mask[:, None, None]                                        # [b, 1, 1, lq, lk]
     scores = jnp.where(mask, scores, MASKED)
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)     # empty rows -> 0
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
     return out.reshape(q.shape).astype(q.dtype)
+
+
+def cached_attention(q, k, v, cache: LayerCache, start):
+    """Decoding: write k, v [b, t, hk, d] (the new tokens) into the cache at slots
+    start .. start + t - 1, then let each new query attend to every slot up to its own.
+
+    Slot j holds position j (model/kv_cache.py), so the mask is the causal mask of
+    `attention_mask` on slot indices; unfilled slots lie after every query and are masked.
+    Returns (out [b, t, hq, d], the updated LayerCache).
+    """
+    batch, t = q.shape[0], q.shape[1]
+    k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, axis=1)
+    max_len = k_all.shape[1]
+    q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+    k_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
+    mask = attention_mask(q_slots, k_slots, jnp.zeros_like(q_slots), jnp.zeros_like(k_slots),
+                          causal=True)                                # [b, t, max_len]
+    out = masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+    return out, LayerCache(k_all, v_all)
 
 
 AttentionFn = Callable[..., jax.Array]
@@ -87,11 +115,16 @@ class Attention(nnx.Module):
         self.attention_fn = attention_fn
         self.dtype = dtype
 
-    def __call__(self, x, positions, segment_ids, rotate: Callable | None = None):
+    def __call__(self, x, positions, segment_ids, rotate: Callable | None = None,
+                 cache: LayerCache | None = None, cache_start=None):
         """x [batch, length, d_model] -> [batch, length, d_model].
 
         `rotate(t, positions)` applies the position encoding to q and k (RoPE), or None;
         the q/k biases are added before it, as in Hugging Face's Qwen2.
+
+        With `cache` (decoding), x holds the new tokens, which occupy cache slots
+        cache_start.. ; attention runs over the cache (`cached_attention`, dense, segment
+        ids unused) and the result is (out, updated LayerCache).
         """
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(self.dtype))
@@ -102,7 +135,11 @@ class Attention(nnx.Module):
         v = add_bias(v, self.v_bias, self.dtype)
         if rotate is not None:
             q, k = rotate(q, positions), rotate(k, positions)
-        out = self.attention_fn(q, k, v, positions=positions, segment_ids=segment_ids,
-                                causal=True)                          # [b, l, q_heads, head_dim]
+        if cache is None:
+            out = self.attention_fn(q, k, v, positions=positions, segment_ids=segment_ids,
+                                    causal=True)                      # [b, l, q_heads, head_dim]
+        else:
+            out, cache = cached_attention(q, k, v, cache, cache_start)
         out = jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), self.wo[...].astype(self.dtype))
-        return add_bias(out, self.out_bias, self.dtype)
+        out = add_bias(out, self.out_bias, self.dtype)
+        return out if cache is None else (out, cache)

@@ -26,6 +26,7 @@ from flax import nnx
 
 from model import positions as pos_lib
 from model.attention import Attention, AttentionFn, attention_function
+from model.kv_cache import KVCache, empty_cache
 from model.layers import MLP_KINDS, NORM_KINDS, make_mlp, make_norm, param
 
 POSITION_KINDS = ("rope", "learned", "none")
@@ -124,7 +125,12 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
                             rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, positions, segment_ids, rotate):
+    def __call__(self, x, positions, segment_ids, rotate, cache=None, cache_start=None):
+        if cache is not None:                         # decoding: (x, updated LayerCache)
+            attended, cache = self.attention(self.attention_norm(x), positions, segment_ids,
+                                             rotate, cache, cache_start)
+            x = x + attended
+            return x + self.mlp(self.mlp_norm(x)), cache
         x = x + self.attention(self.attention_norm(x), positions, segment_ids, rotate)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -165,8 +171,31 @@ class Transformer(nnx.Module):
             original_max_position_embeddings=cfg.l_max)
         return lambda t, positions: pos_lib.apply_rope(t, positions, inv_freq, attention_factor)
 
-    def __call__(self, tokens, positions=None, segment_ids=None):
-        """tokens [batch, length] int32 -> logits [batch, length, vocab] float32."""
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for sequences of up to `max_len` tokens (prompt + new tokens),
+        in the compute dtype. With RoPE scaling "dynamic", max_len is the length the
+        frequencies are computed for at every decoding step (see `__call__`)."""
+        cfg = self.cfg
+        if cfg.position == "learned" and max_len > cfg.l_max:
+            raise ValueError(
+                f"learned absolute positions cover l_max={cfg.l_max} tokens; generating up "
+                f"to {max_len} needs model.position='rope'")
+        return empty_cache(cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim,
+                           jnp.dtype(cfg.dtype))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """tokens [batch, length] int32 -> logits [batch, length, vocab] float32.
+
+        With `cache` (model/kv_cache.py) the tokens are the next ones of the cached
+        sequence (the prompt at prefill, one token per decoding step): they are written to
+        slots cache.length.. and attend to everything cached before them; positions
+        default to those slots, segment ids must be None. Returns (logits, updated cache).
+        RoPE is built for cache.max_len, whatever the filled length: for the `dynamic`
+        scaling that means the frequencies of the final length (prompt + new tokens) at
+        prefill and at every step, i.e. those a full forward over the final sequence uses.
+        """
+        if cache is not None:
+            return self._decode(tokens, positions, segment_ids, cache)
         cfg = self.cfg
         batch, length = tokens.shape
         if positions is None:
@@ -194,6 +223,36 @@ class Transformer(nnx.Module):
         head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
         return jnp.einsum("bld,dv->blv", x, head.astype(dtype),
                           preferred_element_type=jnp.float32)
+
+    def _decode(self, tokens, positions, segment_ids, cache: KVCache):
+        """`__call__` with a cache: the same layers, attention over the cache."""
+        cfg = self.cfg
+        if segment_ids is not None:
+            raise ValueError("decoding with a KV cache takes no segment_ids (one sequence per row)")
+        batch, length = tokens.shape
+        if length > cache.max_len:
+            raise ValueError(f"{length} tokens do not fit a KV cache of {cache.max_len} slots")
+        start = cache.length
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32),
+                                         (batch, length))
+        dtype = jnp.dtype(cfg.dtype)
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)    # [b, t, d_model]
+        if cfg.position == "learned":
+            if cache.max_len > cfg.l_max:
+                raise ValueError(f"learned absolute positions cover l_max={cfg.l_max} tokens; "
+                                 f"this KV cache has {cache.max_len} slots")
+            x = x + jnp.take(self.position_table[...], positions, axis=0).astype(dtype)
+        rotate = self.rotation(cache.max_len)
+        layers = []
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x, layer_cache = block(x, positions, None, rotate, layer_cache, start)
+            layers.append(layer_cache)
+        x = self.final_norm(x)
+        head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return logits, KVCache(tuple(layers), start + length)
 
 
 def count_parameters(tree) -> int:

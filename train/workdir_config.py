@@ -22,17 +22,25 @@ def write(config, workdir: str) -> None:
         f.write(to_json(config))
 
 
-def load(workdir: str) -> config_dict.ConfigDict:
-    """configs/base.py's config with every value of workdir/config.json set on it; one
-    ValueError line for a missing file or a key the project does not have."""
+def load(workdir: str, overrides: dict | None = None) -> config_dict.ConfigDict:
+    """configs/base.py's config with every value of workdir/config.json set on it (keys the
+    run predates keep their defaults), then `overrides` ({"generate.prompt": "...", ...},
+    e.g. the command line's --config.KEY values). One ValueError line for a missing file, a
+    run that needs --config, or a key the project does not have."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"{path} does not exist: is {workdir!r} a workdir (train or "
-                         f"--mode import first)?")
+        raise ValueError(f"no {path}: give the run's config with --config (or train / "
+                         f"--mode import into {workdir!r} first)")
     with open(path) as f:
         saved = json.load(f)
     config = base.get_config()
     _update(config, saved, path, "")
+    for key, value in (overrides or {}).items():
+        *sections, name = key.split(".")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[name] = value
     return config
 
 
@@ -43,4 +51,11 @@ def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -
         if isinstance(node[key], config_dict.ConfigDict) and isinstance(value, dict):
             _update(node[key], value, path, f"{prefix}{key}.")
         else:
-            node[key] = tuple(value) if isinstance(value, list) else value
+            node[key] = _from_json(value)
+
+
+def _from_json(value):
+    """JSON lists back to the tuples the config holds."""
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    return value
