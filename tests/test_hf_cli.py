@@ -1,0 +1,104 @@
+"""Specification of --mode import / --mode export (train/hf_workdir.py) and of evaluating an
+imported workdir: a tiny random Llama saved by transformers goes into a workdir and back out
+with the same logits."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from train import trainer, workdir_config  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# vocab 256 and no tokenizer.json: the import falls back to the byte tokenizer
+LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+             tie_word_embeddings=False)
+
+
+def save_llama(path):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    model.save_pretrained(path)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def main_py(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_cli")
+    original = save_llama(str(root / "hf"))
+    result = main_py("--mode", "import", "--hf_dir", str(root / "hf"), "--workdir",
+                     str(root / "w"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, original, result.stdout
+
+
+@pytest.mark.slow
+def test_import_writes_the_config_and_a_step_0_checkpoint(imported):
+    root, _, stdout = imported
+    assert "imported LlamaForCausalLM" in stdout
+    config = workdir_config.load(str(root / "w"))
+    assert (config.model.d_model, config.model.n_layers, config.model.kv_heads) == (64, 2, 2)
+    assert config.curriculum.l_max == 64 and config.data.tokenizer == "bytes"
+    assert os.listdir(root / "w" / "checkpoints") == ["0"]
+
+
+@pytest.mark.slow
+def test_export_of_an_imported_workdir_gives_transformers_the_same_logits(imported):
+    root, original, _ = imported
+    result = main_py("--mode", "export", "--workdir", str(root / "w"), "--hf_dir",
+                     str(root / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = transformers.AutoModelForCausalLM.from_pretrained(str(root / "out")).eval()
+    assert json.loads((root / "out" / "config.json").read_text())["architectures"] == \
+        ["LlamaForCausalLM"]
+    ids = np.random.default_rng(0).integers(0, 256, (2, 32))
+    want, got = logits(original, ids), logits(exported, ids)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    assert transformers.AutoTokenizer.from_pretrained(str(root / "out"))("ab")["input_ids"] == \
+        [97, 98]                                        # the byte tokenizer went with it
+
+
+@pytest.mark.slow
+def test_an_imported_workdir_evaluates_like_any_other(imported, tmp_path):
+    root, _, _ = imported
+    config = workdir_config.load(str(root / "w"), {"eval.lengths": (32, 64),
+                                                   "eval.max_batches": 1})
+    result = trainer.evaluate_workdir(config, str(root / "w"))
+    assert result["lengths"] == [32, 64]
+    assert all(math.isfinite(p) and p > 1 for p in result["perplexity"])
+
+
+def test_import_and_export_need_both_directories():
+    result = main_py("--mode", "import", "--workdir", "/nonexistent")
+    assert result.returncode != 0 and "--hf_dir" in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_mode_without_config_takes_the_workdirs_config_and_the_overrides(imported):
+    root, _, _ = imported
+    result = main_py("--mode", "eval", "--workdir", str(root / "w"), "--config.eval.lengths=(32,)",
+                     "--config.eval.max_batches=1", "--config.eval.name=cli")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((root / "w" / "eval" / "cli" / "perplexity_by_length.json").read_text())
+    assert written["lengths"] == [32] and written["l_max"] == 64
