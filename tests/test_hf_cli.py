@@ -102,3 +102,18 @@ def test_eval_mode_without_config_takes_the_workdirs_config_and_the_overrides(im
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads((root / "w" / "eval" / "cli" / "perplexity_by_length.json").read_text())
     assert written["lengths"] == [32] and written["l_max"] == 64
+
+
+@pytest.mark.slow
+def test_a_run_initialised_from_an_imported_workdir_adopts_its_model_and_trains(imported,
+                                                                                tmp_path):
+    from tests.helpers import small_config
+    root, _, _ = imported
+    config = small_config(**{"train.init_from": str(root / "w"), "train.steps": 2,
+                             "eval.lengths": (32,), "eval.sliding_stride": 0})
+    # small_config's own model differs in these
+    assert (config.model.tie_embeddings, config.model.vocab_size) == (True, 0)
+    summary = trainer.train(config, str(tmp_path / "tuned"))
+    assert summary["step"] == 2 and math.isfinite(summary["final_loss"])
+    saved = workdir_config.load(str(tmp_path / "tuned"))
+    assert (saved.model.tie_embeddings, saved.model.vocab_size) == (False, 256)

@@ -62,8 +62,13 @@ def train(config, workdir: str) -> dict:
     "retrieval"}; "stopped" is True when train.stop_at_step or a preemption ended the run
     early, and then "eval" and "retrieval" are None."""
     # ------------------------------------------------------------------ set up
-    plan = validate_config(config)
     is_writer = jax.process_index() == 0
+    if config.train.init_from:      # the weights come with their model section and tokenizer
+        config, adopted = workdir_config.adopt_model(config, config.train.init_from)
+        if adopted and is_writer:
+            print(f"train.init_from {config.train.init_from}: adopted " + "; ".join(adopted),
+                  flush=True)
+    plan = validate_config(config)
     if is_writer:
         print(plan.format(), flush=True)
     tokenizer = make_tokenizer(config.data.tokenizer)

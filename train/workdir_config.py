@@ -2,6 +2,7 @@
 that take their config from a workdir (eval without --config, import's output, export)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -59,3 +60,26 @@ def _from_json(value):
     if isinstance(value, list):
         return tuple(_from_json(v) for v in value)
     return value
+
+
+# The model keys that fix the parameters (and the RoPE base the weights were trained with):
+# a run that starts from another workdir's weights (train.init_from) takes them from it.
+ADOPTED_MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
+                      "mlp_dim", "position", "tie_embeddings", "norm_eps", "norm", "mlp",
+                      "qkv_bias", "attention_out_bias", "mlp_bias")
+
+
+def adopt_model(config, workdir: str) -> tuple[config_dict.ConfigDict, list[str]]:
+    """A copy of `config` with the parameter-defining model keys, model.rope.theta and
+    data.tokenizer of the run in `workdir`; and the "key: old -> new" changes made."""
+    source = load(workdir)
+    config = copy.deepcopy(config)
+    changes = []
+    pairs = [(config.model, source.model, key, f"model.{key}") for key in ADOPTED_MODEL_KEYS]
+    pairs += [(config.model.rope, source.model.rope, "theta", "model.rope.theta"),
+              (config.data, source.data, "tokenizer", "data.tokenizer")]
+    for target, origin, key, name in pairs:
+        if target[key] != origin[key]:
+            changes.append(f"{name}: {target[key]!r} -> {origin[key]!r}")
+            target[key] = origin[key]
+    return config, changes
