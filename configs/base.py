@@ -157,6 +157,10 @@ def get_config() -> config_dict.ConfigDict:
     # k_max: longest length up to which every length has mean accuracy >= this (the
     # Position Interpolation paper's passkey criterion is 20%)
     evaluation.retrieval_threshold = 0.2
+    # Retrieval exact match: "teacher_forced" (every answer token is the argmax given the
+    # true prefix) or "generate" (greedy decoding of the prompt, on one device, yields the
+    # answer ids); the answer log-probability is teacher-forced either way.
+    evaluation.retrieval_scoring = "teacher_forced"
     config.eval = evaluation
 
     # --- generation (--mode generate) -------------------------------------------------

@@ -5,6 +5,14 @@ log-probability of the target and whether it was the argmax give
   exact match     every answer token is the argmax
   answer logprob  the sum of the answer tokens' log-probabilities
 and `summarise_grid` reduces one task's depth x length grid to accuracies and k_max.
+
+With eval.retrieval_scoring = "generate", exact match is instead whether greedy decoding
+of the prompt (evaluation/generate.py) produces exactly the answer ids
+(`generated_exact_match`); the answer log-probability stays the teacher-forced one.
+Teacher-forced exact match implies generated exact match (greedy decoding then feeds
+exactly the teacher-forced tokens), and a teacher-forced miss is a miss of greedy decoding
+at the first wrong token; the two can differ only through numerics (prefill + KV cache vs.
+one full forward) on near-ties. "generate" is the protocol of papers that decode.
 """
 from __future__ import annotations
 
@@ -129,9 +137,36 @@ def summarise_grid(samples: Sequence[Sample], exact_match, answer_logprob, *,
     }
 
 
-def score_grids(scorer, grids: dict, threshold: float, progress) -> dict:
+SCORING_MODES = ("teacher_forced", "generate")
+
+
+def generated_exact_match(generate_fn, samples: Sequence[Sample]) -> np.ndarray:
+    """bool [n]: whether greedy decoding of each sample's prompt gives exactly its answer.
+
+    `generate_fn(prompts [k, P] int32, max_new_tokens) -> tokens [k, <= max_new_tokens]`
+    (evaluation.generate.generate at temperature 0, without EOS). Samples sharing a prompt
+    length are decoded as one batch, for the longest answer among them; each is compared
+    on its own answer's length."""
+    hits = np.zeros(len(samples), bool)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(int(s.prompt.size), []).append(i)
+    for _, members in sorted(groups.items()):
+        prompts = np.stack([np.asarray(samples[i].prompt, np.int32) for i in members])
+        new = max(int(samples[i].answer.size) for i in members)
+        out = np.asarray(generate_fn(prompts, new))
+        for row, i in enumerate(members):
+            answer = np.asarray(samples[i].answer)
+            got = out[row, :answer.size]
+            hits[i] = answer.size > 0 and got.size == answer.size and bool(np.all(got == answer))
+    return hits
+
+
+def score_grids(scorer, grids: dict, threshold: float, progress, generate_fn=None) -> dict:
     """{task: summarise_grid(...)} for `grids` = {task: (samples, {length: batches})}, the
-    batches made by teacher_forced_batch from the samples in make_grid's order."""
+    batches made by teacher_forced_batch from the samples in make_grid's order. With
+    `generate_fn` (see generated_exact_match), exact match comes from greedy decoding; the
+    answer log-probability is the teacher-forced one either way."""
     summaries = {}
     for task, (samples, by_length) in grids.items():
         exact, logprob = [], []
@@ -144,7 +179,11 @@ def score_grids(scorer, grids: dict, threshold: float, progress) -> dict:
                 hits.append(scored["exact_match"])
                 lps.append(scored["answer_logprob"])
                 progress.advance(f"{task} {length}")
-            exact.append(np.concatenate(hits)[:n])        # the last batch is padded
+            hits = np.concatenate(hits)[:n]               # the last batch is padded
+            if generate_fn is not None:
+                hits = generated_exact_match(
+                    generate_fn, [s for s in samples if s.length == length])
+            exact.append(hits)
             logprob.append(np.concatenate(lps)[:n])
         # samples are ordered by length, then depth, then sample: the batches' order
         summaries[task] = summarise_grid(samples, np.concatenate(exact),

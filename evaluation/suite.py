@@ -111,6 +111,47 @@ def perplexity_only(data: EvalData) -> EvalData:
     return dataclasses.replace(data, sliding={}, retrieval={})
 
 
+def retrieval_scoring(e) -> str:
+    """eval.retrieval_scoring, checked: "teacher_forced" (default) or "generate"."""
+    scoring = e.get("retrieval_scoring", "teacher_forced")
+    if scoring not in retrieval_lib.SCORING_MODES:
+        raise ValueError(f"eval.retrieval_scoring must be one of {retrieval_lib.SCORING_MODES}, "
+                         f"got {scoring!r}")
+    return scoring
+
+
+def greedy_generator(run, params):
+    """(prompts [k, P], max_new_tokens) -> greedy tokens [k, max_new_tokens] with run's
+    model and `params`, on one device: the parameters (possibly sharded over the eval mesh)
+    are gathered onto the first local device and a one-device model is rebuilt with dense
+    attention (decoding attends over the KV cache; ring attention is not used). Single
+    process only."""
+    from flax import nnx
+
+    from evaluation.generate import generate
+    from model.transformer import Transformer
+
+    if jax.process_count() > 1:
+        raise ValueError('eval.retrieval_scoring="generate" runs in a single process')
+    mc = run.model_config
+    model_config = dataclasses.replace(
+        mc, attention="dense" if mc.attention == "ring" else mc.attention, remat=False)
+    from parallel import mesh as mesh_lib
+
+    device = jax.local_devices()[0]
+    names = run.mesh.axis_names
+    one = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(names)), names)
+    with mesh_lib.use_mesh(one):
+        abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    model = nnx.merge(graphdef, jax.device_put(params, jax.sharding.SingleDeviceSharding(device)))
+
+    def generate_fn(prompts, new):
+        with mesh_lib.use_mesh(one):
+            return generate(model, prompts, int(new), temperature=0.0)
+    return generate_fn
+
+
 def evaluate(run, params, data: EvalData, *, step: int | None = None, name: str = "") -> dict:
     """Score `params` on every evaluation in `data`: {"perplexity_by_length": {...},
     "retrieval": {...} or None}."""
@@ -129,8 +170,11 @@ def evaluate(run, params, data: EvalData, *, step: int | None = None, name: str 
     retrieval = None
     if data.retrieval:
         threshold = run.config.eval.retrieval_threshold
-        retrieval = {"threshold": threshold,
-                     "tasks": retrieval_lib.score_grids(scorer, data.retrieval, threshold, progress),
+        scoring = retrieval_scoring(run.config.eval)
+        generate_fn = greedy_generator(run, params) if scoring == "generate" else None
+        retrieval = {"threshold": threshold, "scoring": scoring,
+                     "tasks": retrieval_lib.score_grids(scorer, data.retrieval, threshold,
+                                                        progress, generate_fn),
                      "not_evaluable": dict(data.retrieval_not_evaluable)}
     return {"perplexity_by_length": result, "retrieval": retrieval}
 
