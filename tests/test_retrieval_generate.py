@@ -107,3 +107,23 @@ def test_unknown_retrieval_scoring_is_one_clear_error():
         validate_config(config)
     with pytest.raises(ValueError, match="eval.retrieval_scoring must be one of"):
         suite.retrieval_scoring(config.eval)
+
+
+def test_evaluate_with_generate_scoring_records_it_and_keeps_the_logprob():
+    """suite.evaluate end to end on the 8-device eval mesh: "generate" changes only how
+    exact match is decided (a random model: the same misses) and is recorded."""
+    results = {}
+    for scoring in ("teacher_forced", "generate"):
+        config = small_config(**{"eval.retrieval_tasks": ("passkey",),
+                                 "eval.retrieval_lengths": (128,),
+                                 "eval.retrieval_samples": 1,
+                                 "eval.sliding_stride": 0,
+                                 "eval.retrieval_scoring": scoring})
+        plan = validate_config(config)
+        run = build_run(config, level=eval_level(config, plan))
+        data = suite.build_eval_data(config, run.model_config, run.tokenizer)
+        results[scoring] = suite.evaluate(run, init_state(run, seed=0)["params"], data)["retrieval"]
+    assert [results[s]["scoring"] for s in results] == ["teacher_forced", "generate"]
+    forced, generated = (results[s]["tasks"]["passkey"] for s in results)
+    assert generated["mean_answer_logprob"] == forced["mean_answer_logprob"]
+    assert generated["accuracy"] == forced["accuracy"]
