@@ -64,6 +64,7 @@ def grids_of(samples, batch_size):
     return {"passkey": (samples, by_length)}
 
 
+@pytest.mark.slow
 def test_generated_tokens_equal_the_full_forward_argmax_loop(setup):
     run, params, samples = setup
     generate_fn = suite.greedy_generator(run, params)
@@ -75,6 +76,7 @@ def test_generated_tokens_equal_the_full_forward_argmax_loop(setup):
             np.testing.assert_array_equal(out[row], reference_greedy(run, params, s.prompt, new))
 
 
+@pytest.mark.slow
 def test_generate_scoring_equals_the_reference_and_agrees_with_teacher_forcing(setup):
     """On the true answers (a random model misses them) and on answers replaced by the
     model's own greedy continuation (teacher-forced exact match holds by construction, so
@@ -109,6 +111,7 @@ def test_unknown_retrieval_scoring_is_one_clear_error():
         suite.retrieval_scoring(config.eval)
 
 
+@pytest.mark.slow
 def test_evaluate_with_generate_scoring_records_it_and_keeps_the_logprob():
     """suite.evaluate end to end on the 8-device eval mesh: "generate" changes only how
     exact match is decided (a random model: the same misses) and is recorded."""
