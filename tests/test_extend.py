@@ -52,13 +52,25 @@ def saved_config(workdir):
 
 
 # ------------------------------------------------------------------ Position Interpolation
+@pytest.fixture(scope="module")
+def rope_source(tmp_path_factory):
+    """(workdir, final training loss) of small_config() (RoPE, l_max 64) trained for 24
+    steps: far enough from a random init's loss to tell the two apart."""
+    workdir = str(tmp_path_factory.mktemp("rope") / "run")
+    summary = trainer.train(small_config(**{"train.steps": 24, "train.log_every_steps": 4,
+                                            "checkpoint.every_steps": 24,
+                                            "eval.sliding_stride": 0}), workdir)
+    return workdir, summary["final_loss"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("factor, seq", [(2, 1), (4, 2)])
 def test_extend_config_fine_tunes_the_source_at_the_target_length_with_linear_scaling(
-        trained_workdir, tmp_path, factor, seq):
+        rope_source, tmp_path, factor, seq):
+    source, source_loss = rope_source
     target = 64 * factor
     out = str(tmp_path / "extended")
-    summary = trainer.train(extend_config(trained_workdir, target, **{"mesh.seq": seq}), out)
+    summary = trainer.train(extend_config(source, target, **{"mesh.seq": seq}), out)
     assert summary["step"] == 3 and not summary["stopped"]
 
     # the run's config: the scaling relative to the source's l_max, at the target length
@@ -81,9 +93,8 @@ def test_extend_config_fine_tunes_the_source_at_the_target_length_with_linear_sc
     # from the source's weights: the first loss (before any update) is near the source's
     # last training loss, far below a random init's ln(256)
     first = train_losses(out)[1]
-    source_loss = trained_workdir.summary["final_loss"]
-    assert abs(first - source_loss) < 0.5, (first, source_loss)
-    assert first < LN_VOCAB - 1.0
+    assert source_loss < LN_VOCAB - 1.5
+    assert abs(first - source_loss) < 0.4, (first, source_loss)
 
     # evaluated up to the target
     assert summary["eval"]["lengths"] == [64, target]
@@ -180,7 +191,8 @@ def test_interpolate_position_table_is_linear_along_positions_with_the_endpoints
 def learned_source(tmp_path_factory):
     """A learned-positions workdir trained at l_max 64 (table of 64 rows)."""
     workdir = str(tmp_path_factory.mktemp("learned") / "run")
-    trainer.train(small_config(**{"model.position": "learned", "train.steps": 4,
+    trainer.train(small_config(**{"model.position": "learned", "train.steps": 24,
+                                  "train.log_every_steps": 4, "checkpoint.every_steps": 24,
                                   "eval.sliding_stride": 0}), workdir)
     return workdir
 
@@ -210,8 +222,8 @@ def test_learned_positions_extended_by_interpolation_train_and_evaluate_at_the_n
     assert resized == (64, 128)
     source = restore_newest(learned_source, build_run(small_config(
         **{"model.position": "learned"})), "test")[0]["params"]
-    table = np.asarray(source["position_table"].value)
-    np.testing.assert_allclose(np.asarray(loaded["position_table"].value),
+    table = np.asarray(source["position_table"][...])
+    np.testing.assert_allclose(np.asarray(loaded["position_table"][...]),
                                interpolate_position_table(table, 128), rtol=1e-6, atol=1e-7)
     flat_loaded = dict(jax.tree_util.tree_flatten_with_path(loaded)[0])
     for path, leaf in jax.tree_util.tree_flatten_with_path(source)[0]:

@@ -187,11 +187,12 @@ def restore_params_from(workdir: str, run: Run, what: str):
     finally:
         checkpointer.close()
     sharding = run.state_shardings["params"]["position_table"]
-    sharding = getattr(sharding, "value", sharding)
+    if isinstance(sharding, nnx.Variable):
+        sharding = sharding.get_value()
     table = params["position_table"]
     with mesh_lib.use_mesh(run.mesh):
         resized = jax.jit(lambda t: pos_lib.interpolate_position_table(t, rows),
-                          out_shardings=sharding)(table.value)
+                          out_shardings=sharding)(table[...])
     params["position_table"] = table.replace(resized)
     return params, (saved_rows, rows)
 
