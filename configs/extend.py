@@ -31,7 +31,8 @@ l_max 256) to 1024 (the settings of benchmarks/length_extrapolation.py's fine-tu
       --config.train.init_from=$HOME/boundless_workdirs/tiny --config.extend.target_length=1024 \
       --config.model.dtype=float32 --config.model.block_q=128 --config.model.block_k=128 \
       --config.train.steps=60 --config.train.batch_size=4 --config.train.learning_rate=2e-4 \
-      --config.extend.warmup_steps=3 --config.eval.max_length=2048
+      --config.extend.warmup_steps=3 --config.eval.lengths='(256,512,1024,2048)'
+(eval.lengths: the default lengths go to at least 8 x target_length.)
 """
 from configs import base
 

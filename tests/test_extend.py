@@ -242,3 +242,14 @@ def test_without_learned_positions_length_the_longer_length_stays_not_evaluable(
     # starting a longer learned run from the 64-row table without the key is refused
     with pytest.raises(ValueError, match="learned_positions_length"):
         trainer.train(learned_extension(learned_source), str(tmp_path / "refused"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.learned_positions_length": 32}, "beyond the 32 rows"),
+    ({"model.learned_positions_length": -1}, "0 or a positive integer"),
+])
+def test_a_learned_run_longer_than_its_table_is_refused_before_training(overrides, message):
+    from train.validate import validate_config
+    config = small_config(**{"model.position": "learned", **overrides})
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
