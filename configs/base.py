@@ -42,6 +42,11 @@ def get_config() -> config_dict.ConfigDict:
     model.qkv_bias = False        # biases on the q, k, v projections
     model.attention_out_bias = False  # bias on the attention output projection
     model.mlp_bias = False        # biases on the MLP's matrices
+    # position="learned" only: rows of the position table (the longest length the model
+    # can run; ModelConfig.l_max). 0: curriculum.l_max rows. When it differs from the table
+    # of the train.init_from checkpoint, that table is resized to it by linear interpolation
+    # along the position axis (the learned-table analogue of Position Interpolation).
+    model.learned_positions_length = 0
     config.model = model
 
     # --- data -------------------------------------------------------------------------
@@ -172,4 +177,18 @@ def get_config() -> config_dict.ConfigDict:
     generate.seed = 0             # jax.random seed of the sampling
     generate.output = ""          # JSON file {"prompt_ids", "output_ids", "text"}; "": none
     config.generate = generate
+
+    # --- context extension (configs/extend.py; train/extend.py) -----------------------
+    # Position Interpolation: fine-tune the model of train.init_from at a longer length.
+    # When target_length > 0 the trainer resolves, from the source workdir's config.json
+    # (L0 = the longest length the source trained at): curriculum.l_max = target_length,
+    # the RoPE scaling {"rope_type": "linear", "factor": target / L0} (yarn: also
+    # "original_max_position_embeddings": L0), model.learned_positions_length = target for
+    # learned positions, ring attention when mesh.seq > 1, and the warmup below.
+    extend = config_dict.ConfigDict()
+    extend.target_length = 0      # the new context length; 0: no extension
+    extend.scaling = "linear"     # linear (Position Interpolation) | yarn
+    extend.warmup_steps = 20      # > 0: train.warmup_fraction = warmup_steps / train.steps
+    extend.original_length = 0    # written by the trainer: L0 (leave 0)
+    config.extend = extend
     return config

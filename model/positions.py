@@ -8,6 +8,8 @@ Pure functions, no parameters and no mesh code:
   static values at trace time.
 - `apply_rope(x, positions, inv_freq)`: rotate `[batch, length, heads, head_dim]` by the
   global positions carried as data, Hugging Face Llama layout ("rotate half").
+- `interpolate_position_table(table, rows)`: a learned-position table [L, d] resized to
+  [rows, d] by linear interpolation along the position axis.
 Scalings: `default`, `linear` (Position Interpolation), `dynamic` (NTK), `yarn`, `llama3`;
 their formulas and sources are in the README ("Rotary positions and their scalings").
 """
@@ -21,7 +23,8 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["normalize_rope_scaling", "rope_frequencies", "apply_rope", "ROPE_TYPES"]
+__all__ = ["normalize_rope_scaling", "rope_frequencies", "apply_rope",
+           "interpolate_position_table", "ROPE_TYPES"]
 
 # Parameters each rope_type accepts, with their defaults. `None` means "no default":
 # factor is required; L0 falls back to the caller's `original_max_position_embeddings`;
@@ -342,3 +345,30 @@ def apply_rope(x, positions, inv_freq, attention_factor: float = 1.0):
     x1, x2 = xf[..., :half], xf[..., half:]  # [b, l, heads, d/2] each
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def interpolate_position_table(table, rows: int):
+    """A learned-position table [L, d] resized to [rows, d] by linear interpolation along
+    the position axis: new row j is the old table at x = j (L - 1) / (rows - 1), i.e.
+    (1 - w) table[floor(x)] + w table[floor(x) + 1] with w = x - floor(x). The first and
+    last rows are kept; rows = L returns the table unchanged. (The learned-table analogue
+    of Position Interpolation: the new positions 0 .. rows - 1 are squeezed onto 0 .. L - 1.)
+
+    Works on numpy or jax arrays (jit-able: the weights are static, computed in float64);
+    the result has the table's dtype.
+    """
+    old = int(np.shape(table)[0])
+    rows = int(rows)
+    if old < 1 or rows < 1:
+        raise ValueError(f"interpolate_position_table: tables need rows, got {old} -> {rows}")
+    if rows == old:
+        return table
+    x = np.arange(rows, dtype=np.float64) * ((old - 1) / (rows - 1) if rows > 1 else 0.0)
+    low = np.minimum(np.floor(x).astype(np.int64), old - 1)
+    high = np.minimum(low + 1, old - 1)
+    weight = (x - low)[:, None]
+    xp = np if isinstance(table, np.ndarray) else jnp
+    compute = xp.promote_types(table.dtype, xp.float32)
+    t = table.astype(compute)
+    out = t[low] * (1.0 - weight).astype(compute) + t[high] * weight.astype(compute)
+    return out.astype(table.dtype)

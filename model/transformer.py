@@ -43,6 +43,7 @@ class ModelConfig:
     head_dim: int
     mlp_dim: int
     l_max: int                     # training length; the learned-position table's rows
+                                   # (model.learned_positions_length when set)
     position: str = "rope"
     rope_theta: float = 10000.0
     rope_scaling_json: str = "null"  # normalised HF rope_scaling dict, as JSON (hashable)
@@ -67,14 +68,20 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, config, vocab_size: int) -> "ModelConfig":
-        """Build from the `model` and `curriculum` sections of an ml_collections config."""
+        """Build from the `model` and `curriculum` sections of an ml_collections config.
+
+        l_max is curriculum.l_max, except for learned positions with
+        model.learned_positions_length > 0: then it is that length (the table's rows)."""
         m = config.model
+        l_max = config.curriculum.l_max
+        if m.position == "learned" and m.get("learned_positions_length", 0) > 0:
+            l_max = int(m.learned_positions_length)
         scaling = pos_lib.normalize_rope_scaling(
             m.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
         model_config = cls(
             vocab_size=int(m.vocab_size or vocab_size), d_model=m.d_model,
             n_layers=m.n_layers, q_heads=m.q_heads, kv_heads=m.kv_heads,
-            head_dim=m.head_dim, mlp_dim=m.mlp_dim, l_max=config.curriculum.l_max,
+            head_dim=m.head_dim, mlp_dim=m.mlp_dim, l_max=l_max,
             position=m.position, rope_theta=float(m.rope.theta),
             rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
             block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,

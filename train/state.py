@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 
 from data.tokenizers import make_tokenizer
+from model import positions as pos_lib
 from model.transformer import ModelConfig, Transformer
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
@@ -109,20 +110,29 @@ def abstract_state(run: Run):
         shapes, run.state_shardings)
 
 
-def check_same_model(meta: dict, run: Run, workdir: str) -> None:
-    """Raise unless the checkpoint metadata `meta` describes `run`'s parameters."""
+def check_same_model(meta: dict, run: Run, workdir: str, *,
+                     resize_positions: bool = False) -> None:
+    """Raise unless the checkpoint metadata `meta` describes `run`'s parameters.
+
+    `resize_positions`: the learned-position table may have another number of rows (l_max)
+    than the checkpoint's, because the caller interpolates it (restore_params_from)."""
     saved = meta.get("model_config")
     current = dataclasses.asdict(run.model_config)
     # may change between levels, evaluations and fine-tuning runs
     ignored = {"rope_theta", "rope_scaling_json", "attention", "block_q", "block_k", "remat",
                "dtype"}
-    if run.model_config.position != "learned":
-        ignored.add("l_max")              # no parameter depends on it
+    if run.model_config.position != "learned" or resize_positions:
+        ignored.add("l_max")              # no parameter depends on it, or it is resized
     # a key the checkpoint predates (e.g. model.norm) had its default then
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                 if f.default is not dataclasses.MISSING}
     differing = sorted(k for k in current if k not in ignored and saved
                        and saved.get(k, defaults.get(k)) != current[k])
+    if differing == ["l_max"] and run.model_config.position == "learned":
+        raise ValueError(
+            f"{workdir} holds a learned-position table of {saved.get('l_max')} rows, this run's "
+            f"has {current['l_max']}: set model.learned_positions_length={current['l_max']} to "
+            f"start from its weights with the table interpolated (train.init_from)")
     if differing:
         raise ValueError(f"{workdir} holds checkpoints of a different model (differs in "
                          f"{', '.join(differing)}); use another --workdir")
@@ -144,3 +154,53 @@ def restore_newest(workdir: str, run: Run, what: str):
         return checkpointer.restore(latest, abstract_state(run))
     finally:
         checkpointer.close()
+
+
+def restore_params_from(workdir: str, run: Run, what: str):
+    """(params, resized) from the newest checkpoint of `workdir`, in `run`'s shardings
+    (train.init_from). With learned positions and model.learned_positions_length > 0, a
+    checkpoint whose table has another number of rows is accepted and its table is
+    interpolated to `run`'s rows (positions.interpolate_position_table); `resized` is then
+    (old rows, new rows), else None."""
+    resize = (run.model_config.position == "learned"
+              and run.config.model.learned_positions_length > 0)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False,
+                                               data_names=())
+    try:
+        latest = checkpointer.latest_step()
+        if latest is None:
+            raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
+        meta = checkpointer.restore_meta(latest)
+        check_same_model(meta, run, workdir, resize_positions=resize)
+        rows = run.model_config.l_max
+        saved_rows = int((meta.get("model_config") or {}).get("l_max", rows))
+        if not resize or saved_rows == rows:
+            return checkpointer.restore(latest, abstract_state(run))[0]["params"], None
+        # restore the table (and its optimizer moments) with the saved rows, then resize
+        abstract = jax.tree_util.tree_map_with_path(
+            lambda path, leaf: _with_rows(leaf, saved_rows) if _is_position_table(path, leaf, rows)
+            else leaf, abstract_state(run))
+        params = checkpointer.restore(latest, abstract)[0]["params"]
+    finally:
+        checkpointer.close()
+    sharding = run.state_shardings["params"]["position_table"]
+    if isinstance(sharding, nnx.Variable):
+        sharding = sharding.get_value()
+    table = params["position_table"]
+    with mesh_lib.use_mesh(run.mesh):
+        resized = jax.jit(lambda t: pos_lib.interpolate_position_table(t, rows),
+                          out_shardings=sharding)(table[...])
+    params["position_table"] = table.replace(resized)
+    return params, (saved_rows, rows)
+
+
+def _is_position_table(path, leaf, rows: int) -> bool:
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    return "position_table" in names and len(leaf.shape) == 2 and leaf.shape[0] == rows
+
+
+def _with_rows(leaf, rows: int):
+    return jax.ShapeDtypeStruct((rows,) + tuple(leaf.shape[1:]), leaf.dtype, sharding=leaf.sharding)

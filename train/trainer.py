@@ -23,11 +23,13 @@ from evaluation.progress import Progress
 from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
+from train import extend as extend_lib
 from train import workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.optimizer import learning_rate_at
-from train.state import abstract_state, build_run, check_same_model, init_state, restore_newest
+from train.state import (abstract_state, build_run, check_same_model, init_state,
+                         restore_newest, restore_params_from)
 from train.step import make_train_step, put_batch
 from train.validate import validate_config
 
@@ -68,6 +70,10 @@ def train(config, workdir: str) -> dict:
         if adopted and is_writer:
             print(f"train.init_from {config.train.init_from}: adopted " + "; ".join(adopted),
                   flush=True)
+    config, extended = extend_lib.resolve(config)   # extend.target_length (configs/extend.py)
+    if extended and is_writer:
+        print(f"extend.target_length {config.extend.target_length}: " + "; ".join(extended),
+              flush=True)
     plan = validate_config(config)
     if is_writer:
         print(plan.format(), flush=True)
@@ -191,9 +197,12 @@ def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
     run = levels.run_at(0)
     state = init_state(run, config.seed)
     if config.train.init_from:
-        state["params"] = restore_newest(config.train.init_from, run, "train.init_from")[0]["params"]
+        state["params"], resized = restore_params_from(config.train.init_from, run,
+                                                       "train.init_from")
         if is_writer:
-            print(f"initialised the parameters from {config.train.init_from}", flush=True)
+            print(f"initialised the parameters from {config.train.init_from}"
+                  + (f" (learned-position table interpolated from {resized[0]} to {resized[1]} "
+                     f"rows)" if resized else ""), flush=True)
     return state, 0, 0
 
 

@@ -30,9 +30,14 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.P
         raise ValueError(f"mesh seq={sizes['seq']} splits the sequence: set "
                          f"model.attention='ring'")
     plan = curriculum_lib.make_plan(config, device_count)
+    rows = check_learned_positions(config)
     for level in plan.levels:
         check_weight_split(config.model, level.mesh_dict, f"curriculum level {level.index}")
         check_length(level.seq_len, config, level.mesh_dict)
+        if rows is not None and level.seq_len > rows:
+            raise ValueError(f"curriculum level {level.index} trains at length {level.seq_len}, "
+                             f"beyond the {rows} rows of the learned-position table: set "
+                             f"model.learned_positions_length >= {level.seq_len}")
     eval_sizes = curriculum_lib.eval_level(config, plan).mesh_dict   # evaluation's layout
     row_groups = eval_sizes["data"] * eval_sizes["fsdp"]
     if config.eval.batch_size % row_groups:
@@ -45,6 +50,18 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.P
     for length in evaluation_lengths(config) + tuple(config.eval.retrieval_lengths or ()):
         check_length(length, config, eval_sizes)
     return plan
+
+
+def check_learned_positions(config) -> int | None:
+    """The rows of the learned-position table (None without learned positions);
+    model.learned_positions_length must be 0 (curriculum.l_max rows) or positive."""
+    length = config.model.learned_positions_length
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"model.learned_positions_length must be 0 or a positive integer, "
+                         f"got {length!r}")
+    if config.model.position != "learned":
+        return None
+    return length or config.curriculum.l_max
 
 
 def check_weight_split(model, sizes: dict, what: str) -> None:
