@@ -17,7 +17,7 @@ from evaluation.scoring import Scorer
 from model.transformer import Transformer
 from parallel import mesh as mesh_lib
 from tests.helpers import small_config
-from train.curriculum import eval_level, make_plan
+from train.curriculum import eval_level
 from train.state import build_run, init_state
 from train.validate import validate_config
 
