@@ -231,6 +231,7 @@ def test_learned_positions_extended_by_interpolation_train_and_evaluate_at_the_n
             np.testing.assert_array_equal(np.asarray(flat_loaded[path]), np.asarray(leaf))
 
 
+@pytest.mark.slow
 def test_without_learned_positions_length_the_longer_length_stays_not_evaluable(
         learned_source, tmp_path):
     source_model = build_run(small_config(**{"model.position": "learned"})).model_config
