@@ -60,7 +60,9 @@ def tokens(seed, batch=2, length=24):
                               jnp.int32)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+# the fast set keeps plain RoPE; CI runs every variant
+@pytest.mark.parametrize("variant", [v if v == "rope" else pytest.param(v, marks=pytest.mark.slow)
+                                     for v in sorted(VARIANTS)])
 def test_cached_decode_logits_equal_the_full_forward_at_every_step(variant):
     cfg = dataclasses.replace(SMALL, **VARIANTS[variant])
     model = make(cfg)
@@ -128,7 +130,7 @@ def test_greedy_generate_equals_the_argmax_of_a_full_forward_per_token():
     np.testing.assert_array_equal(generate(model, prompt[0], 16), out[0])   # 1-D prompt
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 3, 7])
 def test_the_prompt_prefilled_in_pieces_gives_the_tokens_of_one_prefill(chunk):
     model = make(DENSE)
     prompt = np.asarray(tokens(2, length=8))
