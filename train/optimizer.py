@@ -5,6 +5,8 @@ changes between curriculum levels. The rate is computed on the host and injected
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -14,6 +16,7 @@ import optax
 _NO_DECAY_NAMES = ("norm", "embedding", "position_table", "bias")
 
 
+@functools.lru_cache(maxsize=8)   # built once per run, evaluated every step
 def learning_rate_schedule(total_tokens: int, peak: float, warmup_fraction: float,
                            min_ratio: float) -> optax.Schedule:
     """tokens -> learning rate: linear warmup over `warmup_fraction` of the budget (the

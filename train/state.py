@@ -6,6 +6,7 @@ the model's structure (graphdef) is static and lives in the Run.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any, Callable
@@ -141,6 +142,15 @@ def check_same_model(meta: dict, run: Run, workdir: str, *,
 def restore_newest(workdir: str, run: Run, what: str):
     """(state, meta) of the newest checkpoint in `workdir`, in `run`'s shardings; `what`
     names the caller in the error when there is none."""
+    with _newest_checkpoint(workdir, what) as (checkpointer, latest):
+        check_same_model(checkpointer.restore_meta(latest), run, workdir)
+        return checkpointer.restore(latest, abstract_state(run))
+
+
+@contextlib.contextmanager
+def _newest_checkpoint(workdir: str, what: str):
+    """(checkpointer, newest step) of `workdir`, closed on exit; one ValueError line naming
+    `what` when there is no checkpoint (and no directory is created)."""
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
@@ -150,8 +160,7 @@ def restore_newest(workdir: str, run: Run, what: str):
         latest = checkpointer.latest_step()
         if latest is None:
             raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
-        check_same_model(checkpointer.restore_meta(latest), run, workdir)
-        return checkpointer.restore(latest, abstract_state(run))
+        yield checkpointer, latest
     finally:
         checkpointer.close()
 
@@ -164,15 +173,7 @@ def restore_params_from(workdir: str, run: Run, what: str):
     (old rows, new rows), else None."""
     resize = (run.model_config.position == "learned"
               and run.config.model.learned_positions_length > 0)
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints):
-        raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
-    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False,
-                                               data_names=())
-    try:
-        latest = checkpointer.latest_step()
-        if latest is None:
-            raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
+    with _newest_checkpoint(workdir, what) as (checkpointer, latest):
         meta = checkpointer.restore_meta(latest)
         check_same_model(meta, run, workdir, resize_positions=resize)
         rows = run.model_config.l_max
@@ -184,8 +185,6 @@ def restore_params_from(workdir: str, run: Run, what: str):
             lambda path, leaf: _with_rows(leaf, saved_rows) if _is_position_table(path, leaf, rows)
             else leaf, abstract_state(run))
         params = checkpointer.restore(latest, abstract)[0]["params"]
-    finally:
-        checkpointer.close()
     sharding = run.state_shardings["params"]["position_table"]
     if isinstance(sharding, nnx.Variable):
         sharding = sharding.get_value()
