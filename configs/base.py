@@ -176,6 +176,12 @@ def get_config() -> config_dict.ConfigDict:
     generate.top_p = 1.0          # nucleus: sample from the most likely tokens of this mass
     generate.seed = 0             # jax.random seed of the sampling
     generate.output = ""          # JSON file {"prompt_ids", "output_ids", "text"}; "": none
+    # token ids that end generation (--mode import sets them from the checkpoint's
+    # generation_config.json / config.json eos_token_id); (): generate max_new_tokens
+    generate.eos_ids = ()
+    # devices the prompt and the KV cache are split over (ring-attention prefill, decoding
+    # over the split cache); 1: one device
+    generate.seq = 1
     config.generate = generate
 
     # --- context extension (configs/extend.py; train/extend.py) -----------------------

@@ -116,15 +116,20 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, positions, segment_ids, rotate: Callable | None = None,
-                 cache: LayerCache | None = None, cache_start=None):
+                 cache: LayerCache | None = None, cache_start=None, *,
+                 collect_kv: bool = False, cache_attention: Callable | None = None):
         """x [batch, length, d_model] -> [batch, length, d_model].
 
         `rotate(t, positions)` applies the position encoding to q and k (RoPE), or None;
         the q/k biases are added before it, as in Hugging Face's Qwen2.
 
         With `cache` (decoding), x holds the new tokens, which occupy cache slots
-        cache_start.. ; attention runs over the cache (`cached_attention`, dense, segment
-        ids unused) and the result is (out, updated LayerCache).
+        cache_start.. ; `cache_attention(q, k, v, cache, cache_start)` (default
+        `cached_attention`: dense, segment ids unused; parallel/sharded_cache.py has one
+        for a cache split over devices) attends over the cache, and the result is
+        (out, updated LayerCache). With `collect_kv` (a prefill over the whole sequence),
+        attention runs as without a cache and the result is (out, LayerCache(k, v)) of
+        these tokens, in the compute dtype.
         """
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(self.dtype))
@@ -135,11 +140,13 @@ class Attention(nnx.Module):
         v = add_bias(v, self.v_bias, self.dtype)
         if rotate is not None:
             q, k = rotate(q, positions), rotate(k, positions)
-        if cache is None:
+        if cache is not None:
+            out, cache = (cache_attention or cached_attention)(q, k, v, cache, cache_start)
+        else:
             out = self.attention_fn(q, k, v, positions=positions, segment_ids=segment_ids,
                                     causal=True)                      # [b, l, q_heads, head_dim]
-        else:
-            out, cache = cached_attention(q, k, v, cache, cache_start)
+            if collect_kv:
+                cache = LayerCache(k, v)
         out = jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), self.wo[...].astype(self.dtype))
         out = add_bias(out, self.out_bias, self.dtype)
         return out if cache is None else (out, cache)

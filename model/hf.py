@@ -61,6 +61,19 @@ def read_config_json(hf_dir: str) -> dict:
         return json.load(f)
 
 
+def eos_token_ids(hf_dir: str) -> tuple[int, ...]:
+    """The ids that end generation: `eos_token_id` of generation_config.json (what
+    transformers' generate uses), else of config.json; an id or a list; () when none."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(hf_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                found = json.load(f).get("eos_token_id")
+            if found is not None:
+                return tuple(int(i) for i in np.atleast_1d(found))
+    return ()
+
+
 def _architecture(hf: dict) -> str:
     found = hf.get("architectures") or []
     if len(found) != 1 or found[0] not in SUPPORTED:
@@ -585,8 +598,15 @@ def _rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
     return out, cfg.l_max
 
 
-def hf_config(cfg: ModelConfig, architecture: str) -> dict:
+def hf_config(cfg: ModelConfig, architecture: str, eos_token_ids=()) -> dict:
     """config.json for `cfg` as `architecture`, in transformers 5's style."""
+    config = _hf_config(cfg, architecture)
+    eos = [int(i) for i in eos_token_ids]
+    config["eos_token_id"] = None if not eos else eos[0] if len(eos) == 1 else eos
+    return config
+
+
+def _hf_config(cfg: ModelConfig, architecture: str) -> dict:
     torch_dtype = cfg.param_dtype
     if architecture == "GPT2LMHeadModel":
         return {
@@ -596,7 +616,7 @@ def hf_config(cfg: ModelConfig, architecture: str) -> dict:
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "bos_token_id": None, "eos_token_id": None, "dtype": torch_dtype}
+            "bos_token_id": None, "dtype": torch_dtype}
     if cfg.position != "rope":
         raise ValueError(f"{architecture} needs model.position='rope', got {cfg.position!r}")
     rope, max_positions = _rope_parameters(cfg)
@@ -607,7 +627,7 @@ def hf_config(cfg: ModelConfig, architecture: str) -> dict:
         "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim, "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": max_positions,
         "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": None,
+        "attention_dropout": 0.0, "bos_token_id": None,
         "dtype": torch_dtype}
     if architecture == "LlamaForCausalLM":
         out.update(model_type="llama", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
@@ -638,21 +658,21 @@ def _from_ours(source: Source, value: np.ndarray) -> np.ndarray:
 
 def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = None,
                architecture: str | None = None,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, eos_token_ids=()) -> str:
     """Write `model` as a Hugging Face directory `transformers` loads (AutoModelForCausalLM).
 
     architecture: default the one the model was loaded from, else inferred from its config
     (LlamaForCausalLM for models trained here). The weights are written in the parameter
-    dtype, one tensor gathered to the host at a time (a single-process export: every
-    parameter must be fully addressable), in shards of at most `max_shard_bytes` (with
-    model.safetensors.index.json when there is more than one). `tokenizer_path`: a
-    tokenizer.json, copied.
+    dtype, one tensor gathered to the host at a time (from every process when the model
+    spans several: each process calls save_model, process 0 writes), in shards of at most
+    `max_shard_bytes` (with model.safetensors.index.json when there is more than one).
+    `tokenizer_path`: a tokenizer.json, copied with the tokenizer_config.json and
+    special_tokens_map.json beside it. `eos_token_ids`: config.json's eos_token_id (none when empty).
     """
     cfg = model.cfg
     architecture = architecture or getattr(model, "hf_architecture", None) or \
         infer_architecture(cfg)
-    config = hf_config(cfg, architecture)
-    os.makedirs(out_dir, exist_ok=True)
+    config = hf_config(cfg, architecture, eos_token_ids)
     params = {_path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     sources = _sources(cfg, architecture, {"transformer.wte.weight"})
     if set(params) != set(sources):
@@ -661,10 +681,13 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     by_key: dict[str, list[str]] = {}
     for name, source in sources.items():
         by_key.setdefault(source.key, []).append(name)
-
-    for name in os.listdir(out_dir):
-        if name.startswith("model") and name.endswith((".safetensors", ".index.json")):
-            os.remove(os.path.join(out_dir, name))
+    # Every process takes part in gathering each tensor; process 0 writes the files.
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):
+            if name.startswith("model") and name.endswith((".safetensors", ".index.json")):
+                os.remove(os.path.join(out_dir, name))
     # Shards are written as they fill (the host holds one shard at most), then renamed
     # model-0000i-of-0000n.safetensors once n is known.
     written: list[tuple[str, list[str]]] = []
@@ -674,14 +697,14 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     def flush():
         nonlocal current, size
         file = f"model-part-{len(written) + 1}.safetensors"
-        save_file(current, os.path.join(out_dir, file), metadata={"format": "pt"})
+        if writer:
+            save_file(current, os.path.join(out_dir, file), metadata={"format": "pt"})
         written.append((file, list(current)))
         current, size = {}, 0
 
     for key, names in by_key.items():
         names = sorted(names, key=lambda n: sources[n].part_start)
-        parts = [_from_ours(sources[n], np.asarray(jax.device_get(params[n][...])))
-                 for n in names]
+        parts = [_from_ours(sources[n], _on_host(params[n][...])) for n in names]
         tensor = parts[0] if len(parts) == 1 else \
             np.concatenate(parts, axis=sources[names[0]].part_axis)
         del parts
@@ -692,21 +715,39 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
         total += tensor.nbytes
     if current or not written:
         flush()
+    if writer:
+        _finish_shards(out_dir, written, total)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        if tokenizer_path:
+            _copy_tokenizer(tokenizer_path, out_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("boundless: hf.save_model done")
+    return out_dir
+
+
+def _on_host(array) -> np.ndarray:
+    """A whole parameter as numpy on this host; gathered from every process when its
+    shards live on several (a collective: every process must call it)."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def _finish_shards(out_dir: str, written: list[tuple[str, list[str]]], total: int) -> None:
+    """One file: model.safetensors; several: model-0000i-of-0000n + the index."""
     if len(written) == 1:
         os.replace(os.path.join(out_dir, written[0][0]), os.path.join(out_dir, "model.safetensors"))
-    else:
-        weight_map = {}
-        for i, (file, keys) in enumerate(written):
-            final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-            os.replace(os.path.join(out_dir, file), os.path.join(out_dir, final))
-            weight_map.update({key: final for key in keys})
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    if tokenizer_path:
-        _copy_tokenizer(tokenizer_path, out_dir)
-    return out_dir
+        return
+    weight_map = {}
+    for i, (file, keys) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(os.path.join(out_dir, file), os.path.join(out_dir, final))
+        weight_map.update({key: final for key in keys})
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
 
 
 def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> None:

@@ -132,14 +132,18 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
                             rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, positions, segment_ids, rotate, cache=None, cache_start=None):
-        if cache is not None:                         # decoding: (x, updated LayerCache)
-            attended, cache = self.attention(self.attention_norm(x), positions, segment_ids,
-                                             rotate, cache, cache_start)
-            x = x + attended
-            return x + self.mlp(self.mlp_norm(x)), cache
-        x = x + self.attention(self.attention_norm(x), positions, segment_ids, rotate)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x, positions, segment_ids, rotate, cache=None, cache_start=None, *,
+                 collect_kv: bool = False, cache_attention=None):
+        """x -> x; with a cache or `collect_kv`, (x, LayerCache) (model/attention.py)."""
+        kv_mode = cache is not None or collect_kv
+        attended = self.attention(self.attention_norm(x), positions, segment_ids, rotate,
+                                  cache, cache_start, collect_kv=collect_kv,
+                                  cache_attention=cache_attention)
+        if kv_mode:
+            attended, cache = attended
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return (x, cache) if kv_mode else x
 
 
 class Transformer(nnx.Module):
@@ -190,76 +194,90 @@ class Transformer(nnx.Module):
         return empty_cache(cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim,
                            jnp.dtype(cfg.dtype))
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None,
+                 **options):
         """tokens [batch, length] int32 -> logits [batch, length, vocab] float32.
 
         With `cache` (model/kv_cache.py) the tokens are the next ones of the cached
         sequence (the prompt at prefill, one token per decoding step): they are written to
         slots cache.length.. and attend to everything cached before them; positions
         default to those slots, segment ids must be None. Returns (logits, updated cache).
-        RoPE is built for cache.max_len, whatever the filled length: for the `dynamic`
-        scaling that means the frequencies of the final length (prompt + new tokens) at
-        prefill and at every step, i.e. those a full forward over the final sequence uses.
+        `options` are those of `hidden_states`.
         """
-        if cache is not None:
-            return self._decode(tokens, positions, segment_ids, cache)
+        out = self.hidden_states(tokens, positions, segment_ids, cache, **options)
+        if cache is not None or options.get("collect_kv"):
+            return self.logits(out[0]), out[1]
+        return self.logits(out)
+
+    def logits(self, x):
+        """Hidden states [..., d_model] (after the final norm) -> logits [..., vocab] float32."""
+        head = self.embedding[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        dtype = jnp.dtype(self.cfg.dtype)
+        return jnp.einsum("...d,dv->...v", x.astype(dtype), head.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    def hidden_states(self, tokens, positions=None, segment_ids=None,
+                      cache: KVCache | None = None, *, collect_kv: bool = False,
+                      sequence_length: int | None = None, cache_attention=None):
+        """The decoder without its head: tokens [batch, length] -> [batch, length, d_model]
+        after the final norm (the compute dtype).
+
+        cache: decode as in `__call__`; returns (hidden, updated cache). cache_attention
+          replaces the dense attention over the cache (model/attention.py).
+        collect_kv: a prefill in one pass: attention runs as in training (the model's
+          attention function, ring included) and the result is (hidden, KVCache of these
+          `length` slots, filled). The caller lays out the tokens; slots it pads are
+          overwritten before decoding reads them.
+        sequence_length: the length of the sequence the tokens belong to (default: the
+          tokens', or with a cache its max_len). RoPE is built for it (the `dynamic`
+          scaling's frequencies depend on it: at prefill and at every decoding step those a
+          full forward over the final sequence uses), and learned positions need it <= l_max.
+        """
         cfg = self.cfg
         batch, length = tokens.shape
+        if cache is not None:
+            if segment_ids is not None or collect_kv:
+                raise ValueError("decoding with a KV cache takes no segment_ids and no "
+                                 "collect_kv (one sequence per row)")
+            if length > cache.max_len:
+                raise ValueError(f"{length} tokens do not fit a KV cache of {cache.max_len} slots")
+            start = cache.length
+            sequence_length = sequence_length or cache.max_len
+        else:
+            start = 0
+            sequence_length = sequence_length or length
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        if segment_ids is None:
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32),
+                                         (batch, length))
+        if segment_ids is None and cache is None:
             segment_ids = jnp.zeros((batch, length), jnp.int32)
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)    # [b, l, d_model]
         if cfg.position == "learned":
-            if length > cfg.l_max:
+            if sequence_length > cfg.l_max:
                 raise ValueError(
                     f"learned absolute positions cover l_max={cfg.l_max} tokens; this "
-                    f"sequence has {length}. Use model.position='rope' to go beyond l_max.")
+                    f"sequence has {sequence_length}. Use model.position='rope' to go "
+                    "beyond l_max.")
             x = x + jnp.take(self.position_table[...], positions, axis=0).astype(dtype)
-        rotate = self.rotation(length)
+        rotate = self.rotation(sequence_length)
 
-        def run_block(block, x, positions, segment_ids):
-            return block(x, positions, segment_ids, rotate)
+        if cache is None and not collect_kv:                 # training / scoring
+            def run_block(block, x, positions, segment_ids):
+                return block(x, positions, segment_ids, rotate)
 
-        if cfg.remat:
-            run_block = nnx.remat(run_block)
-        for block in self.blocks:
-            x = run_block(block, x, positions, segment_ids)
-        x = self.final_norm(x)
-        head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("bld,dv->blv", x, head.astype(dtype),
-                          preferred_element_type=jnp.float32)
-
-    def _decode(self, tokens, positions, segment_ids, cache: KVCache):
-        """`__call__` with a cache: the same layers, attention over the cache."""
-        cfg = self.cfg
-        if segment_ids is not None:
-            raise ValueError("decoding with a KV cache takes no segment_ids (one sequence per row)")
-        batch, length = tokens.shape
-        if length > cache.max_len:
-            raise ValueError(f"{length} tokens do not fit a KV cache of {cache.max_len} slots")
-        start = cache.length
-        if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32),
-                                         (batch, length))
-        dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)    # [b, t, d_model]
-        if cfg.position == "learned":
-            if cache.max_len > cfg.l_max:
-                raise ValueError(f"learned absolute positions cover l_max={cfg.l_max} tokens; "
-                                 f"this KV cache has {cache.max_len} slots")
-            x = x + jnp.take(self.position_table[...], positions, axis=0).astype(dtype)
-        rotate = self.rotation(cache.max_len)
+            if cfg.remat:
+                run_block = nnx.remat(run_block)
+            for block in self.blocks:
+                x = run_block(block, x, positions, segment_ids)
+            return self.final_norm(x)
         layers = []
-        for block, layer_cache in zip(self.blocks, cache.layers):
-            x, layer_cache = block(x, positions, None, rotate, layer_cache, start)
+        previous = cache.layers if cache is not None else (None,) * cfg.n_layers
+        for block, layer_cache in zip(self.blocks, previous):
+            x, layer_cache = block(x, positions, segment_ids, rotate, layer_cache, start,
+                                   collect_kv=collect_kv, cache_attention=cache_attention)
             layers.append(layer_cache)
-        x = self.final_norm(x)
-        head = self.embedding[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("bld,dv->blv", x, head.astype(dtype),
-                            preferred_element_type=jnp.float32)
-        return logits, KVCache(tuple(layers), start + length)
+        return self.final_norm(x), KVCache(tuple(layers), jnp.asarray(start + length, jnp.int32))
 
 
 def count_parameters(tree) -> int:

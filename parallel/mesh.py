@@ -68,6 +68,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES, "seq"))
 
 
+def heads_spec(mesh: Mesh, length_axis: str | None = None) -> P:
+    """PartitionSpec of a [batch, length, heads, head_dim] activation: rows over the batch
+    axes, the length over `length_axis` (None: whole on every device), heads over tensor."""
+    batch = tuple(a for a in BATCH_AXES if a in mesh.shape) or None
+    heads = "tensor" if "tensor" in mesh.shape else None
+    return P(batch, length_axis, heads, None)
+
+
 def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh, global_rows: int,
                          row_offset: int = 0) -> dict[str, jax.Array]:
     """Place this process's rows of a batch onto the mesh as global arrays.

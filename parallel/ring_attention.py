@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from model.blockwise import (blockwise_attention, blockwise_backward, blockwise_forward,
                              fit_block, merge_partial_attention)
 from model.masking import check_shapes, default_positions_and_segments
-from parallel.mesh import BATCH_AXES
+from parallel.mesh import BATCH_AXES, heads_spec
 
 
 def _shift(tree, axis_name: str, axis_size: int):
@@ -126,9 +126,8 @@ def _local_ring(axis_name: str, axis_size: int, causal: bool, block_q: int, bloc
 
 
 def _specs(mesh: Mesh, axis_name: str):
-    batch = tuple(a for a in BATCH_AXES if a in mesh.shape) or None
-    heads = "tensor" if "tensor" in mesh.shape else None
-    return P(batch, axis_name, heads, None), P(batch, axis_name)
+    heads = heads_spec(mesh, axis_name)
+    return heads, P(heads[0], axis_name)
 
 
 def check_sequence_split(length: int, axis_size: int, block_q: int, block_k: int,
@@ -215,9 +214,11 @@ def ring_tiles_per_device(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positi
     return jax.jit(counted)(q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
 
 
+@functools.lru_cache(maxsize=None)
 def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", block_q: int = 256,
                         block_k: int = 256):
     """`ring_attention` bound to a mesh, with the attention-function signature the model
-    layer calls: fn(q, k, v, *, positions, segment_ids, causal)."""
+    layer calls: fn(q, k, v, *, positions, segment_ids, causal). One function object per
+    argument set (cached), so models built with it compare equal and reuse compilations."""
     return functools.partial(ring_attention, mesh=mesh, axis_name=axis_name,
                              block_q=block_q, block_k=block_k)

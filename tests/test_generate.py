@@ -272,3 +272,42 @@ def test_main_generate_without_a_workdir_config_says_so(tmp_path):
     result = run_generate("--workdir", str(tmp_path), "--config.generate.prompt=x")
     assert result.returncode == 2
     assert "config.json" in result.stderr and "--config" in result.stderr
+
+
+def test_generation_stops_at_the_first_of_several_eos_ids():
+    model = make(DENSE)
+    prompt = np.asarray(tokens(6, length=8))[0]
+    free = generate(model, prompt, 16)
+    eos = [int(free[9]), int(free[4])]
+    first = min(int(np.flatnonzero(free == e)[0]) for e in eos)
+    np.testing.assert_array_equal(generate(model, prompt, 16, eos_id=eos), free[:first + 1])
+
+
+@pytest.mark.slow
+def test_main_generate_on_four_devices_writes_the_tokens_of_one_device(trained_workdir, tmp_path):
+    """generate.seq = 4: the prompt prefilled with ring attention, the cache split over 4."""
+    written = []
+    for seq in (1, 4):
+        output = tmp_path / f"seq{seq}.json"
+        result = run_generate("--workdir", trained_workdir, "--config.generate.prompt=import os",
+                              "--config.generate.max_new_tokens=10", f"--config.generate.seq={seq}",
+                              f"--config.generate.output={output}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        written.append(json.loads(output.read_text()))
+    assert written[0] == written[1]
+
+
+@pytest.mark.slow
+def test_main_generate_stops_at_the_configured_eos_ids(trained_workdir, tmp_path):
+    free = tmp_path / "free.json"
+    result = run_generate("--workdir", trained_workdir, "--config.generate.prompt=def f(x):",
+                          "--config.generate.max_new_tokens=12", f"--config.generate.output={free}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = json.loads(free.read_text())["output_ids"]
+    stopped = tmp_path / "stopped.json"
+    result = run_generate("--workdir", trained_workdir, "--config.generate.prompt=def f(x):",
+                          "--config.generate.max_new_tokens=12",
+                          f"--config.generate.eos_ids=({ids[5]},)",
+                          f"--config.generate.output={stopped}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(stopped.read_text())["output_ids"] == ids[:ids.index(ids[5]) + 1]

@@ -1,8 +1,10 @@
 """Greedy generation parity with Hugging Face transformers: tiny random Llama, Qwen2 and
 GPT-2 models built with `transformers` (nothing downloaded), imported with
 model.hf.load_model(dtype="float32"), and evaluation.generate.generate at temperature 0
-must give exactly the tokens of transformers' `generate(do_sample=False)`.
+must give exactly the tokens of transformers' `generate(do_sample=False)`, on one device and
+with the prompt and KV cache split over seq = 4.
 """
+import jax
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from evaluation.generate import generate  # noqa: E402
 from model import hf  # noqa: E402
+from parallel.mesh import make_mesh  # noqa: E402
 
 VOCAB, PROMPT, NEW = 128, 16, 32
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -64,3 +67,30 @@ def test_greedy_generation_matches_transformers(tmp_path, arch):
     np.testing.assert_array_equal(ours, expected)
     single = generate(model, prompt[1], NEW, temperature=0.0, prefill_chunk=5)
     np.testing.assert_array_equal(single, expected[1])
+
+
+@pytest.mark.parametrize("arch", [a if a == "llama" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in sorted(CONFIGS)])
+def test_greedy_generation_on_seq_4_matches_transformers(tmp_path, arch):
+    """The prompt prefilled with ring attention over 4 devices, the cache split over them."""
+    path, reference = save_hf(tmp_path, CONFIGS[arch]())
+    model = hf.load_model(path, dtype="float32")
+    prompt = np.random.default_rng(2).integers(0, VOCAB, (2, PROMPT))
+    mesh = make_mesh(dict(data=1, fsdp=1, seq=4, tensor=1), jax.devices()[:4])
+    np.testing.assert_array_equal(generate(model, prompt, NEW, mesh=mesh),
+                                  hf_greedy(reference, prompt))
+
+
+def test_generation_stops_at_an_eos_id_where_transformers_stops(tmp_path):
+    path, reference = save_hf(tmp_path, CONFIGS["llama"]())
+    model = hf.load_model(path, dtype="float32")
+    prompt = np.random.default_rng(3).integers(0, VOCAB, (1, PROMPT))
+    free = hf_greedy(reference, prompt)[0]
+    eos = [int(free[6]), VOCAB - 1]                 # one id it reaches, one it may not
+    reference.generation_config.eos_token_id = eos
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor(prompt), do_sample=False, max_new_tokens=NEW,
+                                      attention_mask=torch.ones_like(torch.tensor(prompt)))
+    expected = expected[0, PROMPT:].numpy()
+    assert len(expected) < NEW and expected[-1] in eos
+    np.testing.assert_array_equal(generate(model, prompt[0], NEW, eos_id=eos), expected)

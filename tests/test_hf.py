@@ -388,3 +388,24 @@ def test_export_refuses_a_model_no_architecture_computes(tmp_path):
     with pytest.raises(ValueError, match=r"no Hugging Face architecture computes this model "
                                          r"\(position=none.*; supported: "):
         hf.save_model(random_model(cfg), str(tmp_path / "export"))
+
+
+# ----------------------------------------------------------------------------- EOS ids
+
+
+def test_eos_ids_come_from_generation_config_json_before_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert hf.eos_token_ids(str(tmp_path)) == (7,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 11]}))
+    assert hf.eos_token_ids(str(tmp_path)) == (9, 11)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": None}))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": None}))
+    assert hf.eos_token_ids(str(tmp_path)) == ()
+
+
+@pytest.mark.parametrize("eos,written", [((), None), ((5,), 5), ((5, 6), [5, 6])])
+def test_export_writes_the_eos_ids_as_config_json_eos_token_id(tmp_path, eos, written):
+    path, _ = save_hf(tmp_path, llama_config())
+    out_dir = hf.save_model(hf.load_model(path), str(tmp_path / "export"), eos_token_ids=eos)
+    assert json.loads(open(os.path.join(out_dir, "config.json")).read())["eos_token_id"] == written
+    assert hf.eos_token_ids(out_dir) == eos

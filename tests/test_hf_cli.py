@@ -117,3 +117,52 @@ def test_a_run_initialised_from_an_imported_workdir_adopts_its_model_and_trains(
     assert summary["step"] == 2 and math.isfinite(summary["final_loss"])
     saved = workdir_config.load(str(tmp_path / "tuned"))
     assert (saved.model.tie_embeddings, saved.model.vocab_size) == (False, 256)
+
+
+WORDS = ("<unk> <eos> the a cat dog sat ran on under mat rug and then it was big small red "
+         "blue one two three four five six seven eight nine ten").split()
+
+
+def save_llama_with_tokenizer(path):
+    """A random Llama whose directory also holds a word-level tokenizer.json, its
+    tokenizer_config.json and a generation_config.json naming two EOS ids."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers
+    model = save_llama(path)
+    tokenizer = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)},
+                                                      unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}, f)
+    with open(os.path.join(path, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [1, 255]}, f)
+    return model
+
+
+@pytest.mark.slow
+def test_an_imported_tokenizer_and_its_eos_ids_serve_generate_and_go_out_with_export(tmp_path):
+    save_llama_with_tokenizer(str(tmp_path / "hf"))
+    result = main_py("--mode", "import", "--hf_dir", str(tmp_path / "hf"), "--workdir",
+                     str(tmp_path / "w"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = workdir_config.load(str(tmp_path / "w"))
+    assert config.data.tokenizer == str(tmp_path / "w" / "tokenizer.json")
+    assert tuple(config.generate.eos_ids) == (1, 255)
+    assert (tmp_path / "w" / "tokenizer_config.json").exists()
+    output = tmp_path / "generated.json"
+    result = main_py("--mode", "generate", "--workdir", str(tmp_path / "w"),
+                     "--config.generate.prompt=the cat sat on the", "--config.generate.max_new_tokens=8",
+                     f"--config.generate.output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(output.read_text())
+    assert written["prompt_ids"] == [WORDS.index(w) for w in "the cat sat on the".split()]
+    ids = written["output_ids"]
+    stops = [i for i, token in enumerate(ids) if token in (1, 255)]
+    assert stops == ([] if len(ids) == 8 else [len(ids) - 1]), ids   # ends at its first EOS
+    result = main_py("--mode", "export", "--workdir", str(tmp_path / "w"), "--hf_dir",
+                     str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [1, 255]
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert auto("the dog ran")["input_ids"] == [2, 5, 7] and auto.eos_token == "<eos>"

@@ -2,10 +2,13 @@
 
 The run's config comes from the workdir's config.json (read onto configs/base.py, so keys
 the run predates keep their defaults) with the command line's --config.KEY overrides on top;
-an explicit --config file replaces config.json. Generation runs in one process on one
-device (the checkpoint is restored into a one-device mesh, whatever mesh it was trained
-on), with the RoPE settings evaluation uses (the last curriculum level's, then
-eval.rope_scaling / eval.rope_theta).
+an explicit --config file replaces config.json. Generation runs in one process, on one
+device or, with generate.seq = N > 1, on N devices with the prompt prefilled by ring
+attention and the KV cache split over them (the checkpoint is restored into that mesh,
+whatever mesh it was trained on; the weights are replicated over it), with the RoPE
+settings evaluation uses (the last curriculum level's, then eval.rope_scaling /
+eval.rope_theta). It stops at generate.eos_ids (set by --mode import from the checkpoint's
+generation_config.json or config.json).
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ def check_generate_config(g) -> None:
         raise ValueError(f"generate.temperature must be >= 0, got {g.temperature}")
     if not 0 < g.top_p <= 1:
         raise ValueError(f"generate.top_p must lie in (0, 1], got {g.top_p}")
+    if g.seq < 1:
+        raise ValueError(f"generate.seq must be >= 1, got {g.seq}")
 
 
 def generate_workdir(config, workdir: str) -> dict:
@@ -44,26 +49,37 @@ def generate_workdir(config, workdir: str) -> dict:
     check_generate_config(g)
     if jax.process_count() > 1:
         raise ValueError("--mode generate runs in a single process")
-    one_device = config.copy_and_resolve_references()
+    if g.seq > len(jax.local_devices()):
+        raise ValueError(f"generate.seq = {g.seq} but this process has "
+                         f"{len(jax.local_devices())} devices")
+    on_mesh = config.copy_and_resolve_references()
     for axis in ("data", "fsdp", "seq", "tensor"):
-        one_device.mesh[axis] = 1
-    level = curriculum_lib.eval_level(one_device, curriculum_lib.make_plan(one_device, 1))
-    run = build_run(one_device, devices=jax.local_devices()[:1])
+        on_mesh.mesh[axis] = 1
+    # the RoPE settings of the last level (a plan on one device: the mesh plays no part)
+    level = curriculum_lib.eval_level(on_mesh, curriculum_lib.make_plan(on_mesh, 1))
+    on_mesh.mesh.seq = int(g.seq)
+    run = build_run(on_mesh, devices=jax.local_devices()[:g.seq])
     state, _ = restore_newest(workdir, run, "--mode generate (train first)")
+    # generate() puts ring attention over the mesh itself when seq > 1; on one device the
+    # cache's own attention serves every step
     model_config = dataclasses.replace(
         run.model_config, rope_theta=level.rope_theta, rope_scaling_json=level.rope_scaling_json,
         attention="dense" if run.model_config.attention == "ring" else run.model_config.attention,
-        remat=False)     # decoding attends over the KV cache, never through attention_fn
+        remat=False)
+    # weights whole on every device (split over `tensor` only): no gather per decoding step
+    params = jax.device_put(state["params"],
+                            mesh_lib.compute_shardings(run.state_shardings["params"]))
     prompt_ids = np.asarray(run.tokenizer.encode(g.prompt), np.int32)
     if prompt_ids.size == 0:
         raise ValueError("generate.prompt encodes to no tokens")
     with mesh_lib.use_mesh(run.mesh):
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
                                                                    rngs=nnx.Rngs(0))), nnx.Param)
-        model = nnx.merge(graphdef, state["params"])
+        model = nnx.merge(graphdef, params)
         output_ids = generate(model, prompt_ids, int(g.max_new_tokens),
                               temperature=float(g.temperature), top_p=float(g.top_p),
-                              seed=int(g.seed))
+                              seed=int(g.seed), eos_id=tuple(g.eos_ids) or None,
+                              mesh=run.mesh)
     result = {"prompt_ids": prompt_ids.tolist(), "output_ids": output_ids.tolist(),
               "text": run.tokenizer.decode(output_ids)}
     print(result["text"], flush=True)

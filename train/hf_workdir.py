@@ -54,9 +54,13 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
     config = config_for(model_config, tokenizer)
+    config.generate.eos_ids = hf.eos_token_ids(hf_dir)
     if tokenizer != "bytes" and jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        shutil.copy(os.path.join(hf_dir, "tokenizer.json"), tokenizer)
+        # the files beside tokenizer.json travel with it (export copies them back out)
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
     validate_config(config)
     run = build_run(config)
     model = hf.load_model(hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
@@ -96,5 +100,6 @@ def export_workdir(workdir: str, out_dir: str) -> str:
             raise ValueError(f"--mode export: data.tokenizer {tokenizer!r} is not a Hugging "
                              f"Face tokenizer.json or 'bytes'; only those are exported")
         hf.save_model(model, out_dir, tokenizer_path=tokenizer,
-                      architecture=meta.get(HF_ARCHITECTURE))
+                      architecture=meta.get(HF_ARCHITECTURE),
+                      eos_token_ids=config.generate.eos_ids)
     return f"exported step {meta['step']} of {workdir} to {out_dir}"
