@@ -12,7 +12,7 @@ import pytest
 
 from configs import extend as extend_config_file
 from evaluation.lengths import evaluable
-from model.positions import interpolate_position_table
+from model.positions import interpolate_position_table, normalize_rope_scaling
 from tests.helpers import read_metrics, small_config, train_losses
 from train import extend as extend_lib
 from train import trainer, workdir_config
@@ -64,19 +64,23 @@ def rope_source(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("factor, seq", [(2, 1), (4, 2)])
-def test_extend_config_fine_tunes_the_source_at_the_target_length_with_linear_scaling(
-        rope_source, tmp_path, factor, seq):
+@pytest.mark.parametrize("factor, seq, kind", [(2, 1, "linear"), (4, 2, "linear"), (4, 1, "yarn")])
+def test_extend_config_fine_tunes_the_source_at_the_target_length_with_its_scaling(
+        rope_source, tmp_path, factor, seq, kind):
     source, source_loss = rope_source
     target = 64 * factor
     out = str(tmp_path / "extended")
-    summary = trainer.train(extend_config(source, target, **{"mesh.seq": seq}), out)
+    summary = trainer.train(extend_config(source, target, **{"mesh.seq": seq,
+                                                            "extend.scaling": kind}), out)
     assert summary["step"] == 3 and not summary["stopped"]
 
     # the run's config: the scaling relative to the source's l_max, at the target length
     saved = saved_config(out)
-    scaling = {"rope_type": "linear", "factor": float(factor)}   # linear has no L0 key
+    scaling = {"rope_type": kind, "factor": float(factor)}       # linear has no L0 key
+    if kind == "yarn":
+        scaling["original_max_position_embeddings"] = 64
     assert saved["model"]["rope"]["scaling"] == scaling
+    scaling = normalize_rope_scaling(scaling, target)
     assert saved["extend"]["original_length"] == 64                 # L0, recorded
     assert saved["curriculum"]["l_max"] == target
     assert saved["train"]["learning_rate"] == 2e-5 and saved["train"]["weight_decay"] == 0.0
@@ -160,12 +164,46 @@ def test_resolve_refuses_what_it_cannot_extend(tmp_path, change, message):
         extend_lib.resolve(config)
 
 
-def test_resolve_refuses_a_source_that_already_has_a_rope_scaling(tmp_path):
-    scaled = small_config()
-    scaled.model.rope.scaling = '{"rope_type": "linear", "factor": 2}'
-    workdir_config.write(scaled, str(tmp_path / "src"))
-    with pytest.raises(ValueError, match="already has a RoPE scaling"):
-        extend_lib.resolve(extend_config(str(tmp_path / "src"), 256))
+def scaled_source(path, scaling, l_max=64):
+    config = small_config(**{"curriculum.l_max": l_max})
+    config.model.rope.scaling = scaling
+    workdir_config.write(config, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("scaling, l_max, target, expected", [
+    # a PI run (x4 from 64, trained at 256) extended to 1024: positions / 4, then / 4 again
+    ({"rope_type": "linear", "factor": 4.0}, 256, 1024, {"rope_type": "linear", "factor": 16.0}),
+    # a YaRN run keeps its original length: factor = target / 64
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256, 1024,
+     {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 64}),
+    # an imported Llama 3.x (l_max = its original 64, llama3 x 8 covers 512) extended to 1024
+    ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64,
+      "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 64, 1024,
+     {"rope_type": "llama3", "factor": 16.0, "original_max_position_embeddings": 64,
+      "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+])
+def test_a_scaled_source_keeps_its_scaling_type_and_raises_the_factor(tmp_path, scaling, l_max,
+                                                                      target, expected):
+    source = scaled_source(tmp_path / "src", scaling, l_max)
+    resolved, _ = extend_lib.resolve(extend_config(source, target))
+    got = {k: v for k, v in dict(resolved.model.rope.scaling).items() if v is not None}
+    want = {k: v for k, v in normalize_rope_scaling(expected, target).items() if v is not None}
+    assert {k: v for k, v in normalize_rope_scaling(got, target).items() if v is not None} == want
+    assert resolved.curriculum.l_max == target
+
+
+def test_a_target_the_scaled_source_already_covers_is_refused(tmp_path):
+    source = scaled_source(tmp_path / "src", {"rope_type": "llama3", "factor": 8.0,
+                                              "original_max_position_embeddings": 64})
+    with pytest.raises(ValueError, match=r"must exceed the length .* covers \(512\)"):
+        extend_lib.resolve(extend_config(source, 512))
+
+
+def test_a_dynamic_scaled_source_is_refused(tmp_path):
+    source = scaled_source(tmp_path / "src", {"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="'dynamic' RoPE scaling, which extend cannot raise"):
+        extend_lib.resolve(extend_config(source, 256))
 
 
 # ------------------------------------------------------------------ learned positions

@@ -57,3 +57,35 @@ def test_two_processes_with_seq_spanning_both_match_one_process(tmp_path):
     for p in processes:
         finish(p)
     assert sorted(train_losses(tmp_path / "two")) == [1, 2, 3, 4, 5, 6]
+
+
+def main_py(args, devices, process=None, port=None):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    if process is not None:
+        args = [*args, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                f"--process_id={process}"]
+    return subprocess.Popen([sys.executable, "main.py", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_export_from_two_processes_writes_the_files_of_one(tmp_path):
+    """Weights split over fsdp = 8 devices of two processes: every tensor is gathered from
+    both, process 0 writes, and the files equal a one-process export byte for byte."""
+    workdir = str(tmp_path / "run")
+    finish(main_py(["--config", "tests/small_config.py", "--workdir", workdir,
+                    "--config.mesh.fsdp=8", "--config.mesh.data=1", "--config.train.steps=2",
+                    "--config.eval.lengths=(64,)", "--config.eval.sliding_stride=0"], devices=8))
+    finish(main_py(["--mode", "export", "--workdir", workdir, "--hf_dir", str(tmp_path / "one")],
+                   devices=8))
+    port = free_port()
+    processes = [main_py(["--mode", "export", "--workdir", workdir, "--hf_dir",
+                          str(tmp_path / "two")], devices=4, process=i, port=port)
+                 for i in range(2)]
+    for p in processes:
+        finish(p)
+    files = sorted(os.listdir(tmp_path / "one"))
+    assert "model.safetensors" in files and sorted(os.listdir(tmp_path / "two")) == files
+    for name in files:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name

@@ -32,9 +32,14 @@ def resolve(config) -> tuple:
 
       extend.original_length = L0 = trained_length(source) (a record);
       curriculum.l_max = T (one level);
-      RoPE: model.rope.scaling = {"rope_type": "linear", "factor": T / L0}, or with
-        extend.scaling = "yarn" {"rope_type": "yarn", "factor": T / L0,
+      RoPE, an unscaled source: model.rope.scaling = {"rope_type": "linear", "factor":
+        T / L0}, or with extend.scaling = "yarn" {"rope_type": "yarn", "factor": T / L0,
         "original_max_position_embeddings": L0};
+      RoPE, a scaled source keeps its scaling's type (extend.scaling is not used) and
+        raises its factor: linear f -> f x T / L0; yarn or llama3 (e.g. an imported
+        Llama 3.x) with original length O -> T / O, its other keys kept (yarn's
+        attention_factor is recomputed from the new factor). T must exceed
+        the length the source covers (covered_length);
       learned positions: model.learned_positions_length = T (the table is interpolated from
         the source's rows when the weights are loaded);
       model.attention = "ring" when mesh.seq > 1;
@@ -56,9 +61,10 @@ def resolve(config) -> tuple:
         raise ValueError(f"extend.scaling must be one of {SCALINGS}, got {config.extend.scaling!r}")
     source = workdir_config.load(config.train.init_from)
     original = trained_length(source)
-    if target <= original:
+    reach = covered_length(source)
+    if target <= reach:
         raise ValueError(f"extend.target_length ({target}) must exceed the length the model of "
-                         f"{config.train.init_from} trained at ({original})")
+                         f"{config.train.init_from} covers ({reach})")
     if config.curriculum.levels != 1 or config.curriculum.lengths:
         raise ValueError("extend.target_length trains at one length: leave curriculum.levels "
                          "= 1 and curriculum.lengths unset")
@@ -74,18 +80,11 @@ def resolve(config) -> tuple:
     set_key(config.curriculum, "l_max", target, "curriculum.l_max")
     position = config.model.position
     if position == "rope":
-        source_scalings = [source.model.rope.scaling, *(source.curriculum.rope_scalings or ())]
-        if any(normalize_rope_scaling(s) is not None for s in source_scalings):
-            raise ValueError(f"the model of {config.train.init_from} already has a RoPE scaling "
-                             f"({source.model.rope.scaling!r}); extend scales an unscaled model")
         if config.curriculum.rope_scalings:
             raise ValueError("extend.target_length sets the RoPE scaling: leave "
                              "curriculum.rope_scalings unset")
-        scaling = {"rope_type": config.extend.scaling, "factor": target / original}
-        if config.extend.scaling != "linear":
-            # linear's frequencies are the factor alone, and its dict has no L0 (as in
-            # Hugging Face); yarn's depend on L0, whose fallback would be the new l_max
-            scaling["original_max_position_embeddings"] = original
+        scaling = _extended_scaling(source, config.extend.scaling, original, target,
+                                    config.train.init_from)
         given = config.model.rope.scaling
         if given is not None:
             if normalize_rope_scaling(given) != normalize_rope_scaling(scaling):
@@ -111,6 +110,44 @@ def resolve(config) -> tuple:
         set_key(config.train, "warmup_fraction", min(1.0, warmup / config.train.steps),
                 "train.warmup_fraction")
     return config, changes
+
+
+def _source_scaling(source) -> dict | None:
+    """The normalised RoPE scaling the source ran with at its last level (None: unscaled)."""
+    scalings = source.curriculum.rope_scalings
+    return normalize_rope_scaling(scalings[-1] if scalings else source.model.rope.scaling)
+
+
+def covered_length(source) -> int:
+    """The length the source's positions reach: its trained length, or for a scaling with
+    an original length (yarn, llama3: Llama 3.x) that length x factor."""
+    scaling = _source_scaling(source)
+    if scaling and scaling.get("original_max_position_embeddings") and \
+            scaling["rope_type"] in ("yarn", "llama3"):
+        return max(trained_length(source),
+                   round(scaling["original_max_position_embeddings"] * scaling["factor"]))
+    return trained_length(source)
+
+
+def _extended_scaling(source, kind: str, original: int, target: int, name: str) -> dict:
+    """The RoPE scaling of the extended run (see `resolve`)."""
+    before = _source_scaling(source)
+    if before is None:                                   # an unscaled source: PI or YaRN
+        scaling = {"rope_type": kind, "factor": target / original}
+        if kind != "linear":
+            # linear's frequencies are the factor alone, and its dict has no L0 (as in
+            # Hugging Face); yarn's depend on L0, whose fallback would be the new l_max
+            scaling["original_max_position_embeddings"] = original
+        return scaling
+    rope_type = before["rope_type"]
+    if rope_type == "linear":                            # positions / f, then / (T / L)
+        return {"rope_type": "linear", "factor": before["factor"] * target / original}
+    if rope_type in ("yarn", "llama3") and before.get("original_max_position_embeddings"):
+        # yarn's attention factor follows from the factor: recomputed for the new one
+        kept = {k: v for k, v in before.items() if v is not None and k != "attention_factor"}
+        return {**kept, "factor": target / before["original_max_position_embeddings"]}
+    raise ValueError(f"the model of {name} runs with a {rope_type!r} RoPE scaling, which "
+                     "extend cannot raise; supported sources: unscaled, linear, yarn, llama3")
 
 
 def _plain(value):
