@@ -38,7 +38,7 @@ def ours_and_theirs(workdir: str, hf_dir: str, lengths: list[int], rows: int = 2
     run = build_run(config, devices=jax.local_devices()[:1])
     state, _ = restore_newest(workdir, run, "hf_parity")
     model_config = dataclasses.replace(run.model_config, dtype="float32", attention="dense",
-                                       remat=False)
+                                       remat="none")
     with mesh_lib.use_mesh(run.mesh):
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
                                                                    rngs=nnx.Rngs(0))), nnx.Param)

@@ -31,7 +31,9 @@ def get_config() -> config_dict.ConfigDict:
     model.tie_embeddings = True
     model.dtype = "bfloat16"      # compute dtype of activations and matmuls
     model.param_dtype = "float32"
-    model.remat = False           # rematerialise each block in the backward pass
+    # recompute in the backward pass (model/remat.py): none | full | save_dots | save_attention_out
+    model.remat = "none"
+    model.scan_layers = True      # lax.scan over the stacked layers (False: a Python loop)
     model.norm_eps = 1e-5
     model.init_std = 0.02
     # Architecture options (defaults: Llama/Mistral; Qwen2 adds qkv_bias; GPT-2 is layernorm,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.kv_cache import KVCache, LayerCache
+from model.kv_cache import KVCache
 from model.transformer import Transformer
 from parallel import mesh as mesh_lib
 from parallel import sharded_cache
@@ -95,9 +95,8 @@ def _prefill_on_mesh(model, prompt, total: int, mesh):
     hidden, cache = model.hidden_states(buffer, positions, segments, collect_kv=True,
                                         sequence_length=total)
     layout = sharded_cache.cache_sharding(mesh)
-    layers = tuple(LayerCache(constrain(layer.k, layout), constrain(layer.v, layout))
-                   for layer in cache.layers)
-    return model.logits(hidden[:, prompt_len - 1]), KVCache(layers, jnp.int32(prompt_len))
+    cache = KVCache(constrain(cache.k, layout), constrain(cache.v, layout), jnp.int32(prompt_len))
+    return model.logits(hidden[:, prompt_len - 1]), cache
 
 
 def _prefill(model, prompt, total: int, mesh, prefill_chunk: int):
@@ -174,7 +173,7 @@ def _generate(graphdef, state, prompt, temperature, top_p, seed, *, max_new_toke
 def _with_ring_attention(model, mesh):
     """`model`'s parameters in a Transformer whose attention is the ring over `mesh`;
     parameters that live elsewhere than on the mesh's devices are replicated over it."""
-    cfg = dataclasses.replace(model.cfg, attention="ring", remat=False)
+    cfg = dataclasses.replace(model.cfg, attention="ring", remat="none")
     ring = make_ring_attention(mesh, block_q=cfg.block_q, block_k=cfg.block_k)
     with nnx.use_eager_sharding(False):
         graphdef = nnx.graphdef(nnx.eval_shape(

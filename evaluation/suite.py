@@ -135,7 +135,7 @@ def greedy_generator(run, params):
         raise ValueError('eval.retrieval_scoring="generate" runs in a single process')
     mc = run.model_config
     model_config = dataclasses.replace(
-        mc, attention="dense" if mc.attention == "ring" else mc.attention, remat=False)
+        mc, attention="dense" if mc.attention == "ring" else mc.attention, remat="none")
     from parallel import mesh as mesh_lib
 
     device = jax.local_devices()[0]

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
 from model.blockwise import blockwise_attention
-from model.kv_cache import LayerCache
+from model.kv_cache import KVCache
 from model.layers import add_bias, param, zeros
 from model.masking import (MASKED, attention_mask, check_shapes, default_positions_and_segments,
                            group_queries)
@@ -51,27 +53,32 @@ def masked_attention(q, k, v, mask):
     return out.reshape(q.shape).astype(q.dtype)
 
 
-def cached_attention(q, k, v, cache: LayerCache, start):
-    """Decoding: write k, v [b, t, hk, d] (the new tokens) into the cache at slots
-    start .. start + t - 1, then let each new query attend to every slot up to its own.
+def cached_attention(q, k, v, cache: KVCache, layer):
+    """Decoding: write k, v [b, t, hk, d] (the new tokens) into layer `layer` of the cache
+    at slots cache.length .. cache.length + t - 1, then let each new query attend to every
+    slot of that layer up to its own.
 
     Slot j holds position j (model/kv_cache.py), so the mask is the causal mask of
     `attention_mask` on slot indices; unfilled slots lie after every query and are masked.
-    Returns (out [b, t, hq, d], the updated LayerCache).
+    Returns (out [b, t, hq, d], the cache with the new keys/values; its length unchanged).
     """
     batch, t = q.shape[0], q.shape[1]
-    k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), start, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), start, axis=1)
-    max_len = k_all.shape[1]
+    start = cache.length
+    zero = jnp.zeros((), jnp.int32)
+    at = (layer, zero, start, zero, zero)
+    k_all = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], at)
+    v_all = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], at)
+    max_len = cache.max_len
     q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
     k_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
     mask = attention_mask(q_slots, k_slots, jnp.zeros_like(q_slots), jnp.zeros_like(k_slots),
                           causal=True)                                # [b, t, max_len]
-    out = masked_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-    return out, LayerCache(k_all, v_all)
+    out = masked_attention(q, k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype), mask)
+    return out, cache._replace(k=k_all, v=v_all)
 
 
 AttentionFn = Callable[..., jax.Array]
+ATTENTION_OUT = "attention_out"   # checkpoint name of the attention kernel's output
 
 
 def attention_function(name: str, *, block_q: int = 256, block_k: int = 256) -> AttentionFn:
@@ -116,20 +123,20 @@ class Attention(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x, positions, segment_ids, rotate: Callable | None = None,
-                 cache: LayerCache | None = None, cache_start=None, *,
+                 cache: KVCache | None = None, layer=None, *,
                  collect_kv: bool = False, cache_attention: Callable | None = None):
         """x [batch, length, d_model] -> [batch, length, d_model].
 
         `rotate(t, positions)` applies the position encoding to q and k (RoPE), or None;
         the q/k biases are added before it, as in Hugging Face's Qwen2.
 
-        With `cache` (decoding), x holds the new tokens, which occupy cache slots
-        cache_start.. ; `cache_attention(q, k, v, cache, cache_start)` (default
+        With `cache` (decoding), x holds the new tokens, which occupy slots cache.length..
+        of layer `layer`; `cache_attention(q, k, v, cache, layer)` (default
         `cached_attention`: dense, segment ids unused; parallel/sharded_cache.py has one
         for a cache split over devices) attends over the cache, and the result is
-        (out, updated LayerCache). With `collect_kv` (a prefill over the whole sequence),
-        attention runs as without a cache and the result is (out, LayerCache(k, v)) of
-        these tokens, in the compute dtype.
+        (out, updated cache). With `collect_kv` (a prefill over the whole sequence),
+        attention runs as without a cache and the result is (out, (k, v)) of these
+        tokens, in the compute dtype.
         """
         x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(self.dtype))
@@ -140,13 +147,16 @@ class Attention(nnx.Module):
         v = add_bias(v, self.v_bias, self.dtype)
         if rotate is not None:
             q, k = rotate(q, positions), rotate(k, positions)
+        extra = None
         if cache is not None:
-            out, cache = (cache_attention or cached_attention)(q, k, v, cache, cache_start)
+            out, extra = (cache_attention or cached_attention)(q, k, v, cache, layer)
         else:
             out = self.attention_fn(q, k, v, positions=positions, segment_ids=segment_ids,
                                     causal=True)                      # [b, l, q_heads, head_dim]
             if collect_kv:
-                cache = LayerCache(k, v)
+                extra = (k, v)
+        # named for the remat policy that keeps attention results (model/remat.py)
+        out = checkpoint_name(out, ATTENTION_OUT)
         out = jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), self.wo[...].astype(self.dtype))
         out = add_bias(out, self.out_bias, self.dtype)
-        return out if cache is None else (out, cache)
+        return out if extra is None else (out, extra)

@@ -220,31 +220,34 @@ def _llama_sources(cfg: ModelConfig) -> dict[str, Source]:
            "final_norm/scale": Source("model.norm.weight")}
     if not cfg.tie_embeddings:
         out["lm_head"] = Source("lm_head.weight", perm=(1, 0))
-    for i in range(cfg.n_layers):
-        p, b = f"model.layers.{i}.", f"blocks/{i}/"
-        out.update({
-            b + "attention_norm/scale": Source(p + "input_layernorm.weight"),
-            b + "mlp_norm/scale": Source(p + "post_attention_layernorm.weight"),
+
+    def layer(i: int) -> dict[str, Source]:
+        p = f"model.layers.{i}."
+        sources = {
+            "attention_norm/scale": Source(p + "input_layernorm.weight"),
+            "mlp_norm/scale": Source(p + "post_attention_layernorm.weight"),
             # q_proj [q*hd, d] -> [q, hd, d] -> wq [d, q, hd]
-            b + "attention/wq": Source(p + "self_attn.q_proj.weight", (2, 0, 1), 0, (q, hd)),
-            b + "attention/wk": Source(p + "self_attn.k_proj.weight", (2, 0, 1), 0, (kv, hd)),
-            b + "attention/wv": Source(p + "self_attn.v_proj.weight", (2, 0, 1), 0, (kv, hd)),
+            "attention/wq": Source(p + "self_attn.q_proj.weight", (2, 0, 1), 0, (q, hd)),
+            "attention/wk": Source(p + "self_attn.k_proj.weight", (2, 0, 1), 0, (kv, hd)),
+            "attention/wv": Source(p + "self_attn.v_proj.weight", (2, 0, 1), 0, (kv, hd)),
             # o_proj [d, q*hd] -> [d, q, hd] -> wo [q, hd, d]
-            b + "attention/wo": Source(p + "self_attn.o_proj.weight", (1, 2, 0), 1, (q, hd)),
-            b + "mlp/w_gate": Source(p + "mlp.gate_proj.weight", (1, 0)),
-            b + "mlp/w_up": Source(p + "mlp.up_proj.weight", (1, 0)),
-            b + "mlp/w_down": Source(p + "mlp.down_proj.weight", (1, 0)),
-        })
+            "attention/wo": Source(p + "self_attn.o_proj.weight", (1, 2, 0), 1, (q, hd)),
+            "mlp/w_gate": Source(p + "mlp.gate_proj.weight", (1, 0)),
+            "mlp/w_up": Source(p + "mlp.up_proj.weight", (1, 0)),
+            "mlp/w_down": Source(p + "mlp.down_proj.weight", (1, 0)),
+        }
         if cfg.qkv_bias:
             for name, heads in (("q", q), ("k", kv), ("v", kv)):
-                out[b + f"attention/{name}_bias"] = Source(
+                sources[f"attention/{name}_bias"] = Source(
                     p + f"self_attn.{name}_proj.bias", (0, 1), 0, (heads, hd))
         if cfg.attention_out_bias:
-            out[b + "attention/out_bias"] = Source(p + "self_attn.o_proj.bias")
+            sources["attention/out_bias"] = Source(p + "self_attn.o_proj.bias")
         if cfg.mlp_bias:
-            for ours, theirs in (("gate", "gate"), ("up", "up"), ("down", "down")):
-                out[b + f"mlp/{ours}_bias"] = Source(p + f"mlp.{theirs}_proj.bias")
-    return out
+            for name in ("gate", "up", "down"):
+                sources[f"mlp/{name}_bias"] = Source(p + f"mlp.{name}_proj.bias")
+        return sources
+
+    return {**out, **_stacked(layer, cfg.n_layers)}
 
 
 def _gpt2_sources(cfg: ModelConfig, prefix: str) -> dict[str, Source]:
@@ -256,31 +259,43 @@ def _gpt2_sources(cfg: ModelConfig, prefix: str) -> dict[str, Source]:
            "final_norm/bias": Source(prefix + "ln_f.bias")}
     if not cfg.tie_embeddings:
         out["lm_head"] = Source("lm_head.weight", perm=(1, 0))
-    for i in range(cfg.n_layers):
-        p, b = f"{prefix}h.{i}.", f"blocks/{i}/"
-        out.update({
-            b + "attention_norm/scale": Source(p + "ln_1.weight"),
-            b + "attention_norm/bias": Source(p + "ln_1.bias"),
-            b + "mlp_norm/scale": Source(p + "ln_2.weight"),
-            b + "mlp_norm/bias": Source(p + "ln_2.bias"),
+
+    def layer(i: int) -> dict[str, Source]:
+        p = f"{prefix}h.{i}."
+        sources = {
+            "attention_norm/scale": Source(p + "ln_1.weight"),
+            "attention_norm/bias": Source(p + "ln_1.bias"),
+            "mlp_norm/scale": Source(p + "ln_2.weight"),
+            "mlp_norm/bias": Source(p + "ln_2.bias"),
             # c_proj [h*hd, d] -> wo [h, hd, d]
-            b + "attention/wo": Source(p + "attn.c_proj.weight", (0, 1, 2), 0, (h, hd)),
-            b + "attention/out_bias": Source(p + "attn.c_proj.bias"),
-            b + "mlp/w_in": Source(p + "mlp.c_fc.weight"),
-            b + "mlp/in_bias": Source(p + "mlp.c_fc.bias"),
-            b + "mlp/w_out": Source(p + "mlp.c_proj.weight"),
-            b + "mlp/out_bias": Source(p + "mlp.c_proj.bias"),
-        })
+            "attention/wo": Source(p + "attn.c_proj.weight", (0, 1, 2), 0, (h, hd)),
+            "attention/out_bias": Source(p + "attn.c_proj.bias"),
+            "mlp/w_in": Source(p + "mlp.c_fc.weight"),
+            "mlp/in_bias": Source(p + "mlp.c_fc.bias"),
+            "mlp/w_out": Source(p + "mlp.c_proj.weight"),
+            "mlp/out_bias": Source(p + "mlp.c_proj.bias"),
+        }
         for j, name in enumerate("qkv"):
             # c_attn [d, 3d]: columns [j*d, (j+1)*d) -> [d, h, hd]
-            out[b + f"attention/w{name}"] = Source(p + "attn.c_attn.weight", (0, 1, 2), 1, (h, hd),
+            sources[f"attention/w{name}"] = Source(p + "attn.c_attn.weight", (0, 1, 2), 1, (h, hd),
                                                    part_axis=1, part_start=j * d)
-            out[b + f"attention/{name}_bias"] = Source(p + "attn.c_attn.bias", (0, 1), 0, (h, hd),
+            sources[f"attention/{name}_bias"] = Source(p + "attn.c_attn.bias", (0, 1), 0, (h, hd),
                                                        part_axis=0, part_start=j * d)
-    return out
+        return sources
+
+    return {**out, **_stacked(layer, cfg.n_layers)}
 
 
-def _sources(cfg: ModelConfig, architecture: str, keys) -> dict[str, Source]:
+def _stacked(layer: Callable[[int], dict[str, Source]], n_layers: int) -> dict[str, tuple]:
+    """"blocks/<name>" -> the Source of each layer: our block parameters are stacked
+    [n_layers, ...] (model/transformer.py), slice i comes from layer i's tensor."""
+    layers = [layer(i) for i in range(n_layers)]
+    return {f"blocks/{name}": tuple(sources[name] for sources in layers) for name in layers[0]}
+
+
+def _sources(cfg: ModelConfig, architecture: str, keys) -> dict[str, Source | tuple]:
+    """Our parameter path -> its Source, or for a stacked block parameter a tuple of one
+    Source per layer."""
     if architecture == "GPT2LMHeadModel":
         prefix = "transformer." if "transformer.wte.weight" in keys else ""
         return _gpt2_sources(cfg, prefix)
@@ -523,24 +538,43 @@ def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = No
             raise AssertionError(f"parameter mapping out of date: {sorted(names ^ set(sources))}")
         for path, variable in flat:
             name = _path_name(path)
-            source = sources[name]
             shape, target_dtype = tuple(variable.shape), jnp.dtype(variable.dtype)
-            tensor = checkpoint.slice(source.key)
-            expected = _expected_hf_shape(source, shape, tensor.get_shape())
-            if tuple(tensor.get_shape()) != expected:
-                raise ValueError(f"{source.key}: checkpoint shape {tuple(tensor.get_shape())}, "
-                                 f"config.json implies {expected}")
+            stacked = isinstance(sources[name], tuple)
+            layer_sources = sources[name] if stacked else (sources[name],)
+            layer_shape = shape[1:] if stacked else shape
+            tensors = [checkpoint.slice(source.key) for source in layer_sources]
+            for source, tensor in zip(layer_sources, tensors):
+                expected = _expected_hf_shape(source, layer_shape, tensor.get_shape())
+                if tuple(tensor.get_shape()) != expected:
+                    raise ValueError(f"{source.key}: checkpoint shape {tuple(tensor.get_shape())}, "
+                                     f"config.json implies {expected}")
 
-            def read(index, source=source, shape=shape, tensor=tensor, target_dtype=target_dtype):
-                hf_index, rest = _hf_index(source, shape, index)
-                block = _to_ours(source, tensor[hf_index])
-                return _as_aligned(block[rest], target_dtype)
+            def read(index, layer_sources=layer_sources, tensors=tensors, shape=shape,
+                     layer_shape=layer_shape, stacked=stacked, target_dtype=target_dtype):
+                if not stacked:
+                    return _as_aligned(_read_block(layer_sources[0], tensors[0], layer_shape,
+                                                   index), target_dtype)
+                # one layer's block at a time into the (aligned) stacked block
+                layers = range(*index[0].indices(shape[0]))
+                block_shape = tuple(len(range(*i.indices(n)))
+                                    for i, n in zip(index, shape))
+                out = _aligned_empty(block_shape, target_dtype)
+                for row, layer in enumerate(layers):
+                    out[row] = _read_block(layer_sources[layer], tensors[layer], layer_shape,
+                                           index[1:])
+                return out
 
             sharding = flat_shardings[name] if flat_shardings else device_sharding
             variable.set_value(jax.make_array_from_callback(shape, sharding, read))
     model = nnx.merge(graphdef, state)
     model.hf_architecture = architecture
     return model
+
+
+def _read_block(source: Source, tensor: _Tensor, shape, index) -> np.ndarray:
+    """Our block `index` (of our parameter `shape`) read from the checkpoint tensor."""
+    hf_index, rest = _hf_index(source, shape, index)
+    return _to_ours(source, tensor[hf_index])[rest]
 
 
 def _expected_hf_shape(source: Source, shape, hf_shape) -> tuple[int, ...]:
@@ -677,10 +711,12 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     sources = _sources(cfg, architecture, {"transformer.wte.weight"})
     if set(params) != set(sources):
         raise AssertionError(f"parameter mapping out of date: {sorted(set(params) ^ set(sources))}")
-    # checkpoint key -> our parameters (several for GPT-2's packed c_attn)
-    by_key: dict[str, list[str]] = {}
+    # checkpoint key -> (our parameter, layer or None, Source): several for GPT-2's packed
+    # c_attn; the keys of a stacked parameter's layers follow each other
+    by_key: dict[str, list[tuple[str, int | None, Source]]] = {}
     for name, source in sources.items():
-        by_key.setdefault(source.key, []).append(name)
+        for layer, one in (enumerate(source) if isinstance(source, tuple) else [(None, source)]):
+            by_key.setdefault(one.key, []).append((name, layer, one))
     # Every process takes part in gathering each tensor; process 0 writes the files.
     writer = jax.process_index() == 0
     if writer:
@@ -702,12 +738,20 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
         written.append((file, list(current)))
         current, size = {}, 0
 
-    for key, names in by_key.items():
-        names = sorted(names, key=lambda n: sources[n].part_start)
-        parts = [_from_ours(sources[n], _on_host(params[n][...])) for n in names]
-        tensor = parts[0] if len(parts) == 1 else \
-            np.concatenate(parts, axis=sources[names[0]].part_axis)
-        del parts
+    on_host = {}     # the parameter gathered last: a stacked one serves all its layers
+
+    def value(name: str, layer: int | None) -> np.ndarray:
+        if name not in on_host:
+            on_host.clear()
+            on_host[name] = _on_host(params[name][...])
+        return on_host[name] if layer is None else on_host[name][layer]
+
+    for key, parts in by_key.items():
+        parts = sorted(parts, key=lambda part: part[2].part_start)
+        pieces = [_from_ours(source, value(name, layer)) for name, layer, source in parts]
+        tensor = pieces[0] if len(pieces) == 1 else \
+            np.concatenate(pieces, axis=parts[0][2].part_axis)
+        del pieces
         if current and size + tensor.nbytes > max_shard_bytes:
             flush()
         current[key] = np.ascontiguousarray(tensor)

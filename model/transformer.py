@@ -26,6 +26,7 @@ from flax import nnx
 
 from model import positions as pos_lib
 from model.attention import Attention, AttentionFn, attention_function
+from model import remat as remat_lib
 from model.kv_cache import KVCache, empty_cache
 from model.layers import MLP_KINDS, NORM_KINDS, make_mlp, make_norm, param
 
@@ -53,7 +54,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "none"            # model/remat.py: none | full | save_dots | save_attention_out
+    scan_layers: bool = True       # lax.scan over the stacked layers (False: a Python loop)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     norm: str = "rmsnorm"          # rmsnorm (scale) | layernorm (scale and bias)
@@ -85,7 +87,8 @@ class ModelConfig:
             position=m.position, rope_theta=float(m.rope.theta),
             rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
             block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
-            dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, norm_eps=m.norm_eps,
+            dtype=m.dtype, param_dtype=m.param_dtype, remat=remat_lib.policy_name(m.remat),
+            scan_layers=bool(m.get("scan_layers", True)), norm_eps=m.norm_eps,
             init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
             attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias)
         model_config.validate()
@@ -104,6 +107,7 @@ class ModelConfig:
             raise ValueError(f"model.attention must be dense, blockwise or ring, got {self.attention!r}")
         if self.norm not in NORM_KINDS:
             raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {self.norm!r}")
+        remat_lib.policy_name(self.remat)
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         for name in ("qkv_bias", "attention_out_bias", "mlp_bias"):
@@ -132,18 +136,33 @@ class Block(nnx.Module):
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
                             rngs, bias=cfg.mlp_bias)
 
-    def __call__(self, x, positions, segment_ids, rotate, cache=None, cache_start=None, *,
+    def __call__(self, x, positions, segment_ids, rotate, cache=None, layer=None, *,
                  collect_kv: bool = False, cache_attention=None):
-        """x -> x; with a cache or `collect_kv`, (x, LayerCache) (model/attention.py)."""
-        kv_mode = cache is not None or collect_kv
+        """x -> x; with a cache, (x, updated cache); with `collect_kv`, (x, (k, v)) of this
+        layer (model/attention.py)."""
         attended = self.attention(self.attention_norm(x), positions, segment_ids, rotate,
-                                  cache, cache_start, collect_kv=collect_kv,
+                                  cache, layer, collect_kv=collect_kv,
                                   cache_attention=cache_attention)
-        if kv_mode:
-            attended, cache = attended
+        extra = None
+        if cache is not None or collect_kv:
+            attended, extra = attended
         x = x + attended
         x = x + self.mlp(self.mlp_norm(x))
-        return (x, cache) if kv_mode else x
+        return x if extra is None else (x, extra)
+
+
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block holding the parameters of `blocks` stacked on a new leading axis
+    [n_layers, ...] (logical axis None: never sharded). Built from blocks made one after
+    the other, so the random draws are those of a list of separate blocks."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(block)[1] for block in blocks[1:]]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *states)
+    for _, variable in nnx.to_flat_state(stacked):
+        names = variable.get_metadata().get("out_sharding")
+        if names is not None:
+            variable.set_metadata(out_sharding=(None, *names))
+    return nnx.merge(graphdef, stacked)
 
 
 class Transformer(nnx.Module):
@@ -166,7 +185,9 @@ class Transformer(nnx.Module):
         if cfg.position == "learned":
             self.position_table = param(rngs, (cfg.l_max, cfg.d_model), (None, "embed"),
                                         nnx.initializers.normal(cfg.init_std), param_dtype)
-        self.blocks = nnx.List([Block(cfg, attention_fn, rngs) for _ in range(cfg.n_layers)])
+        # every block's parameters stacked [n_layers, ...]: one scanned layer (MaxText's
+        # scan_layers), so the compiled program does not grow with depth
+        self.blocks = stack_blocks([Block(cfg, attention_fn, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, param_dtype, rngs)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
@@ -263,21 +284,47 @@ class Transformer(nnx.Module):
         rotate = self.rotation(sequence_length)
 
         if cache is None and not collect_kv:                 # training / scoring
-            def run_block(block, x, positions, segment_ids):
-                return block(x, positions, segment_ids, rotate)
+            def layer(x, block):
+                return block(x, positions, segment_ids, rotate), None
 
-            if cfg.remat:
-                run_block = nnx.remat(run_block)
-            for block in self.blocks:
-                x = run_block(block, x, positions, segment_ids)
+            x, _ = self._over_layers(layer, x, remat=cfg.remat)
             return self.final_norm(x)
-        layers = []
-        previous = cache.layers if cache is not None else (None,) * cfg.n_layers
-        for block, layer_cache in zip(self.blocks, previous):
-            x, layer_cache = block(x, positions, segment_ids, rotate, layer_cache, start,
-                                   collect_kv=collect_kv, cache_attention=cache_attention)
-            layers.append(layer_cache)
-        return self.final_norm(x), KVCache(tuple(layers), jnp.asarray(start + length, jnp.int32))
+        if collect_kv:                                       # prefill in one pass
+            def layer(x, block):
+                return block(x, positions, segment_ids, rotate, collect_kv=True)
+
+            x, (k, v) = self._over_layers(layer, x)          # k, v [n_layers, b, l, hk, hd]
+            return self.final_norm(x), KVCache(k, v, jnp.asarray(length, jnp.int32))
+
+        def layer(carry, block, index):                      # decoding over the cache
+            x, cache = carry
+            return block(x, positions, None, rotate, cache, index,
+                         cache_attention=cache_attention), None
+
+        (x, cache), _ = self._over_layers(layer, (x, cache),
+                                          jnp.arange(cfg.n_layers, dtype=jnp.int32))
+        return self.final_norm(x), cache._replace(length=jnp.asarray(start + length, jnp.int32))
+
+    def _over_layers(self, layer, carry, *per_layer, remat: str = "none"):
+        """Run the decoder blocks: layer(carry, block, *per_layer[i]) -> (carry, out) for
+        i = 0 .. n_layers - 1, with `block` the Block of layer i's parameters. A lax.scan
+        over the stacked parameters (cfg.scan_layers: one compiled layer whatever the
+        depth) or a Python loop over their slices; the layer is rematerialised by the
+        named policy (model/remat.py). Returns (carry, the outs stacked over layers)."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def step(carry, xs):
+            params, *rest = xs
+            return layer(carry, nnx.merge(graphdef, params), *rest)
+
+        step = remat_lib.rematerialise(step, remat, in_scan=self.cfg.scan_layers)
+        if self.cfg.scan_layers:
+            return jax.lax.scan(step, carry, (stacked, *per_layer))
+        outs = []
+        for i in range(self.cfg.n_layers):
+            carry, out = step(carry, jax.tree.map(lambda a: a[i], (stacked, *per_layer)))
+            outs.append(out)
+        return carry, jax.tree.map(lambda *layers: jnp.stack(layers), *outs)
 
 
 def count_parameters(tree) -> int:

@@ -197,7 +197,7 @@ def test_parameter_dtype_follows_the_checkpoint_unless_given(tmp_path):
     model = hf.load_model(path, dtype="float32", attention="dense")
     assert model.embedding[...].dtype == jnp.bfloat16 and model.cfg.param_dtype == "bfloat16"
     wide = hf.load_model(path, param_dtype="float32", attention="dense")
-    assert wide.blocks[0].attention.wq[...].dtype == jnp.float32
+    assert wide.blocks.attention.wq[...].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(wide.embedding[...]),
                                   np.asarray(model.embedding[...]).astype(np.float32))
     # bf16 weights, float32 compute on both sides.
@@ -213,7 +213,7 @@ def test_sharded_load_on_a_mesh_gives_the_same_parameters_and_ring_attention_log
     from parallel.ring_attention import make_ring_attention
     model = hf.load_model(path, attention="ring", mesh=mesh, axis_rules=mesh_lib.LOGICAL_RULES,
                           attention_fn=make_ring_attention(mesh, block_q=8, block_k=8))
-    wq = model.blocks[0].attention.wq[...]
+    wq = model.blocks.attention.wq[...]
     assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
     single_params = nnx.to_flat_state(nnx.state(single, nnx.Param))
     for (path_, a), (_, b) in zip(single_params, nnx.to_flat_state(nnx.state(model, nnx.Param))):
@@ -229,7 +229,7 @@ def test_fsdp_sharded_gpt2_load_reads_slices_of_the_packed_tensors(tmp_path):
     single = hf.load_model(path, attention="dense")
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 2, "seq": 2, "tensor": 2})
     model = hf.load_model(path, attention="dense", mesh=mesh, axis_rules=mesh_lib.LOGICAL_RULES)
-    assert not model.blocks[0].attention.wq[...].sharding.is_fully_replicated
+    assert not model.blocks.attention.wq[...].sharding.is_fully_replicated
     for (name, a), (_, b) in zip(nnx.to_flat_state(nnx.state(single, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(name))

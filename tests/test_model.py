@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from model.layers import param
 from model.transformer import ModelConfig, Transformer, count_parameters
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2, head_dim=8,
@@ -31,8 +33,8 @@ def test_logits_have_batch_length_vocab_shape_in_float32():
 
 def test_grouped_query_attention_has_fewer_key_value_heads():
     model = make()
-    assert model.blocks[0].attention.wq.shape == (32, 4, 8)
-    assert model.blocks[0].attention.wk.shape == (32, 2, 8)
+    assert model.blocks.attention.wq.shape == (2, 32, 4, 8)       # [n_layers, ...]
+    assert model.blocks.attention.wk.shape == (2, 32, 2, 8)
 
 
 def test_untied_head_has_its_own_weights_and_tied_has_none():
@@ -68,18 +70,69 @@ def test_dense_and_blockwise_models_agree(attention):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_rematerialisation_gives_the_same_gradients():
+def loss_and_grads(cfg, tokens, seed=0):
+    """(sum of logits, gradients of every parameter) of a fresh model of `cfg` (jitted)."""
+    model = make(cfg, seed)
+    graphdef, params = nnx.split(model, nnx.Param)
+    loss = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p)(tokens).sum()))
+    value, grads = loss(params)
+    return value, jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("policy", ["full", pytest.param("save_dots", marks=pytest.mark.slow),
+                                    pytest.param("save_attention_out", marks=pytest.mark.slow)])
+def test_each_remat_policy_gives_the_gradients_of_no_remat(policy):
     tokens = random_tokens(3)
-
-    def grads(cfg):
-        model = make(cfg)
-        graphdef, params = nnx.split(model, nnx.Param)
-        loss = lambda p: nnx.merge(graphdef, p)(tokens).sum()
-        return jax.tree.leaves(jax.grad(loss)(params))
-
-    for a, b in zip(grads(SMALL), grads(dataclasses.replace(SMALL, remat=True))):
+    value, expected = loss_and_grads(SMALL, tokens)
+    got_value, got = loss_and_grads(dataclasses.replace(SMALL, remat=policy), tokens)
+    np.testing.assert_allclose(got_value, value, rtol=1e-6)
+    for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="model.remat must be one of"):
+        make(dataclasses.replace(SMALL, remat="some"))
+
+
+@pytest.mark.parametrize("attention", ["dense", "blockwise"])
+def test_scanned_layers_give_the_logits_and_gradients_of_the_python_loop(attention):
+    cfg = dataclasses.replace(SMALL, attention=attention, n_layers=3)
+    tokens = random_tokens(8)
+    looped = dataclasses.replace(cfg, scan_layers=False)
+    np.testing.assert_allclose(make(cfg)(tokens), make(looped)(tokens), rtol=1e-5, atol=1e-5)
+    value, expected = loss_and_grads(looped, tokens)
+    got_value, got = loss_and_grads(cfg, tokens)
+    np.testing.assert_allclose(got_value, value, rtol=1e-6)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_layers_parameters_are_stacked_with_an_unsharded_layer_axis():
+    from parallel import mesh as mesh_lib   # only for the logical-axis rules
+    cfg = dataclasses.replace(SMALL, n_layers=3)
+    with mesh_lib.use_mesh(mesh_lib.make_mesh(dict(data=1, fsdp=4, seq=1, tensor=2))):
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+        specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
+    assert abstract.blocks.attention.wq.shape == (3, 32, 4, 8)
+    assert specs["blocks"]["attention"]["wq"].get_value() == P(None, ("fsdp", "seq"), "tensor", None)
+    assert specs["embedding"].get_value() == P("tensor", ("fsdp", "seq"))
+
+
+def test_stacked_layers_hold_the_parameters_a_list_of_blocks_draws():
+    """The layer axis is built from blocks made one after another (same random draws as
+    before the stacking): layer i's slice is the i-th such block."""
+    from model.attention import attention_function
+    from model.transformer import Block
+    model = make(dataclasses.replace(SMALL, n_layers=3), seed=5)
+    rngs = nnx.Rngs(5)
+    with nnx.use_eager_sharding(False):
+        param(rngs, (SMALL.vocab_size, SMALL.d_model), ("vocab", "embed"),   # the embedding's draw
+              nnx.initializers.normal(SMALL.init_std), jnp.float32)
+        blocks = [Block(SMALL, attention_function("blockwise"), rngs) for _ in range(3)]
+    for i, block in enumerate(blocks):
+        np.testing.assert_array_equal(model.blocks.mlp.w_up[...][i], block.mlp.w_up[...])
+        np.testing.assert_array_equal(model.blocks.attention.wq[...][i], block.attention.wq[...])
 
 
 @pytest.mark.parametrize("position", ["rope", "learned", "none"])

@@ -16,7 +16,7 @@ from model.attention import Attention, dot_product_attention
 from model.layers import GeluMLP, LayerNorm, SwiGLU
 from model.transformer import ModelConfig, Transformer
 from train.optimizer import weight_decay_mask
-from train.state import check_same_model
+from train.state import PARAMETER_LAYOUT, check_same_model
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2, head_dim=8,
                     mlp_dim=64, l_max=32, dtype="float32", block_q=8, block_k=8,
@@ -26,11 +26,12 @@ GPT2_STYLE = dataclasses.replace(SMALL, norm="layernorm", mlp="gelu_tanh", qkv_b
                                  tie_embeddings=True)
 ALL_BIASES = dataclasses.replace(SMALL, qkv_bias=True, attention_out_bias=True, mlp_bias=True)
 
-# The parameters of SMALL as they were before the options existed (paths and shapes).
+# The parameters of SMALL as they were before the options existed (paths and shapes; the
+# two layers' block parameters stacked [2, ...]).
 DEFAULT_PARAMETERS = {
     "embedding": (64, 32),
     "final_norm/scale": (32,),
-    **{f"blocks/{i}/{name}": shape for i in range(2) for name, shape in {
+    **{f"blocks/{name}": (2, *shape) for name, shape in {
         "attention_norm/scale": (32,),
         "attention/wq": (32, 4, 8),
         "attention/wk": (32, 2, 8),
@@ -55,7 +56,7 @@ def build(module_class, *args, **kwargs):
 
 
 def parameters(module) -> dict[str, jax.Array]:
-    """'blocks/0/attention/wq' -> value, for every parameter of `module`."""
+    """'blocks/attention/wq' -> value, for every parameter of `module`."""
     return {"/".join(str(key) for key in path): variable[...]
             for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
@@ -174,9 +175,8 @@ def test_each_option_adds_and_removes_exactly_its_parameters(option, added, remo
     shapes = {name: tuple(value.shape)
               for name, value in parameters(make(dataclasses.replace(SMALL, **option))).items()}
     expected = {name: shape for name, shape in DEFAULT_PARAMETERS.items()
-                if name.split("/", 2)[-1] not in removed}
-    for i in range(2):
-        expected.update({f"blocks/{i}/{name}": shape for name, shape in added.items()})
+                if name.removeprefix("blocks/") not in removed}
+    expected.update({f"blocks/{name}": (2, *shape) for name, shape in added.items()})
     if option.get("norm") == "layernorm":
         expected["final_norm/bias"] = (32,)
     assert shapes == expected
@@ -275,24 +275,30 @@ def test_biases_get_no_weight_decay_and_the_default_model_decays_only_its_matric
         return {"/".join(map(str, path)) for path, decays in nnx.to_flat_state(mask)
                 if decays.get_value()}
 
-    matrices = {f"blocks/{i}/{name}" for i in range(2) for name in (
+    matrices = {f"blocks/{name}" for name in (
         "attention/wq", "attention/wk", "attention/wv", "attention/wo")}
-    assert decayed(SMALL) == matrices | {f"blocks/{i}/mlp/{w}" for i in range(2)
-                                         for w in ("w_gate", "w_up", "w_down")}
-    assert decayed(GPT2_STYLE) == matrices | {f"blocks/{i}/mlp/{w}" for i in range(2)
-                                              for w in ("w_in", "w_out")}
+    assert decayed(SMALL) == matrices | {f"blocks/mlp/{w}" for w in ("w_gate", "w_up", "w_down")}
+    assert decayed(GPT2_STYLE) == matrices | {f"blocks/mlp/{w}" for w in ("w_in", "w_out")}
 
 
 @pytest.mark.parametrize("option", [{"norm": "layernorm"}, {"mlp": "gelu_tanh"},
                                     {"qkv_bias": True}, {"attention_out_bias": True},
                                     {"mlp_bias": True}])
 def test_options_define_the_model_for_checkpoints_and_older_checkpoints_read_as_defaults(option):
-    old_meta = {"model_config": {k: v for k, v in dataclasses.asdict(SMALL).items()
+    old_meta = {"parameter_layout": PARAMETER_LAYOUT,
+                "model_config": {k: v for k, v in dataclasses.asdict(SMALL).items()
                                  if k not in ("norm", "mlp", "qkv_bias", "attention_out_bias",
                                               "mlp_bias")}}
     check_same_model(old_meta, types.SimpleNamespace(model_config=SMALL), "workdir")
     changed = dataclasses.replace(SMALL, **option)
     with pytest.raises(ValueError, match=f"differs in {next(iter(option))}"):
         check_same_model(old_meta, types.SimpleNamespace(model_config=changed), "workdir")
-    check_same_model({"model_config": dataclasses.asdict(changed)},
+    check_same_model({"parameter_layout": PARAMETER_LAYOUT,
+                      "model_config": dataclasses.asdict(changed)},
                      types.SimpleNamespace(model_config=changed), "workdir")
+
+
+def test_a_checkpoint_from_before_the_stacked_layers_is_refused_with_the_reason():
+    meta = {"model_config": dataclasses.asdict(SMALL)}       # no parameter_layout
+    with pytest.raises(ValueError, match="before the decoder layers' parameters were stacked"):
+        check_same_model(meta, types.SimpleNamespace(model_config=SMALL), "workdir")

@@ -44,7 +44,7 @@ def setup():
 def reference_greedy(run, params, prompt, new):
     """The slow reference: a full forward (dense attention, host parameters) over the whole
     sequence per new token, argmax."""
-    dense = dataclasses.replace(run.model_config, attention="dense", remat=False)
+    dense = dataclasses.replace(run.model_config, attention="dense", remat="none")
     names = run.mesh.axis_names
     one = jax.sharding.Mesh(np.array(jax.devices()[-1:]).reshape((1,) * len(names)), names)
     with mesh_lib.use_mesh(one):

@@ -12,7 +12,7 @@ from flax import nnx
 
 from evaluation.generate import cache_slots_on_mesh, generate, prefill
 from model.attention import cached_attention
-from model.kv_cache import LayerCache
+from model.kv_cache import KVCache
 from model.positions import normalize_rope_scaling
 from model.transformer import ModelConfig, Transformer
 from parallel import mesh as mesh_lib
@@ -43,13 +43,15 @@ def prompts(seed, batch=2, length=37):
                                          SMALL.vocab_size))
 
 
-def random_cache_inputs(seed, t, slots=32, batch=2, q_heads=4, kv_heads=2, head_dim=8):
+def random_cache_inputs(seed, t, start, layers=3, slots=32, batch=2, q_heads=4, kv_heads=2,
+                        head_dim=8):
     keys = jax.random.split(jax.random.key(seed), 5)
     q = jax.random.normal(keys[0], (batch, t, q_heads, head_dim))
     k = jax.random.normal(keys[1], (batch, t, kv_heads, head_dim))
     v = jax.random.normal(keys[2], (batch, t, kv_heads, head_dim))
-    cache = LayerCache(jax.random.normal(keys[3], (batch, slots, kv_heads, head_dim)),
-                       jax.random.normal(keys[4], (batch, slots, kv_heads, head_dim)))
+    shape = (layers, batch, slots, kv_heads, head_dim)
+    cache = KVCache(jax.random.normal(keys[3], shape), jax.random.normal(keys[4], shape),
+                    jnp.int32(start))
     return q, k, v, cache
 
 
@@ -57,17 +59,20 @@ def random_cache_inputs(seed, t, slots=32, batch=2, q_heads=4, kv_heads=2, head_
 @pytest.mark.parametrize("t,start", [(1, 0), (1, 13), (1, 31), (5, 6), (6, 26)])
 def test_attention_over_a_split_cache_equals_the_one_device_cache_attention(mesh_name, t, start):
     """New tokens that fall into one shard or straddle two (slots 6..10 with parts of 8),
-    the very first and very last slot; outputs and the written cache both compared."""
-    q, k, v, cache = random_cache_inputs(seed=t * 100 + start, t=t)
-    expected_out, expected_cache = cached_attention(q, k, v, cache, start)
+    the very first and very last slot, in the middle layer of three; outputs and the
+    written cache both compared."""
+    q, k, v, cache = random_cache_inputs(seed=t * 100 + start, t=t, start=start)
+    expected_out, expected_cache = cached_attention(q, k, v, cache, 1)
     the_mesh = mesh(mesh_name)
-    split = LayerCache(*(jax.device_put(x, cache_sharding(the_mesh)) for x in cache))
+    split = cache._replace(k=jax.device_put(cache.k, cache_sharding(the_mesh)),
+                           v=jax.device_put(cache.v, cache_sharding(the_mesh)))
     attend = jax.jit(sharded_cached_attention(the_mesh))
-    out, new_cache = attend(q, k, v, split, jnp.int32(start))
+    out, new_cache = attend(q, k, v, split, jnp.int32(1))
     np.testing.assert_allclose(out, expected_out, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(new_cache.k, expected_cache.k)
     np.testing.assert_array_equal(new_cache.v, expected_cache.v)
-    assert new_cache.k.sharding.is_equivalent_to(cache_sharding(the_mesh), 4)
+    assert int(new_cache.length) == start
+    assert new_cache.k.sharding.is_equivalent_to(cache_sharding(the_mesh), 5)
 
 
 def test_the_cache_slots_on_a_mesh_give_every_device_an_even_whole_number_of_blocks():
@@ -85,15 +90,13 @@ def test_a_prefill_on_seq_4_leaves_each_device_a_quarter_of_the_cache():
     prompt = jnp.asarray(prompts(1))                              # 37 tokens, 12 new: 49 -> 64
     logits, cache = prefill(model, prompt, total=49, mesh=the_mesh)
     assert logits.shape == (2, SMALL.vocab_size) and int(cache.length) == 37
-    for layer in cache.layers:
-        for array in layer:
-            assert array.shape == (2, 64, SMALL.kv_heads, SMALL.head_dim)
-            assert {shard.data.shape[1] for shard in array.addressable_shards} == {16}
+    for array in (cache.k, cache.v):
+        assert array.shape == (SMALL.n_layers, 2, 64, SMALL.kv_heads, SMALL.head_dim)
+        assert {shard.data.shape[2] for shard in array.addressable_shards} == {16}
     # the cache's prompt slots hold what a one-device prefill writes
     _, reference = prefill(model, prompt, total=49)
-    for layer, expected in zip(cache.layers, reference.layers):
-        np.testing.assert_allclose(layer.k[:, :37], expected.k[:, :37], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(layer.v[:, :37], expected.v[:, :37], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cache.k[:, :, :37], reference.k[:, :, :37], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(cache.v[:, :, :37], reference.v[:, :, :37], atol=1e-5, rtol=0)
 
 
 def scaling(rope_scaling):

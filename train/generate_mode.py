@@ -65,7 +65,7 @@ def generate_workdir(config, workdir: str) -> dict:
     model_config = dataclasses.replace(
         run.model_config, rope_theta=level.rope_theta, rope_scaling_json=level.rope_scaling_json,
         attention="dense" if run.model_config.attention == "ring" else run.model_config.attention,
-        remat=False)
+        remat="none")
     # weights whole on every device (split over `tensor` only): no gather per decoding step
     params = jax.device_put(state["params"],
                             mesh_lib.compute_shardings(run.state_shardings["params"]))

@@ -8,8 +8,6 @@ export: W's newest checkpoint -> a directory transformers loads (model/hf.save_m
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +21,7 @@ from model import hf
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import workdir_config
-from train.state import build_run, restore_newest
+from train.state import build_run, checkpoint_meta, restore_newest
 from train.validate import validate_config
 
 HF_ARCHITECTURE = "hf_architecture"   # checkpoint metadata: the architecture imported from
@@ -69,8 +67,7 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     with mesh_lib.use_mesh(run.mesh):
         opt_state = jax.jit(run.optimizer.init,
                             out_shardings=run.state_shardings["opt_state"])(params)
-    meta = {"step": 0, "tokens": 0, "model_config": dataclasses.asdict(run.model_config),
-            "config": json.loads(workdir_config.to_json(config)), HF_ARCHITECTURE: architecture}
+    meta = checkpoint_meta(run, config, 0, 0, **{HF_ARCHITECTURE: architecture})
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                max_to_keep=1, async_save=False, data_names=())
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from typing import Any, Callable
 
@@ -20,6 +21,7 @@ from model import positions as pos_lib
 from model.transformer import ModelConfig, Transformer
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
+from train import workdir_config
 from train.optimizer import make_optimizer
 
 
@@ -111,17 +113,34 @@ def abstract_state(run: Run):
         shapes, run.state_shardings)
 
 
+# How the parameters are laid out in a checkpoint; recorded in its metadata. Before the
+# decoder layers were stacked (model/transformer.py) every block had its own parameters.
+PARAMETER_LAYOUT = "stacked_layers"
+
+
+def checkpoint_meta(run: Run, config, step: int, tokens: int, **extra) -> dict:
+    """The metadata saved with a checkpoint of `run`."""
+    return {"step": step, "tokens": tokens, "parameter_layout": PARAMETER_LAYOUT,
+            "model_config": dataclasses.asdict(run.model_config),
+            "config": json.loads(workdir_config.to_json(config)), **extra}
+
+
 def check_same_model(meta: dict, run: Run, workdir: str, *,
                      resize_positions: bool = False) -> None:
     """Raise unless the checkpoint metadata `meta` describes `run`'s parameters.
 
     `resize_positions`: the learned-position table may have another number of rows (l_max)
     than the checkpoint's, because the caller interpolates it (restore_params_from)."""
+    if meta.get("parameter_layout") != PARAMETER_LAYOUT:
+        raise ValueError(f"{workdir} holds checkpoints written before the decoder layers' "
+                         "parameters were stacked into one [n_layers, ...] array each; this "
+                         "version cannot restore them (train anew, or export them with the "
+                         "version that wrote them and --mode import the export)")
     saved = meta.get("model_config")
     current = dataclasses.asdict(run.model_config)
     # may change between levels, evaluations and fine-tuning runs
     ignored = {"rope_theta", "rope_scaling_json", "attention", "block_q", "block_k", "remat",
-               "dtype"}
+               "scan_layers", "dtype"}
     if run.model_config.position != "learned" or resize_positions:
         ignored.add("l_max")              # no parameter depends on it, or it is resized
     # a key the checkpoint predates (e.g. model.norm) had its default then

@@ -7,8 +7,6 @@ depend on how many steps a length takes.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import time
@@ -28,8 +26,8 @@ from train import workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.optimizer import learning_rate_at
-from train.state import (abstract_state, build_run, check_same_model, init_state,
-                         restore_newest, restore_params_from)
+from train.state import (abstract_state, build_run, check_same_model, checkpoint_meta,
+                         init_state, restore_newest, restore_params_from)
 from train.step import make_train_step, put_batch
 from train.validate import validate_config
 
@@ -163,7 +161,7 @@ def train(config, workdir: str) -> dict:
             stopping = preempted or step == config.train.stop_at_step
             if step % config.checkpoint.every_steps == 0 or step == plan.total_steps or stopping:
                 checkpointer.save(step, state, levels.iterators,
-                                  _checkpoint_meta(config, current_run, step, tokens))
+                                  checkpoint_meta(current_run, config, step, tokens))
             if stopping and step < plan.total_steps:
                 log.warning("%s: saved step %d and stopping", "preemption signal" if preempted
                             else "train.stop_at_step", step)
@@ -224,11 +222,6 @@ def _evaluate(config, eval_run, state, data, step: int, writer, *, workdir: str 
             print(f"retrieval {task}: accuracy by length {accuracy}; k_max {grid['k_max']}",
                   flush=True)
     return outcome
-
-
-def _checkpoint_meta(config, run, step: int, tokens: int) -> dict:
-    return {"step": step, "tokens": tokens, "model_config": dataclasses.asdict(run.model_config),
-            "config": json.loads(workdir_config.to_json(config))}
 
 
 def _layout_name(mesh) -> str:

@@ -9,6 +9,7 @@ import os
 from ml_collections import config_dict
 
 from configs import base
+from model.remat import policy_name
 
 CONFIG_FILE = "config.json"
 
@@ -45,6 +46,10 @@ def load(workdir: str, overrides: dict | None = None) -> config_dict.ConfigDict:
     return config
 
 
+# keys whose saved form changed: the function turns an older value into today's
+_UPGRADES = {"model.remat": policy_name}     # a bool before the remat policies
+
+
 def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -> None:
     for key, value in saved.items():
         if key not in node:
@@ -52,7 +57,7 @@ def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -
         if isinstance(node[key], config_dict.ConfigDict) and isinstance(value, dict):
             _update(node[key], value, path, f"{prefix}{key}.")
         else:
-            node[key] = _from_json(value)
+            node[key] = _UPGRADES.get(prefix + key, _from_json)(value)
 
 
 def _from_json(value):
