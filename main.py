@@ -1,7 +1,7 @@
 """Boundless entry point.
 
   python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
-                 [--mode train|eval|compare]
+                 [--mode train|eval|compare|plan]
   python main.py --mode eval --workdir W [--config.KEY=VALUE ...]     (W's config.json)
   python main.py --mode generate --workdir W --config.generate.prompt="..." [...]
   python main.py --mode import --hf_dir DIR --workdir W    (Hugging Face -> workdir)
@@ -39,8 +39,9 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: ~/boundless_workdirs/<config name>; for "
     "--mode compare, where to write compare.md and the plot: nothing is written without it).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "generate", "compare", "import", "export"],
-    "train; eval (the newest checkpoint of --workdir); generate (continue "
+    "mode", "train", ["train", "eval", "generate", "compare", "plan", "import", "export"],
+    "train; eval (the newest checkpoint of --workdir); plan (compile every level's train "
+    "step abstractly and report per-device memory: nothing is allocated); generate (continue "
     "--config.generate.prompt with it); compare (the eval results of --workdirs as one "
     "table; with --workdir, also written there with a plot); import (--hf_dir into a new "
     "--workdir); export (--workdir's newest checkpoint to --hf_dir).")
@@ -112,6 +113,17 @@ def main(argv):
     else:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py (--mode eval "
                              "or generate with --workdir W alone take W's config.json)")
+    if mode == "plan":
+        if config.plan.devices > 0:        # before JAX is imported anywhere
+            os.environ["JAX_PLATFORMS"] = "cpu"
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                       f"platform_device_count={config.plan.devices}").strip()
+        else:
+            start_distributed()
+        from train import plan
+        _exit_on_error(lambda: plan.plan_workdir(config, workdir))
+        print(f"wrote {os.path.join(workdir, plan.PLAN_FILE)}")
+        return
     start_distributed()
     from train import trainer  # imported after jax.distributed is up
     if mode == "train":

@@ -34,6 +34,16 @@ def get_config() -> config_dict.ConfigDict:
     # recompute in the backward pass (model/remat.py): none | full | save_dots | save_attention_out
     model.remat = "none"
     model.scan_layers = True      # lax.scan over the stacked layers (False: a Python loop)
+    # > 0: the LM head and loss run in chunks of this many tokens per row (it must divide
+    # every training / evaluation length), so [tokens, vocab] logits are never held;
+    # 0: all logits at once
+    model.loss_chunk_tokens = 0
+    # > 0: the MLP (and its norm) runs in chunks of this many tokens per row, each
+    # rematerialised (the feed-forward half of a blockwise transformer); 0: whole
+    model.mlp_chunk_tokens = 0
+    # with model.remat != "none" and scanned layers: rematerialise this many layers as a
+    # group too, keeping n_layers / remat_group layer inputs (must divide n_layers)
+    model.remat_group = 1
     model.norm_eps = 1e-5
     model.init_std = 0.02
     # Architecture options (defaults: Llama/Mistral; Qwen2 adds qkv_bias; GPT-2 is layernorm,
@@ -185,6 +195,15 @@ def get_config() -> config_dict.ConfigDict:
     # over the split cache); 1: one device
     generate.seq = 1
     config.generate = generate
+
+    # --- ahead-of-time plan (--mode plan; train/plan.py) -------------------------------
+    plan = config_dict.ConfigDict()
+    # > 0: plan on this many simulated CPU devices (whatever the machine has); 0: the real
+    # devices of this process
+    plan.devices = 0
+    # > 0: also find the longest length whose train step fits this many GiB per device
+    plan.memory_budget_gib = 0.0
+    config.plan = plan
 
     # --- context extension (configs/extend.py; train/extend.py) -----------------------
     # Position Interpolation: fine-tune the model of train.init_from at a longer length.

@@ -18,9 +18,9 @@ from parallel import mesh as mesh_lib
 def score_function(run):
     """jit((params, batch) -> (nll, is_argmax)) on run's mesh, weights gathered for compute
     like the train step (parallel.mesh.compute_shardings)."""
-    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
-    return jax.jit(lambda p, b: token_scores(
-        run.graphdef, jax.lax.with_sharding_constraint(p, gathered), b))
+    gather_outer, gather_layer = mesh_lib.weight_gathers(run.state_shardings["params"])
+    return jax.jit(lambda p, b: token_scores(run.graphdef, gather_outer(p), b,
+                                             prepare_layer=gather_layer))
 
 
 class Scorer:

@@ -182,6 +182,26 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
     return jax.lax.fori_loop(0, lk // block_k, key_block, (dq, dk, dv))
 
 
+def opaque(fn):
+    """`fn` as one custom_vjp call that has no derivative of its own, for a custom VJP's
+    forward pass to run its kernel through.
+
+    Called directly, a custom VJP's forward pass is inlined when the function is
+    differentiated, and inside lax.scan (the scanned decoder layers) the scan's partial
+    evaluation then keeps every iteration of the kernel's inner loops: measured, the
+    [query blocks, key blocks] score tiles of every layer, 48 TB per device for Llama-2-7B
+    at 1M tokens. As one call the kernel stays whole and only the declared residuals are
+    saved. The result must never be differentiated itself (that raises)."""
+    wrapped = jax.custom_vjp(fn)
+
+    def no_derivative(*_):
+        raise TypeError("model.blockwise.opaque: this kernel is only run by a custom VJP's "
+                        "forward pass and has no derivative of its own")
+
+    wrapped.defvjp(lambda *args: (wrapped(*args), None), no_derivative)
+    return wrapped
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _blockwise(q, k, v, positions, segment_ids, causal, block_q, block_k):
     out, _, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
@@ -190,8 +210,9 @@ def _blockwise(q, k, v, positions, segment_ids, causal, block_q, block_k):
 
 
 def _blockwise_fwd(q, k, v, positions, segment_ids, causal, block_q, block_k):
-    out, lse, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
-                                    causal=causal, block_q=block_q, block_k=block_k)
+    kernel = opaque(functools.partial(blockwise_forward, causal=causal, block_q=block_q,
+                                      block_k=block_k))
+    out, lse, _ = kernel(q, k, v, positions, positions, segment_ids, segment_ids)
     out = out.astype(q.dtype)
     return out, (q, k, v, positions, segment_ids, out, lse)
 

@@ -27,6 +27,7 @@ from flax import nnx
 from model import positions as pos_lib
 from model.attention import Attention, AttentionFn, attention_function
 from model import remat as remat_lib
+from model.chunks import map_chunks
 from model.kv_cache import KVCache, empty_cache
 from model.layers import MLP_KINDS, NORM_KINDS, make_mlp, make_norm, param
 
@@ -55,6 +56,10 @@ class ModelConfig:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"            # model/remat.py: none | full | save_dots | save_attention_out
+    loss_chunk_tokens: int = 0     # model/loss.py: LM head + loss in chunks of this many
+                                   # tokens per row (0: all logits at once)
+    mlp_chunk_tokens: int = 0      # the MLP in chunks of this many tokens per row (0: whole)
+    remat_group: int = 1           # layers rematerialised as one group (see _over_layers)
     scan_layers: bool = True       # lax.scan over the stacked layers (False: a Python loop)
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -88,7 +93,10 @@ class ModelConfig:
             rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
             block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
             dtype=m.dtype, param_dtype=m.param_dtype, remat=remat_lib.policy_name(m.remat),
-            scan_layers=bool(m.get("scan_layers", True)), norm_eps=m.norm_eps,
+            scan_layers=bool(m.get("scan_layers", True)),
+            loss_chunk_tokens=int(m.get("loss_chunk_tokens", 0)),
+            mlp_chunk_tokens=int(m.get("mlp_chunk_tokens", 0)),
+            remat_group=int(m.get("remat_group", 1)), norm_eps=m.norm_eps,
             init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
             attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias)
         model_config.validate()
@@ -113,6 +121,12 @@ class ModelConfig:
         for name in ("qkv_bias", "attention_out_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(self, name)}")
+        if self.remat_group < 1 or self.n_layers % self.remat_group:
+            raise ValueError(f"model.remat_group ({self.remat_group}) must be a positive "
+                             f"divisor of model.n_layers ({self.n_layers})")
         for name in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
                      "mlp_dim", "l_max", "block_q", "block_k"):
             if getattr(self, name) <= 0:
@@ -135,6 +149,7 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, param_dtype, rngs)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.mlp_dim, cfg.init_std, dtype, param_dtype,
                             rngs, bias=cfg.mlp_bias)
+        self.mlp_chunk_tokens = cfg.mlp_chunk_tokens
 
     def __call__(self, x, positions, segment_ids, rotate, cache=None, layer=None, *,
                  collect_kv: bool = False, cache_attention=None):
@@ -147,7 +162,11 @@ class Block(nnx.Module):
         if cache is not None or collect_kv:
             attended, extra = attended
         x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+        # per token, so it may run in chunks of tokens (the [tokens, mlp_dim] intermediates
+        # of one chunk at a time); lengths the chunk does not divide run whole
+        length, chunk = x.shape[1], self.mlp_chunk_tokens
+        chunks = length // chunk if chunk and length > chunk and length % chunk == 0 else 1
+        x = x + map_chunks(lambda h: self.mlp(self.mlp_norm(h)), x, chunks)
         return x if extra is None else (x, extra)
 
 
@@ -239,7 +258,8 @@ class Transformer(nnx.Module):
 
     def hidden_states(self, tokens, positions=None, segment_ids=None,
                       cache: KVCache | None = None, *, collect_kv: bool = False,
-                      sequence_length: int | None = None, cache_attention=None):
+                      sequence_length: int | None = None, cache_attention=None,
+                      prepare_layer=None):
         """The decoder without its head: tokens [batch, length] -> [batch, length, d_model]
         after the final norm (the compute dtype).
 
@@ -253,6 +273,9 @@ class Transformer(nnx.Module):
           tokens', or with a cache its max_len). RoPE is built for it (the `dynamic`
           scaling's frequencies depend on it: at prefill and at every decoding step those a
           full forward over the final sequence uses), and learned positions need it <= l_max.
+        prepare_layer: applied to each layer's parameters inside the layer loop, before
+          they are used (the train step gathers FSDP-sharded weights there, a layer at a
+          time; parallel/mesh.py, weight_gathers).
         """
         cfg = self.cfg
         batch, length = tokens.shape
@@ -287,7 +310,7 @@ class Transformer(nnx.Module):
             def layer(x, block):
                 return block(x, positions, segment_ids, rotate), None
 
-            x, _ = self._over_layers(layer, x, remat=cfg.remat)
+            x, _ = self._over_layers(layer, x, remat=cfg.remat, prepare=prepare_layer)
             return self.final_norm(x)
         if collect_kv:                                       # prefill in one pass
             def layer(x, block):
@@ -305,19 +328,35 @@ class Transformer(nnx.Module):
                                           jnp.arange(cfg.n_layers, dtype=jnp.int32))
         return self.final_norm(x), cache._replace(length=jnp.asarray(start + length, jnp.int32))
 
-    def _over_layers(self, layer, carry, *per_layer, remat: str = "none"):
+    def _over_layers(self, layer, carry, *per_layer, remat: str = "none", prepare=None):
         """Run the decoder blocks: layer(carry, block, *per_layer[i]) -> (carry, out) for
         i = 0 .. n_layers - 1, with `block` the Block of layer i's parameters. A lax.scan
         over the stacked parameters (cfg.scan_layers: one compiled layer whatever the
         depth) or a Python loop over their slices; the layer is rematerialised by the
-        named policy (model/remat.py). Returns (carry, the outs stacked over layers)."""
+        named policy (model/remat.py), and with cfg.remat_group = g > 1 (scanned, remat
+        on) g layers at a time too: n_layers / g layer inputs are kept instead of n_layers,
+        for one more forward pass of each group. `prepare` maps a layer's parameters
+        first. Returns (carry, the outs stacked over layers)."""
         graphdef, stacked = nnx.split(self.blocks)
 
         def step(carry, xs):
             params, *rest = xs
+            if prepare is not None:
+                params = prepare(params)
             return layer(carry, nnx.merge(graphdef, params), *rest)
 
         step = remat_lib.rematerialise(step, remat, in_scan=self.cfg.scan_layers)
+        group = self.cfg.remat_group
+        if self.cfg.scan_layers and remat != "none" and group > 1:
+            # only each group's input is kept through the forward pass; the backward pass
+            # reruns a group (keeping its layers' inputs), then goes back layer by layer
+            grouped = jax.tree.map(lambda a: a.reshape(a.shape[0] // group, group, *a.shape[1:]),
+                                   (stacked, *per_layer))
+            run_group = jax.checkpoint(lambda carry, xs: jax.lax.scan(step, carry, xs),
+                                       policy=jax.checkpoint_policies.nothing_saveable,
+                                       prevent_cse=False)
+            carry, outs = jax.lax.scan(run_group, carry, grouped)
+            return carry, jax.tree.map(lambda a: a.reshape(a.shape[0] * group, *a.shape[2:]), outs)
         if self.cfg.scan_layers:
             return jax.lax.scan(step, carry, (stacked, *per_layer))
         outs = []

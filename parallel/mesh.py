@@ -152,3 +152,34 @@ def compute_shardings(param_shardings):
 
     return jax.tree.map(strip, param_shardings,
                         is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+LAYER_STACK = "blocks"   # the subtree of stacked decoder-layer parameters (model/transformer.py)
+
+
+def weight_gathers(param_shardings):
+    """(gather_outer, gather_layer): the FSDP gathers of the weights for compute.
+
+    gather_outer(params) constrains every parameter but the stacked layers' to its
+    compute sharding (compute_shardings); gather_layer(layer_params) does the same for one
+    layer's slice of the stacked parameters, inside the layer loop (the model's
+    `prepare_layer` hook). So one layer's weights are whole at a time, not the model's;
+    in the backward pass the transposed constraint reduce-scatters each layer's gradients.
+    """
+    compute = compute_shardings(param_shardings)
+    is_sharding = lambda x: isinstance(x, NamedSharding)
+
+    def gather_outer(params):
+        def constrain(path, leaf, sharding):
+            if getattr(path[0], "key", None) == LAYER_STACK:
+                return leaf
+            return jax.lax.with_sharding_constraint(leaf, sharding)
+        return jax.tree_util.tree_map_with_path(constrain, params, compute)
+
+    layer = jax.tree.map(lambda s: NamedSharding(s.mesh, P(*s.spec[1:])), compute[LAYER_STACK],
+                         is_leaf=is_sharding)
+
+    def gather_layer(layer_params):
+        return jax.lax.with_sharding_constraint(layer_params, layer)
+
+    return gather_outer, gather_layer

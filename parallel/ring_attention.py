@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from model.blockwise import (blockwise_attention, blockwise_backward, blockwise_forward,
-                             fit_block, merge_partial_attention)
+                             fit_block, merge_partial_attention, opaque)
 from model.masking import check_shapes, default_positions_and_segments
 from parallel.mesh import BATCH_AXES, heads_spec
 
@@ -112,7 +112,8 @@ def _local_ring(axis_name: str, axis_size: int, causal: bool, block_q: int, bloc
         return out.astype(q.dtype)
 
     def ring_fwd(q, k, v, q_pos, q_seg):
-        out, lse, _ = _ring_forward(q, k, v, q_pos, q_seg, **options)
+        kernel = opaque(functools.partial(_ring_forward, **options))   # see model.blockwise
+        out, lse, _ = kernel(q, k, v, q_pos, q_seg)
         out = out.astype(q.dtype)
         return out, (q, k, v, q_pos, q_seg, out, lse)
 

@@ -169,3 +169,73 @@ def test_learned_positions_beyond_l_max_raise_a_clear_error():
 def test_invalid_head_counts_are_rejected():
     with pytest.raises(ValueError, match="multiple of"):
         make(dataclasses.replace(SMALL, q_heads=6, kv_heads=4))
+
+
+def chunked_loss_and_grads(cfg, tokens, targets):
+    from model.loss import token_loss_sums
+    model = make(cfg, seed=2)
+    graphdef, params = nnx.split(model, nnx.Param)
+    batch = {"tokens": tokens, "targets": targets,
+             "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
+             "segment_ids": jnp.zeros_like(tokens), "loss_mask": jnp.ones(tokens.shape)}
+
+    def mean_loss(params):
+        total, count = token_loss_sums(graphdef, params, batch)
+        return total / count
+
+    return jax.jit(jax.value_and_grad(mean_loss))(params)
+
+
+@pytest.mark.parametrize("chunk", [4, 8, 16])
+def test_the_chunked_loss_equals_the_full_loss_and_its_gradients(chunk):
+    tokens, targets = random_tokens(9), random_tokens(10)
+    full_loss, full_grads = chunked_loss_and_grads(SMALL, tokens, targets)
+    loss, grads = chunked_loss_and_grads(dataclasses.replace(SMALL, loss_chunk_tokens=chunk),
+                                         tokens, targets)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(full_grads)):
+        scale = float(jnp.abs(b[...]).max())
+        np.testing.assert_allclose(a[...], b[...], rtol=0, atol=1e-6 * scale, err_msg=str(path))
+
+
+def test_chunked_scores_put_every_token_back_in_its_place():
+    from model.loss import head_scores
+    model = make(dataclasses.replace(SMALL, loss_chunk_tokens=8))
+    hidden = jax.random.normal(jax.random.key(3), (2, 32, SMALL.d_model))
+    targets = random_tokens(11)
+    nll, hits = head_scores(model, hidden, targets)
+    logits = model.logits(hidden)
+    expected = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    np.testing.assert_allclose(nll, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(hits, jnp.argmax(logits, -1) == targets)
+
+
+def test_a_loss_chunk_that_does_not_divide_the_length_is_refused():
+    from model.chunks import chunk_count
+    assert chunk_count(32, 8) == 4 and chunk_count(32, 0) == 1 and chunk_count(32, 64) == 1
+    with pytest.raises(ValueError, match="loss_chunk_tokens \\(12\\) must divide the length \\(32\\)"):
+        chunk_count(32, 12)
+
+
+def test_the_chunked_loss_over_a_sequence_split_on_seq_4_equals_the_one_device_loss():
+    from model.loss import token_loss_sums
+    from parallel import mesh as mesh_lib
+    from parallel.ring_attention import make_ring_attention
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, seq=4, tensor=1), jax.devices()[:4])
+    tokens, targets = random_tokens(12, length=64), random_tokens(13, length=64)
+    batch = {"tokens": tokens, "targets": targets,
+             "positions": jnp.broadcast_to(jnp.arange(64), tokens.shape),
+             "segment_ids": jnp.zeros_like(tokens), "loss_mask": jnp.ones(tokens.shape)}
+    reference = make()
+    graphdef, params = nnx.split(reference, nnx.Param)
+    expected = token_loss_sums(graphdef, params, batch)[0]
+    ring = dataclasses.replace(SMALL, attention="ring", loss_chunk_tokens=16)
+    with nnx.use_eager_sharding(False):
+        model = Transformer(ring, rngs=nnx.Rngs(0),
+                            attention_fn=make_ring_attention(mesh, block_q=8, block_k=8))
+    ring_graphdef, _ = nnx.split(model, nnx.Param)
+    rows = mesh_lib.batch_sharding(mesh)
+    sharded = {k: jax.device_put(v, rows) for k, v in batch.items()}
+    with mesh_lib.use_mesh(mesh):
+        got = jax.jit(lambda p, b: token_loss_sums(ring_graphdef, p, b)[0])(params, sharded)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)

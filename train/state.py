@@ -140,7 +140,7 @@ def check_same_model(meta: dict, run: Run, workdir: str, *,
     current = dataclasses.asdict(run.model_config)
     # may change between levels, evaluations and fine-tuning runs
     ignored = {"rope_theta", "rope_scaling_json", "attention", "block_q", "block_k", "remat",
-               "scan_layers", "dtype"}
+               "scan_layers", "loss_chunk_tokens", "mlp_chunk_tokens", "remat_group", "dtype"}
     if run.model_config.position != "learned" or resize_positions:
         ignored.add("l_max")              # no parameter depends on it, or it is resized
     # a key the checkpoint predates (e.g. model.norm) had its default then

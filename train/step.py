@@ -18,11 +18,11 @@ def make_train_step(run, accum_steps: int):
     gradient sums are added before one update; the result equals the full-batch step.
     metrics: "loss" (the loss_mask-weighted mean), "grad_norm", "loss_weight".
     """
-    gathered = mesh_lib.compute_shardings(run.state_shardings["params"])
+    gather_outer, gather_layer = mesh_lib.weight_gathers(run.state_shardings["params"])
 
-    def loss_sums(params, batch):
-        params = jax.lax.with_sharding_constraint(params, gathered)   # FSDP: gather weights
-        return token_loss_sums(run.graphdef, params, batch)
+    def loss_sums(params, batch):          # FSDP: weights gathered for compute, layer by layer
+        return token_loss_sums(run.graphdef, gather_outer(params), batch,
+                               prepare_layer=gather_layer)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 

@@ -11,6 +11,7 @@ import os
 import jax
 
 from evaluation.lengths import evaluation_lengths
+from model.chunks import chunk_count
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
 from parallel.ring_attention import check_sequence_split
@@ -79,5 +80,12 @@ def check_weight_split(model, sizes: dict, what: str) -> None:
 
 
 def check_length(length: int, config, sizes: dict) -> None:
-    """A sequence of `length` tokens must split over mesh `sizes` and the attention blocks."""
+    """A sequence of `length` tokens must split over mesh `sizes` and the attention blocks,
+    and into whole loss and MLP chunks that split over `seq` too (model/chunks.py)."""
     check_sequence_split(length, sizes["seq"], config.model.block_q, config.model.block_k)
+    for key in ("loss_chunk_tokens", "mlp_chunk_tokens"):
+        chunk = config.model.get(key, 0)
+        if chunk_count(length, chunk, f"model.{key}") > 1 and chunk % sizes["seq"]:
+            raise ValueError(f"model.{key} ({chunk}) must be a multiple of mesh seq "
+                             f"({sizes['seq']}): each chunk takes a share of every device's "
+                             "tokens")
