@@ -5,6 +5,8 @@
 compile: compile time of configs/tiny.py's train step (batch 1 x 256 tokens, one device)
   at 2, 8 and 32 layers, layers scanned (model.scan_layers) or a Python loop; median of
   --repeats compiles (jax.clear_caches() between), and the ratio to 2 layers.
+scan: configs/tiny.py's own train step (16 x 256) scanned vs looped: compiled temp memory
+  and median step time, stepped in turns.
 remat: per remat policy, configs/tiny.py at 1 x 2048 tokens on one device: the compiled
   temp memory (memory_analysis) and the median step time of --steps steps, the policies
   timed in turns (A B C D A B C D ...) so machine load hits them alike.
@@ -28,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import MIB  # noqa: E402
+from model.remat import REMAT_POLICIES  # noqa: E402
 from configs import tiny  # noqa: E402
 from evaluation.tables import format_table  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
@@ -37,7 +40,9 @@ from train.step import make_train_step  # noqa: E402
 
 
 def one_device_config(**model):
+    """configs/tiny.py on one device, layers scanned unless `model` says otherwise."""
     config = tiny.get_config()
+    config.model.scan_layers = True
     config.mesh.data = 1
     config.train.batch_size = 1
     for key, value in model.items():
@@ -45,25 +50,25 @@ def one_device_config(**model):
     return config
 
 
-def real_batch(run, length: int) -> dict:
-    """One row of random bytes as a batch on run's mesh."""
-    tokens = np.random.default_rng(0).integers(0, 256, (1, length + 1)).astype(np.int32)
+def real_batch(run, rows: int, length: int) -> dict:
+    """Rows of random bytes as a batch on run's mesh."""
+    tokens = np.random.default_rng(0).integers(0, 256, (rows, length + 1)).astype(np.int32)
     host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-            "positions": np.arange(length, dtype=np.int32)[None],
-            "segment_ids": np.zeros((1, length), np.int32),
-            "loss_mask": np.ones((1, length), np.float32)}
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
+            "segment_ids": np.zeros((rows, length), np.int32),
+            "loss_mask": np.ones((rows, length), np.float32)}
     sharding = mesh_lib.batch_sharding(run.mesh)
     return {key: jax.device_put(value, sharding) for key, value in host.items()}
 
 
-def compiled_step(config, length: int, concrete: bool = False):
-    """(compiled train step, compile seconds, (state, batch)) at [1, length] on one device;
-    state and batch are real arrays with `concrete`, else abstract."""
+def compiled_step(config, length: int, concrete: bool = False, rows: int = 1):
+    """(compiled train step, compile seconds, (state, batch)) at [rows, length] on one
+    device; state and batch are real arrays with `concrete`, else abstract."""
     config.curriculum.l_max = length
     config.eval.lengths = (length,)
     run = build_run(config, devices=jax.devices()[:1])
     state = init_state(run, 0) if concrete else abstract_state(run)
-    batch = real_batch(run, length) if concrete else plan_lib.abstract_batch(run, 1, length)
+    batch = real_batch(run, rows, length) if concrete else plan_lib.abstract_batch(run, rows, length)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
         compiled = make_train_step(run, 1).lower(state, batch, jnp.float32(1e-3)).compile()
@@ -89,28 +94,44 @@ def compile_table(repeats: int) -> str:
                         rows)
 
 
-def remat_table(steps: int) -> str:
-    policies = ("none", "full", "save_dots", "save_attention_out")
+def timed_in_turns(variants: dict, length: int, steps: int, rows: int = 1) -> dict:
+    """{name: (compiled temp MiB, median step seconds)} of configs/tiny.py variants
+    ({name: model overrides}) at [rows, length] on one device, stepped in turns
+    (A B C A B C ...) so machine load hits them alike; the first step of each is dropped."""
     compiled = {}
-    for policy in policies:
-        step, _, (state, batch) = compiled_step(one_device_config(remat=policy), 2048, True)
-        compiled[policy] = [step, state, batch]
-    times = {policy: [] for policy in policies}
-    for _ in range(steps):
-        for policy in policies:                  # in turns, so load hits them alike
-            step, state, batch = compiled[policy]
+    for name, overrides in variants.items():
+        config = one_device_config(**overrides)
+        config.train.batch_size = rows
+        step, _, (state, batch) = compiled_step(config, length, True, rows)
+        compiled[name] = [step, state, batch]
+    times = {name: [] for name in variants}
+    for _ in range(steps + 1):
+        for name in variants:
+            step, state, batch = compiled[name]
             start = time.time()
             state, metrics = step(state, batch, jnp.float32(1e-3))
             jax.block_until_ready(metrics["loss"])
-            times[policy].append(time.time() - start)
-            compiled[policy][1] = state
-    rows = []
-    none_time = statistics.median(times["none"][1:])
-    for policy in policies:
-        temp = compiled[policy][0].memory_analysis().temp_size_in_bytes / MIB
-        median = statistics.median(times[policy][1:])        # the first step warms up
-        rows.append([policy, f"{temp:.1f}", f"{median * 1000:.0f}", f"{median / none_time:.2f}"])
+            times[name].append(time.time() - start)
+            compiled[name][1] = state
+    return {name: (compiled[name][0].memory_analysis().temp_size_in_bytes / MIB,
+                   statistics.median(times[name][1:])) for name in variants}
+
+
+def remat_table(steps: int) -> str:
+    measured = timed_in_turns({p: {"remat": p} for p in REMAT_POLICIES}, 2048, steps)
+    base = measured["none"][1]
+    rows = [[policy, f"{temp:.1f}", f"{seconds * 1000:.0f}", f"{seconds / base:.2f}"]
+            for policy, (temp, seconds) in measured.items()]
     return format_table(["model.remat", "temp MiB", "step ms (median)", "step / none"], rows)
+
+
+def scan_table(steps: int) -> str:
+    measured = timed_in_turns({"scanned": {"scan_layers": True}, "loop": {"scan_layers": False}},
+                              256, steps, rows=16)
+    base = measured["loop"][1]
+    rows = [[name, f"{temp:.1f}", f"{seconds * 1000:.0f}", f"{seconds / base:.2f}"]
+            for name, (temp, seconds) in measured.items()]
+    return format_table(["layers", "temp MiB", "step ms (median)", "step / loop"], rows)
 
 
 def loss_table() -> str:
@@ -127,7 +148,7 @@ def loss_table() -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.layers_and_memory",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tables", default="compile,remat,loss")
+    parser.add_argument("--tables", default="compile,scan,remat,loss")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=9)
     args = parser.parse_args(argv)
@@ -136,6 +157,10 @@ def main(argv=None):
     if "compile" in tables:
         out.append("train step compile time, configs/tiny.py layers, 1 x 256 tokens, one CPU "
                    f"device (median of {args.repeats}):\n" + compile_table(args.repeats))
+    if "scan" in tables:
+        out.append("scanned layers vs a Python loop, configs/tiny.py (4 layers) at its training "
+                   f"shape 16 x 256, one CPU device ({args.steps} steps each, in turns):\n"
+                   + scan_table(args.steps))
     if "remat" in tables:
         out.append("remat policies, configs/tiny.py at 1 x 2048 tokens, one CPU device "
                    f"({args.steps} steps each, in turns):\n" + remat_table(args.steps))
