@@ -1,7 +1,7 @@
 """Boundless entry point.
 
   python main.py --config configs/tiny.py [--config.KEY=VALUE ...] [--workdir DIR]
-                 [--mode train|eval|compare|plan]
+                 [--mode train|eval|compare|plan|prepare]
   python main.py --mode eval --workdir W [--config.KEY=VALUE ...]     (W's config.json)
   python main.py --mode generate --workdir W --config.generate.prompt="..." [...]
   python main.py --mode import --hf_dir DIR --workdir W    (Hugging Face -> workdir)
@@ -39,9 +39,11 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: ~/boundless_workdirs/<config name>; for "
     "--mode compare, where to write compare.md and the plot: nothing is written without it).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "generate", "compare", "plan", "import", "export"],
+    "mode", "train", ["train", "eval", "generate", "compare", "plan", "prepare", "import",
+                      "export"],
     "train; eval (the newest checkpoint of --workdir); plan (compile every level's train "
-    "step abstractly and report per-device memory: nothing is allocated); generate (continue "
+    "step abstractly and report per-device memory: nothing is allocated); prepare (tokenize "
+    "the source into --config.data.prepare_dir); generate (continue "
     "--config.generate.prompt with it); compare (the eval results of --workdirs as one "
     "table; with --workdir, also written there with a plot); import (--hf_dir into a new "
     "--workdir); export (--workdir's newest checkpoint to --hf_dir).")
@@ -113,6 +115,10 @@ def main(argv):
     else:
         raise app.UsageError("--config is required, e.g. --config configs/tiny.py (--mode eval "
                              "or generate with --workdir W alone take W's config.json)")
+    if mode == "prepare":
+        from train import prepare_mode
+        _exit_on_error(lambda: prepare_mode.prepare_workdir(config))
+        return
     if mode == "plan":
         if config.plan.devices > 0:        # before JAX is imported anywhere
             os.environ["JAX_PLATFORMS"] = "cpu"

@@ -63,12 +63,16 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- data -------------------------------------------------------------------------
     data = config_dict.ConfigDict()
-    data.source = "stdlib"        # stdlib | text | jsonl | parquet
-    data.path = ""                # glob or file for text/jsonl/parquet
+    # stdlib | text | jsonl | parquet (read and tokenized when the run starts) | prepared
+    # (data.path = a directory made by --mode prepare, memory-mapped)
+    data.source = "stdlib"
+    data.path = ""                # glob or file for text/jsonl/parquet; directory for prepared
     data.text_field = "text"      # JSONL key / Parquet column holding the document text
     data.tokenizer = "bytes"      # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
     data.validation_percent = 5   # share of documents (by hash of their path/index) held out
     data.shuffle_seed = 0
+    data.prepare_dir = ""         # --mode prepare: where the prepared shards go
+    data.prepare_workers = 0      # --mode prepare: worker processes (0: one per core)
     # Synthetic retrieval documents (data/retrieval_tasks.py) mixed into the TRAINING documents;
     # validation stays pure corpus, so perplexities stay comparable. Each sample is one
     # document of prompt + answer tokens, its length uniform in [min, max], depth in [0, 1].

@@ -1,22 +1,19 @@
 """The synthetic-retrieval mix: retrieval documents shuffled in with the training corpus.
 
 With data.retrieval_fraction f > 0, each epoch of N corpus documents also holds
-M = max(1, round(N f / (1 - f))) synthetic documents (data/retrieval_tasks.py), made on
-demand from (seed, epoch, index), so the iterator state stays one index. Their answer
-targets weigh data.retrieval_answer_weight in the loss. Training sample seeds lie in
+M = max(1, round(N f / (1 - f))) synthetic documents (data/retrieval_tasks.py): their
+lengths drawn for the epoch at once, each document made on demand from (seed, epoch,
+index) when the stream (data/stream.py) reads it. Their answer targets weigh
+data.retrieval_answer_weight in the loss. Training sample seeds lie in
 [2^32, 2^63), evaluation seeds (make_grid) below 2^32: no training sample is an
 evaluation sample.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
-import grain
 import numpy as np
 
 from data import retrieval_tasks
-from data.packing import SyntheticDocument
 
 # Training sample seeds lie in [2^32, 2^63); retrieval_tasks.make_grid's are uint32 (< 2^32).
 _SYNTHETIC_SEEDS = (1 << 32, 1 << 63)
@@ -152,13 +149,21 @@ def retrieval_mix(data_config, tokenizer, *, seq_len: int,
                         task_probabilities=probabilities)
 
 
-def synthetic_sample(mix: RetrievalMix, tokenizer, *, seed: int, epoch: int,
-                     index: int) -> retrieval_tasks.Sample:
-    """Synthetic document `index` of `epoch` of the mixed training stream of `seed`: task
-    (by mix.task_probabilities, else uniform), length and depth (uniform) drawn from a
-    random stream keyed by (seed, epoch, index), then retrieval_tasks.make_sample with a sample
-    seed in [2^32, 2^63) from the same stream. If the length is too short for that seed
-    (tokenizers whose digit tokenization varies), a new sample seed is drawn,
+def synthetic_lengths(mix: RetrievalMix, *, seed: int, epoch: int, count: int) -> np.ndarray:
+    """The lengths (tokens) of `epoch`'s `count` synthetic documents: uniform in
+    [min_length, max_length], drawn together from (seed, epoch), so the stream knows every
+    document's size without making it."""
+    rng = np.random.default_rng([int(seed) & ((1 << 64) - 1), int(epoch), _SYNTHETIC_STREAM, 1])
+    return rng.integers(mix.min_length, mix.max_length + 1, size=count).astype(np.int64)
+
+
+def synthetic_sample(mix: RetrievalMix, tokenizer, *, seed: int, epoch: int, index: int,
+                     length: int) -> retrieval_tasks.Sample:
+    """Synthetic document `index` of `epoch` of the training stream of `seed`, `length`
+    tokens long: task (by mix.task_probabilities, else uniform) and depth (uniform) drawn
+    from a random stream keyed by (seed, epoch, index), then retrieval_tasks.make_sample
+    with a sample seed in [2^32, 2^63) from the same stream. If the length is too short for
+    that seed (tokenizers whose digit tokenization varies), a new sample seed is drawn,
     deterministically."""
     key = [int(seed) & ((1 << 64) - 1), int(epoch), int(index), _SYNTHETIC_STREAM]
     rng = np.random.default_rng(key)
@@ -166,12 +171,11 @@ def synthetic_sample(mix: RetrievalMix, tokenizer, *, seed: int, epoch: int,
         task = mix.tasks[int(rng.integers(len(mix.tasks)))]
     else:
         task = mix.tasks[int(rng.choice(len(mix.tasks), p=mix.task_probabilities))]
-    length = int(rng.integers(mix.min_length, mix.max_length + 1))
     depth = float(rng.random())
     for _ in range(_SYNTHETIC_ATTEMPTS):
         sample_seed = int(rng.integers(*_SYNTHETIC_SEEDS))
         try:
-            return retrieval_tasks.make_sample(task, tokenizer, length=length, depth=depth,
+            return retrieval_tasks.make_sample(task, tokenizer, length=int(length), depth=depth,
                                                seed=sample_seed)
         except retrieval_tasks.SampleTooShort as e:
             error = e
@@ -179,35 +183,26 @@ def synthetic_sample(mix: RetrievalMix, tokenizer, *, seed: int, epoch: int,
                      f"{_SYNTHETIC_ATTEMPTS} seeds); raise data.retrieval_min_length")
 
 
-class _MixedDocument(grain.transforms.MapWithIndex):
-    """(global index, index within the epoch) -> corpus text or synthetic token ids: i < N is
-    corpus document i, N + j is synthetic document j of epoch global_index // (N + M)."""
+class SyntheticDocuments:
+    """The synthetic documents of every epoch of a training stream (data/stream.py's
+    `synthetic`): mix.synthetic_per_epoch(N) per epoch, their lengths drawn per epoch and
+    each made on demand from (seed, epoch, index)."""
 
-    def __init__(self, documents: Sequence[str], synthetic: int, mix: RetrievalMix,
-                 tokenizer, seed: int):
-        self._documents = list(documents)
-        self._epoch_length = len(self._documents) + synthetic
-        self._mix, self._tokenizer, self._seed = mix, tokenizer, seed
+    def __init__(self, mix: RetrievalMix, tokenizer, seed: int, corpus_documents: int):
+        self.mix, self.tokenizer, self.seed = mix, tokenizer, int(seed)
+        self.per_epoch = mix.synthetic_per_epoch(corpus_documents)
+        self.answer_weight = mix.answer_weight
+        self._lengths: dict[int, np.ndarray] = {}
 
-    def __repr__(self) -> str:  # not the whole corpus
-        return (f"_MixedDocument({len(self._documents)} documents, "
-                f"{self._epoch_length - len(self._documents)} synthetic per epoch)")
+    def lengths(self, epoch: int) -> np.ndarray:
+        if epoch not in self._lengths:
+            self._lengths = {epoch: synthetic_lengths(self.mix, seed=self.seed, epoch=epoch,
+                                                      count=self.per_epoch)}
+        return self._lengths[epoch]
 
-    def map_with_index(self, index: int, item: int) -> str | np.ndarray:
-        item = int(item)
-        if item < len(self._documents):
-            return self._documents[item]
-        sample = synthetic_sample(self._mix, self._tokenizer, seed=self._seed,
-                                  epoch=index // self._epoch_length,
-                                  index=item - len(self._documents))
-        ids = np.concatenate([sample.prompt, sample.answer]).astype(np.int32)  # [length]
-        return SyntheticDocument(ids, int(sample.answer.size))
-
-
-def mixed_epochs(documents: Sequence[str], seed: int, mix: RetrievalMix,
-                  tokenizer) -> grain.MapDataset:
-    """Like data.pipeline's plain epochs, with mix.synthetic_per_epoch(N) synthetic documents (token arrays) in
-    each epoch, shuffled in with the corpus by index."""
-    synthetic = mix.synthetic_per_epoch(len(documents))
-    indices = grain.MapDataset.range(len(documents) + synthetic).shuffle(seed=seed).repeat()
-    return indices.map_with_index(_MixedDocument(documents, synthetic, mix, tokenizer, seed))
+    def sample(self, epoch: int, index: int) -> tuple[np.ndarray, int]:
+        """(ids [length] int32: prompt then answer, answer tokens) of one document."""
+        sample = synthetic_sample(self.mix, self.tokenizer, seed=self.seed, epoch=epoch,
+                                  index=index, length=int(self.lengths(epoch)[index]))
+        ids = np.concatenate([sample.prompt, sample.answer]).astype(np.int32)
+        return ids, int(sample.answer.size)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet")
+SOURCES = ("stdlib", "text", "jsonl", "parquet")   # read as texts; "prepared": data/prepare.py
 
 
 class DocumentList(list):
@@ -136,6 +136,32 @@ def _parquet_texts(path: str, name: str, field: str) -> Iterator[tuple[str, str]
         yield f"{name}:{row}", value or ""
 
 
+def source_files(data_config) -> list[tuple[str, str]]:
+    """(path, name) of the files of the configured source, sorted by name; the name (the
+    path relative to the glob's root) is what the validation split hashes."""
+    source = data_config.source
+    if source == "stdlib":
+        return _stdlib_files()
+    if source in ("text", "jsonl", "parquet"):
+        return _matched_files(data_config.path)
+    raise ValueError(f"data.source {source!r} is not one of {', '.join(SOURCES + ('prepared',))}")
+
+
+def file_documents(data_config, path: str, name: str) -> Iterator[tuple[str, str]] | None:
+    """(identity, text) of every document of one source file, in file order, both splits
+    (`in_validation(identity, ...)` tells them apart); None for a text file that is not
+    valid UTF-8. Raises ValueError for malformed JSONL or a missing column / field."""
+    source, field = data_config.source, data_config.text_field
+    if source == "parquet":
+        return _parquet_texts(path, name, field)
+    text = _read_utf8(path)
+    if text is None:
+        return None
+    if source == "jsonl":
+        return _jsonl_texts(path, name, text, field)
+    return iter([(name, text)])
+
+
 def list_documents(data_config, split: str) -> DocumentList:
     """The document texts of `split` ("train" or "validation") of the configured source, in
     a deterministic order (files sorted by relative path, rows in file order).
@@ -150,36 +176,16 @@ def list_documents(data_config, split: str) -> DocumentList:
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-    source = data_config.source
-    percent = data_config.validation_percent
-    field = data_config.text_field
-    if source == "stdlib":
-        files = _stdlib_files()
-    elif source in ("text", "jsonl", "parquet"):
-        files = _matched_files(data_config.path)
-    else:
-        raise ValueError(f"data.source {source!r} is not one of {', '.join(SOURCES)}")
-
+    source, percent = data_config.source, data_config.validation_percent
     texts, skipped = [], []
-    for path, name in files:
-        if source in ("stdlib", "text"):
-            if not _wanted(name, split, percent):
-                continue
-            text = _read_utf8(path)
-            if text is None:
-                skipped.append(path)
-            else:
-                texts.append(text)
-        elif source == "jsonl":
-            text = _read_utf8(path)
-            if text is None:
-                skipped.append(path)
-                continue
-            texts.extend(t for identity, t in _jsonl_texts(path, name, text, field)
-                         if _wanted(identity, split, percent))
-        else:
-            texts.extend(t for identity, t in _parquet_texts(path, name, field)
-                         if _wanted(identity, split, percent))
+    for path, name in source_files(data_config):
+        if source in ("stdlib", "text") and not _wanted(name, split, percent):
+            continue                      # one document per file: skip without reading it
+        documents = file_documents(data_config, path, name)
+        if documents is None:
+            skipped.append(path)
+            continue
+        texts.extend(text for identity, text in documents if _wanted(identity, split, percent))
 
     where = "the standard library" if source == "stdlib" else repr(data_config.path)
     if skipped:

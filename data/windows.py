@@ -1,19 +1,19 @@
 """Evaluation rows of the validation split: same-target windows and sliding windows.
 
-Rows are dicts of [n, L] numpy arrays in the training rows' format (data/packing.py),
+Rows are dicts of [n, L] numpy arrays in the training rows' format (data/pipeline.py),
 with positions 0 .. L-1 in each row; padding rows and tails have segment 0 and no loss.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from data.sources import list_documents
+from data.pipeline import load_corpus
 
 
 def validation_documents(data_config, tokenizer) -> list[np.ndarray]:
-    """The validation split as int64 token arrays, in order."""
-    return [np.asarray(tokenizer.encode(text), np.int64)
-            for text in list_documents(data_config, "validation")]
+    """The validation split as int64 token arrays, in order (from the prepared directory
+    when data.source = "prepared")."""
+    return [d.astype(np.int64) for d in load_corpus(data_config, tokenizer, "validation").documents()]
 
 
 def _rows(tokens, targets, loss_mask, segment_ids=None):

@@ -1,5 +1,6 @@
 """Shared test helpers: a small config that compiles and trains in seconds, readers of a
-run's files, random attention inputs, and a parser of the markdown tables the code prints."""
+run's files, small corpora and row checks, random attention inputs, and a parser of the
+markdown tables the code prints."""
 import json
 import os
 
@@ -8,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import tiny
+from configs.base import get_config
 
 
 def small_config(**overrides):
@@ -21,6 +23,8 @@ def small_config(**overrides):
     config.model.mlp_dim = 128
     config.model.block_q = 16
     config.model.block_k = 16
+    # the scanned layers, as real sizes run them (configs/tiny.py itself loops over its 4)
+    config.model.scan_layers = True
     config.curriculum.l_max = 64
     config.train.steps = 8
     config.train.batch_size = 8
@@ -45,6 +49,78 @@ def read_metrics(workdir):
 def train_losses(workdir):
     """{step: loss} of the training records in metrics.jsonl (eval records excluded)."""
     return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}
+
+
+# ------------------------------------------------------------------ data
+KEYS = {"tokens": np.int32, "targets": np.int32, "positions": np.int32,
+        "segment_ids": np.int32, "loss_mask": np.float32}
+
+
+def data_config(**overrides):
+    config = get_config().data
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def write_text_corpus(directory, texts, suffix=".txt"):
+    """One file per text, doc_000.txt, doc_001.txt, ...; returns the glob."""
+    os.makedirs(directory, exist_ok=True)
+    for i, text in enumerate(texts):
+        with open(os.path.join(directory, f"doc_{i:03d}{suffix}"), "w", encoding="utf-8") as f:
+            f.write(text)
+    return os.path.join(str(directory), f"*{suffix}")
+
+
+def varied_texts(count, seed=0, min_len=5, max_len=90):
+    """`count` distinct documents of varied length (distinct bytes sequences)."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "pi", "rho", "sigma", "tau", "omega", "mu"]
+    texts = []
+    for i in range(count):
+        n = int(rng.integers(min_len, max_len))
+        body = " ".join(rng.choice(words, size=n // 4 + 1))
+        texts.append(f"#{i}: {body}"[:n])
+    return texts
+
+
+def text_config(tmp_path, texts, **overrides):
+    return data_config(source="text", path=write_text_corpus(tmp_path / "corpus", texts),
+                       **overrides)
+
+
+def segments(batch):
+    """(tokens, targets, positions) of every non-padding segment of every row."""
+    out = []
+    for row in range(batch["tokens"].shape[0]):
+        ids = batch["segment_ids"][row]
+        for segment in np.unique(ids[ids > 0]):
+            where = ids == segment
+            out.append((batch["tokens"][row][where], batch["targets"][row][where],
+                        batch["positions"][row][where]))
+    return out
+
+
+def piece_bytes(tokens, targets):
+    """The document bytes a piece covers: its inputs and then its last target."""
+    return bytes(np.append(tokens, targets[-1]).astype(np.uint8))
+
+
+def sorted_rows(batches):
+    """The rows of some batches, as comparable tuples, sorted."""
+    rows = []
+    for batch in batches:
+        for r in range(batch["tokens"].shape[0]):
+            rows.append(tuple(batch[k][r].tobytes() for k in sorted(KEYS)))
+    return sorted(rows)
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 # ------------------------------------------------------------------ attention inputs

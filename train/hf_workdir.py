@@ -69,9 +69,9 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
                             out_shardings=run.state_shardings["opt_state"])(params)
     meta = checkpoint_meta(run, config, 0, 0, **{HF_ARCHITECTURE: architecture})
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                               max_to_keep=1, async_save=False, data_names=())
+                                               max_to_keep=1, async_save=False)
     try:
-        checkpointer.save(0, {"params": params, "opt_state": opt_state}, {}, meta)
+        checkpointer.save(0, {"params": params, "opt_state": opt_state}, None, meta)
     finally:
         checkpointer.close()
     if jax.process_index() == 0:

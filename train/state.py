@@ -173,8 +173,7 @@ def _newest_checkpoint(workdir: str, what: str):
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints):
         raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
-    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False,
-                                               data_names=())
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False)
     try:
         latest = checkpointer.latest_step()
         if latest is None:

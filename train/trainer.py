@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from data.pipeline import make_train_iterator
+from data.pipeline import make_train_stream
 from data.tokenizers import make_tokenizer
 from evaluation import report, suite
 from evaluation.progress import Progress
@@ -35,25 +35,26 @@ log = logging.getLogger("boundless")
 
 
 class Levels:
-    """Per curriculum level: its Run (mesh + model variant) and its data iterator."""
+    """Per curriculum level its Run (mesh + model variant); and the one data stream every
+    level draws its rows from (data/stream.py)."""
 
     def __init__(self, config, plan, tokenizer):
         self.plan = plan
         self.runs = [build_run(config, level=level, tokenizer=tokenizer) for level in plan.levels]
-        self.iterators = {}
-        for level, run in zip(plan.levels, self.runs):
-            shard_index, shard_count, local_rows, _ = mesh_lib.data_shard(
-                run.mesh, level.batch_size, level.seq_len)
-            self.iterators[f"data_{level.index}"] = make_train_iterator(
-                config.data, tokenizer, seq_len=level.seq_len, batch_size=local_rows,
-                seed=config.data.shuffle_seed + level.index, shard_index=shard_index,
-                shard_count=shard_count, l_max=config.curriculum.l_max)
+        self.stream = make_train_stream(config.data, tokenizer,
+                                        lengths=[level.seq_len for level in plan.levels],
+                                        seed=config.data.shuffle_seed,
+                                        l_max=config.curriculum.l_max)
 
     def run_at(self, step: int):
         return self.runs[self.plan.level_at(step).index]
 
     def next_batch(self, level):
-        return next(self.iterators[f"data_{level.index}"])
+        """This process's rows of the level's next global batch."""
+        _, _, local_rows, offset = mesh_lib.data_shard(self.runs[level.index].mesh,
+                                                       level.batch_size, level.seq_len)
+        return self.stream.next_batch(level.index, level.seq_len, level.batch_size,
+                                      row_offset=offset, local_rows=local_rows)
 
 
 def train(config, workdir: str) -> dict:
@@ -83,7 +84,7 @@ def train(config, workdir: str) -> dict:
         workdir_config.write(config, workdir)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save, data_names=tuple(levels.iterators))
+        async_save=config.checkpoint.async_save)
     writer = MetricsWriter(workdir)
     try:
         # -------------------------------------------------------------- restore or init
@@ -160,7 +161,7 @@ def train(config, workdir: str) -> dict:
             preempted = checkpointer.reached_preemption(step)
             stopping = preempted or step == config.train.stop_at_step
             if step % config.checkpoint.every_steps == 0 or step == plan.total_steps or stopping:
-                checkpointer.save(step, state, levels.iterators,
+                checkpointer.save(step, state, levels.stream.state(),
                                   checkpoint_meta(current_run, config, step, tokens))
             if stopping and step < plan.total_steps:
                 log.warning("%s: saved step %d and stopping", "preemption signal" if preempted
@@ -178,15 +179,17 @@ def train(config, workdir: str) -> dict:
 
 
 def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
-    """(state, step, tokens): the newest checkpoint's, with the data iterators moved to
-    their saved positions; else a fresh state (parameters from train.init_from if set)."""
+    """(state, step, tokens): the newest checkpoint's, with the data stream moved to its
+    saved position; else a fresh state (parameters from train.init_from if set)."""
     plan = levels.plan
     is_writer = jax.process_index() == 0
     latest = checkpointer.latest_step()
     if latest is not None:
         run = levels.run_at(min(latest, plan.total_steps - 1))
         check_same_model(checkpointer.restore_meta(latest), run, workdir)
-        state, meta = checkpointer.restore(latest, abstract_state(run), levels.iterators)
+        state, meta, data_state = checkpointer.restore(latest, abstract_state(run),
+                                                       with_data=True)
+        levels.stream.set_state(data_state)
         step, tokens = int(meta["step"]), int(meta["tokens"])
         if is_writer:
             print(f"resumed from {checkpointer.directory} at step {step} ({tokens} tokens)",
