@@ -5,15 +5,37 @@ with positions 0 .. L-1 in each row; padding rows and tails have segment 0 and n
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from data.pipeline import load_corpus
 
 
-def validation_documents(data_config, tokenizer) -> list[np.ndarray]:
-    """The validation split as int64 token arrays, in order (from the prepared directory
-    when data.source = "prepared")."""
-    return [d.astype(np.int64) for d in load_corpus(data_config, tokenizer, "validation").documents()]
+class CorpusDocuments(Sequence):
+    """The documents of a Corpus as int64 token arrays, each read when asked for (a
+    prepared validation split stays on disk); `lengths` [n] without reading any."""
+
+    def __init__(self, corpus):
+        self.corpus, self.lengths = corpus, corpus.lengths
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.corpus.read(int(index)).astype(np.int64)
+
+
+def validation_documents(data_config, tokenizer) -> CorpusDocuments:
+    """The validation split, in order (from the prepared directory when data.source =
+    "prepared")."""
+    return CorpusDocuments(load_corpus(data_config, tokenizer, "validation"))
+
+
+def document_lengths(documents) -> np.ndarray:
+    """Token counts of a sequence of documents (without reading a CorpusDocuments')."""
+    lengths = getattr(documents, "lengths", None)
+    return np.asarray([len(d) for d in documents] if lengths is None else lengths)
 
 
 def _rows(tokens, targets, loss_mask, segment_ids=None):
@@ -34,9 +56,10 @@ def same_target_windows(documents, lengths, score_tokens: int, max_windows: int)
     `max_windows` of them (0: all). Raises ValueError if there is none.
     """
     longest = max(lengths)
-    usable = [d for d in documents if len(d) >= longest + 1]
+    usable = np.flatnonzero(document_lengths(documents) >= longest + 1)
     if max_windows:
         usable = usable[:max_windows]
+    usable = [documents[i] for i in usable]
     if not usable:
         raise ValueError(f"no validation document has {longest + 1} tokens, which the "
                          f"longest evaluation length {longest} needs; lower eval.lengths")

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from data import retrieval_tasks
-from data.windows import batches_of, same_target_windows, sliding_windows, validation_documents
+from data.windows import (batches_of, document_lengths, same_target_windows, sliding_windows,
+                          validation_documents)
 from evaluation import lengths as lengths_lib
 from evaluation import perplexity, report
 from evaluation import retrieval as retrieval_lib
@@ -92,7 +93,7 @@ def prepare(config, run, abstract_params) -> EvalData:
         budget, source = lengths_lib.memory_budget_bytes(list(run.mesh.devices.flat),
                                                          e.memory_budget_mib)
         found = lengths_lib.default_top_length(
-            config.curriculum.l_max, [len(d) for d in documents], rows=e.batch_size,
+            config.curriculum.l_max, document_lengths(documents), rows=e.batch_size,
             max_length=e.max_length, fits=memory_fits(run, abstract_params, e.batch_size, budget))
         top = found.length
         if jax.process_count() > 1:   # host memory may differ: every process takes process 0's
