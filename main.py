@@ -102,19 +102,7 @@ def main(argv):
         print(line, flush=True)
         return
 
-    config_given = flags.FLAGS["config"].present
-    if config_given:
-        config = _CONFIG.value
-        config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-        workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
-    elif mode in WORKDIR_CONFIG_MODES and _WORKDIR.value:
-        from train import workdir_config
-        workdir = _WORKDIR.value
-        overrides = config_flags.get_override_values(flags.FLAGS["config"])
-        config = _exit_on_error(lambda: workdir_config.load(workdir, overrides))
-    else:
-        raise app.UsageError("--config is required, e.g. --config configs/tiny.py (--mode eval "
-                             "or generate with --workdir W alone take W's config.json)")
+    config, workdir = _exit_on_error(lambda: _resolve_config(mode))
     if mode == "prepare":
         from train import prepare_mode
         _exit_on_error(lambda: prepare_mode.prepare_workdir(config))
@@ -141,14 +129,61 @@ def main(argv):
         _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))
 
 
+def _resolve_config(mode: str):
+    """(config, workdir) of this command: the --config file with its --config.KEY
+    overrides, or (eval, generate, and train resuming a workdir) the workdir's config.json
+    with the overrides; then checked against the workdir's config.json when there is one
+    (train/workdir_config.py, `check_against_workdir`). One ValueError line for an unknown
+    key, a config file that does not load, or an override the workdir contradicts."""
+    from train import workdir_config
+    if flags.FLAGS["config"].present:
+        path = flags.FLAGS["config"].config_filename
+        if not os.path.isfile(path):
+            raise ValueError(f"--config {path}: no such file")
+        try:
+            config = _CONFIG.value
+            config.keys()
+        except Exception as error:   # the config file's own error, shown as one line
+            raise ValueError(f"--config {path} does not load: {type(error).__name__}: "
+                             f"{str(error).splitlines()[0] if str(error) else ''}") from None
+        config_name = os.path.splitext(os.path.basename(path))[0]
+        workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
+    elif _WORKDIR.value and (mode in WORKDIR_CONFIG_MODES or workdir_config.exists(_WORKDIR.value)):
+        workdir = _WORKDIR.value
+        config = workdir_config.load(workdir, config_flags.get_override_values(flags.FLAGS["config"]))
+    else:
+        raise ValueError("--config is required, e.g. --config configs/tiny.py (with --workdir W "
+                         "that holds a run, W's config.json is used)")
+    if mode in WORKDIR_CONFIG_MODES:       # train checks once init_from / extend are resolved
+        workdir_config.check_against_workdir(config, workdir, mode)
+    return config, workdir
+
+
 def _exit_on_error(action):
-    """Run `action`; a ValueError or FileNotFoundError becomes one line on stderr, exit 2."""
+    """Run `action`; a ValueError, FileNotFoundError or an OSError of the workdir becomes
+    one line on stderr, exit 2."""
     try:
         return action()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, PermissionError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad flag, an unknown --config.KEY or a value of the
+    wrong type as one line (exit 2) instead of a usage text or a traceback."""
+    from configs import base
+    try:
+        base.check_keys([arg[len("--config."):].split("=", 1)[0] for arg in argv[1:]
+                         if arg.startswith("--config.")])
+        return flags.FLAGS(argv)
+    except (flags.Error, ValueError) as error:
+        message = str(error).splitlines()[0]
+    except Exception as error:        # an override ml_collections refuses (type, key, ...)
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -3,6 +3,8 @@
 Other configs start from `get_config()` here and change what they need, so a key that is
 not in this file does not exist (ml_collections rejects misspelled overrides).
 """
+import difflib
+
 from ml_collections import config_dict
 
 
@@ -99,6 +101,9 @@ def get_config() -> config_dict.ConfigDict:
     train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide)
     train.log_every_steps = 10
     train.stop_at_step = 0        # >0: checkpoint and exit after this step (resume later)
+    # a step whose loss or gradients are not finite is skipped (nothing updated); after
+    # this many in a row the run stops (its checkpoints are all from finite states)
+    train.max_skipped_steps = 10
     # a workdir whose newest checkpoint's parameters start this run (fresh optimizer; used
     # for fine-tuning, e.g. at a longer length with a RoPE scaling); "" = random init
     train.init_from = ""
@@ -223,3 +228,19 @@ def get_config() -> config_dict.ConfigDict:
     extend.original_length = 0    # written by the trainer: L0 (leave 0)
     config.extend = extend
     return config
+
+
+def check_keys(keys) -> None:
+    """One ValueError line for a --config.KEY that does not exist (every key is here),
+    naming the closest existing one."""
+    reference = get_config()
+    for key in keys:
+        node, done = reference, []
+        for part in key.split("."):
+            if not isinstance(node, config_dict.ConfigDict) or part not in node:
+                siblings = list(node.keys()) if isinstance(node, config_dict.ConfigDict) else []
+                close = difflib.get_close_matches(part, siblings, n=1)
+                where = ".".join(done) or "the config"
+                hint = f"; did you mean {'.'.join(done + close)}?" if close else ""
+                raise ValueError(f"--config.{key}: {where} has no key {part!r}{hint}")
+            node, done = node[part], done + [part]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from data import retrieval_tasks
 from data.windows import (batches_of, document_lengths, same_target_windows, sliding_windows,
                           validation_documents)
+from evaluation import json_values
 from evaluation import lengths as lengths_lib
 from evaluation import perplexity, report
 from evaluation import retrieval as retrieval_lib
@@ -210,7 +210,7 @@ def write_results(outcome: dict, eval_dir: str, is_writer: bool = True) -> None:
     os.makedirs(eval_dir, exist_ok=True)
     result = outcome["perplexity_by_length"]
     with open(os.path.join(eval_dir, "perplexity_by_length.json"), "w") as f:
-        json.dump(result, f, indent=2)
+        json_values.dump(result, f, indent=2)
     window = result.get("sliding_window") or {}
     sliding = dict(zip(window.get("lengths", []), window.get("perplexity", [])))
     with open(os.path.join(eval_dir, "perplexity_by_length.csv"), "w", newline="") as f:
@@ -223,6 +223,6 @@ def write_results(outcome: dict, eval_dir: str, is_writer: bool = True) -> None:
             table.writerow(row)
     if outcome.get("retrieval"):
         with open(os.path.join(eval_dir, "retrieval.json"), "w") as f:
-            json.dump(outcome["retrieval"], f, indent=2)
+            json_values.dump(outcome["retrieval"], f, indent=2)
     report.write_plots(eval_dir)
     report.write_summary(eval_dir)

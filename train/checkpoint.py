@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -25,6 +26,32 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """Every finished step, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def move_aside(self, step: int) -> str:
+        """Move step's directory out of the checkpoints (to ../broken_checkpoints/, never
+        deleted) so that no later restore sees it; returns where it went. Process 0 moves,
+        every process waits for it."""
+        target = os.path.join(os.path.dirname(self.directory), "broken_checkpoints", str(step))
+        suffix = 1
+        while os.path.exists(target + (f".{suffix}" if suffix > 1 else "")):
+            suffix += 1
+        target += f".{suffix}" if suffix > 1 else ""
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(os.path.join(self.directory, str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"boundless: moved checkpoint {step} aside")
+        self.manager.reload()
+        return target
+
+    def check_for_errors(self) -> None:
+        """Raise the error of a failed asynchronous save, if one failed."""
+        self.manager.check_for_errors()
 
     def save(self, step: int, state, data_state: dict | None, meta: dict, *,
              force: bool = True) -> bool:
@@ -53,6 +80,10 @@ class Checkpointer:
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
+
+    def wait_until_finished(self) -> None:
+        """Block until the asynchronous save in flight, if any, is complete."""
+        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -10,27 +10,39 @@ import os
 
 import jax
 
+from evaluation import json_values
+
 
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and the same scalars to
-    TensorBoard (tensorboardX). Values must be plain numbers; `prefix` (e.g. "eval/")
-    is put in front of every name in both."""
+    TensorBoard (tensorboardX). Values must be plain numbers (non-finite ones are written
+    as null); `prefix` (e.g. "eval/") is put in front of every name in both.
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    `resume_step`: the run continues after that step (resumed from its checkpoint), so the
+    records of later steps, which the run is about to redo, are dropped from
+    metrics.jsonl (rewritten atomically) and purged from TensorBoard's view: each step is
+    recorded once."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._jsonl = None
         self._tensorboard = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None and os.path.exists(path):
+                _keep_records_until(path, resume_step)
+            self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                                              purge_step=purge)
 
     def write(self, step: int, scalars: dict, prefix: str = "") -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{prefix + k: _plain(v) for k, v in scalars.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json_values.dumps(record) + "\n")
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(name, value, step)
@@ -44,6 +56,23 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def _keep_records_until(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps after `step` (and without a
+    line a crash cut short)."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def _plain(value):

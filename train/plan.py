@@ -13,7 +13,6 @@ once (the scanned layers, the blockwise kernel's block loops), so it is a lower 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import resource
@@ -22,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from evaluation import json_values
 from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
 from evaluation.tables import format_table
@@ -167,7 +167,7 @@ def plan_workdir(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, PLAN_FILE), "w") as f:
-            json.dump(result, f, indent=2)
+            json_values.dump(result, f, indent=2)
     return result
 
 

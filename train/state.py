@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -23,6 +24,8 @@ from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import workdir_config
 from train.optimizer import make_optimizer
+
+log = logging.getLogger("boundless")
 
 
 @dataclasses.dataclass
@@ -159,28 +162,82 @@ def check_same_model(meta: dict, run: Run, workdir: str, *,
 
 
 def restore_newest(workdir: str, run: Run, what: str):
-    """(state, meta) of the newest checkpoint in `workdir`, in `run`'s shardings; `what`
-    names the caller in the error when there is none."""
-    with _newest_checkpoint(workdir, what) as (checkpointer, latest):
-        check_same_model(checkpointer.restore_meta(latest), run, workdir)
-        return checkpointer.restore(latest, abstract_state(run))
+    """(state, meta) of the newest intact checkpoint in `workdir`, in `run`'s shardings;
+    broken newer ones are moved aside (restore_intact). `what` names the caller in the
+    error when there is none."""
+    with _checkpointer(workdir, what) as checkpointer:
+        restored = restore_intact(checkpointer, lambda step: run, workdir)
+        if restored is None:
+            raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
+        return restored[1], restored[2]
+
+
+class BrokenCheckpoints(ValueError):
+    """Every checkpoint of a workdir failed to restore."""
+
+
+def restore_intact(checkpointer, run_at, workdir: str, with_data: bool = False,
+                   move_broken: bool = True):
+    """(step, state, meta[, data state]) of the newest checkpoint that restores, with
+    run_at(step) giving the Run to restore into; None when there is no checkpoint.
+
+    A checkpoint whose metadata or arrays fail to read (a truncated or missing file, an
+    emptied _METADATA, a deleted state/) is named in a warning and, with `move_broken`,
+    moved aside to <workdir>/broken_checkpoints/ (never deleted); the next older one is
+    tried. A checkpoint of another model is not broken: that ValueError is raised as it
+    is. BrokenCheckpoints (one line) when checkpoints exist but none restores."""
+    broken = []
+    for step in checkpointer.steps():
+        run = run_at(step)
+        try:
+            meta = checkpointer.restore_meta(step)
+        except Exception as error:          # noqa: BLE001 - any read failure means damage
+            broken.append(_set_aside(checkpointer, step, error, move_broken))
+            continue
+        check_same_model(meta, run, workdir)
+        try:
+            restored = checkpointer.restore(step, abstract_state(run), with_data=with_data)
+        except Exception as error:          # noqa: BLE001
+            broken.append(_set_aside(checkpointer, step, error, move_broken))
+            continue
+        return (step, *restored)
+    if broken:
+        raise BrokenCheckpoints(f"no intact checkpoint in {checkpointer.directory}: "
+                                + "; ".join(broken))
+    return None
+
+
+def _set_aside(checkpointer, step: int, error: Exception, move: bool) -> str:
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    where = checkpointer.move_aside(step) if move else "left in place"
+    log.warning("checkpoint step %d of %s is broken (%s); %s%s", step, checkpointer.directory,
+                reason, "moved to " if move else "", where)
+    return f"step {step} ({reason})"
+
+
+@contextlib.contextmanager
+def _checkpointer(workdir: str, what: str):
+    """A Checkpointer of workdir/checkpoints, closed on exit; one ValueError line naming
+    `what` when the directory does not exist (and none is created)."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints):
+        raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
+    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False)
+    try:
+        yield checkpointer
+    finally:
+        checkpointer.close()
 
 
 @contextlib.contextmanager
 def _newest_checkpoint(workdir: str, what: str):
     """(checkpointer, newest step) of `workdir`, closed on exit; one ValueError line naming
     `what` when there is no checkpoint (and no directory is created)."""
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(checkpoints):
-        raise ValueError(f"{what}: no checkpoint in {os.path.abspath(checkpoints)}")
-    checkpointer = checkpoint_lib.Checkpointer(checkpoints, max_to_keep=1, async_save=False)
-    try:
+    with _checkpointer(workdir, what) as checkpointer:
         latest = checkpointer.latest_step()
         if latest is None:
             raise ValueError(f"{what}: no checkpoint in {checkpointer.directory}")
         yield checkpointer, latest
-    finally:
-        checkpointer.close()
 
 
 def restore_params_from(workdir: str, run: Run, what: str):

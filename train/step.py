@@ -16,7 +16,8 @@ def make_train_step(run, accum_steps: int):
 
     With accum_steps > 1 the batch's rows are split into that many micro-batches whose
     gradient sums are added before one update; the result equals the full-batch step.
-    metrics: "loss" (the loss_mask-weighted mean), "grad_norm", "loss_weight".
+    metrics: "loss" (the loss_mask-weighted mean), "grad_norm", "loss_weight", "skipped"
+    (the loss or the gradients were not finite, so nothing was updated).
     """
     gather_outer, gather_layer = mesh_lib.weight_gathers(run.state_shardings["params"])
 
@@ -43,12 +44,22 @@ def make_train_step(run, accum_steps: int):
             (nll_sum, count, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
-        opt_state = with_learning_rate(state["opt_state"], learning_rate)
-        updates, opt_state = run.optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": nll_sum / count, "grad_norm": optax.tree.norm(grads),
-                   "loss_weight": count}
-        return {"params": params, "opt_state": opt_state}, metrics
+        grad_norm = optax.tree.norm(grads)
+        loss = nll_sum / count
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(state):
+            opt_state = with_learning_rate(state["opt_state"], learning_rate)
+            updates, opt_state = run.optimizer.update(grads, opt_state, state["params"])
+            return {"params": optax.apply_updates(state["params"], updates),
+                    "opt_state": opt_state}
+
+        # a non-finite loss or gradient skips the update: parameters and optimizer state
+        # stay as they were (lax.cond: the skipped branch passes the donated buffers on)
+        state = jax.lax.cond(finite, update, lambda state: state, state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "loss_weight": count,
+                   "skipped": ~finite}
+        return state, metrics
 
     return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 

@@ -26,9 +26,10 @@ from train import workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.optimizer import learning_rate_at
-from train.state import (abstract_state, build_run, check_same_model, checkpoint_meta,
-                         init_state, restore_newest, restore_params_from)
+from train.state import (abstract_state, build_run, checkpoint_meta, init_state,
+                         restore_intact, restore_newest, restore_params_from)
 from train.step import make_train_step, put_batch
+from train.stopping import StopSignals
 from train.validate import validate_config
 
 log = logging.getLogger("boundless")
@@ -73,6 +74,9 @@ def train(config, workdir: str) -> dict:
     if extended and is_writer:
         print(f"extend.target_length {config.extend.target_length}: " + "; ".join(extended),
               flush=True)
+    workdir_config.check_against_workdir(config, workdir, "train")   # resuming: what it fixes
+    if is_writer:
+        workdir_config.check_writable(workdir)
     plan = validate_config(config)
     if is_writer:
         print(plan.format(), flush=True)
@@ -85,10 +89,11 @@ def train(config, workdir: str) -> dict:
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
-    writer = MetricsWriter(workdir)
+    writer = None
     try:
         # -------------------------------------------------------------- restore or init
         state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels)
+        writer = MetricsWriter(workdir, resume_step=step)   # the steps after it are redone
         if is_writer:
             print(f"model: {count_parameters(state['params']) / 1e6:.2f}M parameters; "
                   f"{plan.total_steps} steps, {plan.total_tokens} tokens; workdir {workdir}",
@@ -100,82 +105,172 @@ def train(config, workdir: str) -> dict:
         current_run = levels.run_at(min(step, plan.total_steps - 1))
         last_log_time, last_log_step = time.time(), step
         final_loss = None
-        while step < plan.total_steps:
-            level = plan.level_at(step)
-            run = levels.runs[level.index]
-            if run is not current_run:
-                # relayout: the same parameters, resharded device-to-device for this level
-                state = jax.device_put(state, run.state_shardings)
-                current_run = run
-            batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
-                              config.mesh.layout)
-            learning_rate = level.lr_multiplier * learning_rate_at(
-                tokens, plan.total_tokens, config.train.learning_rate,
-                config.train.warmup_fraction, config.train.min_learning_rate_ratio)
-            with mesh_lib.use_mesh(run.mesh):
-                if level.index not in compiled:
-                    compile_start = time.time()
-                    compiled[level.index] = make_train_step(run, config.train.grad_accum_steps)
-                    state, metrics = compiled[level.index](state, batch, jnp.float32(learning_rate))
-                    jax.block_until_ready(metrics)
+        skips = SkipCounter(config.train.max_skipped_steps)
+        with StopSignals() as signals:
+            while step < plan.total_steps:
+                level = plan.level_at(step)
+                run = levels.runs[level.index]
+                if run is not current_run:
+                    # relayout: the same parameters, resharded device-to-device for this level
+                    state = jax.device_put(state, run.state_shardings)
+                    current_run = run
+                batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
+                                  config.mesh.layout)
+                learning_rate = level.lr_multiplier * learning_rate_at(
+                    tokens, plan.total_tokens, config.train.learning_rate,
+                    config.train.warmup_fraction, config.train.min_learning_rate_ratio)
+                with mesh_lib.use_mesh(run.mesh):
+                    if level.index not in compiled:
+                        compile_start = time.time()
+                        compiled[level.index] = make_train_step(run, config.train.grad_accum_steps)
+                        state, metrics = compiled[level.index](state, batch,
+                                                               jnp.float32(learning_rate))
+                        jax.block_until_ready(metrics)
+                        if is_writer:
+                            print(f"compiled the step for level {level.index} (length "
+                                  f"{level.seq_len}, batch {level.batch_size}, "
+                                  f"{_layout_name(run.mesh)}) in "
+                                  f"{time.time() - compile_start:.1f}s (incl. its first step)",
+                                  flush=True)
+                        last_log_time = time.time()
+                        progress.restart_clock(step + 1)
+                    else:
+                        state, metrics = compiled[level.index](state, batch,
+                                                               jnp.float32(learning_rate))
+                step += 1
+                tokens += level.seq_len * level.batch_size
+                skips.add(step, metrics["skipped"])
+                _check_saves(checkpointer)
+
+                # log
+                if step % config.train.log_every_steps == 0 or step == plan.total_steps:
+                    values = jax.device_get(metrics)
+                    now = time.time()
+                    step_time = (now - last_log_time) / max(1, step - last_log_step)
+                    last_log_time, last_log_step = now, step
+                    record = {"tokens": tokens, "loss": float(values["loss"]),
+                              "lr": learning_rate, "grad_norm": float(values["grad_norm"]),
+                              "seq_len": level.seq_len, "batch_size": level.batch_size,
+                              "level": level.index, "layout": _layout_name(run.mesh),
+                              "tokens_per_sec": level.seq_len * level.batch_size / step_time,
+                              "step_time_s": step_time, "skipped_steps": skips.total()}
+                    final_loss = record["loss"]
+                    writer.write(step, record)
+                    progress.update(step, f"loss {record['loss']:.4f} | lr {learning_rate:.2e} | "
+                                    f"{record['tokens_per_sec'] / 1e3:.1f}k tok/s"
+                                    + (f" | L={level.seq_len}" if len(plan.levels) > 1 else "")
+                                    + (f" | skipped {skips.total()}" if skips.total() else ""))
+                    skips.check(checkpointer)
+
+                # maybe evaluate (perplexity only: the final evaluation runs everything)
+                if (config.eval.every_steps and step % config.eval.every_steps == 0
+                        and step < plan.total_steps):
                     if is_writer:
-                        print(f"compiled the step for level {level.index} (length "
-                              f"{level.seq_len}, batch {level.batch_size}, "
-                              f"{_layout_name(run.mesh)}) in {time.time() - compile_start:.1f}s "
-                              f"(incl. its first step)", flush=True)
-                    last_log_time = time.time()
-                    progress.restart_clock(step + 1)
-                else:
-                    state, metrics = compiled[level.index](state, batch, jnp.float32(learning_rate))
-            step += 1
-            tokens += level.seq_len * level.batch_size
+                        print(f"evaluation at step {step} (perplexity by length; sliding "
+                              "window and retrieval run at the end)", flush=True)
+                    _evaluate(config, eval_run, state, suite.perplexity_only(final_eval), step,
+                              writer, workdir=None)
 
-            # log
-            if step % config.train.log_every_steps == 0 or step == plan.total_steps:
-                values = jax.device_get(metrics)
-                now = time.time()
-                step_time = (now - last_log_time) / max(1, step - last_log_step)
-                last_log_time, last_log_step = now, step
-                record = {"tokens": tokens, "loss": float(values["loss"]), "lr": learning_rate,
-                          "grad_norm": float(values["grad_norm"]), "seq_len": level.seq_len,
-                          "batch_size": level.batch_size, "level": level.index,
-                          "layout": _layout_name(run.mesh),
-                          "tokens_per_sec": level.seq_len * level.batch_size / step_time,
-                          "step_time_s": step_time}
-                final_loss = record["loss"]
-                writer.write(step, record)
-                progress.update(step, f"loss {record['loss']:.4f} | lr {learning_rate:.2e} | "
-                                f"{record['tokens_per_sec'] / 1e3:.1f}k tok/s"
-                                + (f" | L={level.seq_len}" if len(plan.levels) > 1 else ""))
-
-            # maybe evaluate (perplexity only: the final evaluation runs everything)
-            if (config.eval.every_steps and step % config.eval.every_steps == 0
-                    and step < plan.total_steps):
-                if is_writer:
-                    print(f"evaluation at step {step} (perplexity by length; sliding window "
-                          f"and retrieval run at the end)", flush=True)
-                _evaluate(config, eval_run, state, suite.perplexity_only(final_eval), step,
-                          writer, workdir=None)
-
-            # maybe checkpoint, maybe stop
-            preempted = checkpointer.reached_preemption(step)
-            stopping = preempted or step == config.train.stop_at_step
-            if step % config.checkpoint.every_steps == 0 or step == plan.total_steps or stopping:
-                checkpointer.save(step, state, levels.stream.state(),
-                                  checkpoint_meta(current_run, config, step, tokens))
-            if stopping and step < plan.total_steps:
-                log.warning("%s: saved step %d and stopping", "preemption signal" if preempted
-                            else "train.stop_at_step", step)
-                return {"step": step, "tokens": tokens, "final_loss": final_loss,
-                        "stopped": True, "eval": None, "retrieval": None}
+                # maybe checkpoint, maybe stop
+                stopped_by = signals.requested() or (
+                    "a preemption notice" if checkpointer.reached_preemption(step) else None)
+                stopping = stopped_by is not None or step == config.train.stop_at_step
+                if (step % config.checkpoint.every_steps == 0 or step == plan.total_steps
+                        or stopping):
+                    skips.check(checkpointer)
+                    _save(checkpointer, step, state, levels.stream.state(),
+                          checkpoint_meta(current_run, config, step, tokens))
+                if stopping and step < plan.total_steps:
+                    checkpointer.wait_until_finished()
+                    _check_saves(checkpointer)
+                    if is_writer:
+                        print(f"stopped after step {step} ({stopped_by or 'train.stop_at_step'}):"
+                              f" saved {os.path.join(checkpointer.directory, str(step))}; run the "
+                              "same command to resume", flush=True)
+                    return {"step": step, "tokens": tokens, "final_loss": final_loss,
+                            "stopped": True, "eval": None, "retrieval": None}
 
         # -------------------------------------------------------------- final evaluation
+        checkpointer.wait_until_finished()
+        _check_saves(checkpointer)
         outcome = _evaluate(config, eval_run, state, final_eval, step, writer, workdir=workdir)
         return {"step": step, "tokens": tokens, "final_loss": final_loss, "stopped": False,
                 "eval": outcome["perplexity_by_length"], "retrieval": outcome["retrieval"]}
     finally:
         checkpointer.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
+
+
+class SkipCounter:
+    """Steps whose update was skipped (non-finite loss or gradients), read from the step
+    metrics lazily (no device sync per step): `total()` so far, and `check()` stops the run
+    after `limit` consecutive ones."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self._pending = []                  # (step, skipped flag on device)
+        self._total = self._consecutive = 0
+        self._first = None
+
+    def _settle(self):
+        for step, flag in self._pending:
+            if bool(jax.device_get(flag)):
+                self._total += 1
+                self._consecutive += 1
+                self._first = self._first or step
+            else:
+                self._consecutive, self._first = 0, None
+        self._pending = []
+
+    def add(self, step: int, flag) -> None:
+        self._pending.append((step, flag))
+
+    def total(self) -> int:
+        self._settle()
+        return self._total
+
+    def check(self, checkpointer) -> None:
+        self._settle()
+        if self.limit and self._consecutive >= self.limit:
+            latest = checkpointer.latest_step()
+            raise ValueError(f"training stopped: the loss or the gradients were not finite at "
+                             f"{self._consecutive} consecutive steps from step {self._first} "
+                             f"(train.max_skipped_steps = {self.limit}); nothing was updated at "
+                             f"those steps and the checkpoints (newest: step {latest}) are "
+                             "intact: lower train.learning_rate or check the data")
+
+
+def _save(checkpointer, step: int, state, data_state: dict, meta: dict) -> None:
+    """Save a checkpoint, unless the parameters are not finite (then stop: one line)."""
+    if not bool(_all_finite(state["params"])):
+        raise ValueError(f"training stopped at step {step}: the parameters are not finite; "
+                         f"the checkpoint was not written (newest intact: step "
+                         f"{checkpointer.latest_step()})")
+    try:
+        checkpointer.save(step, state, data_state, meta)
+    except Exception as error:              # noqa: BLE001 - any cause stops the run here
+        raise ValueError(f"the checkpoint of step {step} failed: {_first_line(error)}; "
+                         "training stopped, earlier checkpoints are intact") from None
+
+
+def _check_saves(checkpointer) -> None:
+    """Stop at once (one line) if an asynchronous save failed."""
+    try:
+        checkpointer.check_for_errors()
+    except Exception as error:              # noqa: BLE001
+        raise ValueError(f"a checkpoint save failed: {_first_line(error)}; training stopped, "
+                         "earlier checkpoints are intact") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
+@jax.jit
+def _all_finite(params):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
 def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
@@ -183,12 +278,10 @@ def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
     saved position; else a fresh state (parameters from train.init_from if set)."""
     plan = levels.plan
     is_writer = jax.process_index() == 0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        run = levels.run_at(min(latest, plan.total_steps - 1))
-        check_same_model(checkpointer.restore_meta(latest), run, workdir)
-        state, meta, data_state = checkpointer.restore(latest, abstract_state(run),
-                                                       with_data=True)
+    restored = restore_intact(checkpointer, lambda s: levels.run_at(min(s, plan.total_steps - 1)),
+                              workdir, with_data=True)
+    if restored is not None:
+        _, state, meta, data_state = restored
         levels.stream.set_state(data_state)
         step, tokens = int(meta["step"]), int(meta["tokens"])
         if is_writer:

@@ -19,9 +19,85 @@ def to_json(config) -> str:
 
 
 def write(config, workdir: str) -> None:
+    """config.json, replaced atomically (a reader never sees half of one)."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
         f.write(to_json(config))
+    os.replace(path + ".tmp", path)
+
+
+def check_writable(workdir: str) -> None:
+    """One ValueError line unless files can be created in `workdir` (made if missing)."""
+    probe = os.path.join(workdir, ".write_probe")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"workdir {workdir} is not writable: {error.strerror or error} "
+                         f"({error.filename or workdir})") from None
+
+
+def exists(workdir: str) -> bool:
+    return os.path.isfile(os.path.join(workdir, CONFIG_FILE))
+
+
+# What a run's workdir fixes: a command on that workdir may not say otherwise.
+# (key, modes it binds, why)
+_FIXED_BY_WORKDIR = (
+    [(f"data.{k}", ("train", "eval", "generate"), "the corpus and tokenizer") for k in
+     ("source", "path", "text_field", "tokenizer", "validation_percent")]
+    + [(f"data.{k}", ("train",), "the training stream") for k in
+       ("shuffle_seed", "retrieval_fraction", "retrieval_tasks", "retrieval_min_length",
+        "retrieval_max_length", "retrieval_answer_weight", "retrieval_task_weights")]
+    + [(f"model.{k}", ("train", "eval", "generate"), "the model's parameters") for k in
+       ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim", "mlp_dim",
+        "position", "tie_embeddings", "norm", "mlp", "qkv_bias", "attention_out_bias",
+        "mlp_bias", "learned_positions_length")]
+    + [(k, ("train",), "the global batch and the curriculum the checkpoints continue") for k in
+       ("train.batch_size", "curriculum.l_max", "curriculum.levels", "curriculum.lengths",
+        "curriculum.unit", "curriculum.order", "seed")])
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node.to_dict() if isinstance(node, config_dict.ConfigDict) else node
+
+
+def check_against_workdir(config, workdir: str, mode: str) -> None:
+    """One ValueError line when `config` contradicts the run `workdir` holds (its
+    config.json) in what the run fixes: the corpus and tokenizer, the model's shape, and
+    for train (resuming) the global batch, the curriculum and the data stream; also an
+    optimizer of another structure (train.grad_clip_norm switched on or off). Evaluation
+    keys are free; eval.data.* scores another corpus. Nothing to check in a new workdir."""
+    if not exists(workdir):
+        return
+    saved = load(workdir)
+    for key, modes, what in _FIXED_BY_WORKDIR:
+        if mode in modes and _plain(_get(config, key)) != _plain(_get(saved, key)):
+            hint = (" (to score another corpus set eval.data.* and eval.name)"
+                    if key.startswith("data.") and mode == "eval" else "")
+            raise ValueError(f"{key} is {_get(config, key)!r} here but {workdir} was run with "
+                             f"{_get(saved, key)!r} ({what}): drop the override or use another "
+                             f"--workdir{hint}")
+    if mode == "train" and (config.train.grad_clip_norm > 0) != (saved.train.grad_clip_norm > 0):
+        raise ValueError(f"train.grad_clip_norm {config.train.grad_clip_norm} switches gradient "
+                         f"clipping {'on' if config.train.grad_clip_norm > 0 else 'off'}, which "
+                         f"changes the optimizer state {workdir}'s checkpoints hold (it was "
+                         f"{saved.train.grad_clip_norm}); keep it {'> 0' if saved.train.grad_clip_norm > 0 else '0'}")
+
+
+def _plain(value):
+    """Lists and tuples compare alike (config.json holds lists)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def load(workdir: str, overrides: dict | None = None) -> config_dict.ConfigDict:
