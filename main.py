@@ -76,10 +76,42 @@ def start_distributed() -> None:
         jax.distributed.initialize()
 
 
+class _OneLineLibraryErrors(logging.Filter):
+    """Errors that libraries log from background threads (Orbax's failed asynchronous
+    saves) keep their first line, not their traceback: the run stops with its own line
+    that names the step and the cause."""
+
+    def filter(self, record):
+        library = "site-packages" in (record.pathname or "") or record.name == "asyncio"
+        if record.levelno >= logging.ERROR and library:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
+        return True
+
+
+def _one_line_background_errors() -> None:
+    """Exceptions in background threads and unraisable ones (Orbax's and tensorstore's
+    after a failed save) print one line each, once per distinct message, not a traceback."""
+    import threading
+    seen = set()
+
+    def report(kind, error):
+        line = f"{kind}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        if line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr, flush=True)
+
+    threading.excepthook = lambda args: report("background thread", args.exc_value)
+    sys.unraisablehook = lambda args: report("unraisable", args.exc_value)
+
+
 def main(argv):
     del argv
+    _one_line_background_errors()
     # Library INFO logs (Orbax, XLA) drown the progress line; keep warnings and our own.
     absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OneLineLibraryErrors())
     logging.getLogger("boundless").setLevel(logging.INFO)
     mode = _MODE.value
     if mode == "compare":
@@ -160,11 +192,11 @@ def _resolve_config(mode: str):
 
 
 def _exit_on_error(action):
-    """Run `action`; a ValueError, FileNotFoundError or an OSError of the workdir becomes
-    one line on stderr, exit 2."""
+    """Run `action`; a ValueError or an OSError (a missing or unwritable file: its message
+    names it) becomes one line on stderr, exit 2."""
     try:
         return action()
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -187,6 +187,14 @@ def get_config() -> config_dict.ConfigDict:
     # true prefix) or "generate" (greedy decoding of the prompt, on one device, yields the
     # answer ids); the answer log-probability is teacher-forced either way.
     evaluation.retrieval_scoring = "teacher_forced"
+    # Score another corpus than the run's (with the run's tokenizer): set source (and path,
+    # text_field; validation_percent -1 = the run's) and eval.name; its results go to
+    # eval/<name>/. "": the run's own data section.
+    evaluation.data = config_dict.ConfigDict()
+    evaluation.data.source = ""
+    evaluation.data.path = ""
+    evaluation.data.text_field = "text"
+    evaluation.data.validation_percent = -1
     config.eval = evaluation
 
     # --- generation (--mode generate) -------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 
 import jax
@@ -56,7 +57,7 @@ def build_eval_data(config, model_config, tokenizer, *, top_length: int | None =
     not_evaluable = {str(L): r for L in lengths if (r := lengths_lib.evaluable(model_config, L))}
     lengths = [L for L in lengths if str(L) not in not_evaluable]
     if documents is None:
-        documents = validation_documents(config.data, tokenizer)
+        documents = validation_documents(evaluation_data(config), tokenizer)
     windows, sliding = {}, {}
     if lengths:
         score_tokens = e.score_tokens or min(lengths)
@@ -86,7 +87,7 @@ def prepare(config, run, abstract_params) -> EvalData:
     """build_eval_data for `run` (the eval level's). With eval.lengths unset, the longest
     default length is probed against the memory of run's mesh (compiling the scoring step
     at doubling lengths with `abstract_params`) and printed with why it stopped."""
-    documents = validation_documents(config.data, run.tokenizer)
+    documents = validation_documents(evaluation_data(config), run.tokenizer)
     top = None
     if not config.eval.lengths:
         e = config.eval
@@ -197,6 +198,52 @@ def scalars(outcome: dict) -> dict[str, float]:
         if grid["k_max"] is not None:
             out[f"retrieval_{task}_k_max"] = grid["k_max"]
     return out
+
+
+EVAL_DATA_KEYS = ("source", "path", "text_field", "validation_percent")
+CORPUS_FILE = "corpus.json"
+
+
+def evaluation_data(config):
+    """The data section evaluation reads: the run's, or with eval.data.source set, the run's
+    with eval.data's source, path, text_field and validation_percent (-1: the run's) on
+    top: another corpus scored with the run's tokenizer (eval.name must name where)."""
+    other = config.eval.get("data")
+    if other is None or not other.source:
+        return config.data
+    if not config.eval.name:
+        raise ValueError("eval.data.source scores another corpus: set eval.name so that its "
+                         "results go to eval/<name>/ beside the run's own")
+    data = config.data.copy_and_resolve_references()
+    for key in EVAL_DATA_KEYS:
+        value = other[key]
+        if key != "validation_percent" or value >= 0:
+            data[key] = value
+    return data
+
+
+def corpus_identity(config) -> dict:
+    """What evaluation results were computed on: the corpus keys and the tokenizer."""
+    data = evaluation_data(config)
+    return {**{key: data[key] for key in EVAL_DATA_KEYS}, "tokenizer": data.tokenizer}
+
+
+def claim_eval_directory(eval_dir: str, config, is_writer: bool = True) -> None:
+    """Record in eval_dir which corpus its results are of; one ValueError line if it holds
+    results of another corpus (evaluation files never overwrite those)."""
+    path = os.path.join(eval_dir, CORPUS_FILE)
+    identity = corpus_identity(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            held = json.load(f)
+        if held != identity:
+            raise ValueError(f"{eval_dir} holds results of another corpus ({held['source']} "
+                             f"{held['path']!r}, tokenizer {held['tokenizer']!r}); set "
+                             f"eval.name to write these elsewhere")
+    elif is_writer:
+        os.makedirs(eval_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(identity, f, indent=1, sort_keys=True)
 
 
 def eval_directory(workdir: str, name: str = "") -> str:

@@ -5,8 +5,10 @@ no `if process_index == 0` of their own.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
+import struct
 
 import jax
 
@@ -21,7 +23,8 @@ class MetricsWriter:
     `resume_step`: the run continues after that step (resumed from its checkpoint), so the
     records of later steps, which the run is about to redo, are dropped from
     metrics.jsonl (rewritten atomically) and purged from TensorBoard's view: each step is
-    recorded once."""
+    recorded once (the event files are rewritten without them too, so every reader sees
+    one series)."""
 
     def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -30,13 +33,15 @@ class MetricsWriter:
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
             path = os.path.join(workdir, "metrics.jsonl")
-            if resume_step is not None and os.path.exists(path):
-                _keep_records_until(path, resume_step)
+            events = os.path.join(workdir, "tensorboard")
+            if resume_step is not None:
+                if os.path.exists(path):
+                    _keep_records_until(path, resume_step)
+                for events_file in glob.glob(os.path.join(events, "events.out.tfevents.*")):
+                    _keep_events_until(events_file, resume_step)
             self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter
-            purge = None if resume_step is None else resume_step + 1
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"),
-                                              purge_step=purge)
+            self._tensorboard = SummaryWriter(events)
 
     def write(self, step: int, scalars: dict, prefix: str = "") -> None:
         if not self.enabled:
@@ -72,6 +77,36 @@ def _keep_records_until(path: str, step: int) -> None:
                 kept.append(line if line.endswith("\n") else line + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def read_events(path: str):
+    """The serialized Event records of a TensorBoard event file, in order (a record a crash
+    cut short ends the file)."""
+    with open(path, "rb") as f:
+        while True:
+            header = f.read(12)                         # uint64 length + its crc
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            data = f.read(length)
+            if len(data) < length or len(f.read(4)) < 4:
+                return
+            yield data
+
+
+def _keep_events_until(path: str, step: int) -> None:
+    """Rewrite an event file without the events of steps after `step`."""
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import RecordWriter
+    records = list(read_events(path))
+    kept = [r for r in records if Event.FromString(r).step <= step]
+    if len(kept) == len(records):
+        return
+    writer = RecordWriter(path + ".tmp")
+    for record in kept:
+        writer.write(record)
+    writer.close()
     os.replace(path + ".tmp", path)
 
 

@@ -83,6 +83,8 @@ def train(config, workdir: str) -> dict:
     tokenizer = make_tokenizer(config.data.tokenizer)
     levels = Levels(config, plan, tokenizer)
     eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer)
+    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
+                               is_writer)
     final_eval = suite.prepare(config, eval_run, abstract_state(eval_run)["params"])
     if is_writer:
         workdir_config.write(config, workdir)
@@ -250,8 +252,9 @@ def _save(checkpointer, step: int, state, data_state: dict, meta: dict) -> None:
     try:
         checkpointer.save(step, state, data_state, meta)
     except Exception as error:              # noqa: BLE001 - any cause stops the run here
-        raise ValueError(f"the checkpoint of step {step} failed: {_first_line(error)}; "
-                         "training stopped, earlier checkpoints are intact") from None
+        raise ValueError(f"a checkpoint save failed (step {step}, or the save before it): "
+                         f"{_first_line(error)}; training stopped, earlier checkpoints are "
+                         "intact") from None
 
 
 def _check_saves(checkpointer) -> None:
@@ -330,8 +333,10 @@ def evaluate_workdir(config, workdir: str) -> dict:
     to its metrics. Returns the perplexity result with "retrieval" added."""
     plan = validate_config(config)
     run = build_run(config, level=eval_level(config, plan))
-    data = suite.prepare(config, run, abstract_state(run)["params"])
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
+    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
+                               jax.process_index() == 0)
+    data = suite.prepare(config, run, abstract_state(run)["params"])
     writer = MetricsWriter(workdir)
     try:
         outcome = _evaluate(config, run, state, data, int(meta["step"]), writer, workdir=workdir)
