@@ -83,16 +83,20 @@ def test_a_stop_signal_checkpoints_the_running_step_exits_0_and_resumes_exactly(
         assert losses[s] == pytest.approx(uninterrupted[s], abs=1e-6), s
 
 
-@pytest.mark.slow
-def test_a_second_sigint_exits_at_once_without_a_checkpoint(tmp_path):
-    workdir = tmp_path / "run"
-    process = main_py(*SMALL, "--workdir", str(workdir), "--config.train.steps=400")
-    wait_for_line(process, "step  3/400")
-    process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
-    code, out, err = finish(process)
-    assert code == 130 and "second SIGINT: exiting at once" in err
-    assert not os.path.exists(workdir / "checkpoints") or not os.listdir(workdir / "checkpoints")
+def test_a_second_sigint_exits_at_once_and_a_first_one_only_asks(monkeypatch, capsys):
+    from train import stopping
+    exits = []
+    monkeypatch.setattr(stopping.os, "_exit", lambda code: exits.append(code))
+    with stopping.StopSignals() as signals:
+        assert signals.requested() is None
+        os.kill(os.getpid(), signal.SIGINT)                # handled between bytecodes
+        time.sleep(0.05)
+        assert signals.requested() == "SIGINT" and exits == []
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert exits == [130]
+    assert "second SIGINT: exiting at once" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
 
 
 # ------------------------------------------------------------------ broken checkpoints

@@ -51,6 +51,7 @@ class MetricsWriter:
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)):
                 self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()          # on disk now: a killed run loses no record
 
     def flush(self) -> None:
         if self.enabled:
