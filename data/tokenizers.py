@@ -44,7 +44,11 @@ class SentencePieceTokenizer:
     def __init__(self, path: str):
         import sentencepiece
         self.path = path
-        self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
+        except Exception as error:   # noqa: BLE001 - sentencepiece raises bare errors
+            raise ValueError(f"data.tokenizer {path}: not a readable SentencePiece model "
+                             f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
         self.vocab_size = int(self._processor.get_piece_size())
 
     def encode(self, text: str) -> np.ndarray:
@@ -95,7 +99,11 @@ class HuggingFaceTokenizer:
     def __init__(self, path: str):
         import tokenizers
         self.path = path
-        self._tokenizer = tokenizers.Tokenizer.from_file(path)
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(path)
+        except Exception as error:   # noqa: BLE001 - tokenizers raises bare Exceptions
+            raise ValueError(f"data.tokenizer {path}: not a readable tokenizer.json "
+                             f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> np.ndarray:
