@@ -336,3 +336,17 @@ def test_the_same_config_twice_gives_the_same_losses_and_perplexities(tmp_path):
         summary = trainer.train(small_config(), str(tmp_path / name))
         results.append((train_losses(tmp_path / name), summary["eval"]["perplexity"]))
     assert results[0] == results[1]
+
+
+# ------------------------------------------------------------------ chaos
+@pytest.mark.slow
+def test_a_run_killed_at_random_moments_ends_with_the_parameters_of_an_uninterrupted_one(
+        tmp_path, capsys):
+    from benchmarks import chaos
+    chaos.main(["--kills", "3", "--steps", "60", "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    row = [line for line in out.splitlines() if line.startswith("|") and "---" not in line][-1]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert int(cells[0]) == 3                               # every kill happened
+    assert "all clean" in cells[3] and cells[5] == "yes" and cells[6] == "60 / 60"
+    assert float(cells[7]) <= 1e-6
