@@ -47,11 +47,15 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{prefix + k: _plain(v) for k, v in scalars.items()}}
-        self._jsonl.write(json_values.dumps(record) + "\n")
-        for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self._tensorboard.add_scalar(name, value, step)
-        self._tensorboard.flush()          # on disk now: a killed run loses no record
+        try:
+            self._jsonl.write(json_values.dumps(record) + "\n")
+            for name, value in record.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(name, value, step)
+            self._tensorboard.flush()      # on disk now: a killed run loses no record
+        except OSError as error:
+            raise ValueError(f"cannot write the metrics of step {step} to {self._jsonl.name} or "
+                             f"its TensorBoard events: {error.strerror or error}") from None
 
     def flush(self) -> None:
         if self.enabled:
