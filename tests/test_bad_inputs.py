@@ -169,3 +169,13 @@ def test_a_corpus_of_one_huge_line_trains(tmp_path):
                  "--config.eval.lengths=(64,)", "--config.eval.sliding_stride=0",
                  "--config.eval.max_batches=1", "--config.data.validation_percent=50")
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_workdir_resumes_and_evaluates_without_config(trained):
+    """--workdir alone: train resumes from config.json (two more steps), eval reads it."""
+    result = run("--workdir", str(trained), "--config.train.steps=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "step 4/4" in result.stdout
+    result = run("--mode", "eval", "--workdir", str(trained), "--config.eval.name=again")
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -89,3 +89,26 @@ def test_export_from_two_processes_writes_the_files_of_one(tmp_path):
     assert "model.safetensors" in files and sorted(os.listdir(tmp_path / "two")) == files
     for name in files:
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """The signal reaches process 1 only; the flags are combined after each step, so both
+    stop after the same step, write its checkpoint together and exit 0."""
+    import signal
+    port = free_port()
+    processes = [launch(tmp_path / "run", devices=4,
+                        extra=[f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                               f"--process_id={i}", "--config.train.steps=400",
+                               "--config.checkpoint.every_steps=1000"]) for i in range(2)]
+    for line in processes[0].stdout:                       # process 0 prints the steps
+        if " 3/400 |" in line:
+            break
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs[1][-2000:]
+    stopped = [line for line in outputs[0].splitlines() if line.startswith("stopped after step")]
+    assert len(stopped) == 1 and "(SIGTERM)" in stopped[0], outputs[0][-2000:]
+    step = int(stopped[0].split()[3])
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [str(step)]
+    assert 3 <= step < 400
