@@ -66,13 +66,14 @@ def test_parameters_are_created_sharded_over_fsdp_seq_and_tensor():
     config.mesh.update(dict(data=1, fsdp=2, seq=2, tensor=2))
     run = build_run(config)
     state = init_state(run, seed=0)
-    wq = state["params"]["blocks"][0]["attention"]["wq"][...]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec(("fsdp", "seq"), "tensor", None)
-    # each device holds a quarter of d_model rows and half of the heads
-    assert wq.addressable_shards[0].data.shape == (64 // 4, 4 // 2, 16)
+    # the blocks are stacked: [layers, d_model, heads, head_dim]
+    wq = state["params"]["blocks"]["attention"]["wq"][...]
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, ("fsdp", "seq"), "tensor", None)
+    # each device holds every layer, a quarter of d_model rows and half of the heads
+    assert wq.addressable_shards[0].data.shape == (2, 64 // 4, 4 // 2, 16)
     # Adam's first moment of wq is sharded like wq
     adam_mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
-    adam_mu = adam_mu["blocks"][0]["attention"]["wq"][...]
+    adam_mu = adam_mu["blocks"]["attention"]["wq"][...]
     assert adam_mu.sharding.spec == wq.sharding.spec
     assert len({s.data.shape for s in adam_mu.addressable_shards}) == 1
     assert adam_mu.addressable_shards[0].data.size < adam_mu.size
