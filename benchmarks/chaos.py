@@ -2,12 +2,14 @@
 compare the final parameters with an uninterrupted run.
 
     python -m benchmarks.chaos [--kills 20] [--steps 300] [--seed 0] [--workdir DIR]
+                               [--set KEY=VALUE ...]
 
 Both runs are configs/tiny.py for --steps steps on one CPU device (checkpoints every 10
 steps, asynchronous saves, a short final evaluation). The chaos run is started, and after
 a random moment killed: SIGKILL during a step, SIGKILL right after a checkpoint step (its
 asynchronous save in flight) or SIGTERM (a preemption: it must checkpoint and exit 0),
-drawn in turn from --seed. Every restart is the same command; after --kills kills the run
+drawn in turn from --seed; `--set KEY=VALUE` adds `--config.KEY=VALUE` to both runs (the test
+uses it for a smaller batch). Every restart is the same command; after --kills kills the run
 is left to finish. Prints the kills by kind, the steps computed again after kills (the work
 lost), whether every restart resumed by itself, and the largest absolute difference between
 the two runs' final parameters.
@@ -30,12 +32,13 @@ from benchmarks.common import REPO, new_workdir
 EVERY = 10
 
 
-def command(workdir: str, steps: int) -> list[str]:
+def command(workdir: str, steps: int, overrides: list[str]) -> list[str]:
+    extra = [f"--config.{override}" for override in overrides]
     return [sys.executable, "main.py", "--config", "configs/tiny.py", "--workdir", workdir,
             f"--config.train.steps={steps}", f"--config.checkpoint.every_steps={EVERY}",
             "--config.checkpoint.max_to_keep=2", "--config.train.log_every_steps=1",
             "--config.checkpoint.async_save=True", "--config.eval.lengths=(256,)",
-            "--config.eval.sliding_stride=0", "--config.eval.max_batches=1"]
+            "--config.eval.sliding_stride=0", "--config.eval.max_batches=1", *extra]
 
 
 class Run:
@@ -89,11 +92,13 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both runs, e.g. train.batch_size=4")
     args = parser.parse_args(argv)
     root = args.workdir or new_workdir("chaos")
     reference, chaos = os.path.join(root, "uninterrupted"), os.path.join(root, "chaos")
     start = time.time()
-    clean = Run(command(reference, args.steps))
+    clean = Run(command(reference, args.steps, args.set))
     assert clean.process.wait() == 0, "".join(clean.output[-40:])
     print(f"uninterrupted run: {time.time() - start:.0f} s", flush=True)
 
@@ -102,7 +107,7 @@ def main(argv=None):
     kills = {kind: 0 for kind in kinds}
     recomputed, restarts_ok, terms_clean, previous_reach = 0, True, True, 0
     for kill in range(args.kills):
-        run = Run(command(chaos, args.steps))
+        run = Run(command(chaos, args.steps, args.set))
         kind = kinds[kill % 3]
         resumed = None
         if not run.wait_for_step(run.last_step + 1):          # the first step of this life
@@ -139,7 +144,7 @@ def main(argv=None):
         kills[kind] += 1
         print(f"  kill {kill + 1}: {kind} at step {run.last_step} (resumed at {resumed}), "
               f"exit {code}", flush=True)
-    final = Run(command(chaos, args.steps))
+    final = Run(command(chaos, args.steps, args.set))
     assert final.process.wait() == 0, "".join(final.output[-40:])
     if final.resumed_at is not None and final.resumed_at < previous_reach:
         recomputed += previous_reach - final.resumed_at
