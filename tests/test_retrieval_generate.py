@@ -43,7 +43,9 @@ def setup():
 
 def reference_greedy(run, params, prompt, new):
     """The slow reference: a full forward (dense attention, host parameters) over the whole
-    sequence per new token, argmax."""
+    sequence per new token, argmax. The sequence has its final length from the start, the
+    slots not yet decoded hold 0: causal attention keeps them out of every position read,
+    and one compiled forward serves every token."""
     dense = dataclasses.replace(run.model_config, attention="dense", remat="none")
     names = run.mesh.axis_names
     one = jax.sharding.Mesh(np.array(jax.devices()[-1:]).reshape((1,) * len(names)), names)
@@ -51,11 +53,14 @@ def reference_greedy(run, params, prompt, new):
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(dense, rngs=nnx.Rngs(0))),
                                 nnx.Param)
         model = nnx.merge(graphdef, jax.device_get(params))
-        sequence = list(np.asarray(prompt))
-        for _ in range(new):
-            logits = model(jnp.asarray([sequence], jnp.int32))
-            sequence.append(int(jnp.argmax(logits[0, -1])))
-    return np.asarray(sequence[len(prompt):], np.int32)
+        forward = nnx.jit(lambda model, tokens: model(tokens))
+        start = len(prompt)
+        sequence = np.zeros((1, start + new), np.int32)      # [1, prompt + new]
+        sequence[0, :start] = prompt
+        for i in range(new):
+            logits = forward(model, jnp.asarray(sequence))
+            sequence[0, start + i] = int(jnp.argmax(logits[0, start + i - 1]))
+    return sequence[0, start:]
 
 
 def grids_of(samples, batch_size):
