@@ -71,12 +71,13 @@ class Run:
 
 
 def final_parameters(workdir: str) -> dict:
-    """The newest checkpoint's parameters as numpy, by path."""
+    """The newest checkpoint's parameters as numpy, by path (the model the run wrote to
+    its config.json, so --set overrides of model keys are honoured)."""
     import jax
 
-    from configs import tiny
+    from train import workdir_config
     from train.state import build_run, restore_newest
-    config = tiny.get_config()
+    config = workdir_config.load(workdir)
     config.mesh.data = 1
     run = build_run(config, devices=jax.devices()[:1])
     state, meta = restore_newest(workdir, run, "chaos")
