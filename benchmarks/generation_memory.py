@@ -60,8 +60,7 @@ def generation_memory(cfg: ModelConfig, prompt_len: int, new_tokens: int, seq: i
 def cache_mib(cfg: ModelConfig, prompt_len: int, new_tokens: int, seq: int) -> float:
     """The KV cache's bytes per device: every layer's k and v over all slots / seq."""
     total = prompt_len + new_tokens
-    slots = total if seq == 1 else generate_lib.cache_slots_on_mesh(total, seq, cfg.block_q,
-                                                                    cfg.block_k)
+    slots = total if seq == 1 else generate_lib.cache_slots_on_mesh(total, seq)
     per_slot = 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * jnp.dtype(cfg.dtype).itemsize
     return slots * per_slot / seq / MIB
 

@@ -28,17 +28,25 @@ def get_config() -> config_dict.ConfigDict:
     # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
     model.rope.scaling = config_dict.placeholder(object)
     model.attention = "blockwise"  # dense | blockwise | ring
-    model.block_q = 256           # query block of the blockwise/ring kernels
-    model.block_k = 256           # key/value block of the blockwise/ring kernels
+    # largest query / key-value block of the blockwise/ring kernels; any length runs (a
+    # sequence is padded internally by less than one block)
+    model.block_q = 256
+    model.block_k = 256
+    # None, or w: each token attends to itself and the w - 1 tokens before it (Mistral's
+    # and Qwen2's sliding window); model.layer_types picks the layers that have it
+    model.sliding_window = config_dict.placeholder(int)
+    # None (with a window: every layer), or per layer "sliding_attention" | "full_attention"
+    # as in Hugging Face configs, e.g. --config.model.layer_types='("full_attention", ...)'
+    model.layer_types = config_dict.placeholder(tuple)
     model.tie_embeddings = True
     model.dtype = "bfloat16"      # compute dtype of activations and matmuls
     model.param_dtype = "float32"
     # recompute in the backward pass (model/remat.py): none | full | save_dots | save_attention_out
     model.remat = "none"
     model.scan_layers = True      # lax.scan over the stacked layers (False: a Python loop)
-    # > 0: the LM head and loss run in chunks of this many tokens per row (it must divide
-    # every training / evaluation length), so [tokens, vocab] logits are never held;
-    # 0: all logits at once
+    # > 0: the LM head and loss run in chunks of about this many tokens per row, so
+    # [tokens, vocab] logits are never held (a multiple of mesh.seq that divides the
+    # lengths keeps every chunk on its devices); 0: all logits at once
     model.loss_chunk_tokens = 0
     # > 0: the MLP (and its norm) runs in chunks of this many tokens per row, each
     # rematerialised (the feed-forward half of a blockwise transformer); 0: whole

@@ -63,17 +63,10 @@ def _prefill_in_pieces(model, prompt, total: int, prefill_chunk: int):
     return model.logits(hidden[:, -1]), cache
 
 
-def cache_slots_on_mesh(total: int, seq: int, block_q: int, block_k: int) -> int:
+def cache_slots_on_mesh(total: int, seq: int) -> int:
     """Slots of a cache split over `seq` devices for sequences of `total` tokens: `total`
-    rounded up so that each device's part is even (ring attention's zigzag check) and a
-    whole number of the kernel's blocks (a block longer than the part shrinks to it)."""
-    part = -(-total // seq)
-    while True:
-        step = math.lcm(2, *(block for block in (block_q, block_k) if part > block))
-        rounded = -(-part // step) * step
-        if rounded == part:
-            return part * seq
-        part = rounded
+    rounded up to a whole number of slots per device."""
+    return -(-total // seq) * seq
 
 
 def _prefill_on_mesh(model, prompt, total: int, mesh):
@@ -83,7 +76,7 @@ def _prefill_on_mesh(model, prompt, total: int, mesh):
     second segment, invisible to the prompt, and each is overwritten by its decoding step
     before any query reads it. Returns (logits of the last prompt token, cache)."""
     batch, prompt_len = prompt.shape
-    slots = cache_slots_on_mesh(total, mesh.shape["seq"], model.cfg.block_q, model.cfg.block_k)
+    slots = cache_slots_on_mesh(total, mesh.shape["seq"])
     index = jnp.arange(slots, dtype=jnp.int32)
     rows = mesh_lib.batch_sharding(mesh)
     constrain = jax.lax.with_sharding_constraint
@@ -174,7 +167,9 @@ def _with_ring_attention(model, mesh):
     """`model`'s parameters in a Transformer whose attention is the ring over `mesh`;
     parameters that live elsewhere than on the mesh's devices are replicated over it."""
     cfg = dataclasses.replace(model.cfg, attention="ring", remat="none")
-    ring = make_ring_attention(mesh, block_q=cfg.block_q, block_k=cfg.block_k)
+    # the prefill buffer is in sequence order: a sliding window shortens the ring
+    ring = make_ring_attention(mesh, layout="contiguous", block_q=cfg.block_q,
+                               block_k=cfg.block_k)
     with nnx.use_eager_sharding(False):
         graphdef = nnx.graphdef(nnx.eval_shape(
             lambda: Transformer(cfg, rngs=nnx.Rngs(0), attention_fn=ring)))

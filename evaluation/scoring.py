@@ -16,11 +16,13 @@ from parallel import mesh as mesh_lib
 
 
 def score_function(run):
-    """jit((params, batch) -> (nll, is_argmax)) on run's mesh, weights gathered for compute
-    like the train step (parallel.mesh.compute_shardings)."""
+    """jit((params, batch, sequence_length) -> (nll, is_argmax)) on run's mesh, weights
+    gathered for compute like the train step (parallel.mesh.compute_shardings);
+    sequence_length (static) is the rows' length before the layout padded them."""
     gather_outer, gather_layer = mesh_lib.weight_gathers(run.state_shardings["params"])
-    return jax.jit(lambda p, b: token_scores(run.graphdef, gather_outer(p), b,
-                                             prepare_layer=gather_layer))
+    return jax.jit(lambda p, b, sequence_length: token_scores(
+        run.graphdef, gather_outer(p), b, prepare_layer=gather_layer,
+        sequence_length=sequence_length), static_argnums=2)
 
 
 class Scorer:
@@ -41,24 +43,25 @@ class Scorer:
         local = layout_lib.apply_layout(local, layout, seq)
         device_batch = mesh_lib.host_batch_to_global(local, run.mesh, rows, row_offset=offset)
         with mesh_lib.use_mesh(run.mesh):
-            nll, is_argmax = self._score(self.params, device_batch)
+            nll, is_argmax = self._score(self.params, device_batch, length)
         nll, is_argmax = multihost_utils.process_allgather((nll, is_argmax), tiled=True)
-        if layout == "zigzag" and seq > 1:
-            restored = layout_lib.from_zigzag({"nll": np.asarray(nll), "hit": np.asarray(is_argmax)}, seq)
-            nll, is_argmax = restored["nll"], restored["hit"]
-        return np.asarray(nll, np.float64), np.asarray(is_argmax)
+        restored = layout_lib.restore_layout({"nll": np.asarray(nll), "hit": np.asarray(is_argmax)},
+                                             layout, seq, length)
+        return np.asarray(restored["nll"], np.float64), np.asarray(restored["hit"])
 
 
 def scoring_bytes(run, abstract_params, rows: int, length: int) -> int:
     """Bytes one device holds while scoring a [rows, length] batch on run's mesh (arguments
     + outputs + temporaries - aliased, from compile().memory_analysis())."""
     sharding = mesh_lib.batch_sharding(run.mesh)
-    batch = {key: jax.ShapeDtypeStruct((rows, length), dtype, sharding=sharding)
+    laid_out = layout_lib.layout_length(length, run.config.mesh.layout, run.mesh.shape["seq"])
+    batch = {key: jax.ShapeDtypeStruct((rows, laid_out), dtype, sharding=sharding)
              for key, dtype in (("tokens", np.int32), ("targets", np.int32),
                                 ("positions", np.int32), ("segment_ids", np.int32),
                                 ("loss_mask", np.float32))}
     with mesh_lib.use_mesh(run.mesh):
-        analysis = score_function(run).lower(abstract_params, batch).compile().memory_analysis()
+        analysis = score_function(run).lower(abstract_params, batch, length).compile() \
+            .memory_analysis()
     return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
                + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
 

@@ -21,20 +21,24 @@ from jax.ad_checkpoint import checkpoint_name
 from model.blockwise import blockwise_attention
 from model.kv_cache import KVCache
 from model.layers import add_bias, param, zeros
-from model.masking import (MASKED, attention_mask, check_shapes, default_positions_and_segments,
-                           group_queries)
+from model.masking import (MASKED, attention_mask, check_shapes, check_window,
+                           default_positions_and_segments, group_queries)
 
 
-def dot_product_attention(q, k, v, *, positions=None, segment_ids=None, causal=True):
+def dot_product_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
+                          sliding_window=None):
     """Reference attention: materialises the [q_len, k_len] score matrix.
 
     Scores and softmax run in float32 whatever the input dtype; the output has q's dtype.
+    `sliding_window`: None, or w (tokens): a query sees keys at most w - 1 positions back.
     """
     check_shapes(q, k, v)
+    check_window(sliding_window)
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     if k.shape[1] != q.shape[1]:
         raise ValueError("self-attention: q and k must have the same length")
-    mask = attention_mask(positions, positions, segment_ids, segment_ids, causal)
+    mask = attention_mask(positions, positions, segment_ids, segment_ids, causal,
+                          sliding_window)
     return masked_attention(q, k, v, mask)
 
 
@@ -53,10 +57,11 @@ def masked_attention(q, k, v, mask):
     return out.reshape(q.shape).astype(q.dtype)
 
 
-def cached_attention(q, k, v, cache: KVCache, layer):
+def cached_attention(q, k, v, cache: KVCache, layer, window=None):
     """Decoding: write k, v [b, t, hk, d] (the new tokens) into layer `layer` of the cache
     at slots cache.length .. cache.length + t - 1, then let each new query attend to every
-    slot of that layer up to its own.
+    slot of that layer up to its own (and, with a sliding `window`, not more than
+    window - 1 slots back; the cache keeps every slot).
 
     Slot j holds position j (model/kv_cache.py), so the mask is the causal mask of
     `attention_mask` on slot indices; unfilled slots lie after every query and are masked.
@@ -72,7 +77,7 @@ def cached_attention(q, k, v, cache: KVCache, layer):
     q_slots = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
     k_slots = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
     mask = attention_mask(q_slots, k_slots, jnp.zeros_like(q_slots), jnp.zeros_like(k_slots),
-                          causal=True)                                # [b, t, max_len]
+                          causal=True, window=window)                 # [b, t, max_len]
     out = masked_attention(q, k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype), mask)
     return out, cache._replace(k=k_all, v=v_all)
 
@@ -82,7 +87,8 @@ ATTENTION_OUT = "attention_out"   # checkpoint name of the attention kernel's ou
 
 
 def attention_function(name: str, *, block_q: int = 256, block_k: int = 256) -> AttentionFn:
-    """The attention function a config name stands for (ring is added by parallel/)."""
+    """The attention function a config name stands for (ring is added by parallel/):
+    fn(q, k, v, *, positions, segment_ids, causal, sliding_window)."""
     if name == "dense":
         return dot_product_attention
     if name == "blockwise":
@@ -124,8 +130,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids, rotate: Callable | None = None,
                  cache: KVCache | None = None, layer=None, *,
-                 collect_kv: bool = False, cache_attention: Callable | None = None):
+                 collect_kv: bool = False, cache_attention: Callable | None = None,
+                 window=None):
         """x [batch, length, d_model] -> [batch, length, d_model].
+
+        `window`: this layer's sliding window (None: full attention; an int, or a traced
+        int32 when the scanned layers differ).
 
         `rotate(t, positions)` applies the position encoding to q and k (RoPE), or None;
         the q/k biases are added before it, as in Hugging Face's Qwen2.
@@ -133,8 +143,8 @@ class Attention(nnx.Module):
         With `cache` (decoding), x holds the new tokens, which occupy slots cache.length..
         of layer `layer`; `cache_attention(q, k, v, cache, layer)` (default
         `cached_attention`: dense, segment ids unused; parallel/sharded_cache.py has one
-        for a cache split over devices) attends over the cache, and the result is
-        (out, updated cache). With `collect_kv` (a prefill over the whole sequence),
+        for a cache split over devices; both take `window=`) attends over the cache, and
+        the result is (out, updated cache). With `collect_kv` (a prefill over the whole sequence),
         attention runs as without a cache and the result is (out, (k, v)) of these
         tokens, in the compute dtype.
         """
@@ -149,10 +159,11 @@ class Attention(nnx.Module):
             q, k = rotate(q, positions), rotate(k, positions)
         extra = None
         if cache is not None:
-            out, extra = (cache_attention or cached_attention)(q, k, v, cache, layer)
+            out, extra = (cache_attention or cached_attention)(q, k, v, cache, layer,
+                                                               window=window)
         else:
             out = self.attention_fn(q, k, v, positions=positions, segment_ids=segment_ids,
-                                    causal=True)                      # [b, l, q_heads, head_dim]
+                                    causal=True, sliding_window=window)  # [b, l, hq, head_dim]
             if collect_kv:
                 extra = (k, v)
         # named for the remat policy that keeps attention results (model/remat.py)

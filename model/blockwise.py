@@ -5,6 +5,12 @@ and denominator per query row. Backward: the FlashAttention-2 scheme (Dao 2023),
 recomputing probabilities block by block from the saved log-sum-exp. `blockwise_forward`
 and `blockwise_backward` take one query chunk against one key/value chunk with positions
 for each, so ring attention (parallel/ring_attention.py) reuses them at every hop.
+
+Any length: `block_plan` picks the block size for a sequence (at most the configured one,
+balanced over the blocks it needs) and the length padded to whole blocks, always less
+than one block more; `pad_queries` / `pad_keys` add the padding with the segment ids of
+model/masking.py, so padded tokens see nothing and are seen by nothing. The kernels below
+take whole blocks; `blockwise_attention` pads and drops the padding itself.
 """
 from __future__ import annotations
 
@@ -14,15 +20,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.masking import (MASKED, attention_mask, check_shapes, default_positions_and_segments,
-                           group_queries)
+from model.masking import (MASKED, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT, attention_mask,
+                           check_shapes, check_window, default_positions_and_segments,
+                           group_queries, pad_axis1, padded_length)
+
+# Block sizes are rounded up to a multiple of this (when shorter than the configured
+# block): the sublane tile of accelerators, and enough for a balanced split.
+BLOCK_GRANULARITY = 8
+
+
+def block_plan(length: int, block: int) -> tuple[int, int]:
+    """(block size, padded length) for a sequence of `length` tokens and blocks of at most
+    `block`: a sequence no longer than `block` is one block of its own length; a longer one
+    takes n = ceil(length / block) blocks of ceil(length / n) tokens rounded up to
+    BLOCK_GRANULARITY (at most `block`), so the padding is less than one block."""
+    if length <= block:
+        return length, length
+    blocks = -(-length // block)
+    size = min(block, padded_length(-(-length // blocks), BLOCK_GRANULARITY))
+    return size, blocks * size
+
+
+def pad_queries(length: int, q, positions, segment_ids):
+    """q [b, l, h, d] and its positions/segment ids padded to `length` tokens (padding:
+    zeros, position 0, segment PAD_QUERY_SEGMENT)."""
+    return (pad_axis1(q, length), pad_axis1(positions, length),
+            pad_axis1(segment_ids, length, PAD_QUERY_SEGMENT))
+
+
+def pad_keys(length: int, k, v, positions, segment_ids):
+    """k, v [b, l, h, d] and their positions/segment ids padded to `length` tokens
+    (segment PAD_KEY_SEGMENT: no query, padded or real, sees them)."""
+    return (pad_axis1(k, length), pad_axis1(v, length), pad_axis1(positions, length),
+            pad_axis1(segment_ids, length, PAD_KEY_SEGMENT))
 
 
 # Blocks are read and written in place with dynamic slices along the length axis, so no
 # blocked copy of q, k, v or of the gradients is ever made.
 def _check_block(length: int, block: int, name: str) -> None:
     if length % block:
-        raise ValueError(f"{name} length {length} is not a multiple of its block size {block}")
+        raise ValueError(f"internal: {name} length {length} is not a multiple of its block "
+                         f"size {block} (pad with pad_queries / pad_keys first)")
 
 
 def _block(x, index, size: int):
@@ -34,14 +72,10 @@ def _put_block(x, part, index, size: int):
     return jax.lax.dynamic_update_slice_in_dim(x, part, index * size, axis=1)
 
 
-def fit_block(length: int, block: int) -> int:
-    """The block size used for a sequence: `block`, or the whole length if shorter."""
-    return min(block, length)
-
-
 def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
-                      block_q: int, block_k: int):
-    """Attention of one query chunk over one key/value chunk, in blocks.
+                      block_q: int, block_k: int, window=None):
+    """Attention of one query chunk over one key/value chunk, in blocks (lengths whole
+    multiples of the block sizes; `window`: the sliding window, None for none).
 
     Returns (out, lse, tiles): out [b, lq, q_heads, d] in float32, normalised over this
     chunk's keys only; lse [b, lq, q_heads] float32, the log-sum-exp of the visible scores
@@ -65,7 +99,7 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
         def key_block(j, state):
             kb, vb = _block(k, j, block_k), _block(v, j, block_k)       # [b, bk, hk, d]
             mask = attention_mask(qpb, _block(k_pos, j, block_k), qsb,
-                                  _block(k_seg, j, block_k), causal)     # [b, bq, bk]
+                                  _block(k_seg, j, block_k), causal, window)  # [b, bq, bk]
 
             def compute(state):
                 acc, row_max, row_sum, tiles = state
@@ -119,7 +153,8 @@ def merge_partial_attention(out_a, lse_a, out_b, lse_b):
 
 
 def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *,
-                       causal: bool, block_q: int, block_k: int, accumulators=None):
+                       causal: bool, block_q: int, block_k: int, accumulators=None,
+                       window=None):
     """Gradients of one query chunk's attention with respect to q and one key/value chunk.
 
     lse [b, lq, hq] is the log-sum-exp over ALL keys the queries attend to (not just this
@@ -148,7 +183,7 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
 
         def query_block(i, inner):
             qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)
-            mask = attention_mask(qpb, kpb, qsb, ksb, causal)            # [b, bq, bk]
+            mask = attention_mask(qpb, kpb, qsb, ksb, causal, window)    # [b, bq, bk]
 
             def compute(inner):
                 dq, dk_j, dv_j = inner
@@ -202,43 +237,76 @@ def opaque(fn):
     return wrapped
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _blockwise(q, k, v, positions, segment_ids, causal, block_q, block_k):
-    out, _, _ = blockwise_forward(q, k, v, positions, positions, segment_ids, segment_ids,
-                                  causal=causal, block_q=block_q, block_k=block_k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _blockwise(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q, block_k):
+    out, _, _ = blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                                  block_q=block_q, block_k=block_k, window=window)
     return out.astype(q.dtype)
 
 
-def _blockwise_fwd(q, k, v, positions, segment_ids, causal, block_q, block_k):
-    kernel = opaque(functools.partial(blockwise_forward, causal=causal, block_q=block_q,
-                                      block_k=block_k))
-    out, lse, _ = kernel(q, k, v, positions, positions, segment_ids, segment_ids)
+def _blockwise_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q, block_k):
+    kernel = opaque(lambda *args: blockwise_forward(*args[:7], window=args[7], causal=causal,
+                                                    block_q=block_q, block_k=block_k))
+    out, lse, _ = kernel(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
     out = out.astype(q.dtype)
-    return out, (q, k, v, positions, segment_ids, out, lse)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
 
 
 def _blockwise_bwd(causal, block_q, block_k, residuals, d_out):
-    q, k, v, positions, segment_ids, out, lse = residuals
+    q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     dq, dk, dv = blockwise_backward(
-        q, k, v, positions, positions, segment_ids, segment_ids, lse, d_out, delta,
-        causal=causal, block_q=block_q, block_k=block_k)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+        q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, causal=causal,
+        block_q=block_q, block_k=block_k, window=window)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
+            None, None)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+def window_argument(window):
+    """A sliding window as the kernels take it: None, or an int32 scalar."""
+    check_window(window)
+    return None if window is None else jnp.asarray(window, jnp.int32)
+
+
 def blockwise_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
-                        block_q: int = 256, block_k: int = 256):
+                        sliding_window=None, block_q: int = 256, block_k: int = 256):
     """Attention with memory linear in length: online softmax over key blocks.
 
-    Same contract as `dot_product_attention`. Saves only q, k, v, the output and the
-    per-row log-sum-exp for the backward pass. The length must be a multiple of the block
-    sizes (blocks longer than the sequence shrink to it).
+    Same contract as `dot_product_attention`, any length >= 1: the sequence is padded to
+    whole blocks (block_plan) and the padding dropped again. Tiles that no query/key pair
+    of sees (causal, other documents, outside the window) are skipped. Saves only q, k, v,
+    the output and the per-row log-sum-exp for the backward pass.
     """
     check_shapes(q, k, v)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError("self-attention: q and k must have the same length")
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
     length = q.shape[1]
-    return _blockwise(q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32),
-                      bool(causal), fit_block(length, block_q), fit_block(length, block_k))
+    block_q, q_len = block_plan(length, block_q)
+    block_k, k_len = block_plan(length, block_k)
+    qp, q_pos, q_seg = pad_queries(q_len, q, positions, segment_ids)
+    kp, vp, k_pos, k_seg = pad_keys(k_len, k, v, positions, segment_ids)
+    out = _blockwise(qp, kp, vp, q_pos, k_pos, q_seg, k_seg, window_argument(sliding_window),
+                     bool(causal), block_q, block_k)
+    return out[:, :length]
+
+
+def blockwise_tiles(q, k, v, *, positions=None, segment_ids=None, causal=True,
+                    sliding_window=None, block_q: int = 256, block_k: int = 256):
+    """(tiles computed, tiles in all) of `blockwise_attention`'s forward pass on these
+    inputs: the (query block, key block) tiles that some pair sees, of every tile."""
+    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+    length = q.shape[1]
+    block_q, q_len = block_plan(length, block_q)
+    block_k, k_len = block_plan(length, block_k)
+    qp, q_pos, q_seg = pad_queries(q_len, q, positions, segment_ids)
+    kp, vp, k_pos, k_seg = pad_keys(k_len, k, v, positions, segment_ids)
+    _, _, tiles = jax.jit(functools.partial(blockwise_forward, causal=bool(causal),
+                                            block_q=block_q, block_k=block_k))(
+        qp, kp, vp, q_pos, k_pos, q_seg, k_seg, window=window_argument(sliding_window))
+    return int(tiles), (q_len // block_q) * (k_len // block_k)

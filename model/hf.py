@@ -13,11 +13,13 @@
   `max_shard_bytes` with model.safetensors.index.json, tokenizer.json copied when given.
 
 Architectures: LlamaForCausalLM (Llama 2 / 3 / 3.1 / 3.2, rope types default, linear,
-dynamic, yarn, llama3), MistralForCausalLM (no active sliding window), Qwen2ForCausalLM
-(q/k/v biases; no sliding window), GPT2LMHeadModel (learned positions, LayerNorm, tanh
-GELU, biases). q/k weights need no permutation: our RoPE uses Hugging Face's rotate-half
-layout. Refused: any other architecture, an active sliding window, an unknown rope type,
-partial rotary embeddings, an activation other than silu (SwiGLU) or tanh GELU (GPT-2).
+dynamic, yarn with DeepSeek's mscale keys, llama3, longrope), MistralForCausalLM (its
+sliding window on every layer; 4096 when config.json names none, as transformers says),
+Qwen2ForCausalLM (q/k/v biases; `use_sliding_window` with the window on the layers
+`layer_types` or `max_window_layers` name), GPT2LMHeadModel (learned positions,
+LayerNorm, tanh GELU, biases). q/k weights need no permutation: our RoPE uses Hugging
+Face's rotate-half layout. Refused: any other architecture, an unknown rope type, partial
+rotary embeddings, an activation other than silu (SwiGLU) or tanh GELU (GPT-2).
 
 Length: for RoPE models ModelConfig.l_max is the length the rope scaling is relative to
 (the scaling's original_max_position_embeddings when given, else max_position_embeddings;
@@ -118,8 +120,14 @@ def _rope_config(hf: dict) -> dict:
     rope_type = scaling["rope_type"]
     if rope_type == "dynamic":   # Hugging Face: L0 is always max_position_embeddings
         scaling["original_max_position_embeddings"] = max_positions
-    if rope_type == "yarn" and scaling.get("factor") is None and \
-            scaling.get("original_max_position_embeddings"):
+    if rope_type in ("yarn", "llama3", "longrope"):
+        # transformers: a top-level original_max_position_embeddings (Phi-3) wins, else the
+        # dict's own, else max_position_embeddings
+        if hf.get("original_max_position_embeddings"):
+            scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", max_positions)
+    if rope_type in ("yarn", "longrope") and scaling.get("factor") is None:
+        # transformers: the ratio of the extended to the original length
         scaling["factor"] = max_positions / scaling["original_max_position_embeddings"]
     if rope_type == "linear":
         scaling.pop("original_max_position_embeddings", None)
@@ -129,20 +137,43 @@ def _rope_config(hf: dict) -> dict:
                 l_max=l_max)
 
 
-def _refuse_sliding_window(hf: dict, architecture: str) -> None:
-    window = hf.get("sliding_window")
-    if architecture == "Qwen2ForCausalLM":
-        layer_types = set(hf.get("layer_types") or ())
-        if hf.get("use_sliding_window") or layer_types - {"full_attention"}:
-            raise ValueError(f"Qwen2 sliding-window attention (use_sliding_window="
-                             f"{hf.get('use_sliding_window')}, sliding_window={window}) is not "
-                             "supported; supported: full causal attention")
-        return
-    max_positions = hf.get("max_position_embeddings") or 0
-    if window is not None and window < max_positions:
-        raise ValueError(f"sliding_window={window} (< max_position_embeddings={max_positions}) "
-                         "is not supported; supported: sliding_window null or >= "
-                         "max_position_embeddings (full causal attention)")
+# transformers' defaults when config.json names no window (MistralConfig, Qwen2Config)
+_DEFAULT_WINDOW = 4096
+_QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
+
+
+def _sliding_window(hf: dict, architecture: str, n_layers: int) -> dict:
+    """ModelConfig fields of the sliding window (sliding_window, layer_types) as
+    transformers reads them: Mistral's window on every layer; Qwen2's only with
+    use_sliding_window, on the layers `layer_types` marks "sliding_attention" (default:
+    those from max_window_layers on). Llama has none."""
+    if architecture == "MistralForCausalLM":
+        window, types = hf.get("sliding_window", _DEFAULT_WINDOW), None
+    elif architecture == "Qwen2ForCausalLM":
+        window = hf.get("sliding_window", _DEFAULT_WINDOW) if hf.get("use_sliding_window") \
+            else None
+        types = hf.get("layer_types")
+        if types is None and window is not None:
+            first = hf.get("max_window_layers", _QWEN2_DEFAULT_MAX_WINDOW_LAYERS)
+            types = ["sliding_attention" if i >= first else "full_attention"
+                     for i in range(n_layers)]
+    else:
+        return dict(sliding_window=None, layer_types=None)
+    if window is None:
+        return dict(sliding_window=None, layer_types=None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"sliding_window {window!r} is not valid; supported: null or an "
+                         "integer >= 1 (tokens)")
+    if types is not None:
+        types = tuple(types)
+        if len(types) != n_layers or set(types) - {"full_attention", "sliding_attention"}:
+            raise ValueError(f"layer_types {list(types)} is not supported; supported: one of "
+                             "full_attention / sliding_attention per layer")
+        if "sliding_attention" not in types:
+            return dict(sliding_window=None, layer_types=None)
+        if "full_attention" not in types:
+            types = None
+    return dict(sliding_window=int(window), layer_types=types)
 
 
 def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
@@ -173,7 +204,6 @@ def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm="layernorm",
             mlp="gelu_tanh", qkv_bias=True, attention_out_bias=True, mlp_bias=True, **common)
     else:
-        _refuse_sliding_window(hf, architecture)
         activation = hf.get("hidden_act", "silu")
         if activation != "silu":
             raise ValueError(f"hidden_act {activation!r} is not supported for {architecture}; "
@@ -190,7 +220,8 @@ def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="rmsnorm", mlp="swiglu",
             qkv_bias=qkv_bias, attention_out_bias=attention_bias,
-            mlp_bias=bool(hf.get("mlp_bias", False)), **_rope_config(hf), **common)
+            mlp_bias=bool(hf.get("mlp_bias", False)), **_rope_config(hf),
+            **_sliding_window(hf, architecture, int(hf["num_hidden_layers"])), **common)
     config = dataclasses.replace(config, param_dtype=_checkpoint_dtype(hf_dir))
     config.validate()
     return config, architecture
@@ -604,14 +635,20 @@ def infer_architecture(cfg: ModelConfig) -> str:
     if cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
         if cfg.qkv_bias and not cfg.attention_out_bias and not cfg.mlp_bias:
             return "Qwen2ForCausalLM"
-        if cfg.qkv_bias == cfg.attention_out_bias:
+        if cfg.sliding_window is not None:
+            if not (cfg.qkv_bias or cfg.attention_out_bias or cfg.mlp_bias) and \
+                    cfg.layer_types is None:
+                return "MistralForCausalLM"      # Llama has no window; Mistral on every layer
+        elif cfg.qkv_bias == cfg.attention_out_bias:
             return "LlamaForCausalLM"
     raise ValueError(
         f"no Hugging Face architecture computes this model (position={cfg.position}, "
         f"norm={cfg.norm}, mlp={cfg.mlp}, qkv_bias={cfg.qkv_bias}, attention_out_bias="
-        f"{cfg.attention_out_bias}, mlp_bias={cfg.mlp_bias}); supported: Llama/Mistral "
-        "(rope, rmsnorm, swiglu, q/k/v and output biases both or neither), Qwen2 (q/k/v "
-        "biases only), GPT-2 (learned, layernorm, gelu_tanh, every bias)")
+        f"{cfg.attention_out_bias}, mlp_bias={cfg.mlp_bias}, sliding_window="
+        f"{cfg.sliding_window}, layer_types={cfg.layer_types}); supported: Llama (rope, "
+        "rmsnorm, swiglu, q/k/v and output biases both or neither, no window), Mistral (no "
+        "biases, a window on every layer or none), Qwen2 (q/k/v biases only, any windows), "
+        "GPT-2 (learned, layernorm, gelu_tanh, every bias)")
 
 
 def _rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
@@ -626,7 +663,7 @@ def _rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
     if rope_type == "dynamic":
         out.pop("original_max_position_embeddings", None)
         return out, l0
-    if rope_type in ("yarn", "llama3"):
+    if rope_type in ("yarn", "llama3", "longrope"):
         out["original_max_position_embeddings"] = l0
         return out, round(l0 * scaling["factor"])
     return out, cfg.l_max
@@ -663,18 +700,28 @@ def _hf_config(cfg: ModelConfig, architecture: str) -> dict:
         "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": 0.0, "bos_token_id": None,
         "dtype": torch_dtype}
+    windows = cfg.layer_windows()
+    types = ["full_attention" if w is None else "sliding_attention" for w in windows]
     if architecture == "LlamaForCausalLM":
+        if cfg.sliding_window is not None:
+            raise ValueError("LlamaForCausalLM has no sliding window; export as "
+                             "MistralForCausalLM or Qwen2ForCausalLM")
         out.update(model_type="llama", attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     elif architecture == "MistralForCausalLM":
         if cfg.qkv_bias or cfg.attention_out_bias or cfg.mlp_bias:
             raise ValueError("MistralForCausalLM has no biases; export as LlamaForCausalLM")
-        out.update(model_type="mistral", sliding_window=None)
+        if cfg.sliding_window is not None and "full_attention" in types:
+            raise ValueError("MistralForCausalLM has one window for every layer; this model "
+                             f"has layer_types {types}")
+        out.update(model_type="mistral", sliding_window=cfg.sliding_window)
     elif architecture == "Qwen2ForCausalLM":
         if not cfg.qkv_bias or cfg.attention_out_bias or cfg.mlp_bias:
             raise ValueError("Qwen2ForCausalLM has q/k/v biases and no others")
-        out.update(model_type="qwen2", use_sliding_window=False, sliding_window=None,
-                   max_window_layers=cfg.n_layers,
-                   layer_types=["full_attention"] * cfg.n_layers)
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        out.update(model_type="qwen2", use_sliding_window=bool(sliding),
+                   sliding_window=cfg.sliding_window if sliding else None,
+                   max_window_layers=sliding[0] if sliding else cfg.n_layers,
+                   layer_types=types)
     else:
         raise ValueError(f"cannot export as {architecture!r}; supported: {', '.join(SUPPORTED)}")
     return out

@@ -39,23 +39,24 @@ def head_scores(model, hidden, targets):
         return None, one_chunk(state, *chunk)
 
     _, scores = jax.lax.scan(step, None, (to_chunks(hidden, chunks), to_chunks(targets, chunks)))
-    return jax.tree.map(from_chunks, scores)                   # [b, l] each
+    return jax.tree.map(lambda y: from_chunks(y, hidden.shape[1]), scores)   # [b, l] each
 
 
-def token_loss_sums(graphdef, params, batch, prepare_layer=None):
+def token_loss_sums(graphdef, params, batch, prepare_layer=None, sequence_length=None):
     """Weighted sum of next-token negative log-likelihoods, and the sum of the weights.
 
     batch: "tokens", "targets", "positions", "segment_ids" [b, l] int32 and "loss_mask"
     [b, l] float, each target's loss weight (0 on padding, 1 on an ordinary target; see
     data/packing.py). Their ratio is the mean loss. Returns two float32 scalars.
-    `prepare_layer`: see Transformer.hidden_states.
+    `prepare_layer`, `sequence_length` (the real length of rows that the input layout
+    padded): see Transformer.hidden_states.
     """
-    nll, _ = token_scores(graphdef, params, batch, prepare_layer)
+    nll, _ = token_scores(graphdef, params, batch, prepare_layer, sequence_length)
     mask = batch["loss_mask"].astype(jnp.float32)
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def token_scores(graphdef, params, batch, prepare_layer=None):
+def token_scores(graphdef, params, batch, prepare_layer=None, sequence_length=None):
     """Per-token next-token negative log-likelihood and whether the target was the argmax.
 
     Returns (nll float32 [b, l], is_argmax bool [b, l]); padding positions are included
@@ -63,5 +64,5 @@ def token_scores(graphdef, params, batch, prepare_layer=None):
     """
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"],
-                                 prepare_layer=prepare_layer)
+                                 prepare_layer=prepare_layer, sequence_length=sequence_length)
     return head_scores(model, hidden, batch["targets"])

@@ -3,16 +3,30 @@ mask built from them, shape checks and the grouped-query reshape.
 
 Shapes: q [batch, q_len, q_heads, head_dim], k/v [batch, k_len, kv_heads, head_dim],
 positions/segment_ids [batch, len] int32. A query attends to a key when their segment ids
-are equal and, if causal, the key's position is not after its own: masks come from these
-arrays, never from array indices, so packed rows and permuted (zigzag) layouts need nothing
-special.
+are equal and, if causal, the key's position is not after its own; with a sliding window
+of w tokens, also not more than w - 1 before it (without causal: |q - k| < w). Masks come
+from these arrays, never from array indices, so packed rows and permuted (zigzag) layouts
+need nothing special.
+
+Any length: kernels pad a sequence to their granularity with tokens whose segment ids are
+the sentinels below (negative ids are reserved for them): padded queries and padded keys
+carry different ids, so a padded token sees nothing and is seen by no real token, and its
+output is dropped.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 # Masked scores are set to this (finite, so that max/exp never see inf - inf).
 MASKED = -1e30
+
+# Segment ids of padding (real segment ids are >= 0). Queries and keys a kernel pads get
+# different ids so that they never meet; padding the input layout adds (one id for both)
+# is isolated from every real token and meets only itself.
+PAD_QUERY_SEGMENT = int(np.iinfo(np.int32).min)
+PAD_KEY_SEGMENT = PAD_QUERY_SEGMENT + 1
+PAD_LAYOUT_SEGMENT = PAD_QUERY_SEGMENT + 2
 
 
 def default_positions_and_segments(q, positions, segment_ids):
@@ -25,12 +39,45 @@ def default_positions_and_segments(q, positions, segment_ids):
     return positions, segment_ids
 
 
-def attention_mask(q_pos, k_pos, q_seg, k_seg, causal: bool):
-    """Which keys each query may see: bool [batch, q_len, k_len]."""
+def attention_mask(q_pos, k_pos, q_seg, k_seg, causal: bool, window=None):
+    """Which keys each query may see: bool [batch, q_len, k_len].
+
+    `window`: None (no limit) or the sliding window w in tokens (a Python int, or a traced
+    int32 scalar when layers differ): the key is at most w - 1 positions before the query
+    (and, without causal, at most w - 1 after it)."""
     mask = q_seg[:, :, None] == k_seg[:, None, :]
+    distance = q_pos[:, :, None] - k_pos[:, None, :]                 # [b, q_len, k_len]
     if causal:
-        mask &= q_pos[:, :, None] >= k_pos[:, None, :]
+        mask &= distance >= 0
+    if window is not None:
+        mask &= distance < window
+        if not causal:
+            mask &= distance > -window
     return mask
+
+
+def check_window(window) -> None:
+    """ValueError unless `window` is None or an integer >= 1 (traced values pass)."""
+    if window is None or not isinstance(window, (int, float, np.integer, np.floating)):
+        return
+    if isinstance(window, bool) or int(window) != window or window < 1:
+        raise ValueError(f"sliding_window must be None or an integer >= 1, got {window!r}")
+
+
+def padded_length(length: int, multiple: int) -> int:
+    """`length` rounded up to a multiple of `multiple`."""
+    return -(-length // multiple) * multiple
+
+
+def pad_axis1(x, length: int, value=0):
+    """x [b, l, ...] padded with `value` along axis 1 to `length` tokens (x itself if it
+    has them already)."""
+    extra = length - x.shape[1]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def check_shapes(q, k, v):

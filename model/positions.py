@@ -10,8 +10,10 @@ Pure functions, no parameters and no mesh code:
   global positions carried as data, Hugging Face Llama layout ("rotate half").
 - `interpolate_position_table(table, rows)`: a learned-position table [L, d] resized to
   [rows, d] by linear interpolation along the position axis.
-Scalings: `default`, `linear` (Position Interpolation), `dynamic` (NTK), `yarn`, `llama3`;
-their formulas and sources are in the README ("Rotary positions and their scalings").
+Scalings: `default`, `linear` (Position Interpolation), `dynamic` (NTK), `yarn` (with
+DeepSeek's mscale / mscale_all_dim), `llama3`, `longrope` (Phi-3: per-frequency short and
+long factors); their formulas and sources are in the README ("Rotary positions and their
+scalings").
 """
 from __future__ import annotations
 
@@ -47,6 +49,16 @@ _PARAMETERS = {
         "original_max_position_embeddings": None,
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
+    },
+    # LongRoPE (Ding et al. 2024) as Phi-3 uses it: inv_freq / short_factor for sequences
+    # up to L0, inv_freq / long_factor beyond; cos/sin times attention_factor, by default
+    # sqrt(1 + ln(factor) / ln(L0)).
+    "longrope": {
+        "factor": None,
+        "original_max_position_embeddings": None,
+        "short_factor": None,
+        "long_factor": None,
+        "attention_factor": None,
     },
 }
 ROPE_TYPES = ("default",) + tuple(_PARAMETERS)
@@ -188,6 +200,25 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
                 out["attention_factor"] = _yarn_mscale(out["factor"])
         out["attention_factor"] = _positive_float(rope_type, "attention_factor", out["attention_factor"])
 
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            factors = out[key]
+            if isinstance(factors, (str, bytes)) or not hasattr(factors, "__len__") or \
+                    len(factors) == 0 or not all(_is_real(x) and x > 0 for x in factors):
+                raise ValueError(f"rope_scaling 'longrope': {key} must be a non-empty list of "
+                                 f"positive numbers (one per frequency), got {factors!r}")
+            out[key] = [float(x) for x in factors]
+        if len(out["short_factor"]) != len(out["long_factor"]):
+            raise ValueError(f"rope_scaling 'longrope': short_factor and long_factor differ in "
+                             f"length ({len(out['short_factor'])} vs {len(out['long_factor'])})")
+        if out["attention_factor"] is None and out["original_max_position_embeddings"]:
+            l0 = out["original_max_position_embeddings"]
+            out["attention_factor"] = 1.0 if out["factor"] <= 1 else math.sqrt(
+                1 + math.log(out["factor"]) / math.log(l0))
+        if out["attention_factor"] is not None:
+            out["attention_factor"] = _positive_float(rope_type, "attention_factor",
+                                                      out["attention_factor"])
+
     if rope_type == "llama3":
         low = _positive_float(rope_type, "low_freq_factor", out["low_freq_factor"])
         high = _positive_float(rope_type, "high_freq_factor", out["high_freq_factor"])
@@ -220,7 +251,7 @@ def rope_frequencies(
       theta: the RoPE base (e.g. 10_000, or 500_000 for ABF-style larger bases).
       scaling: anything `normalize_rope_scaling` accepts (None: plain RoPE).
       seq_len: static length L of the sequence being processed (the largest position + 1);
-        only "dynamic" uses it.
+        "dynamic" and "longrope" (long factors when L > L0, as transformers decides) use it.
       original_max_position_embeddings: fallback L0 when `scaling` has none (the trainer
         passes its training length l_max).
 
@@ -296,6 +327,16 @@ def rope_frequencies(
             np.where(wavelen < high_freq_wavelen, inv_freq, blended),
         )
         return out, 1.0
+
+    if rope_type == "longrope":
+        factors = params["long_factor"] if seq_len > l0 else params["short_factor"]
+        if len(factors) != d // 2:
+            raise ValueError(f"rope_scaling 'longrope': short_factor/long_factor need "
+                             f"head_dim / 2 = {d // 2} entries, got {len(factors)}")
+        attention_factor = params["attention_factor"]
+        if attention_factor is None:   # L0 came from the fallback only now
+            attention_factor = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(l0))
+        return inv_freq / np.asarray(factors, np.float64), float(attention_factor)
 
     raise AssertionError(rope_type)  # normalize_rope_scaling rejects other types
 

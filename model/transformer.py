@@ -27,7 +27,7 @@ from flax import nnx
 from model import positions as pos_lib
 from model.attention import Attention, AttentionFn, attention_function
 from model import remat as remat_lib
-from model.chunks import map_chunks
+from model.chunks import chunk_count, map_chunks
 from model.kv_cache import KVCache, empty_cache
 from model.layers import MLP_KINDS, NORM_KINDS, make_mlp, make_norm, param
 
@@ -68,6 +68,16 @@ class ModelConfig:
     qkv_bias: bool = False         # biases on the q, k, v projections
     attention_out_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False         # biases on the MLP's matrices
+    sliding_window: int | None = None  # attend to at most this many tokens (itself included)
+    layer_types: tuple[str, ...] | None = None  # per layer "sliding_attention" (the window)
+                                   # or "full_attention"; None: every layer has the window
+
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention)."""
+        if self.sliding_window is None:
+            return (None,) * self.n_layers
+        types = self.layer_types or ("sliding_attention",) * self.n_layers
+        return tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
 
     @property
     def rope_scaling(self) -> dict | None:
@@ -98,7 +108,9 @@ class ModelConfig:
             mlp_chunk_tokens=int(m.get("mlp_chunk_tokens", 0)),
             remat_group=int(m.get("remat_group", 1)), norm_eps=m.norm_eps,
             init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
-            attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias)
+            attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias,
+            sliding_window=m.get("sliding_window"),
+            layer_types=None if m.get("layer_types") is None else tuple(m.layer_types))
         model_config.validate()
         return model_config
 
@@ -134,6 +146,16 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(f"model.{name} must be float32, bfloat16 or float16")
+        window = self.sliding_window
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int)
+                                   or window < 1):
+            raise ValueError(f"model.sliding_window must be None or an integer >= 1 (tokens), "
+                             f"got {window!r}")
+        if self.layer_types is not None:
+            kinds = ("full_attention", "sliding_attention")
+            if len(self.layer_types) != self.n_layers or set(self.layer_types) - set(kinds):
+                raise ValueError(f"model.layer_types must be None or one of {kinds} per layer "
+                                 f"({self.n_layers}), got {self.layer_types!r}")
 
 
 class Block(nnx.Module):
@@ -152,20 +174,19 @@ class Block(nnx.Module):
         self.mlp_chunk_tokens = cfg.mlp_chunk_tokens
 
     def __call__(self, x, positions, segment_ids, rotate, cache=None, layer=None, *,
-                 collect_kv: bool = False, cache_attention=None):
+                 collect_kv: bool = False, cache_attention=None, window=None):
         """x -> x; with a cache, (x, updated cache); with `collect_kv`, (x, (k, v)) of this
-        layer (model/attention.py)."""
+        layer (model/attention.py). `window`: this layer's sliding window or None."""
         attended = self.attention(self.attention_norm(x), positions, segment_ids, rotate,
                                   cache, layer, collect_kv=collect_kv,
-                                  cache_attention=cache_attention)
+                                  cache_attention=cache_attention, window=window)
         extra = None
         if cache is not None or collect_kv:
             attended, extra = attended
         x = x + attended
         # per token, so it may run in chunks of tokens (the [tokens, mlp_dim] intermediates
-        # of one chunk at a time); lengths the chunk does not divide run whole
-        length, chunk = x.shape[1], self.mlp_chunk_tokens
-        chunks = length // chunk if chunk and length > chunk and length % chunk == 0 else 1
+        # of one chunk at a time)
+        chunks = chunk_count(x.shape[1], self.mlp_chunk_tokens)
         x = x + map_chunks(lambda h: self.mlp(self.mlp_norm(h)), x, chunks)
         return x if extra is None else (x, extra)
 
@@ -305,27 +326,38 @@ class Transformer(nnx.Module):
                     "beyond l_max.")
             x = x + jnp.take(self.position_table[...], positions, axis=0).astype(dtype)
         rotate = self.rotation(sequence_length)
+        # a window shared by every layer stays a Python value (the ring can shorten itself
+        # for it); windows that differ by layer ride the layer loop as int32 (full: 2^31-1)
+        windows = cfg.layer_windows()
+        shared = len(set(windows)) == 1
+        per_layer = () if shared else (jnp.asarray(
+            [np.iinfo(np.int32).max if w is None else w for w in windows], jnp.int32),)
+
+        def window_of(per_layer_window):
+            return windows[0] if shared else per_layer_window[0]
 
         if cache is None and not collect_kv:                 # training / scoring
-            def layer(x, block):
-                return block(x, positions, segment_ids, rotate), None
+            def layer(x, block, *window):
+                return block(x, positions, segment_ids, rotate, window=window_of(window)), None
 
-            x, _ = self._over_layers(layer, x, remat=cfg.remat, prepare=prepare_layer)
+            x, _ = self._over_layers(layer, x, *per_layer, remat=cfg.remat,
+                                     prepare=prepare_layer)
             return self.final_norm(x)
         if collect_kv:                                       # prefill in one pass
-            def layer(x, block):
-                return block(x, positions, segment_ids, rotate, collect_kv=True)
+            def layer(x, block, *window):
+                return block(x, positions, segment_ids, rotate, collect_kv=True,
+                             window=window_of(window))
 
-            x, (k, v) = self._over_layers(layer, x)          # k, v [n_layers, b, l, hk, hd]
+            x, (k, v) = self._over_layers(layer, x, *per_layer)   # k, v [layers, b, l, hk, hd]
             return self.final_norm(x), KVCache(k, v, jnp.asarray(length, jnp.int32))
 
-        def layer(carry, block, index):                      # decoding over the cache
+        def layer(carry, block, index, *window):             # decoding over the cache
             x, cache = carry
             return block(x, positions, None, rotate, cache, index,
-                         cache_attention=cache_attention), None
+                         cache_attention=cache_attention, window=window_of(window)), None
 
         (x, cache), _ = self._over_layers(layer, (x, cache),
-                                          jnp.arange(cfg.n_layers, dtype=jnp.int32))
+                                          jnp.arange(cfg.n_layers, dtype=jnp.int32), *per_layer)
         return self.final_norm(x), cache._replace(length=jnp.asarray(start + length, jnp.int32))
 
     def _over_layers(self, layer, carry, *per_layer, remat: str = "none", prepare=None):

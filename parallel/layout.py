@@ -10,6 +10,11 @@ computed from the positions and segment ids that travel with the tokens, permuti
 tokens, targets, positions, segment ids and the loss mask together changes nothing else:
 apply it once in the input pipeline, after targets are shifted (shifting after the
 permutation would pair tokens with the wrong next token).
+
+Any length: a batch whose length the layout does not divide (2N chunks for zigzag, N
+slices for contiguous) is first padded at its end with tokens of segment
+PAD_LAYOUT_SEGMENT and no loss, which no real token attends to; `restore_layout` puts
+the tokens back in order and drops that padding.
 """
 from __future__ import annotations
 
@@ -17,7 +22,11 @@ from typing import Mapping
 
 import numpy as np
 
+from model.masking import PAD_LAYOUT_SEGMENT
+
 LAYOUTS = ("zigzag", "contiguous")
+# what padding holds, per batch key (0 for any other key: token 0, position 0, no loss)
+PAD_VALUES = {"segment_ids": PAD_LAYOUT_SEGMENT}
 
 
 def zigzag_order(length: int, devices: int) -> np.ndarray:
@@ -59,11 +68,45 @@ def _permute(batch, devices, inverse):
     return out
 
 
-def apply_layout(batch: Mapping[str, np.ndarray], layout: str, devices: int) -> dict:
-    """The batch in `layout` over `devices` sequence shards (identity for 1 device or
-    the contiguous layout)."""
+def layout_length(length: int, layout: str, devices: int) -> int:
+    """The length of a `length`-token batch once laid out over `devices` sequence shards:
+    rounded up to whole zigzag chunks (2 x devices) or slices (devices)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sequence layout {layout!r}: expected one of {LAYOUTS}")
+    if devices == 1:
+        return length
+    multiple = 2 * devices if layout == "zigzag" else devices
+    return -(-length // multiple) * multiple
+
+
+def pad_batch(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """Every [batch, len, ...] array padded at its end to `length` (PAD_VALUES)."""
+    out = {}
+    for name, array in batch.items():
+        extra = length - array.shape[1]
+        widths = [(0, 0)] * array.ndim
+        widths[1] = (0, extra)
+        out[name] = array if extra == 0 else np.pad(
+            array, widths, constant_values=PAD_VALUES.get(name, 0))
+    return out
+
+
+def apply_layout(batch: Mapping[str, np.ndarray], layout: str, devices: int) -> dict:
+    """The batch in `layout` over `devices` sequence shards: padded to layout_length, then
+    permuted (zigzag); the batch itself for 1 device."""
+    length = next(iter(batch.values())).shape[1]
+    batch = pad_batch(batch, layout_length(length, layout, devices))
     if layout == "contiguous" or devices == 1:
-        return dict(batch)
+        return batch
     return to_zigzag(batch, devices)
+
+
+def restore_layout(batch: Mapping[str, np.ndarray], layout: str, devices: int,
+                   length: int) -> dict:
+    """The inverse of `apply_layout` for a batch that had `length` tokens: the original
+    order, padding dropped."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown sequence layout {layout!r}: expected one of {LAYOUTS}")
+    if layout == "zigzag" and devices > 1:
+        batch = from_zigzag(batch, devices)
+    return {name: array[:, :length] for name, array in batch.items()}

@@ -6,7 +6,7 @@ after N hops every query has met every key. Each hop is one call of the blockwis
 (model/blockwise.py) and the partial results merge by log-sum-exp, in float32.
 
 The backward pass is a ring of its own (Liu, Zaharia & Abbeel 2023): K/V travel again and
-their gradients dK/dV travel with them, arriving back at their home device after N hops.
+their gradients dK/dV travel with them, arriving back at their home device at the end.
 Residuals are the local q, k, v, output and log-sum-exp: O(length / N) per device.
 
 The next hop's `ppermute` is issued before the current hop's compute so the transfer can
@@ -15,73 +15,130 @@ overlap the math where collectives run asynchronously (GPUs, TPUs).
 Only kv_heads travel (grouped-query attention groups queries locally). Masks come from the
 travelling positions and segment ids, so any token order works: with the zigzag layout
 (parallel/layout.py) every device does the same causal work at every hop.
+
+Any length: a length the ring does not divide is padded at its end (segment
+PAD_LAYOUT_SEGMENT: isolated from every real token), and inside each device the slice is
+padded to whole kernel blocks (model/blockwise.py); the padding is dropped from the output.
+The trainer's input layout already pads batches to whole slices, so inside a model only
+the per-device padding happens (no data moves between devices for it).
+
+Sliding windows: a hop whose keys no local query can see (bounds of the positions) skips
+its compute, and inside a hop every tile outside the window is skipped. With
+layout="contiguous" (the caller promises slices in sequence order, documents contiguous
+in a row) and causal attention, keys more than w - 1 tokens back live at most
+ceil((w - 1) / slice) devices back, so the ring stops after that many hops: the other
+transfers never happen.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from model.blockwise import (blockwise_attention, blockwise_backward, blockwise_forward,
-                             fit_block, merge_partial_attention, opaque)
-from model.masking import check_shapes, default_positions_and_segments
+from model.blockwise import (block_plan, blockwise_attention, blockwise_backward,
+                             blockwise_forward, merge_partial_attention, opaque, pad_keys,
+                             pad_queries, window_argument)
+from model.masking import (PAD_LAYOUT_SEGMENT, check_shapes, check_window,
+                           default_positions_and_segments, pad_axis1, padded_length)
+from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 
 
-def _shift(tree, axis_name: str, axis_size: int):
-    """Send every array in `tree` to the next device of the ring (i -> i + 1)."""
-    perm = [(i, (i + 1) % axis_size) for i in range(axis_size)]
+def _shift(tree, axis_name: str, axis_size: int, offset: int = 1):
+    """Send every array in `tree` `offset` devices along the ring (i -> i + offset)."""
+    perm = [(i, (i + offset) % axis_size) for i in range(axis_size)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
 
-def _run_hops(hop, carry, axis_size: int):
-    """Apply `hop` axis_size - 1 times. The first hop is peeled off the loop so that it
-    reads the caller's K/V directly (a loop would first copy them into its carry)."""
-    if axis_size > 1:
+def _run_hops(hop, carry, count: int):
+    """Apply `hop` `count` times. The first is peeled off the loop so that it reads the
+    caller's K/V directly (a loop would first copy them into its carry)."""
+    if count > 0:
         carry, _ = hop(carry, None)
-    if axis_size > 2:
-        carry, _ = jax.lax.scan(hop, carry, None, length=axis_size - 2)
+    if count > 1:
+        carry, _ = jax.lax.scan(hop, carry, None, length=count - 1)
     return carry
 
 
-def _ring_forward(q, k, v, q_pos, q_seg, *, axis_name, axis_size, causal, block_q, block_k):
-    """Per-device forward: returns (out float32, lse, tiles computed)."""
+_INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
+
+
+def _position_range(positions, segments):
+    """(min, max) of the positions of real tokens (segment >= 0); (MAX, MIN) if none."""
+    real = segments >= 0
+    return (jnp.min(jnp.where(real, positions, _INT32_MAX)),
+            jnp.max(jnp.where(real, positions, _INT32_MIN)))
+
+
+def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
+    """False when no local query can see any key of this chunk, judged from position
+    bounds alone (cheap; True is only a maybe, the kernel's tiles decide exactly)."""
+    q_min, q_max = _position_range(q_pos, q_seg)
+    k_min, k_max = _position_range(k_pos, k_seg)
+    possible = (q_min <= q_max) & (k_min <= k_max)
+    if causal:
+        possible &= q_max >= k_min
+    if window is not None:
+        possible &= (q_min - k_max) < window        # the closest pair is within the window
+        if not causal:
+            possible &= (k_min - q_max) < window
+    return possible
+
+
+def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axis_size, hops,
+                  causal, block_q, block_k):
+    """Per-device forward over this device's keys and `hops` others: (out float32, lse,
+    tiles computed, hops computed)."""
     b, lq, hq, d = q.shape
 
-    def attend(kv, out, lse, tiles):
+    def attend(kv, out, lse, tiles, computed):
         k_c, v_c, kp_c, ks_c = kv
-        out_c, lse_c, tiles_c = blockwise_forward(
-            q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, causal=causal, block_q=block_q,
-            block_k=block_k)
-        out, lse = merge_partial_attention(out, lse, out_c, lse_c)
-        return out, lse, tiles + tiles_c
+
+        def compute(state):
+            out, lse, tiles, computed = state
+            out_c, lse_c, tiles_c = blockwise_forward(
+                q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, causal=causal, block_q=block_q,
+                block_k=block_k, window=window)
+            out, lse = merge_partial_attention(out, lse, out_c, lse_c)
+            return out, lse, tiles + tiles_c, computed + 1
+
+        return jax.lax.cond(_may_see(q_pos, q_seg, kp_c, ks_c, causal, window), compute,
+                            lambda state: state, (out, lse, tiles, computed))
 
     def hop(carry, _):
-        kv, out, lse, tiles = carry
+        kv, out, lse, tiles, computed = carry
         next_kv = _shift(kv, axis_name, axis_size)          # issued before this hop's math
-        out, lse, tiles = attend(kv, out, lse, tiles)
-        return (next_kv, out, lse, tiles), None
+        out, lse, tiles, computed = attend(kv, out, lse, tiles, computed)
+        return (next_kv, out, lse, tiles, computed), None
 
     out = jnp.zeros((b, lq, hq, d), jnp.float32)
     lse = jnp.full((b, lq, hq), -jnp.inf, jnp.float32)
-    tiles = jnp.zeros((), jnp.int32)
-    carry = ((k, v, q_pos, q_seg), out, lse, tiles)         # self-attention: keys share q's slice
-    kv, out, lse, tiles = _run_hops(hop, carry, axis_size)
-    return attend(kv, out, lse, tiles)                      # last hop: nothing left to send
+    zero = jnp.zeros((), jnp.int32)
+    carry = ((k, v, k_pos, k_seg), out, lse, zero, zero)
+    kv, out, lse, tiles, computed = _run_hops(hop, carry, hops)
+    return attend(kv, out, lse, tiles, computed)            # last hop: nothing left to send
 
 
-def _ring_backward(q, k, v, q_pos, q_seg, out, lse, d_out, *, axis_name, axis_size, causal,
-                   block_q, block_k):
-    """Per-device backward: dq stays home; dK/dV ride along with K/V for N hops."""
+def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out, *,
+                   axis_name, axis_size, hops, causal, block_q, block_k):
+    """Per-device backward: dq stays home; dK/dV ride along with K/V and go home at the
+    end (one more shift for the full ring, `hops` back for a shortened one)."""
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
 
     def accumulate(kv, accumulators):
         k_c, v_c, kp_c, ks_c = kv
-        return blockwise_backward(q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, lse, d_out, delta,
-                                  causal=causal, block_q=block_q, block_k=block_k,
-                                  accumulators=accumulators)
+
+        def compute(accumulators):
+            return blockwise_backward(q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, lse, d_out, delta,
+                                      causal=causal, block_q=block_q, block_k=block_k,
+                                      accumulators=accumulators, window=window)
+
+        return jax.lax.cond(_may_see(q_pos, q_seg, kp_c, ks_c, causal, window), compute,
+                            lambda accumulators: accumulators, accumulators)
 
     def hop(carry, _):
         kv, dk, dv, dq = carry
@@ -90,40 +147,51 @@ def _ring_backward(q, k, v, q_pos, q_seg, out, lse, d_out, *, axis_name, axis_si
         dk, dv = _shift((dk, dv), axis_name, axis_size)     # dK/dV follow their K/V
         return (next_kv, dk, dv, dq), None
 
-    kv = (k, v, q_pos, q_seg)
+    kv = (k, v, k_pos, k_seg)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     dq = jnp.zeros(q.shape, jnp.float32)
-    kv, dk, dv, dq = _run_hops(hop, (kv, dk, dv, dq), axis_size)
-    # Last hop: the K/V here came from device i+1; after adding our part, one more shift
-    # brings each dK/dV home (N shifts in all).
+    kv, dk, dv, dq = _run_hops(hop, (kv, dk, dv, dq), hops)
+    # The K/V here came from device i - hops; after adding our part, dK/dV go back there.
     dq, dk, dv = accumulate(kv, (dq, dk, dv))
-    dk, dv = _shift((dk, dv), axis_name, axis_size)
+    dk, dv = _shift((dk, dv), axis_name, axis_size, offset=-hops)
     return dq, dk, dv
 
 
-def _local_ring(axis_name: str, axis_size: int, causal: bool, block_q: int, block_k: int):
-    """The per-device ring attention with its custom backward ring."""
-    options = dict(axis_name=axis_name, axis_size=axis_size, causal=causal,
-                   block_q=block_q, block_k=block_k)
+def _local_ring(options: dict):
+    """The per-device ring attention with its custom backward ring: (q, k, v, q_pos,
+    q_seg, k_pos, k_seg, window) -> out, on slices already padded to whole blocks."""
 
     @jax.custom_vjp
-    def ring(q, k, v, q_pos, q_seg):
-        out, _, _ = _ring_forward(q, k, v, q_pos, q_seg, **options)
+    def ring(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
+        out, _, _, _ = _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, **options)
         return out.astype(q.dtype)
 
-    def ring_fwd(q, k, v, q_pos, q_seg):
-        kernel = opaque(functools.partial(_ring_forward, **options))   # see model.blockwise
-        out, lse, _ = kernel(q, k, v, q_pos, q_seg)
+    def ring_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
+        kernel = opaque(lambda *args: _ring_forward(*args, **options))  # see model.blockwise
+        out, lse, _, _ = kernel(q, k, v, q_pos, q_seg, k_pos, k_seg, window)
         out = out.astype(q.dtype)
-        return out, (q, k, v, q_pos, q_seg, out, lse)
+        return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse)
 
     def ring_bwd(residuals, d_out):
-        q, k, v, q_pos, q_seg, out, lse = residuals
-        dq, dk, dv = _ring_backward(q, k, v, q_pos, q_seg, out, lse, d_out, **options)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+        q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse = residuals
+        dq, dk, dv = _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse,
+                                    d_out, **options)
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
+                None, None)
 
     ring.defvjp(ring_fwd, ring_bwd)
     return ring
+
+
+def ring_hops(axis_size: int, local_length: int, *, causal: bool, sliding_window=None,
+              layout: str | None = None) -> int:
+    """Hops the ring makes (each one K/V transfer): axis_size - 1, or fewer for a causal
+    sliding window over slices in contiguous layout (only keys that many devices back can
+    be inside any local query's window)."""
+    full = axis_size - 1
+    if not (causal and layout == "contiguous" and isinstance(sliding_window, (int, np.integer))):
+        return full
+    return min(full, math.ceil((int(sliding_window) - 1) / local_length))
 
 
 def _specs(mesh: Mesh, axis_name: str):
@@ -131,26 +199,16 @@ def _specs(mesh: Mesh, axis_name: str):
     return heads, P(heads[0], axis_name)
 
 
-def check_sequence_split(length: int, axis_size: int, block_q: int, block_k: int,
-                         axis_name: str = "seq") -> None:
-    """Raise ValueError unless a sequence of `length` tokens splits into 2 x axis_size
-    zigzag chunks (when axis_size > 1) and each device's part into whole query and key
-    blocks (a block longer than the part shrinks to it)."""
-    if axis_size > 1 and length % (2 * axis_size):
-        raise ValueError(f"length {length} is not divisible by 2 x {axis_name} = "
-                         f"{2 * axis_size} (mesh {axis_name} axis, zigzag chunks)")
-    local = length // axis_size
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if local % fit_block(local, block):
-            raise ValueError(f"length {length} (per device {local}) is not a multiple of "
-                             f"model.{name} = {block}")
-
-
-def _validate(q, k, v, mesh: Mesh, axis_name: str, block_q: int, block_k: int):
+def _validate(q, k, v, mesh: Mesh, axis_name: str, sliding_window, layout):
     check_shapes(q, k, v)
+    check_window(sliding_window)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError("self-attention: q and k must have the same length")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"ring attention: layout must be None or one of {LAYOUTS}, got "
+                         f"{layout!r}")
     if axis_name not in mesh.shape:
         raise ValueError(f"mesh has no axis {axis_name!r}: {dict(mesh.shape)}")
-    check_sequence_split(q.shape[1], mesh.shape[axis_name], block_q, block_k, axis_name)
     batch_split = 1
     for axis in BATCH_AXES:
         batch_split *= mesh.shape.get(axis, 1)
@@ -162,64 +220,121 @@ def _validate(q, k, v, mesh: Mesh, axis_name: str, block_q: int, block_k: int):
                          f"{mesh.shape['tensor']}")
 
 
+def _ring_setup(q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout,
+                block_q, block_k):
+    """The globally padded positions/segments and the per-device plan (static)."""
+    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    n = mesh.shape[axis_name]
+    length = padded_length(q.shape[1], n)
+    positions = pad_axis1(positions.astype(jnp.int32), length)
+    segment_ids = pad_axis1(segment_ids.astype(jnp.int32), length, PAD_LAYOUT_SEGMENT)
+    local = length // n
+    block_q, q_local = block_plan(local, block_q)
+    block_k, k_local = block_plan(local, block_k)
+    options = dict(axis_name=axis_name, axis_size=n, causal=bool(causal),
+                   hops=ring_hops(n, local, causal=causal, sliding_window=sliding_window,
+                                  layout=layout),
+                   block_q=block_q, block_k=block_k)
+    return positions, segment_ids, length, (local, q_local, k_local), options
+
+
+def _pad_slices(q, k, v, pos, seg, sizes):
+    """One device's slice padded to whole blocks: queries and keys apart (model/blockwise)."""
+    _, q_local, k_local = sizes
+    q, q_pos, q_seg = pad_queries(q_local, q, pos, seg)
+    k, v, k_pos, k_seg = pad_keys(k_local, k, v, pos, seg)
+    return q, q_pos, q_seg, k, v, k_pos, k_seg
+
+
 def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
-                   segment_ids=None, causal: bool = True, block_q: int = 256,
-                   block_k: int = 256):
+                   segment_ids=None, causal: bool = True, sliding_window=None,
+                   layout: str | None = None, block_q: int = 256, block_k: int = 256):
     """Attention with the sequence split over `axis_name` of `mesh`.
 
     Same contract as `model.attention.dot_product_attention`: q [batch, length, q_heads,
     head_dim], k/v [batch, length, kv_heads, head_dim], positions/segment_ids [batch,
-    length]; returns [batch, length, q_heads, head_dim]. The batch is split over the
-    mesh's data/fsdp axes and heads over `tensor`. With an axis of size 1 this is the
-    blockwise kernel. The length must be divisible by 2 x the axis size.
+    length]; returns [batch, length, q_heads, head_dim]. Any length >= 1. The batch is
+    split over the mesh's data/fsdp axes and heads over `tensor` (those must divide). With
+    an axis of size 1 this is the blockwise kernel. `layout="contiguous"` promises slices
+    in sequence order (see the module docstring); a causal sliding window then shortens
+    the ring.
     """
-    _validate(q, k, v, mesh, axis_name, block_q, block_k)
-    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
-    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
+    _validate(q, k, v, mesh, axis_name, sliding_window, layout)
     n = mesh.shape[axis_name]
     if n == 1:
         return blockwise_attention(q, k, v, positions=positions, segment_ids=segment_ids,
-                                   causal=causal, block_q=block_q, block_k=block_k)
-    local = q.shape[1] // n
-    ring = _local_ring(axis_name, n, bool(causal), fit_block(local, block_q),
-                       fit_block(local, block_k))
-    heads_spec, rows_spec = _specs(mesh, axis_name)
-    sharded = jax.shard_map(ring, mesh=mesh,
-                            in_specs=(heads_spec, heads_spec, heads_spec, rows_spec, rows_spec),
-                            out_specs=heads_spec, check_vma=False)
-    return sharded(q, k, v, positions, segment_ids)
+                                   causal=causal, sliding_window=sliding_window,
+                                   block_q=block_q, block_k=block_k)
+    length = q.shape[1]
+    positions, segment_ids, padded, sizes, options = _ring_setup(
+        q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,
+        block_k)
+    ring = _local_ring(options)
+    window = window_argument(sliding_window)
+    local_length = sizes[0]
+
+    def local(q, k, v, pos, seg, window):
+        q, q_pos, q_seg, k, v, k_pos, k_seg = _pad_slices(q, k, v, pos, seg, sizes)
+        return ring(q, k, v, q_pos, q_seg, k_pos, k_seg, window)[:, :local_length]
+
+    heads, rows = _specs(mesh, axis_name)
+    sharded = jax.shard_map(local, mesh=mesh,
+                            in_specs=(heads, heads, heads, rows, rows, P()),
+                            out_specs=heads, check_vma=False)
+    q, k, v = (pad_axis1(x, padded) for x in (q, k, v))
+    return sharded(q, k, v, positions, segment_ids, window)[:, :length]
 
 
-def ring_tiles_per_device(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
-                          segment_ids=None, causal: bool = True, block_q: int = 256,
-                          block_k: int = 256):
-    """How many (query block, key block) tiles each device of the ring computes in the
-    forward pass: int32 [axis size]. Runs the same kernel as `ring_attention`."""
-    _validate(q, k, v, mesh, axis_name, block_q, block_k)
-    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+def ring_work(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
+              segment_ids=None, causal: bool = True, sliding_window=None,
+              layout: str | None = None, block_q: int = 256, block_k: int = 256) -> dict:
+    """What `ring_attention`'s forward pass does on these inputs, per device of the ring:
+    {"tiles": int [N] (query x key block tiles computed), "tiles_in_full_ring": int (per
+    device, every tile of every hop), "hops": int (K/V transfers made), "hops_in_full_ring":
+    N - 1, "hops_computed": int [N] (key slices, own included, whose tiles were looked at)}.
+    Runs the same kernel."""
+    _validate(q, k, v, mesh, axis_name, sliding_window, layout)
+    positions, segment_ids, padded, sizes, options = _ring_setup(
+        q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,
+        block_k)
     n = mesh.shape[axis_name]
-    local = q.shape[1] // n
-    options = dict(axis_name=axis_name, axis_size=n, causal=causal,
-                   block_q=fit_block(local, block_q), block_k=fit_block(local, block_k))
+    window = window_argument(sliding_window)
+    other_axes = tuple(a for a in mesh.axis_names if a != axis_name)
 
-    def count(q, k, v, q_pos, q_seg):
-        _, _, tiles = _ring_forward(q, k, v, q_pos, q_seg, **options)
+    def count(q, k, v, pos, seg, window):
+        q, q_pos, q_seg, k, v, k_pos, k_seg = _pad_slices(q, k, v, pos, seg, sizes)
+        _, _, tiles, computed = _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window,
+                                              **options)
         # identical on every batch/head shard only if they hold identical masks; sum them
-        other_axes = tuple(a for a in mesh.axis_names if a != axis_name)
-        return jax.lax.psum(tiles, other_axes)[None] if other_axes else tiles[None]
+        if other_axes:
+            tiles, computed = jax.lax.psum(tiles, other_axes), jax.lax.pmax(computed, other_axes)
+        return tiles[None], computed[None]
 
-    heads_spec, rows_spec = _specs(mesh, axis_name)
+    heads, rows = _specs(mesh, axis_name)
     counted = jax.shard_map(count, mesh=mesh,
-                            in_specs=(heads_spec, heads_spec, heads_spec, rows_spec, rows_spec),
-                            out_specs=P(axis_name), check_vma=False)
-    return jax.jit(counted)(q, k, v, positions.astype(jnp.int32), segment_ids.astype(jnp.int32))
+                            in_specs=(heads, heads, heads, rows, rows, P()),
+                            out_specs=(P(axis_name), P(axis_name)), check_vma=False)
+    q, k, v = (pad_axis1(x, padded) for x in (q, k, v))
+    tiles, computed = jax.jit(counted)(q, k, v, positions, segment_ids, window)
+    _, q_local, k_local = sizes
+    per_hop = (q_local // options["block_q"]) * (k_local // options["block_k"])
+    return {"tiles": np.asarray(tiles), "tiles_in_full_ring": per_hop * n,
+            "hops": options["hops"], "hops_in_full_ring": n - 1,
+            "hops_computed": np.asarray(computed)}
+
+
+def ring_tiles_per_device(q, k, v, **kwargs):
+    """How many (query block, key block) tiles each device of the ring computes in the
+    forward pass: int32 [axis size] (`ring_work`'s "tiles")."""
+    return ring_work(q, k, v, **kwargs)["tiles"]
 
 
 @functools.lru_cache(maxsize=None)
-def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", block_q: int = 256,
-                        block_k: int = 256):
+def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", layout: str | None = None,
+                        block_q: int = 256, block_k: int = 256):
     """`ring_attention` bound to a mesh, with the attention-function signature the model
-    layer calls: fn(q, k, v, *, positions, segment_ids, causal). One function object per
-    argument set (cached), so models built with it compare equal and reuse compilations."""
-    return functools.partial(ring_attention, mesh=mesh, axis_name=axis_name,
+    layer calls: fn(q, k, v, *, positions, segment_ids, causal, sliding_window). One
+    function object per argument set (cached), so models built with it compare equal and
+    reuse compilations."""
+    return functools.partial(ring_attention, mesh=mesh, axis_name=axis_name, layout=layout,
                              block_q=block_q, block_k=block_k)

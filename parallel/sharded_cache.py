@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model.blockwise import blockwise_forward
@@ -48,11 +49,11 @@ def sharded_cached_attention(mesh: Mesh, axis_name: str = "seq"):
     for a cache laid out by `cache_sharding(mesh)`: (q, k, v, cache, layer) ->
     (out [b, t, hq, d], the cache with the new keys/values in layer `layer`). Slot j holds
     position j; the new tokens take slots cache.length .. + t - 1 and each attends to the
-    slots up to its own. One function object per mesh (cached), so jitted callers that
+    slots up to its own (with `window=w`, the last w of them). One function object per mesh (cached), so jitted callers that
     take it as a static argument reuse their compilation."""
     cache_spec, new_spec = cache_sharding(mesh, axis_name).spec, heads_spec(mesh)
 
-    def local(q, k, v, cache_k, cache_v, layer, start):
+    def local(q, k, v, cache_k, cache_v, layer, start, window):
         # q [b, t, hq, d], k/v [b, t, hk, d]: the new tokens (every device has them);
         # cache_k/v [n_layers, b, part, hk, d]: this device's slots of every layer
         batch, t = q.shape[0], q.shape[1]
@@ -71,18 +72,20 @@ def sharded_cached_attention(mesh: Mesh, axis_name: str = "seq"):
         out, lse, _ = blockwise_forward(
             q, cache_k[layer].astype(q.dtype), cache_v[layer].astype(q.dtype), q_pos, k_pos,
             jnp.zeros_like(q_pos), jnp.zeros_like(k_pos), causal=True, block_q=t,
-            block_k=part)
+            block_k=part, window=window)
         out = merge_over_axis(out, lse, axis_name)
         return out.astype(q.dtype), cache_k, cache_v
 
     sharded = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(new_spec, new_spec, new_spec, cache_spec, cache_spec, P(), P()),
+        in_specs=(new_spec, new_spec, new_spec, cache_spec, cache_spec, P(), P(), P()),
         out_specs=(new_spec, cache_spec, cache_spec), check_vma=False)
 
-    def attend(q, k, v, cache: KVCache, layer):
+    def attend(q, k, v, cache: KVCache, layer, window=None):
+        # no window: one that reaches every slot (the cache holds fewer than 2^31)
+        window = jnp.asarray(np.iinfo(np.int32).max if window is None else window, jnp.int32)
         out, cache_k, cache_v = sharded(q, k, v, cache.k, cache.v, jnp.asarray(layer, jnp.int32),
-                                        jnp.asarray(cache.length, jnp.int32))
+                                        jnp.asarray(cache.length, jnp.int32), window)
         return out, cache._replace(k=cache_k, v=cache_v)
 
     return attend

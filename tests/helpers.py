@@ -144,6 +144,70 @@ def packed_segments(seed, batch, length, documents=4):
     return jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
 
 
+def reference_attention(q, k, v, positions=None, segment_ids=None, causal=True, window=None):
+    """Attention written from its definition in float64 numpy, independent of model/: a
+    query attends to the keys of its segment, not after it when causal, and less than
+    `window` positions away. Rows that see nothing are zero. q [b, l, hq, d], k/v
+    [b, l, hk, d] -> [b, l, hq, d] float64."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, length, hq, d = q.shape
+    hk = k.shape[2]
+    pos = np.broadcast_to(np.arange(length), (b, length)) if positions is None else np.asarray(positions)
+    seg = np.zeros((b, length), int) if segment_ids is None else np.asarray(segment_ids)
+    k = np.repeat(k, hq // hk, axis=2)                     # query head h reads kv head h // g
+    v = np.repeat(v, hq // hk, axis=2)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+    gap = pos[:, :, None] - pos[:, None, :]                # query position - key position
+    visible = seg[:, :, None] == seg[:, None, :]
+    if causal:
+        visible &= gap >= 0
+    if window is not None:
+        visible &= np.abs(gap) < window if not causal else gap < window
+    visible = visible[:, None]                             # [b, 1, q, k]
+    scores = np.where(visible, scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    weights = np.where(visible, np.exp(scores - np.where(np.isfinite(top), top, 0)), 0.0)
+    total = weights.sum(-1, keepdims=True)
+    weights = weights / np.where(total > 0, total, 1.0)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def reference_grads(q, k, v, weights, **options):
+    """Gradients of sum(reference_attention(q, k, v) * weights) w.r.t. q, k, v, by central
+    differences would be slow: derived by hand from the softmax instead (float64 numpy)."""
+    q, k, v, w = (np.asarray(x, np.float64) for x in (q, k, v, weights))
+    b, length, hq, d = q.shape
+    hk = k.shape[2]
+    g = hq // hk
+    positions, segment_ids = options.get("positions"), options.get("segment_ids")
+    causal, window = options.get("causal", True), options.get("window")
+    pos = np.broadcast_to(np.arange(length), (b, length)) if positions is None else np.asarray(positions)
+    seg = np.zeros((b, length), int) if segment_ids is None else np.asarray(segment_ids)
+    kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    scale = 1 / np.sqrt(d)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    gap = pos[:, :, None] - pos[:, None, :]
+    visible = seg[:, :, None] == seg[:, None, :]
+    if causal:
+        visible &= gap >= 0
+    if window is not None:
+        visible &= np.abs(gap) < window if not causal else gap < window
+    visible = visible[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    p = np.where(visible, np.exp(scores - np.where(np.isfinite(top), top, 0)), 0.0)
+    total = p.sum(-1, keepdims=True)
+    p = p / np.where(total > 0, total, 1.0)                # [b, h, q, k]
+    d_out = np.moveaxis(w, 2, 1)                           # [b, h, q, d]
+    dv = np.einsum("bhqk,bhqd->bkhd", p, d_out)
+    dp = np.einsum("bhqd,bkhd->bhqk", d_out, vr)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr)
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q)
+    fold = lambda x: x.reshape(b, length, hk, g, d).sum(axis=3)   # sum over a group's heads
+    return dq, fold(dk), fold(dv)
+
+
 def relative_error(a, b):
     return float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(a.astype(jnp.float32)))
 

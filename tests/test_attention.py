@@ -103,12 +103,6 @@ def test_gqa_never_repeats_kv_heads_forward_or_backward():
     assert not any(shape[-3:] == (8, 4, 16) for shape in shapes)  # never repeated per q head
 
 
-def test_length_not_a_multiple_of_the_block_is_a_clear_error():
-    q, k, v = random_qkv(8, length=40)
-    with pytest.raises(ValueError, match="not a multiple of its block size"):
-        blockwise_attention(q, k, v, block_q=16, block_k=16)
-
-
 def test_q_heads_not_a_multiple_of_kv_heads_is_a_clear_error():
     q, k, v = random_qkv(9, q_heads=6, kv_heads=4)
     with pytest.raises(ValueError, match="multiple of kv_heads"):

@@ -256,8 +256,6 @@ def write_config(tmp_path, config):
     (lambda: transformers.GPTNeoXConfig(hidden_size=64, num_hidden_layers=2,
                                         num_attention_heads=4, vocab_size=VOCAB),
      "GPTNeoXForCausalLM"),
-    (lambda: mistral_config(sliding_window=16), "sliding_window=16"),
-    (lambda: qwen2_config(use_sliding_window=True, sliding_window=16), "use_sliding_window=True"),
     (lambda: llama_config(hidden_act="gelu"), "'gelu'"),
     (lambda: gpt2_config(scale_attn_by_inverse_layer_idx=True),
      "scale_attn_by_inverse_layer_idx=True"),
@@ -272,15 +270,11 @@ def test_unsupported_configs_raise_one_line_naming_what_was_found(tmp_path, conf
 
 def test_unknown_rope_type_is_refused(tmp_path):
     path = write_config(tmp_path, llama_config())
-    rewrite_config(path, rope_parameters={"rope_theta": 10000.0, "rope_type": "longrope",
-                                          "short_factor": [1.0], "long_factor": [1.0]})
-    with pytest.raises(ValueError, match=r"unsupported rope type 'longrope'; supported: default"):
+    rewrite_config(path, rope_parameters={"rope_theta": 10000.0, "rope_type": "proportional",
+                                          "factor": 2.0})
+    with pytest.raises(ValueError,
+                       match=r"unsupported rope type 'proportional'; supported: default"):
         hf.load_config(path)
-
-
-def test_mistral_window_at_least_the_context_is_full_attention(tmp_path):
-    path, _ = save_hf(tmp_path, mistral_config(sliding_window=64))
-    assert hf.load_config(path)[0].l_max == 64
 
 
 # ----------------------------------------------------------------------------- export

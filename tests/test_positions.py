@@ -266,7 +266,12 @@ def test_normalize_fills_defaults_and_is_idempotent():
 
 @pytest.mark.parametrize("scaling, message", [
     ({"rope_type": "ntk-by-magic", "factor": 2.0}, "unknown or unsupported rope_type"),
-    ({"rope_type": "longrope", "factor": 2.0}, "unknown or unsupported rope_type"),
+    ({"rope_type": "su", "factor": 2.0}, "unknown or unsupported rope_type"),
+    ({"rope_type": "longrope", "factor": 2.0}, "short_factor must be a non-empty list"),
+    ({"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0, 2.0],
+      "long_factor": [1.0]}, "differ in length"),
+    ({"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0, -2.0],
+      "long_factor": [1.0, 1.0]}, "positive numbers"),
     ({"factor": 2.0}, "needs a 'rope_type'"),
     ({"rope_type": "linear"}, "needs a 'factor'"),
     ({"rope_type": "linear", "factor": 0.5}, "factor must be a number >= 1"),
@@ -320,6 +325,10 @@ def _hf_config(transformers, head_dim, theta, rope_scaling, max_position_embeddi
         rope_scaling=None if rope_scaling is None else dict(rope_scaling))
 
 
+LONGROPE = {"rope_type": "longrope", "original_max_position_embeddings": 4096,
+            "short_factor": [1.0, 1.05, 1.1, 1.3, 1.6, 2.0, 2.6, 3.1],
+            "long_factor": [1.0, 1.2, 1.9, 3.5, 7.0, 12.0, 20.0, 31.0]}
+
 # (head_dim, theta, scaling, seq_len, L0). For Hugging Face, "dynamic" reads L0 from
 # max_position_embeddings; yarn/llama3 read original_max_position_embeddings.
 HF_CASES = {
@@ -344,6 +353,14 @@ HF_CASES = {
     "llama3-other": (64, 10_000.0, {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
                                     "high_freq_factor": 8.0,
                                     "original_max_position_embeddings": 2048}, 8192, 2048),
+    # Phi-3 style: short factors up to L0, long ones beyond; the attention factor from factor
+    "longrope-short": (16, 10_000.0, dict(LONGROPE, factor=32.0), 4096, 4096),
+    "longrope-long": (16, 10_000.0, dict(LONGROPE, factor=32.0), 4097, 4096),
+    "longrope-attention-factor": (16, 10_000.0, dict(LONGROPE, factor=8.0, attention_factor=1.3),
+                                  20000, 4096),
+    "yarn-deepseek": (64, 10_000.0, {"rope_type": "yarn", "factor": 40.0, "mscale": 0.707,
+                                     "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1,
+                                     "original_max_position_embeddings": 4096}, 163840, 4096),
 }
 
 

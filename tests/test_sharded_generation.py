@@ -75,24 +75,20 @@ def test_attention_over_a_split_cache_equals_the_one_device_cache_attention(mesh
     assert new_cache.k.sharding.is_equivalent_to(cache_sharding(the_mesh), 5)
 
 
-def test_the_cache_slots_on_a_mesh_give_every_device_an_even_whole_number_of_blocks():
-    for total, seq, block_q, block_k, expected in ((49, 4, 8, 8, 64), (10, 4, 8, 8, 16),
-                                                   (32, 4, 8, 8, 32), (7, 2, 8, 4, 8),
-                                                   (300, 2, 96, 64, 384)):
-        slots = cache_slots_on_mesh(total, seq, block_q, block_k)
-        part = slots // seq
-        assert slots == expected and slots >= total and part % 2 == 0
-        assert all(part <= block or part % block == 0 for block in (block_q, block_k))
+def test_the_cache_slots_on_a_mesh_are_the_total_rounded_up_to_whole_slots_per_device():
+    for total, seq, expected in ((49, 4, 52), (10, 4, 12), (32, 4, 32), (7, 2, 8), (7, 8, 8),
+                                 (300, 2, 300)):
+        assert cache_slots_on_mesh(total, seq) == expected
 
 
 def test_a_prefill_on_seq_4_leaves_each_device_a_quarter_of_the_cache():
     model, the_mesh = make(), mesh("seq4")
-    prompt = jnp.asarray(prompts(1))                              # 37 tokens, 12 new: 49 -> 64
+    prompt = jnp.asarray(prompts(1))                              # 37 tokens, 12 new: 49 -> 52
     logits, cache = prefill(model, prompt, total=49, mesh=the_mesh)
     assert logits.shape == (2, SMALL.vocab_size) and int(cache.length) == 37
     for array in (cache.k, cache.v):
-        assert array.shape == (SMALL.n_layers, 2, 64, SMALL.kv_heads, SMALL.head_dim)
-        assert {shard.data.shape[2] for shard in array.addressable_shards} == {16}
+        assert array.shape == (SMALL.n_layers, 2, 52, SMALL.kv_heads, SMALL.head_dim)
+        assert {shard.data.shape[2] for shard in array.addressable_shards} == {13}
     # the cache's prompt slots hold what a one-device prefill writes
     _, reference = prefill(model, prompt, total=49)
     np.testing.assert_allclose(cache.k[:, :, :37], reference.k[:, :, :37], atol=1e-5, rtol=0)
@@ -105,10 +101,10 @@ def scaling(rope_scaling):
 
 VARIANTS = {
     "rope": {},
-    # learned positions: the padded cache (64 slots) is longer than prompt + new tokens
+    # learned positions: the padded cache (52 slots) is longer than prompt + new tokens
     # (49 <= l_max 56): padding must stay inside the position table
     "learned": {"position": "learned", "l_max": 56},
-    # final length 49 > L0 32: dynamic's frequencies are those of 49, not of the 64 slots
+    # final length 49 > L0 32: dynamic's frequencies are those of 49, not of the 52 slots
     "rope_dynamic_x2": {"rope_scaling_json": scaling({"rope_type": "dynamic", "factor": 2})},
     "gpt2_options": {"position": "learned", "norm": "layernorm", "mlp": "gelu_tanh",
                      "qkv_bias": True, "attention_out_bias": True, "mlp_bias": True,

@@ -26,6 +26,7 @@ from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
 from evaluation.tables import format_table
 from model.flops import training_flops_per_step
+from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
 from train.state import abstract_state, build_run
@@ -39,6 +40,7 @@ PLAN_FILE = "plan.json"
 def abstract_batch(run, rows: int, length: int) -> dict:
     """The input batch of a step as ShapeDtypeStructs in the mesh's batch sharding."""
     sharding = mesh_lib.batch_sharding(run.mesh)
+    length = layout_lib.layout_length(length, run.config.mesh.layout, run.mesh.shape["seq"])
     batch = {name: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
              for name in ("tokens", "targets", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=sharding)
@@ -64,7 +66,7 @@ def train_step_entry(config, level) -> dict:
     learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
-        step = make_train_step(run, int(config.train.grad_accum_steps))
+        step = make_train_step(run, int(config.train.grad_accum_steps), level.seq_len)
         compiled = step.lower(state, abstract_batch(run, level.batch_size, level.seq_len),
                               learning_rate).compile()
     return {"length": level.seq_len, "batch_size": level.batch_size, "mesh": level.mesh_dict,
@@ -81,7 +83,8 @@ def eval_step_entry(config, level, length: int) -> dict:
     rows = int(config.eval.batch_size)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
-        compiled = score_function(run).lower(params, abstract_batch(run, rows, length)).compile()
+        compiled = score_function(run).lower(params, abstract_batch(run, rows, length),
+                                             length).compile()
     return {"length": length, "batch_size": rows, "mesh": level.mesh_dict,
             "tokens_per_step": rows * length,
             "flops_per_step": training_flops_per_step(run.model_config, length, rows) / 3,
@@ -89,8 +92,9 @@ def eval_step_entry(config, level, length: int) -> dict:
 
 
 def length_step(config, seq: int) -> int:
-    """The granularity of valid lengths on `seq` devices: zigzag chunks (2 seq), whole
-    attention blocks per device and whole loss / MLP chunks."""
+    """The granularity of the longest-fit search on `seq` devices: lengths that need no
+    padding (whole zigzag chunks, attention blocks per device, loss / MLP chunks). Any
+    length runs; these waste nothing."""
     m = config.model
     parts = [2 * seq, seq * m.block_q, seq * m.block_k]
     parts += [c for c in (m.get("loss_chunk_tokens", 0), m.get("mlp_chunk_tokens", 0)) if c > 0]

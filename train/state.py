@@ -40,12 +40,16 @@ class Run:
     state_shardings: Any
 
 
-def attention_override(model_config: ModelConfig, mesh) -> Callable | None:
-    """Ring attention bound to the mesh when the config asks for it (else the model's own)."""
+def attention_override(model_config: ModelConfig, mesh, layout: str | None = None
+                       ) -> Callable | None:
+    """Ring attention bound to the mesh when the config asks for it (else the model's own);
+    `layout` is the input layout of the batches (mesh.layout), which lets a sliding window
+    shorten the ring when it is contiguous."""
     if model_config.attention != "ring":
         return None
     from parallel.ring_attention import make_ring_attention
-    return make_ring_attention(mesh, block_q=model_config.block_q, block_k=model_config.block_k)
+    return make_ring_attention(mesh, layout=layout, block_q=model_config.block_q,
+                               block_k=model_config.block_k)
 
 
 def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
@@ -69,7 +73,7 @@ def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
     mesh = mesh_lib.make_mesh(mesh_sizes, devices)
     if model_config.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
-    attention_fn = attention_override(model_config, mesh)
+    attention_fn = attention_override(model_config, mesh, config.mesh.layout)
     with mesh_lib.use_mesh(mesh):
         abstract_model = nnx.eval_shape(
             lambda: Transformer(model_config, rngs=nnx.Rngs(0), attention_fn=attention_fn))
@@ -91,7 +95,7 @@ def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
 
 def _state_factory(run: Run, seed: int) -> Callable[[], dict]:
     """() -> a fresh train state of `run` (to jit into its shardings, or to eval_shape)."""
-    attention_fn = attention_override(run.model_config, run.mesh)
+    attention_fn = attention_override(run.model_config, run.mesh, run.config.mesh.layout)
 
     def create():
         model = Transformer(run.model_config, rngs=nnx.Rngs(seed), attention_fn=attention_fn)

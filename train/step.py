@@ -11,8 +11,11 @@ from parallel import mesh as mesh_lib
 from train.optimizer import with_learning_rate
 
 
-def make_train_step(run, accum_steps: int):
+def make_train_step(run, accum_steps: int, sequence_length: int | None = None):
     """jit((state, batch, learning_rate) -> (state, metrics)) for `run` (train/state.py).
+
+    `sequence_length`: the rows' length before `put_batch` padded them for the layout
+    (RoPE scalings that depend on the length read it); None: the batch's length.
 
     With accum_steps > 1 the batch's rows are split into that many micro-batches whose
     gradient sums are added before one update; the result equals the full-batch step.
@@ -23,7 +26,7 @@ def make_train_step(run, accum_steps: int):
 
     def loss_sums(params, batch):          # FSDP: weights gathered for compute, layer by layer
         return token_loss_sums(run.graphdef, gather_outer(params), batch,
-                               prepare_layer=gather_layer)
+                               prepare_layer=gather_layer, sequence_length=sequence_length)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -66,7 +69,8 @@ def make_train_step(run, accum_steps: int):
 
 def put_batch(batch, mesh, global_rows: int, layout: str):
     """This process's host rows -> global arrays on the mesh, tokens in `layout` order
-    along the seq axis (targets were shifted before, so the permutation is safe)."""
+    along the seq axis (targets were shifted before, so the permutation is safe), padded
+    to whole slices of the seq axis when the length does not split (no loss there)."""
     _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows, batch["tokens"].shape[1])
     batch = layout_lib.apply_layout(batch, layout, mesh.shape["seq"])
     return mesh_lib.host_batch_to_global(batch, mesh, global_rows, row_offset=row_offset)

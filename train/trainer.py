@@ -124,7 +124,8 @@ def train(config, workdir: str) -> dict:
                 with mesh_lib.use_mesh(run.mesh):
                     if level.index not in compiled:
                         compile_start = time.time()
-                        compiled[level.index] = make_train_step(run, config.train.grad_accum_steps)
+                        compiled[level.index] = make_train_step(run, config.train.grad_accum_steps,
+                                                                level.seq_len)
                         state, metrics = compiled[level.index](state, batch,
                                                                jnp.float32(learning_rate))
                         jax.block_until_ready(metrics)

@@ -11,10 +11,8 @@ import os
 import jax
 
 from evaluation.lengths import evaluation_lengths
-from model.chunks import chunk_count
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
-from parallel.ring_attention import check_sequence_split
 from train import curriculum as curriculum_lib
 
 
@@ -80,12 +78,7 @@ def check_weight_split(model, sizes: dict, what: str) -> None:
 
 
 def check_length(length: int, config, sizes: dict) -> None:
-    """A sequence of `length` tokens must split over mesh `sizes` and the attention blocks,
-    and into whole loss and MLP chunks that split over `seq` too (model/chunks.py)."""
-    check_sequence_split(length, sizes["seq"], config.model.block_q, config.model.block_k)
-    for key in ("loss_chunk_tokens", "mlp_chunk_tokens"):
-        chunk = config.model.get(key, 0)
-        if chunk_count(length, chunk, f"model.{key}") > 1 and chunk % sizes["seq"]:
-            raise ValueError(f"model.{key} ({chunk}) must be a multiple of mesh seq "
-                             f"({sizes['seq']}): each chunk takes a share of every device's "
-                             "tokens")
+    """Any length of at least one token runs on any mesh (kernels and the input layout pad
+    internally); only a length below 1 cannot."""
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ValueError(f"lengths must be integers >= 1, got {length!r}")
