@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from model.masking import PAD_LAYOUT_SEGMENT
@@ -60,11 +62,17 @@ def from_zigzag(batch: Mapping[str, np.ndarray], devices: int) -> dict[str, np.n
     return _permute(batch, devices, inverse=True)
 
 
+def _numpy_of(array):
+    """numpy for host arrays, jax.numpy for jax arrays (also inside jit)."""
+    return jnp if isinstance(array, jax.Array) else np
+
+
 def _permute(batch, devices, inverse):
     out = {}
     for name, array in batch.items():
         order = zigzag_order(array.shape[1], devices)
-        out[name] = np.take(array, inverse_order(order) if inverse else order, axis=1)
+        out[name] = _numpy_of(array).take(array, inverse_order(order) if inverse else order,
+                                          axis=1)
     return out
 
 
@@ -80,13 +88,14 @@ def layout_length(length: int, layout: str, devices: int) -> int:
 
 
 def pad_batch(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    """Every [batch, len, ...] array padded at its end to `length` (PAD_VALUES)."""
+    """Every [batch, len, ...] array padded at its end to `length` (PAD_VALUES). The
+    functions of this module take numpy arrays (the input pipeline) or jax arrays."""
     out = {}
     for name, array in batch.items():
         extra = length - array.shape[1]
         widths = [(0, 0)] * array.ndim
         widths[1] = (0, extra)
-        out[name] = array if extra == 0 else np.pad(
+        out[name] = array if extra == 0 else _numpy_of(array).pad(
             array, widths, constant_values=PAD_VALUES.get(name, 0))
     return out
 
