@@ -96,7 +96,7 @@ def main(argv=None):
             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)),
             "segment_ids": np.zeros((rows, length), np.int32),
             "loss_mask": np.ones((rows, length), np.float32)}
-    _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows, length)   # this process's
+    _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows)   # this process's
     batch = put_batch({k: v[offset:offset + local_rows] for k, v in host.items()}, run.mesh,
                       rows, config.mesh.layout)
     step = make_train_step(run, int(config.train.grad_accum_steps))

@@ -38,7 +38,7 @@ class Scorer:
         rows, length = batch["tokens"].shape
         seq = run.mesh.shape["seq"]
         layout = run.config.mesh.layout
-        _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows, length)
+        _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows)
         local = {k: v[offset:offset + local_rows] for k, v in batch.items()}
         local = layout_lib.apply_layout(local, layout, seq)
         device_batch = mesh_lib.host_batch_to_global(local, run.mesh, rows, row_offset=offset)

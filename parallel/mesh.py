@@ -112,20 +112,21 @@ def use_mesh(mesh: Mesh):
         yield
 
 
-def process_row_block(mesh: Mesh, global_rows: int, seq_len: int) -> tuple[int, int]:
-    """The contiguous rows [start, stop) of a [global_rows, seq_len] batch that this
-    process's devices hold (all of them on one process)."""
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows, seq_len))
+def process_row_block(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+    """The contiguous rows [start, stop) of a [global_rows, length] batch that this
+    process's devices hold (all of them on one process), whatever the length."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map(
+        (global_rows, mesh.shape["seq"]))
     starts = [index[0].start or 0 for index in index_map.values()]
     stops = [index[0].stop if index[0].stop is not None else global_rows
              for index in index_map.values()]
     return min(starts), max(stops)
 
 
-def data_shard(mesh: Mesh, global_rows: int, seq_len: int) -> tuple[int, int, int, int]:
+def data_shard(mesh: Mesh, global_rows: int) -> tuple[int, int, int, int]:
     """(shard_index, shard_count, local_rows, row_offset) of this process in a row-sharded
     data stream: shard i of n yields the rows that processes in row block i need."""
-    start, stop = process_row_block(mesh, global_rows, seq_len)
+    start, stop = process_row_block(mesh, global_rows)
     rows = stop - start
     return start // rows, global_rows // rows, rows, start
 

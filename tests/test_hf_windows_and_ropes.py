@@ -189,3 +189,45 @@ def test_longrope_scaling_normalises_its_defaults():
     scaling = normalize_rope_scaling(ROPES["longrope"])
     assert scaling["attention_factor"] == pytest.approx(np.sqrt(1 + np.log(4) / np.log(128)))
     assert normalize_rope_scaling(scaling) == scaling
+
+
+# ----------------------------------------------------------------------------- main.py
+
+
+def main_py(*args):
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "main.py", *args], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [
+    # llama3 relative to 96 tokens: its default evaluation lengths divide no block
+    lambda: llama_config(vocab_size=256, max_position_embeddings=384, rope_parameters={
+        "rope_theta": 10000.0, "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 96}),
+    lambda: mistral_config(vocab_size=256, sliding_window=24, max_position_embeddings=256),
+], ids=["llama3_original_96", "mistral_window_24"])
+def test_import_then_generate_any_prompt_length_on_one_device_and_a_split_cache(tmp_path, make):
+    import json
+    path, _ = save_hf(tmp_path, make())
+    workdir = str(tmp_path / "w")
+    result = main_py("--mode", "import", "--hf_dir", path, "--workdir", workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = json.loads((tmp_path / "w" / "config.json").read_text())["model"]
+    assert imported["sliding_window"] == hf.load_config(path)[0].sliding_window
+    written = []
+    for seq in (1, 4):
+        output = tmp_path / f"seq{seq}.json"
+        result = main_py("--mode", "generate", "--workdir", workdir,
+                         "--config.generate.prompt=an odd prompt of 37 bytes: no blocks!",
+                         "--config.generate.max_new_tokens=9", f"--config.generate.seq={seq}",
+                         "--config.model.dtype=float32",
+                         f"--config.generate.output={output}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        written.append(json.loads(output.read_text()))
+    assert len(written[0]["prompt_ids"]) == 37 and len(written[0]["output_ids"]) == 9
+    assert written[0] == written[1]

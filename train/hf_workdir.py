@@ -33,8 +33,9 @@ def config_for(model_config, tokenizer: str):
     m = config.model
     for key in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
                 "mlp_dim", "position", "tie_embeddings", "norm_eps", "norm", "mlp", "qkv_bias",
-                "attention_out_bias", "mlp_bias"):
+                "attention_out_bias", "mlp_bias", "sliding_window"):
         m[key] = getattr(model_config, key)
+    m.layer_types = model_config.layer_types
     m.rope.theta = float(model_config.rope_theta)
     m.rope.scaling = model_config.rope_scaling
     config.curriculum.l_max = model_config.l_max

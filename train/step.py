@@ -71,6 +71,6 @@ def put_batch(batch, mesh, global_rows: int, layout: str):
     """This process's host rows -> global arrays on the mesh, tokens in `layout` order
     along the seq axis (targets were shifted before, so the permutation is safe), padded
     to whole slices of the seq axis when the length does not split (no loss there)."""
-    _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows, batch["tokens"].shape[1])
+    _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows)
     batch = layout_lib.apply_layout(batch, layout, mesh.shape["seq"])
     return mesh_lib.host_batch_to_global(batch, mesh, global_rows, row_offset=row_offset)

@@ -53,7 +53,7 @@ class Levels:
     def next_batch(self, level):
         """This process's rows of the level's next global batch."""
         _, _, local_rows, offset = mesh_lib.data_shard(self.runs[level.index].mesh,
-                                                       level.batch_size, level.seq_len)
+                                                       level.batch_size)
         return self.stream.next_batch(level.index, level.seq_len, level.batch_size,
                                       row_offset=offset, local_rows=local_rows)
 
