@@ -6,11 +6,13 @@ recomputing probabilities block by block from the saved log-sum-exp. `blockwise_
 and `blockwise_backward` take one query chunk against one key/value chunk with positions
 for each, so ring attention (parallel/ring_attention.py) reuses them at every hop.
 
-Any length: `block_plan` picks the block size for a sequence (at most the configured one,
-balanced over the blocks it needs) and the length padded to whole blocks, always less
-than one block more; `pad_queries` / `pad_keys` add the padding with the segment ids of
-model/masking.py, so padded tokens see nothing and are seen by nothing. The kernels below
-take whole blocks; `blockwise_attention` pads and drops the padding itself.
+Any length, with no padded copy: `block_plan` picks the block size (at most the configured
+one, balanced over the blocks the length needs); when the blocks do not tile the length,
+the last block is moved back to end at the last token and overlaps its neighbour. The
+tokens it shares with earlier blocks are masked as keys (so no key counts twice) and, in
+the backward pass, as queries (so no gradient is added twice); in the forward pass those
+query rows are simply computed again, to the same values. The waste is less than one
+block of compute per chunk, and no memory.
 """
 from __future__ import annotations
 
@@ -20,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.masking import (MASKED, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT, attention_mask,
-                           check_shapes, check_window, default_positions_and_segments,
-                           group_queries, pad_axis1, padded_length)
+from model.masking import (MASKED, attention_mask, check_shapes, check_window,
+                           default_positions_and_segments, group_queries, padded_length)
 
 # Block sizes are rounded up to a multiple of this (when shorter than the configured
 # block): the sublane tile of accelerators, and enough for a balanced split.
@@ -30,52 +31,44 @@ BLOCK_GRANULARITY = 8
 
 
 def block_plan(length: int, block: int) -> tuple[int, int]:
-    """(block size, padded length) for a sequence of `length` tokens and blocks of at most
-    `block`: a sequence no longer than `block` is one block of its own length; a longer one
+    """(block size, number of blocks) for a chunk of `length` tokens and blocks of at most
+    `block`: a chunk no longer than `block` is one block of its own length; a longer one
     takes n = ceil(length / block) blocks of ceil(length / n) tokens rounded up to
-    BLOCK_GRANULARITY (at most `block`), so the padding is less than one block."""
+    BLOCK_GRANULARITY (at most `block`), so the blocks overlap by less than one block."""
     if length <= block:
-        return length, length
+        return length, 1
     blocks = -(-length // block)
     size = min(block, padded_length(-(-length // blocks), BLOCK_GRANULARITY))
-    return size, blocks * size
-
-
-def pad_queries(length: int, q, positions, segment_ids):
-    """q [b, l, h, d] and its positions/segment ids padded to `length` tokens (padding:
-    zeros, position 0, segment PAD_QUERY_SEGMENT)."""
-    return (pad_axis1(q, length), pad_axis1(positions, length),
-            pad_axis1(segment_ids, length, PAD_QUERY_SEGMENT))
-
-
-def pad_keys(length: int, k, v, positions, segment_ids):
-    """k, v [b, l, h, d] and their positions/segment ids padded to `length` tokens
-    (segment PAD_KEY_SEGMENT: no query, padded or real, sees them)."""
-    return (pad_axis1(k, length), pad_axis1(v, length), pad_axis1(positions, length),
-            pad_axis1(segment_ids, length, PAD_KEY_SEGMENT))
+    return size, -(-length // size)
 
 
 # Blocks are read and written in place with dynamic slices along the length axis, so no
 # blocked copy of q, k, v or of the gradients is ever made.
-def _check_block(length: int, block: int, name: str) -> None:
-    if length % block:
-        raise ValueError(f"internal: {name} length {length} is not a multiple of its block "
-                         f"size {block} (pad with pad_queries / pad_keys first)")
+def _start(index, size: int, length: int):
+    """First token of block `index`: index x size, or for a last block that would run past
+    the end, length - size (it then overlaps the block before)."""
+    return jnp.minimum(index * size, length - size)
 
 
-def _block(x, index, size: int):
-    """Block `index` of `size` tokens along the length axis (axis 1)."""
-    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=1)
+def _block(x, start, size: int):
+    """`size` tokens from `start` along the length axis (axis 1)."""
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _put_block(x, part, index, size: int):
-    return jax.lax.dynamic_update_slice_in_dim(x, part, index * size, axis=1)
+def _put_block(x, part, start):
+    return jax.lax.dynamic_update_slice_in_dim(x, part, start, axis=1)
+
+
+def _owned(index, start, size: int):
+    """bool [size]: which tokens of the block starting at `start` belong to block `index`
+    (False for the ones an overlapping last block shares with the block before)."""
+    return start + jnp.arange(size) >= index * size
 
 
 def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
                       block_q: int, block_k: int, window=None):
-    """Attention of one query chunk over one key/value chunk, in blocks (lengths whole
-    multiples of the block sizes; `window`: the sliding window, None for none).
+    """Attention of one query chunk over one key/value chunk, in blocks (any lengths;
+    `window`: the sliding window, None for none).
 
     Returns (out, lse, tiles): out [b, lq, q_heads, d] in float32, normalised over this
     chunk's keys only; lse [b, lq, q_heads] float32, the log-sum-exp of the visible scores
@@ -87,19 +80,22 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
     b, lq, hq, d = q.shape
     lk, kv_heads = k.shape[1], k.shape[2]
     groups = hq // kv_heads
-    _check_block(lq, block_q, "query")
-    _check_block(lk, block_k, "key")
+    block_q, q_blocks = block_plan(lq, block_q)
+    block_k, k_blocks = block_plan(lk, block_k)
     scale = 1.0 / np.sqrt(d)
 
     def query_block(i, carry):
         out, lse, tiles = carry
-        qb = group_queries(_block(q, i, block_q), kv_heads)             # [b, bq, hk, g, d]
-        qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)  # [b, bq]
+        qs = _start(i, block_q, lq)
+        qb = group_queries(_block(q, qs, block_q), kv_heads)            # [b, bq, hk, g, d]
+        qpb, qsb = _block(q_pos, qs, block_q), _block(q_seg, qs, block_q)  # [b, bq]
 
         def key_block(j, state):
-            kb, vb = _block(k, j, block_k), _block(v, j, block_k)       # [b, bk, hk, d]
-            mask = attention_mask(qpb, _block(k_pos, j, block_k), qsb,
-                                  _block(k_seg, j, block_k), causal, window)  # [b, bq, bk]
+            ks = _start(j, block_k, lk)
+            kb, vb = _block(k, ks, block_k), _block(v, ks, block_k)     # [b, bk, hk, d]
+            mask = attention_mask(qpb, _block(k_pos, ks, block_k), qsb,
+                                  _block(k_seg, ks, block_k), causal, window)  # [b, bq, bk]
+            mask &= _owned(j, ks, block_k)[None, None, :]   # shared keys count once
 
             def compute(state):
                 acc, row_max, row_sum, tiles = state
@@ -122,20 +118,21 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
         rows = (b, kv_heads, groups, block_q)
         state = (jnp.zeros(rows + (d,), jnp.float32), jnp.full(rows, MASKED, jnp.float32),
                  jnp.zeros(rows, jnp.float32), tiles)
-        acc, row_max, row_sum, tiles = jax.lax.fori_loop(0, lk // block_k, key_block, state)
+        acc, row_max, row_sum, tiles = jax.lax.fori_loop(0, k_blocks, key_block, state)
         seen = row_sum > 0
         safe_sum = jnp.where(seen, row_sum, 1.0)
         out_b = jnp.where(seen[..., None], acc / safe_sum[..., None], 0.0)  # [b, hk, g, bq, d]
         lse_b = jnp.where(seen, row_max + jnp.log(safe_sum), -jnp.inf)     # [b, hk, g, bq]
         out_b = jnp.moveaxis(out_b, 3, 1).reshape(b, block_q, hq, d)
         lse_b = jnp.moveaxis(lse_b, 3, 1).reshape(b, block_q, hq)
-        out = _put_block(out, out_b, i, block_q)
-        lse = _put_block(lse, lse_b, i, block_q)
+        # rows shared with the block before are written again, with the same values
+        out = _put_block(out, out_b, qs)
+        lse = _put_block(lse, lse_b, qs)
         return out, lse, tiles
 
     init = (jnp.zeros((b, lq, hq, d), jnp.float32), jnp.zeros((b, lq, hq), jnp.float32),
             jnp.zeros((), jnp.int32))
-    return jax.lax.fori_loop(0, lq // block_q, query_block, init)
+    return jax.lax.fori_loop(0, q_blocks, query_block, init)
 
 
 def merge_partial_attention(out_a, lse_a, out_b, lse_b):
@@ -166,8 +163,8 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
     b, lq, hq, d = q.shape
     lk, kv_heads = k.shape[1], k.shape[2]
     groups = hq // kv_heads
-    _check_block(lq, block_q, "query")
-    _check_block(lk, block_k, "key")
+    block_q, q_blocks = block_plan(lq, block_q)
+    block_k, k_blocks = block_plan(lk, block_k)
     scale = 1.0 / np.sqrt(d)
     block_rows = (b, block_q, kv_heads, groups)
     lse = jnp.where(jnp.isfinite(lse), lse, 0.0)                # rows seeing nothing: p = 0
@@ -178,20 +175,25 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
 
     def key_block(j, carry):
         dq, dk, dv = carry
-        kb, vb = _block(k, j, block_k), _block(v, j, block_k)           # [b, bk, hk, d]
-        kpb, ksb = _block(k_pos, j, block_k), _block(k_seg, j, block_k)
+        ks = _start(j, block_k, lk)
+        kb, vb = _block(k, ks, block_k), _block(v, ks, block_k)         # [b, bk, hk, d]
+        kpb, ksb = _block(k_pos, ks, block_k), _block(k_seg, ks, block_k)
+        k_owned = _owned(j, ks, block_k)
 
         def query_block(i, inner):
-            qpb, qsb = _block(q_pos, i, block_q), _block(q_seg, i, block_q)
+            qs = _start(i, block_q, lq)
+            qpb, qsb = _block(q_pos, qs, block_q), _block(q_seg, qs, block_q)
             mask = attention_mask(qpb, kpb, qsb, ksb, causal, window)    # [b, bq, bk]
+            # each (query, key) pair once: shared rows and keys belong to the earlier block
+            mask &= _owned(i, qs, block_q)[None, :, None] & k_owned[None, None, :]
 
             def compute(inner):
                 dq, dk_j, dv_j = inner
-                qb = group_queries(_block(q, i, block_q), kv_heads)    # [b, bq, hk, g, d]
-                dob = group_queries(_block(d_out, i, block_q), kv_heads)
+                qb = group_queries(_block(q, qs, block_q), kv_heads)   # [b, bq, hk, g, d]
+                dob = group_queries(_block(d_out, qs, block_q), kv_heads)
                 # row statistics as [b, hk, g, bq] to match the tile layout [b, hk, g, bq, bk]
-                lseb = jnp.moveaxis(_block(lse, i, block_q).reshape(block_rows), 1, 3)
-                deltab = jnp.moveaxis(_block(delta, i, block_q).reshape(block_rows), 1, 3)
+                lseb = jnp.moveaxis(_block(lse, qs, block_q).reshape(block_rows), 1, 3)
+                deltab = jnp.moveaxis(_block(delta, qs, block_q).reshape(block_rows), 1, 3)
                 s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb,
                                preferred_element_type=jnp.float32) * scale
                 m = mask[:, None, None]                                  # [b, 1, 1, bq, bk]
@@ -203,18 +205,19 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
                 dq_i = jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(kb.dtype), kb,
                                   preferred_element_type=jnp.float32)
                 dq_i = dq_i.reshape(b, block_q, hq, d)
-                dq = _put_block(dq, _block(dq, i, block_q) + dq_i, i, block_q)
+                dq = _put_block(dq, _block(dq, qs, block_q) + dq_i, qs)
                 dk_j = dk_j + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(qb.dtype), qb,
                                          preferred_element_type=jnp.float32)
                 return dq, dk_j, dv_j
 
             return jax.lax.cond(mask.any(), compute, lambda inner: inner, inner)
 
-        inner = (dq, _block(dk, j, block_k), _block(dv, j, block_k))
-        dq, dk_j, dv_j = jax.lax.fori_loop(0, lq // block_q, query_block, inner)
-        return dq, _put_block(dk, dk_j, j, block_k), _put_block(dv, dv_j, j, block_k)
+        # a shared key's rows hold the earlier block's finished sums: they get + 0 here
+        inner = (dq, _block(dk, ks, block_k), _block(dv, ks, block_k))
+        dq, dk_j, dv_j = jax.lax.fori_loop(0, q_blocks, query_block, inner)
+        return dq, _put_block(dk, dk_j, ks), _put_block(dv, dv_j, ks)
 
-    return jax.lax.fori_loop(0, lk // block_k, key_block, (dq, dk, dv))
+    return jax.lax.fori_loop(0, k_blocks, key_block, (dq, dk, dv))
 
 
 def opaque(fn):
@@ -275,24 +278,18 @@ def blockwise_attention(q, k, v, *, positions=None, segment_ids=None, causal=Tru
                         sliding_window=None, block_q: int = 256, block_k: int = 256):
     """Attention with memory linear in length: online softmax over key blocks.
 
-    Same contract as `dot_product_attention`, any length >= 1: the sequence is padded to
-    whole blocks (block_plan) and the padding dropped again. Tiles that no query/key pair
-    of sees (causal, other documents, outside the window) are skipped. Saves only q, k, v,
-    the output and the per-row log-sum-exp for the backward pass.
+    Same contract as `dot_product_attention`, any length >= 1 (blocks as `block_plan`
+    says; no padded copy). Tiles that no query/key pair of sees (causal, other documents,
+    outside the window) are skipped. Saves only q, k, v, the output and the per-row
+    log-sum-exp for the backward pass.
     """
     check_shapes(q, k, v)
     if k.shape[1] != q.shape[1]:
         raise ValueError("self-attention: q and k must have the same length")
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-    length = q.shape[1]
-    block_q, q_len = block_plan(length, block_q)
-    block_k, k_len = block_plan(length, block_k)
-    qp, q_pos, q_seg = pad_queries(q_len, q, positions, segment_ids)
-    kp, vp, k_pos, k_seg = pad_keys(k_len, k, v, positions, segment_ids)
-    out = _blockwise(qp, kp, vp, q_pos, k_pos, q_seg, k_seg, window_argument(sliding_window),
-                     bool(causal), block_q, block_k)
-    return out[:, :length]
+    return _blockwise(q, k, v, positions, positions, segment_ids, segment_ids,
+                      window_argument(sliding_window), bool(causal), block_q, block_k)
 
 
 def blockwise_tiles(q, k, v, *, positions=None, segment_ids=None, causal=True,
@@ -302,11 +299,8 @@ def blockwise_tiles(q, k, v, *, positions=None, segment_ids=None, causal=True,
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
     length = q.shape[1]
-    block_q, q_len = block_plan(length, block_q)
-    block_k, k_len = block_plan(length, block_k)
-    qp, q_pos, q_seg = pad_queries(q_len, q, positions, segment_ids)
-    kp, vp, k_pos, k_seg = pad_keys(k_len, k, v, positions, segment_ids)
     _, _, tiles = jax.jit(functools.partial(blockwise_forward, causal=bool(causal),
                                             block_q=block_q, block_k=block_k))(
-        qp, kp, vp, q_pos, k_pos, q_seg, k_seg, window=window_argument(sliding_window))
-    return int(tiles), (q_len // block_q) * (k_len // block_k)
+        q, k, v, positions, positions, segment_ids, segment_ids,
+        window=window_argument(sliding_window))
+    return int(tiles), block_plan(length, block_q)[1] * block_plan(length, block_k)[1]

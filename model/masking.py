@@ -8,10 +8,9 @@ of w tokens, also not more than w - 1 before it (without causal: |q - k| < w). M
 from these arrays, never from array indices, so packed rows and permuted (zigzag) layouts
 need nothing special.
 
-Any length: kernels pad a sequence to their granularity with tokens whose segment ids are
-the sentinels below (negative ids are reserved for them): padded queries and padded keys
-carry different ids, so a padded token sees nothing and is seen by no real token, and its
-output is dropped.
+Any length: where a sequence must be padded (whole slices of a sequence-parallel mesh),
+the padding carries the segment id PAD_SEGMENT (negative ids are reserved for it), so no
+real token attends to it; its outputs are dropped.
 """
 from __future__ import annotations
 
@@ -21,12 +20,9 @@ import numpy as np
 # Masked scores are set to this (finite, so that max/exp never see inf - inf).
 MASKED = -1e30
 
-# Segment ids of padding (real segment ids are >= 0). Queries and keys a kernel pads get
-# different ids so that they never meet; padding the input layout adds (one id for both)
-# is isolated from every real token and meets only itself.
-PAD_QUERY_SEGMENT = int(np.iinfo(np.int32).min)
-PAD_KEY_SEGMENT = PAD_QUERY_SEGMENT + 1
-PAD_LAYOUT_SEGMENT = PAD_QUERY_SEGMENT + 2
+# Segment id of padding (real segment ids are >= 0): isolated from every real token, it
+# meets only other padding.
+PAD_SEGMENT = int(np.iinfo(np.int32).min)
 
 
 def default_positions_and_segments(q, positions, segment_ids):

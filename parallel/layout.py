@@ -13,7 +13,7 @@ permutation would pair tokens with the wrong next token).
 
 Any length: a batch whose length the layout does not divide (2N chunks for zigzag, N
 slices for contiguous) is first padded at its end with tokens of segment
-PAD_LAYOUT_SEGMENT and no loss, which no real token attends to; `restore_layout` puts
+PAD_SEGMENT and no loss, which no real token attends to; `restore_layout` puts
 the tokens back in order and drops that padding.
 """
 from __future__ import annotations
@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.masking import PAD_LAYOUT_SEGMENT
+from model.masking import PAD_SEGMENT
 
 LAYOUTS = ("zigzag", "contiguous")
 # what padding holds, per batch key (0 for any other key: token 0, position 0, no loss)
-PAD_VALUES = {"segment_ids": PAD_LAYOUT_SEGMENT}
+PAD_VALUES = {"segment_ids": PAD_SEGMENT}
 
 
 def zigzag_order(length: int, devices: int) -> np.ndarray:

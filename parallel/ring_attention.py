@@ -16,11 +16,11 @@ Only kv_heads travel (grouped-query attention groups queries locally). Masks com
 travelling positions and segment ids, so any token order works: with the zigzag layout
 (parallel/layout.py) every device does the same causal work at every hop.
 
-Any length: a length the ring does not divide is padded at its end (segment
-PAD_LAYOUT_SEGMENT: isolated from every real token), and inside each device the slice is
-padded to whole kernel blocks (model/blockwise.py); the padding is dropped from the output.
-The trainer's input layout already pads batches to whole slices, so inside a model only
-the per-device padding happens (no data moves between devices for it).
+Any length: a length the ring does not divide is padded at its end (segment PAD_SEGMENT:
+isolated from every real token) and the padding dropped from the output; each device's
+slice may be any length (the kernel's last block overlaps instead of padding,
+model/blockwise.py). The trainer's input layout already pads batches to whole slices, so
+inside a model nothing is padded here and no data moves between devices for it.
 
 Sliding windows: a hop whose keys no local query can see (bounds of the positions) skips
 its compute, and inside a hop every tile outside the window is skipped. With
@@ -40,9 +40,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from model.blockwise import (block_plan, blockwise_attention, blockwise_backward,
-                             blockwise_forward, merge_partial_attention, opaque, pad_keys,
-                             pad_queries, window_argument)
-from model.masking import (PAD_LAYOUT_SEGMENT, check_shapes, check_window,
+                             blockwise_forward, merge_partial_attention, opaque,
+                             window_argument)
+from model.masking import (PAD_SEGMENT, check_shapes, check_window,
                            default_positions_and_segments, pad_axis1, padded_length)
 from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
@@ -159,7 +159,7 @@ def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out,
 
 def _local_ring(options: dict):
     """The per-device ring attention with its custom backward ring: (q, k, v, q_pos,
-    q_seg, k_pos, k_seg, window) -> out, on slices already padded to whole blocks."""
+    q_seg, k_pos, k_seg, window) -> out (keys start as the device's own tokens)."""
 
     @jax.custom_vjp
     def ring(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
@@ -222,28 +222,18 @@ def _validate(q, k, v, mesh: Mesh, axis_name: str, sliding_window, layout):
 
 def _ring_setup(q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout,
                 block_q, block_k):
-    """The globally padded positions/segments and the per-device plan (static)."""
+    """The globally padded positions/segments, the padded length and the ring's static
+    options."""
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     n = mesh.shape[axis_name]
     length = padded_length(q.shape[1], n)
     positions = pad_axis1(positions.astype(jnp.int32), length)
-    segment_ids = pad_axis1(segment_ids.astype(jnp.int32), length, PAD_LAYOUT_SEGMENT)
-    local = length // n
-    block_q, q_local = block_plan(local, block_q)
-    block_k, k_local = block_plan(local, block_k)
+    segment_ids = pad_axis1(segment_ids.astype(jnp.int32), length, PAD_SEGMENT)
     options = dict(axis_name=axis_name, axis_size=n, causal=bool(causal),
-                   hops=ring_hops(n, local, causal=causal, sliding_window=sliding_window,
+                   hops=ring_hops(n, length // n, causal=causal, sliding_window=sliding_window,
                                   layout=layout),
                    block_q=block_q, block_k=block_k)
-    return positions, segment_ids, length, (local, q_local, k_local), options
-
-
-def _pad_slices(q, k, v, pos, seg, sizes):
-    """One device's slice padded to whole blocks: queries and keys apart (model/blockwise)."""
-    _, q_local, k_local = sizes
-    q, q_pos, q_seg = pad_queries(q_local, q, pos, seg)
-    k, v, k_pos, k_seg = pad_keys(k_local, k, v, pos, seg)
-    return q, q_pos, q_seg, k, v, k_pos, k_seg
+    return positions, segment_ids, length, options
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
@@ -266,16 +256,14 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=Non
                                    causal=causal, sliding_window=sliding_window,
                                    block_q=block_q, block_k=block_k)
     length = q.shape[1]
-    positions, segment_ids, padded, sizes, options = _ring_setup(
+    positions, segment_ids, padded, options = _ring_setup(
         q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,
         block_k)
     ring = _local_ring(options)
     window = window_argument(sliding_window)
-    local_length = sizes[0]
 
     def local(q, k, v, pos, seg, window):
-        q, q_pos, q_seg, k, v, k_pos, k_seg = _pad_slices(q, k, v, pos, seg, sizes)
-        return ring(q, k, v, q_pos, q_seg, k_pos, k_seg, window)[:, :local_length]
+        return ring(q, k, v, pos, seg, pos, seg, window)
 
     heads, rows = _specs(mesh, axis_name)
     sharded = jax.shard_map(local, mesh=mesh,
@@ -294,7 +282,7 @@ def ring_work(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
     N - 1, "hops_computed": int [N] (key slices, own included, whose tiles were looked at)}.
     Runs the same kernel."""
     _validate(q, k, v, mesh, axis_name, sliding_window, layout)
-    positions, segment_ids, padded, sizes, options = _ring_setup(
+    positions, segment_ids, padded, options = _ring_setup(
         q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,
         block_k)
     n = mesh.shape[axis_name]
@@ -302,9 +290,7 @@ def ring_work(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
     other_axes = tuple(a for a in mesh.axis_names if a != axis_name)
 
     def count(q, k, v, pos, seg, window):
-        q, q_pos, q_seg, k, v, k_pos, k_seg = _pad_slices(q, k, v, pos, seg, sizes)
-        _, _, tiles, computed = _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window,
-                                              **options)
+        _, _, tiles, computed = _ring_forward(q, k, v, pos, seg, pos, seg, window, **options)
         # identical on every batch/head shard only if they hold identical masks; sum them
         if other_axes:
             tiles, computed = jax.lax.psum(tiles, other_axes), jax.lax.pmax(computed, other_axes)
@@ -316,8 +302,8 @@ def ring_work(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
                             out_specs=(P(axis_name), P(axis_name)), check_vma=False)
     q, k, v = (pad_axis1(x, padded) for x in (q, k, v))
     tiles, computed = jax.jit(counted)(q, k, v, positions, segment_ids, window)
-    _, q_local, k_local = sizes
-    per_hop = (q_local // options["block_q"]) * (k_local // options["block_k"])
+    local = padded // n
+    per_hop = block_plan(local, block_q)[1] * block_plan(local, block_k)[1]
     return {"tiles": np.asarray(tiles), "tiles_in_full_ring": per_hop * n,
             "hops": options["hops"], "hops_in_full_ring": n - 1,
             "hops_computed": np.asarray(computed)}

@@ -182,6 +182,16 @@ def scaled_source(path, scaling, l_max=64):
       "low_freq_factor": 1.0, "high_freq_factor": 4.0}, 64, 1024,
      {"rope_type": "llama3", "factor": 16.0, "original_max_position_embeddings": 64,
       "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+    # a DeepSeek-style YaRN: mscale keys kept, the attention factor recomputed from them
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+      "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16.0, "truncate": False}, 256, 1024,
+     {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 64,
+      "mscale": 0.707, "mscale_all_dim": 1.0, "beta_fast": 16.0, "truncate": False}),
+    # a Phi-3-style longrope (x4 from 64 covers 256): its per-frequency factors kept
+    ({"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 64,
+      "short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)]}, 64, 1024,
+     {"rope_type": "longrope", "factor": 16.0, "original_max_position_embeddings": 64,
+      "short_factor": [1.0] * 8, "long_factor": [1.0 + i for i in range(8)]}),
 ])
 def test_a_scaled_source_keeps_its_scaling_type_and_raises_the_factor(tmp_path, scaling, l_max,
                                                                       target, expected):
@@ -191,6 +201,9 @@ def test_a_scaled_source_keeps_its_scaling_type_and_raises_the_factor(tmp_path, 
     want = {k: v for k, v in normalize_rope_scaling(expected, target).items() if v is not None}
     assert {k: v for k, v in normalize_rope_scaling(got, target).items() if v is not None} == want
     assert resolved.curriculum.l_max == target
+    # and the resolved config builds a model (the longrope lists fit head_dim 16)
+    from model.transformer import ModelConfig
+    ModelConfig.from_config(resolved, 256)
 
 
 def test_a_target_the_scaled_source_already_covers_is_refused(tmp_path):

@@ -210,11 +210,24 @@ def test_chunked_scores_put_every_token_back_in_its_place():
     np.testing.assert_array_equal(hits, jnp.argmax(logits, -1) == targets)
 
 
-def test_a_loss_chunk_that_does_not_divide_the_length_is_refused():
+def test_chunk_counts_prefer_a_divisor_of_the_length_and_otherwise_pad():
     from model.chunks import chunk_count
     assert chunk_count(32, 8) == 4 and chunk_count(32, 0) == 1 and chunk_count(32, 64) == 1
-    with pytest.raises(ValueError, match="loss_chunk_tokens \\(12\\) must divide the length \\(32\\)"):
-        chunk_count(32, 12)
+    assert chunk_count(32, 12) == 4            # 3 chunks would not divide 32: 4 of 8 tokens
+    assert chunk_count(333, 64) == 9           # 6..12 chunks: 9 of 37 tokens divide it
+    assert chunk_count(337, 64) == 6           # a prime: 6 chunks of 57, padded to 342
+
+
+@pytest.mark.parametrize("length,chunk", [(37, 8), (30, 12)])
+def test_a_chunked_loss_at_a_length_the_chunk_does_not_divide_equals_the_full_loss(length, chunk):
+    tokens, targets = random_tokens(14, length=length), random_tokens(15, length=length)
+    full_loss, full_grads = chunked_loss_and_grads(SMALL, tokens, targets)
+    cfg = dataclasses.replace(SMALL, loss_chunk_tokens=chunk, mlp_chunk_tokens=chunk)
+    loss, grads = chunked_loss_and_grads(cfg, tokens, targets)
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(full_grads)):
+        scale = float(jnp.abs(b[...]).max())
+        np.testing.assert_allclose(a[...], b[...], rtol=0, atol=1e-6 * scale, err_msg=str(path))
 
 
 def test_the_chunked_loss_over_a_sequence_split_on_seq_4_equals_the_one_device_loss():

@@ -292,7 +292,7 @@ def test_a_misspelled_config_key_is_rejected_on_the_command_line(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("--config.mesh.seq=3", "devices"),
     ("--config.model.kv_heads=3", "multiple of model.kv_heads"),
-    ("--config.curriculum.l_max=200", "multiple of model.block_q"),
+    ("--config.eval.batch_size=3", "multiple of mesh data x fsdp"),   # a physical rule
     ("--config.data.path=/no/such/dir/*.txt", "no file"),
 ])
 def test_impossible_settings_fail_with_one_clear_line_before_compiling(tmp_path, override, message):

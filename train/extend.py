@@ -16,6 +16,8 @@ from model.positions import normalize_rope_scaling
 from train import workdir_config
 
 SCALINGS = ("linear", "yarn")
+# scalings relative to an original length, raised by setting factor = T / that length
+SCALED_FROM_ORIGINAL = ("yarn", "llama3", "longrope")
 
 
 def trained_length(source) -> int:
@@ -36,10 +38,11 @@ def resolve(config) -> tuple:
         T / L0}, or with extend.scaling = "yarn" {"rope_type": "yarn", "factor": T / L0,
         "original_max_position_embeddings": L0};
       RoPE, a scaled source keeps its scaling's type (extend.scaling is not used) and
-        raises its factor: linear f -> f x T / L0; yarn or llama3 (e.g. an imported
-        Llama 3.x) with original length O -> T / O, its other keys kept (yarn's
-        attention_factor is recomputed from the new factor). T must exceed
-        the length the source covers (covered_length);
+        raises its factor: linear f -> f x T / L0; yarn, llama3 or longrope (e.g. an
+        imported Llama 3.x, a DeepSeek-style YaRN with mscale keys, a Phi-3 longrope) with
+        original length O -> T / O, its other keys kept (yarn's and longrope's
+        attention_factor is recomputed from the new factor; longrope's per-frequency
+        factors stay). T must exceed the length the source covers (covered_length);
       learned positions: model.learned_positions_length = T (the table is interpolated from
         the source's rows when the weights are loaded);
       model.attention = "ring" when mesh.seq > 1;
@@ -120,10 +123,10 @@ def _source_scaling(source) -> dict | None:
 
 def covered_length(source) -> int:
     """The length the source's positions reach: its trained length, or for a scaling with
-    an original length (yarn, llama3: Llama 3.x) that length x factor."""
+    an original length (yarn, llama3: Llama 3.x, longrope) that length x factor."""
     scaling = _source_scaling(source)
     if scaling and scaling.get("original_max_position_embeddings") and \
-            scaling["rope_type"] in ("yarn", "llama3"):
+            scaling["rope_type"] in SCALED_FROM_ORIGINAL:
         return max(trained_length(source),
                    round(scaling["original_max_position_embeddings"] * scaling["factor"]))
     return trained_length(source)
@@ -142,12 +145,13 @@ def _extended_scaling(source, kind: str, original: int, target: int, name: str) 
     rope_type = before["rope_type"]
     if rope_type == "linear":                            # positions / f, then / (T / L)
         return {"rope_type": "linear", "factor": before["factor"] * target / original}
-    if rope_type in ("yarn", "llama3") and before.get("original_max_position_embeddings"):
-        # yarn's attention factor follows from the factor: recomputed for the new one
+    if rope_type in SCALED_FROM_ORIGINAL and before.get("original_max_position_embeddings"):
+        # yarn's and longrope's attention factors follow from the factor: recomputed
         kept = {k: v for k, v in before.items() if v is not None and k != "attention_factor"}
         return {**kept, "factor": target / before["original_max_position_embeddings"]}
     raise ValueError(f"the model of {name} runs with a {rope_type!r} RoPE scaling, which "
-                     "extend cannot raise; supported sources: unscaled, linear, yarn, llama3")
+                     "extend cannot raise; supported sources: unscaled, linear, yarn, llama3, "
+                     "longrope")
 
 
 def _plain(value):

@@ -143,11 +143,13 @@ def _from_json(value):
     return value
 
 
-# The model keys that fix the parameters (and the RoPE base the weights were trained with):
+# The model keys that fix the parameters and what the model computes with them (its sliding
+# window; and the RoPE base the weights were trained with):
 # a run that starts from another workdir's weights (train.init_from) takes them from it.
 ADOPTED_MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
                       "mlp_dim", "position", "tie_embeddings", "norm_eps", "norm", "mlp",
-                      "qkv_bias", "attention_out_bias", "mlp_bias")
+                      "qkv_bias", "attention_out_bias", "mlp_bias", "sliding_window",
+                      "layer_types")
 
 
 def adopt_model(config, workdir: str) -> tuple[config_dict.ConfigDict, list[str]]:
