@@ -287,8 +287,19 @@ def blockwise_attention(q, k, v, *, positions=None, segment_ids=None, causal=Tru
     if k.shape[1] != q.shape[1]:
         raise ValueError("self-attention: q and k must have the same length")
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
-    positions, segment_ids = positions.astype(jnp.int32), segment_ids.astype(jnp.int32)
-    return _blockwise(q, k, v, positions, positions, segment_ids, segment_ids,
+    return blockwise_chunk_attention(q, k, v, positions, positions, segment_ids, segment_ids,
+                                     causal=causal, sliding_window=sliding_window,
+                                     block_q=block_q, block_k=block_k)
+
+
+def blockwise_chunk_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True,
+                              sliding_window=None, block_q: int = 256, block_k: int = 256):
+    """The queries of one chunk [b, lq, hq, d] over the keys/values of another
+    [b, lk, hk, d] (any lengths; positions and segment ids [b, lq] / [b, lk] each), with
+    the kernel's own backward pass: what all-gather sequence parallelism runs on each
+    device (parallel/sequence_parallel.py)."""
+    return _blockwise(q, k, v, q_pos.astype(jnp.int32), k_pos.astype(jnp.int32),
+                      q_seg.astype(jnp.int32), k_seg.astype(jnp.int32),
                       window_argument(sliding_window), bool(causal), block_q, block_k)
 
 

@@ -90,9 +90,10 @@ def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
 
 
 def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axis_size, hops,
-                  causal, block_q, block_k):
+                  causal, block_q, block_k, stride=1):
     """Per-device forward over this device's keys and `hops` others: (out float32, lse,
-    tiles computed, hops computed)."""
+    tiles computed, hops computed). K/V move `stride` devices per hop (1: the plain ring;
+    the hybrid's ring links the devices of the same rank in each group)."""
     b, lq, hq, d = q.shape
 
     def attend(kv, out, lse, tiles, computed):
@@ -111,7 +112,7 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
 
     def hop(carry, _):
         kv, out, lse, tiles, computed = carry
-        next_kv = _shift(kv, axis_name, axis_size)          # issued before this hop's math
+        next_kv = _shift(kv, axis_name, axis_size, stride)  # issued before this hop's math
         out, lse, tiles, computed = attend(kv, out, lse, tiles, computed)
         return (next_kv, out, lse, tiles, computed), None
 
@@ -124,7 +125,7 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
 
 
 def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out, *,
-                   axis_name, axis_size, hops, causal, block_q, block_k):
+                   axis_name, axis_size, hops, causal, block_q, block_k, stride=1):
     """Per-device backward: dq stays home; dK/dV ride along with K/V and go home at the
     end (one more shift for the full ring, `hops` back for a shortened one)."""
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
@@ -142,22 +143,22 @@ def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out,
 
     def hop(carry, _):
         kv, dk, dv, dq = carry
-        next_kv = _shift(kv, axis_name, axis_size)          # issued before this hop's math
+        next_kv = _shift(kv, axis_name, axis_size, stride)  # issued before this hop's math
         dq, dk, dv = accumulate(kv, (dq, dk, dv))
-        dk, dv = _shift((dk, dv), axis_name, axis_size)     # dK/dV follow their K/V
+        dk, dv = _shift((dk, dv), axis_name, axis_size, stride)  # dK/dV follow their K/V
         return (next_kv, dk, dv, dq), None
 
     kv = (k, v, k_pos, k_seg)
     dk, dv = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
     dq = jnp.zeros(q.shape, jnp.float32)
     kv, dk, dv, dq = _run_hops(hop, (kv, dk, dv, dq), hops)
-    # The K/V here came from device i - hops; after adding our part, dK/dV go back there.
+    # The K/V here came from `hops` members back; after adding our part, dK/dV go there.
     dq, dk, dv = accumulate(kv, (dq, dk, dv))
-    dk, dv = _shift((dk, dv), axis_name, axis_size, offset=-hops)
+    dk, dv = _shift((dk, dv), axis_name, axis_size, offset=-hops * stride)
     return dq, dk, dv
 
 
-def _local_ring(options: dict):
+def local_ring(options: dict):
     """The per-device ring attention with its custom backward ring: (q, k, v, q_pos,
     q_seg, k_pos, k_seg, window) -> out (keys start as the device's own tokens)."""
 
@@ -259,7 +260,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=Non
     positions, segment_ids, padded, options = _ring_setup(
         q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,
         block_k)
-    ring = _local_ring(options)
+    ring = local_ring(options)
     window = window_argument(sliding_window)
 
     def local(q, k, v, pos, seg, window):

@@ -1,0 +1,134 @@
+"""Specification of parallel/sequence_parallel.py: every strategy (ring, Ulysses,
+all-gather, hybrid) equals the independent reference (1e-5 forward, 1e-4 gradients) on
+meshes (8,) and data 2 x seq 4, with GQA 8 query / 2 KV heads (Ulysses over 8 devices
+replicates KV), packed documents, zigzag order and lengths 512 and 333; the kernel choice
+and its fallbacks; and one line for what cannot split."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from parallel.layout import apply_layout, restore_layout
+from parallel.mesh import make_mesh
+from parallel.sequence_parallel import (choose_kernel, sequence_attention, zigzag_devices)
+from tests.helpers import random_qkv
+from tests.test_any_length import check_against_reference
+
+MESHES = {"seq8": dict(data=1, fsdp=1, seq=8, tensor=1),
+          "data2_seq4": dict(data=2, fsdp=1, seq=4, tensor=1)}
+CASES = [("ring", None), ("ulysses", None), ("allgather", None), ("hybrid", 2), ("hybrid", 4)]
+
+
+def strategy_fn(mesh_name, strategy, degree, *, causal=True, window=None, layout="zigzag",
+                kernel="blockwise", implementation="cudnn"):
+    """attention(q, k, v, positions, segments) through `strategy` with the tokens in
+    `layout` order (permuted in, restored out)."""
+    mesh = make_mesh(MESHES[mesh_name], jax.devices())
+    seq = mesh.shape["seq"]
+    parts = zigzag_devices(strategy, seq, degree) if layout == "zigzag" else seq
+
+    def attention(q, k, v, positions, segments):
+        length = q.shape[1]
+        laid = apply_layout({"q": q, "k": k, "v": v, "p": positions, "segment_ids": segments},
+                            layout, parts)
+        out = sequence_attention(laid["q"], laid["k"], laid["v"], mesh=mesh, strategy=strategy,
+                                 ulysses_degree=degree, positions=laid["p"],
+                                 segment_ids=laid["segment_ids"], causal=causal,
+                                 sliding_window=window, kernel=kernel, block_q=32, block_k=32,
+                                 fused_implementation=implementation)
+        return restore_layout({"out": out}, layout, parts, length)["out"]
+    return attention
+
+
+def case_id(case):
+    strategy, degree = case
+    return strategy if degree is None else f"{strategy}{degree}"
+
+
+FAST = {("seq8", 333, case) for case in CASES}
+
+
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+@pytest.mark.parametrize("length", [512, 333])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_strategy_equals_the_reference(mesh_name, length, case, request):
+    if mesh_name == "data2_seq4" and case == ("hybrid", 4):
+        pytest.skip("hybrid of degree 4 on seq 4 is Ulysses (one group): covered there")
+    if (mesh_name, length, case) not in FAST:
+        request.applymarker(pytest.mark.slow)
+    strategy, degree = case
+    batch = 4 if mesh_name == "data2_seq4" else 2
+    check_against_reference(strategy_fn(mesh_name, strategy, degree), length, causal=True,
+                            seed=length + len(strategy), batch=batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_every_strategy_is_exact_without_causality_and_with_a_window(case):
+    strategy, degree = case
+    check_against_reference(strategy_fn("seq8", strategy, degree, causal=False), 200,
+                            causal=False, seed=3)
+    check_against_reference(strategy_fn("seq8", strategy, degree, window=40), 200,
+                            causal=True, seed=4, window=40)
+
+
+def test_ulysses_over_more_devices_than_kv_heads_replicates_them():
+    # 8 query / 2 KV heads on 8 devices: each KV head goes to the 4 devices that read it
+    check_against_reference(strategy_fn("seq8", "ulysses", None, layout="contiguous"), 64,
+                            causal=True, seed=5, packed=False)
+
+
+def test_heads_that_do_not_split_over_the_all_to_all_are_one_line():
+    mesh = make_mesh(MESHES["seq8"], jax.devices())
+    q, k, v = random_qkv(1, 1, 64, 4, 2, 16)                   # 4 query heads over 8
+    with pytest.raises(ValueError, match="4 query heads per device do not split over mesh.seq"):
+        sequence_attention(q, k, v, mesh=mesh, strategy="ulysses")
+    q, k, v = random_qkv(1, 1, 64, 12, 3, 16)                  # 3 KV heads over 2
+    with pytest.raises(ValueError, match="3 key-value heads per device neither split"):
+        sequence_attention(q, k, v, mesh=mesh, strategy="hybrid", ulysses_degree=2)
+    with pytest.raises(ValueError, match="model.ulysses_degree must be a positive divisor"):
+        sequence_attention(q, k, v, mesh=mesh, strategy="hybrid", ulysses_degree=3)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_auto_takes_blockwise_off_gpu_and_says_why_once():
+    said = []
+    assert choose_kernel("auto", strategy="ulysses", platform="cpu", in_order=True,
+                         say=said.append) == "blockwise"
+    assert len(said) == 1 and "needs an NVIDIA GPU" in said[0]
+
+
+@pytest.mark.parametrize("strategy,in_order,reason", [
+    ("ring", True, "no whole-sequence call"), ("allgather", True, "no whole-sequence call"),
+    ("hybrid", True, "no whole-sequence call"), ("ulysses", False, "packed documents")])
+def test_auto_on_a_gpu_falls_back_where_cudnn_cannot_apply(strategy, in_order, reason):
+    said = []
+    assert choose_kernel("auto", strategy=strategy, platform="gpu", in_order=in_order,
+                         say=said.append) == "blockwise"
+    assert reason in said[0]
+
+
+def test_auto_on_a_gpu_takes_cudnn_for_one_device_and_ulysses_on_rows_in_order():
+    for strategy in ("none", "ulysses"):
+        assert choose_kernel("auto", strategy=strategy, platform="gpu", in_order=True,
+                             say=pytest.fail) == "cudnn"
+
+
+def test_asking_for_cudnn_where_it_cannot_apply_is_one_line():
+    with pytest.raises(ValueError, match="cudnn attention needs an NVIDIA GPU"):
+        choose_kernel("cudnn", strategy="none", platform="cpu", in_order=True)
+    with pytest.raises(ValueError, match="packed documents or in a permuted layout"):
+        choose_kernel("cudnn", strategy="ulysses", platform="gpu", in_order=False)
+    with pytest.raises(ValueError, match="attention_kernel must be one of"):
+        choose_kernel("flash", strategy="none", platform="gpu", in_order=True)
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_the_fused_path_of_ulysses_equals_the_reference_on_rows_in_order(window):
+    """The cudnn call with XLA's implementation (same function, any platform): on one
+    document in sequence order it is the reference."""
+    fn = strategy_fn("seq8", "ulysses", None, layout="contiguous", kernel="cudnn",
+                     implementation="xla", window=window)
+    check_against_reference(fn, 128, causal=True, seed=6, packed=False, window=window)
