@@ -98,8 +98,8 @@ def main(argv=None):
             "loss_mask": np.ones((rows, length), np.float32)}
     _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows)   # this process's
     batch = put_batch({k: v[offset:offset + local_rows] for k, v in host.items()}, run.mesh,
-                      rows, config.mesh.layout)
-    step = make_train_step(run, int(config.train.grad_accum_steps))
+                      rows, run.layout, run.layout_parts)
+    step = make_train_step(run, int(config.train.grad_accum_steps), length)
     times = []
     with mesh_lib.use_mesh(run.mesh):
         for i in range(args.warmup + args.steps):

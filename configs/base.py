@@ -27,7 +27,16 @@ def get_config() -> config_dict.ConfigDict:
     # None, or a Hugging Face `rope_scaling` dict, e.g. {"rope_type": "linear", "factor": 4.0}.
     # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
     model.rope.scaling = config_dict.placeholder(object)
-    model.attention = "blockwise"  # dense | blockwise | ring
+    # dense | blockwise | ring | ulysses | allgather | hybrid (the last four split the
+    # sequence over mesh.seq: parallel/sequence_parallel.py)
+    model.attention = "blockwise"
+    # hybrid: all-to-all inside groups of this many neighbouring devices (a divisor of
+    # mesh.seq), ring across the groups
+    model.ulysses_degree = config_dict.placeholder(int)
+    # the per-device kernel: auto | blockwise | cudnn (NVIDIA GPUs, whole-sequence calls on
+    # one device or with ulysses, rows that are one document in order); auto picks cudnn
+    # where it applies and says why not otherwise
+    model.attention_kernel = "auto"
     # largest query / key-value block of the blockwise/ring kernels; any length runs (a
     # sequence is padded internally by less than one block)
     model.block_q = 256
@@ -130,7 +139,8 @@ def get_config() -> config_dict.ConfigDict:
     # drawn from config.seed (each level keeps its share of the steps).
     curriculum.order = "ascending"  # ascending | interleaved
     # move devices from mesh.data to mesh.seq as the length grows (and the batch shrinks),
-    # so every device keeps the same rows and local length; needs model.attention="ring".
+    # so every device keeps the same rows and local length; needs a sequence-parallel
+    # model.attention (ring, ulysses, allgather, hybrid).
     curriculum.relayout = True
     # budget share per level, positive, summing to 1. None: 2^-(k+1), the last level also
     # takes the remainder (K=4: 0.5, 0.25, 0.125, 0.125).
@@ -152,8 +162,10 @@ def get_config() -> config_dict.ConfigDict:
     mesh.fsdp = 1
     mesh.seq = 1
     mesh.tensor = 1
-    # token order along the seq axis: zigzag balances causal ring attention across devices
-    mesh.layout = "zigzag"        # zigzag | contiguous
+    # token order along the seq axis: zigzag balances causal work (ring, allgather; the
+    # hybrid's groups), contiguous keeps sequence order (ulysses; a sliding window's
+    # shorter ring); auto: what model.attention needs
+    mesh.layout = "auto"          # auto | zigzag | contiguous
     config.mesh = mesh
 
     # --- checkpoints ------------------------------------------------------------------
@@ -228,6 +240,13 @@ def get_config() -> config_dict.ConfigDict:
     plan.devices = 0
     # > 0: also find the longest length whose train step fits this many GiB per device
     plan.memory_budget_gib = 0.0
+    # with mesh.seq > 1 at the last level: compile its step with each of these
+    # sequence-parallel strategies and show them side by side (() = only the config's)
+    plan.strategies = ("ring", "ulysses", "allgather", "hybrid")
+    # link bandwidths the collective bytes are timed at, GB/s: within a host (NVLink) and
+    # across hosts (the hybrid's ring crosses hosts, its all-to-all stays within one)
+    plan.intra_host_gbps = 450.0
+    plan.inter_host_gbps = 50.0
     config.plan = plan
 
     # --- context extension (configs/extend.py; train/extend.py) -----------------------

@@ -1,8 +1,8 @@
 """Per-token scores of host batches on a mesh: the one jitted scoring function, the
 Scorer that moves batches on and scores off the mesh, and its compiled memory.
 
-`run` is the trainer's Run (train/state.py), read for .mesh, .graphdef, .config.mesh.layout
-and .state_shardings["params"]; nothing here imports train/.
+`run` is the trainer's Run (train/state.py), read for .mesh, .graphdef, .layout,
+.layout_parts and .state_shardings["params"]; nothing here imports train/.
 """
 from __future__ import annotations
 
@@ -37,16 +37,16 @@ class Scorer:
         run = self.run
         rows, length = batch["tokens"].shape
         seq = run.mesh.shape["seq"]
-        layout = run.config.mesh.layout
+        layout, parts = run.layout, run.layout_parts
         _, _, local_rows, offset = mesh_lib.data_shard(run.mesh, rows)
         local = {k: v[offset:offset + local_rows] for k, v in batch.items()}
-        local = layout_lib.apply_layout(local, layout, seq)
+        local = layout_lib.apply_layout(local, layout, seq, parts)
         device_batch = mesh_lib.host_batch_to_global(local, run.mesh, rows, row_offset=offset)
         with mesh_lib.use_mesh(run.mesh):
             nll, is_argmax = self._score(self.params, device_batch, length)
         nll, is_argmax = multihost_utils.process_allgather((nll, is_argmax), tiled=True)
         restored = layout_lib.restore_layout({"nll": np.asarray(nll), "hit": np.asarray(is_argmax)},
-                                             layout, seq, length)
+                                             layout, seq, length, parts)
         return np.asarray(restored["nll"], np.float64), np.asarray(restored["hit"])
 
 
@@ -54,7 +54,8 @@ def scoring_bytes(run, abstract_params, rows: int, length: int) -> int:
     """Bytes one device holds while scoring a [rows, length] batch on run's mesh (arguments
     + outputs + temporaries - aliased, from compile().memory_analysis())."""
     sharding = mesh_lib.batch_sharding(run.mesh)
-    laid_out = layout_lib.layout_length(length, run.config.mesh.layout, run.mesh.shape["seq"])
+    laid_out = layout_lib.layout_length(length, run.layout, run.mesh.shape["seq"],
+                                        run.layout_parts)
     batch = {key: jax.ShapeDtypeStruct((rows, laid_out), dtype, sharding=sharding)
              for key, dtype in (("tokens", np.int32), ("targets", np.int32),
                                 ("positions", np.int32), ("segment_ids", np.int32),

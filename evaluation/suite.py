@@ -23,6 +23,7 @@ from evaluation import perplexity, report
 from evaluation import retrieval as retrieval_lib
 from evaluation.progress import Progress
 from evaluation.scoring import Scorer, memory_fits
+from model.attention import SEQUENCE_PARALLEL
 
 DEPTHS = tuple(i / 10 for i in range(11))   # 0%, 10%, ..., 100%
 
@@ -137,7 +138,8 @@ def greedy_generator(run, params):
         raise ValueError('eval.retrieval_scoring="generate" runs in a single process')
     mc = run.model_config
     model_config = dataclasses.replace(
-        mc, attention="dense" if mc.attention == "ring" else mc.attention, remat="none")
+        mc, attention="dense" if mc.attention in SEQUENCE_PARALLEL else mc.attention,
+        remat="none")
     from parallel import mesh as mesh_lib
 
     device = jax.local_devices()[0]

@@ -83,6 +83,10 @@ def cached_attention(q, k, v, cache: KVCache, layer, window=None):
 
 
 AttentionFn = Callable[..., jax.Array]
+# model.attention names whose function splits the sequence over a mesh (parallel/
+# sequence_parallel.py builds them; the model itself only knows the names)
+SEQUENCE_PARALLEL = ("ring", "ulysses", "allgather", "hybrid")
+ATTENTION_KINDS = ("dense", "blockwise") + SEQUENCE_PARALLEL
 ATTENTION_OUT = "attention_out"   # checkpoint name of the attention kernel's output
 
 
@@ -93,7 +97,7 @@ def attention_function(name: str, *, block_q: int = 256, block_k: int = 256) -> 
         return dot_product_attention
     if name == "blockwise":
         return functools.partial(blockwise_attention, block_q=block_q, block_k=block_k)
-    raise ValueError(f"unknown model.attention {name!r}: expected dense, blockwise or ring")
+    raise ValueError(f"unknown model.attention {name!r}: expected one of {ATTENTION_KINDS}")
 
 
 class Attention(nnx.Module):

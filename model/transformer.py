@@ -25,7 +25,8 @@ import numpy as np
 from flax import nnx
 
 from model import positions as pos_lib
-from model.attention import Attention, AttentionFn, attention_function
+from model.attention import (ATTENTION_KINDS, SEQUENCE_PARALLEL, Attention, AttentionFn,
+                             attention_function)
 from model import remat as remat_lib
 from model.chunks import chunk_count, map_chunks
 from model.kv_cache import KVCache, empty_cache
@@ -123,8 +124,9 @@ class ModelConfig:
                              f"model.kv_heads ({self.kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even model.head_dim, got {self.head_dim}")
-        if self.attention not in ("dense", "blockwise", "ring"):
-            raise ValueError(f"model.attention must be dense, blockwise or ring, got {self.attention!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"model.attention must be one of {ATTENTION_KINDS}, got "
+                             f"{self.attention!r}")
         if self.norm not in NORM_KINDS:
             raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {self.norm!r}")
         remat_lib.policy_name(self.remat)
@@ -213,9 +215,9 @@ class Transformer(nnx.Module):
                  attention_fn: AttentionFn | None = None):
         cfg.validate()
         if attention_fn is None:
-            if cfg.attention == "ring":
-                raise ValueError("model.attention='ring' needs the ring function from "
-                                 "parallel.ring_attention (the trainer passes it)")
+            if cfg.attention in SEQUENCE_PARALLEL:
+                raise ValueError(f"model.attention={cfg.attention!r} needs its function from "
+                                 "parallel.sequence_parallel (the trainer passes it)")
             attention_fn = attention_function(cfg.attention, block_q=cfg.block_q,
                                               block_k=cfg.block_k)
         self.cfg = cfg

@@ -18,6 +18,7 @@ the tokens back in order and drops that padding.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import jax
@@ -76,14 +77,18 @@ def _permute(batch, devices, inverse):
     return out
 
 
-def layout_length(length: int, layout: str, devices: int) -> int:
+def layout_length(length: int, layout: str, devices: int, parts: int | None = None) -> int:
     """The length of a `length`-token batch once laid out over `devices` sequence shards:
-    rounded up to whole zigzag chunks (2 x devices) or slices (devices)."""
+    rounded up to whole slices (devices) and, for zigzag, whole chunks (2 x parts; parts:
+    the units the zigzag balances, default every device; the hybrid strategy balances
+    its groups)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sequence layout {layout!r}: expected one of {LAYOUTS}")
     if devices == 1:
         return length
-    multiple = 2 * devices if layout == "zigzag" else devices
+    multiple = devices
+    if layout == "zigzag":
+        multiple = math.lcm(devices, 2 * (parts or devices))
     return -(-length // multiple) * multiple
 
 
@@ -100,22 +105,23 @@ def pad_batch(batch: Mapping[str, np.ndarray], length: int) -> dict[str, np.ndar
     return out
 
 
-def apply_layout(batch: Mapping[str, np.ndarray], layout: str, devices: int) -> dict:
+def apply_layout(batch: Mapping[str, np.ndarray], layout: str, devices: int,
+                 parts: int | None = None) -> dict:
     """The batch in `layout` over `devices` sequence shards: padded to layout_length, then
-    permuted (zigzag); the batch itself for 1 device."""
+    permuted (zigzag over `parts`, default the devices); the batch itself for 1 device."""
     length = next(iter(batch.values())).shape[1]
-    batch = pad_batch(batch, layout_length(length, layout, devices))
-    if layout == "contiguous" or devices == 1:
+    batch = pad_batch(batch, layout_length(length, layout, devices, parts))
+    if layout == "contiguous" or devices == 1 or (parts or devices) == 1:
         return batch
-    return to_zigzag(batch, devices)
+    return to_zigzag(batch, parts or devices)
 
 
 def restore_layout(batch: Mapping[str, np.ndarray], layout: str, devices: int,
-                   length: int) -> dict:
+                   length: int, parts: int | None = None) -> dict:
     """The inverse of `apply_layout` for a batch that had `length` tokens: the original
     order, padding dropped."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown sequence layout {layout!r}: expected one of {LAYOUTS}")
-    if layout == "zigzag" and devices > 1:
-        batch = from_zigzag(batch, devices)
+    if layout == "zigzag" and devices > 1 and (parts or devices) > 1:
+        batch = from_zigzag(batch, parts or devices)
     return {name: array[:, :length] for name, array in batch.items()}

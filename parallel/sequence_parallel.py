@@ -23,7 +23,6 @@ order: model/fused_attention.py); `choose_kernel` resolves "auto".
 from __future__ import annotations
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +36,6 @@ from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 from parallel.ring_attention import local_ring, ring_attention, ring_hops
 
-log = logging.getLogger("boundless")
-
 STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
 KERNELS = ("auto", "blockwise", "cudnn")
 # The layout each strategy wants its tokens in (parallel/layout.py): the ring and the
@@ -46,6 +43,23 @@ KERNELS = ("auto", "blockwise", "cudnn")
 # device, where sequence order lets the kernel skip the causal upper triangle by block.
 STRATEGY_LAYOUTS = {"ring": "zigzag", "allgather": "zigzag", "ulysses": "contiguous",
                     "hybrid": "zigzag"}
+
+
+LAYOUT_SETTINGS = ("auto",) + LAYOUTS       # mesh.layout
+
+
+def batch_layout(attention: str, setting: str, seq: int, ulysses_degree=None
+                 ) -> tuple[str, int]:
+    """(layout, zigzag parts) of the batches for model.attention `attention` over `seq`
+    devices: mesh.layout "auto" takes the strategy's (STRATEGY_LAYOUTS), "zigzag" or
+    "contiguous" as set; the zigzag balances `parts` units (zigzag_devices)."""
+    if setting not in LAYOUT_SETTINGS:
+        raise ValueError(f"mesh.layout must be one of {LAYOUT_SETTINGS}, got {setting!r}")
+    layout = STRATEGY_LAYOUTS.get(attention, "zigzag") if setting == "auto" else setting
+    parts = zigzag_devices(attention, seq, ulysses_degree) if layout == "zigzag" else 1
+    if attention == "ulysses" and layout == "zigzag":
+        parts = seq                                   # asked for: any order works
+    return layout, max(parts, 1)
 
 
 def zigzag_devices(strategy: str, seq: int, ulysses_degree: int | None) -> int:
@@ -60,8 +74,18 @@ def zigzag_devices(strategy: str, seq: int, ulysses_degree: int | None) -> int:
 # ----------------------------------------------------------------------------- kernels
 
 
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Print `message` the first time this process is told it."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(message, flush=True)
+
+
 def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: bool,
-                  say=log.info) -> str:
+                  say=say_once) -> str:
     """The per-device kernel for `requested` (auto | blockwise | cudnn).
 
     cudnn needs an NVIDIA GPU and a whole-sequence call on rows that are one document in
@@ -100,6 +124,19 @@ def local_attention(kernel: str, *, causal: bool, static_window, block_q: int,
     return lambda q, k, v, positions, segments, window: blockwise_attention(
         q, k, v, positions=positions, segment_ids=segments, causal=causal,
         sliding_window=window, block_q=block_q, block_k=block_k)
+
+
+def local_kernel_function(kernel: str, *, block_q: int = 256, block_k: int = 256):
+    """The attention-function form (q, k, v, *, positions, segment_ids, causal,
+    sliding_window) of `kernel` on one device; the fused kernel assumes rows in order
+    (choose_kernel checked that)."""
+    def attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
+                  sliding_window=None):
+        positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+        return local_attention(kernel, causal=causal, static_window=sliding_window,
+                               block_q=block_q, block_k=block_k)(
+            q, k, v, positions, segment_ids, sliding_window)
+    return attention
 
 
 # ----------------------------------------------------------------------------- validation

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from evaluation.tables import format_table
+from model.attention import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 from parallel.mesh import MESH_AXES, mesh_shape
 
@@ -329,10 +330,11 @@ def make_plan(config, device_count: int) -> Plan:
             m = _relayout_factor(lengths[k], l_max, sizes["data"])
             sizes["data"] //= m
             sizes["seq"] *= m
-        if sizes["seq"] > 1 and sizes["seq"] != base["seq"] and config.model.attention != "ring":
+        if sizes["seq"] > 1 and sizes["seq"] != base["seq"] and \
+                config.model.attention not in SEQUENCE_PARALLEL:
             raise ValueError(f"curriculum level {k} moves devices onto mesh.seq "
-                             f"({sizes['seq']}, curriculum.relayout): set "
-                             f"model.attention='ring' or curriculum.relayout=False")
+                             f"({sizes['seq']}, curriculum.relayout): set model.attention to "
+                             f"one of {SEQUENCE_PARALLEL} or curriculum.relayout=False")
         row_groups = sizes["data"] * sizes["fsdp"]
         if batches[k] % row_groups:
             raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 
+from model.attention import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 from train import workdir_config
 
@@ -106,7 +107,7 @@ def resolve(config) -> tuple:
         elif rows < target:
             raise ValueError(f"model.learned_positions_length ({rows}) is shorter than "
                              f"extend.target_length ({target}); leave it 0")
-    if config.mesh.seq > 1:
+    if config.mesh.seq > 1 and config.model.attention not in SEQUENCE_PARALLEL:
         set_key(config.model, "attention", "ring", "model.attention")
     warmup = int(config.extend.warmup_steps)
     if warmup > 0:

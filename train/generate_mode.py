@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from evaluation.generate import generate
+from model.attention import SEQUENCE_PARALLEL
 from model.transformer import Transformer
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
@@ -64,7 +65,8 @@ def generate_workdir(config, workdir: str) -> dict:
     # cache's own attention serves every step
     model_config = dataclasses.replace(
         run.model_config, rope_theta=level.rope_theta, rope_scaling_json=level.rope_scaling_json,
-        attention="dense" if run.model_config.attention == "ring" else run.model_config.attention,
+        attention="dense" if run.model_config.attention in SEQUENCE_PARALLEL
+        else run.model_config.attention,
         remat="none")
     # weights whole on every device (split over `tensor` only): no gather per decoding step
     params = jax.device_put(state["params"],

@@ -12,6 +12,7 @@ once (the scanned layers, the blockwise kernel's block loops), so it is a lower 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -26,7 +27,10 @@ from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
 from evaluation.tables import format_table
 from model.flops import training_flops_per_step
+from model.attention import SEQUENCE_PARALLEL
+from parallel import collectives
 from parallel import layout as layout_lib
+from parallel import sequence_parallel
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
 from train.state import abstract_state, build_run
@@ -40,7 +44,8 @@ PLAN_FILE = "plan.json"
 def abstract_batch(run, rows: int, length: int) -> dict:
     """The input batch of a step as ShapeDtypeStructs in the mesh's batch sharding."""
     sharding = mesh_lib.batch_sharding(run.mesh)
-    length = layout_lib.layout_length(length, run.config.mesh.layout, run.mesh.shape["seq"])
+    length = layout_lib.layout_length(length, run.layout, run.mesh.shape["seq"],
+                                      run.layout_parts)
     batch = {name: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
              for name in ("tokens", "targets", "positions", "segment_ids")}
     batch["loss_mask"] = jax.ShapeDtypeStruct((rows, length), jnp.float32, sharding=sharding)
@@ -48,6 +53,8 @@ def abstract_batch(run, rows: int, length: int) -> dict:
 
 
 def _measured(compiled, seconds: float) -> dict:
+    """Memory (memory_analysis), XLA FLOPs, the collectives of the compiled HLO and the
+    compile time of a compiled step."""
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -56,7 +63,8 @@ def _measured(compiled, seconds: float) -> dict:
     # donated inputs that outputs reuse count once
     parts["total"] = parts["arguments"] + parts["temp"] + parts["output"] - parts["alias"]
     return {"bytes_per_device": {k: int(v) for k, v in parts.items()},
-            "xla_flops": float(cost.get("flops", 0.0)), "compile_s": round(seconds, 2)}
+            "xla_flops": float(cost.get("flops", 0.0)), "compile_s": round(seconds, 2),
+            "collective_bytes": collectives.collective_bytes(compiled.as_text())}
 
 
 def train_step_entry(config, level) -> dict:
@@ -146,6 +154,80 @@ def _fit(result, budget_bytes):
             "batch_size": result["batch_size"]}
 
 
+def strategy_configs(config, seq: int) -> list:
+    """(name, config) for each of plan.strategies that can split this model over `seq`
+    devices (heads divisible; the hybrid's degree: model.ulysses_degree, else the largest
+    proper divisor of seq whose all-to-all the heads allow), and (name, why not) for the
+    others."""
+    m = config.model
+    out = []
+    for strategy in config.plan.strategies or (m.attention,):
+        candidate = copy.deepcopy(config)
+        candidate.model.attention = strategy
+        degrees = [None]
+        if strategy == "hybrid":
+            degrees = [m.ulysses_degree] if m.ulysses_degree else \
+                [d for d in range(seq - 1, 1, -1) if seq % d == 0]
+        reason = None
+        for degree in degrees:
+            try:
+                d = sequence_parallel.check_degree(strategy, seq, degree)
+                sequence_parallel.check_heads(strategy, m.q_heads, m.kv_heads, d)
+                candidate.model.ulysses_degree = degree
+                reason = None
+                break
+            except ValueError as error:
+                reason = str(error)
+        if strategy == "hybrid" and not degrees:
+            reason = f"mesh.seq = {seq} has no proper divisor for the groups"
+        out.append((strategy, reason or candidate))
+    return out
+
+
+def strategy_entry(config, level, strategy: str, candidate) -> dict:
+    """The train step of `level` compiled with one strategy: memory, the collectives XLA
+    kept (bytes sent per device and step), the closed form and their time on the links."""
+    if isinstance(candidate, str):
+        return {"strategy": strategy, "skipped": candidate}
+    entry = train_step_entry(candidate, level)
+    m, p = candidate.model, candidate.plan
+    layers = m.n_layers
+    closed = collectives.closed_form_bytes(
+        strategy, length=level.seq_len, seq=level.mesh_dict["seq"], q_heads=m.q_heads,
+        kv_heads=m.kv_heads, head_dim=m.head_dim, batch=level.batch_size,
+        dtype_bytes=jnp.dtype(m.dtype).itemsize, ulysses_degree=m.ulysses_degree,
+        forward_passes=1 if m.remat == "none" else 2)
+    closed = {**closed, **{k: v * layers for k, v in closed.items() if k != "formula"}}
+    sent = entry["collective_bytes"]["traffic"]
+    seconds = {"intra_host": collectives.transfer_seconds(sent, p.intra_host_gbps),
+               "inter_host": collectives.transfer_seconds(sent, p.inter_host_gbps)}
+    if strategy == "hybrid":          # its all-to-all within a host, its ring across hosts
+        ring = entry["collective_bytes"]["collective-permute"]
+        seconds["placed"] = (collectives.transfer_seconds(sent - ring, p.intra_host_gbps)
+                             + collectives.transfer_seconds(ring, p.inter_host_gbps))
+    return {"strategy": strategy, "ulysses_degree": m.ulysses_degree, **entry,
+            "closed_form": closed, "collective_seconds": seconds}
+
+
+def format_strategies(entries: list, intra: float, inter: float) -> str:
+    rows = []
+    for e in entries:
+        if "skipped" in e:
+            rows.append([e["strategy"], "-", "-", "-", "-", "-", "-", e["skipped"]])
+            continue
+        name = e["strategy"] + (f" (U={e['ulysses_degree']})" if e.get("ulysses_degree") else "")
+        c, s = e["collective_bytes"], e["collective_seconds"]
+        kinds = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in c.items()
+                          if v and k != "traffic")
+        rows.append([name, f"{e['bytes_per_device']['total'] / GIB:.2f}",
+                     f"{c['traffic'] / 1e9:.3g}", f"{e['closed_form']['bytes'] / 1e9:.3g}",
+                     f"{s['intra_host']:.3g}", f"{s['inter_host']:.3g}",
+                     f"{s['placed']:.3g}" if "placed" in s else "", kinds])
+    return format_table(["strategy", "GiB per device", "GB sent per device (HLO)",
+                         "GB closed form", f"s at {intra:g} GB/s", f"s at {inter:g} GB/s",
+                         "s placed (hybrid)", "operands GB by collective (HLO)"], rows)
+
+
 def plan_workdir(config, workdir: str) -> dict:
     """Compile every level's train step and the longest evaluation's scoring step
     abstractly; print a table, write workdir/plan.json (process 0) and return its dict."""
@@ -156,6 +238,16 @@ def plan_workdir(config, workdir: str) -> dict:
         entry = {"level": level.index, **train_step_entry(config, level)}
         levels.append(entry)
         print(f"level {level.index}: compiled in {entry['compile_s']:.1f} s", flush=True)
+    strategies = []
+    last = plan.levels[-1]
+    if last.mesh_dict["seq"] > 1 and config.model.attention in SEQUENCE_PARALLEL:
+        print(f"sequence-parallel strategies at level {last.index} (length {last.seq_len}, "
+              f"seq {last.mesh_dict['seq']}):", flush=True)
+        for strategy, candidate in strategy_configs(config, last.mesh_dict["seq"]):
+            strategies.append(strategy_entry(config, last, strategy, candidate))
+            print(f"  {strategy}: " + ("skipped: " + strategies[-1]["skipped"]
+                                       if "skipped" in strategies[-1] else "compiled"),
+                  flush=True)
     eval_level = curriculum_lib.eval_level(config, plan)
     eval_entry = eval_step_entry(config, eval_level, max(evaluation_lengths(config)))
     budget = float(config.plan.memory_budget_gib)
@@ -166,6 +258,9 @@ def plan_workdir(config, workdir: str) -> dict:
         fit = longest_fit(config, plan.levels[-1], int(budget * GIB))
     result = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
               "levels": levels, "eval": eval_entry, "longest_fit": fit, "budget_gib": budget,
+              "strategies": strategies,
+              "link_gbps": {"intra_host": config.plan.intra_host_gbps,
+                            "inter_host": config.plan.inter_host_gbps},
               "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     print(format_plan(result), flush=True)
     if jax.process_index() == 0:
@@ -195,5 +290,10 @@ def format_plan(result: dict) -> str:
         lines.append(f"longest fit: length {fit['length']} ({fit['bytes_per_device'] / GIB:.2f} "
                      f"GiB per device of {fit['budget_gib']:g})" if fit else
                      f"longest fit: no length fits {result['budget_gib']:g} GiB per device")
+    if result.get("strategies"):
+        lines.append("sequence-parallel strategies at the last level (train step; bytes sent "
+                     "per device per step; seconds those take on one link):")
+        lines.append(format_strategies(result["strategies"], result["link_gbps"]["intra_host"],
+                                       result["link_gbps"]["inter_host"]))
     lines.append(f"host peak RSS {result['host_peak_rss_gib']:.2f} GiB")
     return "\n".join(lines)

@@ -20,7 +20,9 @@ from flax import nnx
 from data.tokenizers import make_tokenizer
 from model import positions as pos_lib
 from model.transformer import ModelConfig, Transformer
+from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
+from parallel import sequence_parallel
 from train import checkpoint as checkpoint_lib
 from train import workdir_config
 from train.optimizer import make_optimizer
@@ -38,21 +40,42 @@ class Run:
     graphdef: Any
     optimizer: optax.GradientTransformation
     state_shardings: Any
+    layout: str = "zigzag"         # the token order of batches on the seq axis
+    layout_parts: int = 1          # the units the zigzag layout balances
+    attention_fn: Any = None       # the model's attention function (None: its own)
 
 
-def attention_override(model_config: ModelConfig, mesh, layout: str | None = None
-                       ) -> Callable | None:
-    """Ring attention bound to the mesh when the config asks for it (else the model's own);
-    `layout` is the input layout of the batches (mesh.layout), which lets a sliding window
-    shorten the ring when it is contiguous."""
-    if model_config.attention != "ring":
+def attention_override(model_config: ModelConfig, mesh, config,
+                       rows_in_order: bool = False) -> Callable | None:
+    """The attention function of model.attention on this mesh, when it is not the model's
+    own: a sequence-parallel strategy bound to the mesh (parallel/sequence_parallel.py),
+    or the blockwise kernel replaced by the fused one (model.attention_kernel). The batch
+    layout lets a sliding window shorten the ring when it is contiguous; `rows_in_order`
+    (one document per row, in sequence order: evaluation windows, not packed training
+    rows) is what the fused kernel needs."""
+    attention = model_config.attention
+    if attention == "dense":
         return None
-    from parallel.ring_attention import make_ring_attention
-    return make_ring_attention(mesh, layout=layout, block_q=model_config.block_q,
-                               block_k=model_config.block_k)
+    seq = mesh.shape["seq"]
+    layout, _ = sequence_parallel.batch_layout(attention, config.mesh.layout, seq,
+                                               config.model.ulysses_degree)
+    strategy = attention if attention in SEQUENCE_PARALLEL else "none"
+    kernel = sequence_parallel.choose_kernel(
+        config.model.attention_kernel, strategy="none" if seq == 1 else strategy,
+        platform=mesh.devices.flat[0].platform,
+        in_order=rows_in_order and (seq == 1 or layout == "contiguous"))
+    if strategy == "none":
+        if kernel == "blockwise":
+            return None
+        return sequence_parallel.local_kernel_function(kernel, block_q=model_config.block_q,
+                                                       block_k=model_config.block_k)
+    return sequence_parallel.make_sequence_attention(
+        mesh, strategy, ulysses_degree=config.model.ulysses_degree, layout=layout,
+        kernel=kernel, block_q=model_config.block_q, block_k=model_config.block_k)
 
 
-def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
+def build_run(config, devices=None, level=None, tokenizer=None,
+              rows_in_order: bool = False) -> Run:
     """The mesh, model structure, optimizer and state shardings of `config` (already
     validated: train/validate.py).
 
@@ -73,7 +96,7 @@ def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
     mesh = mesh_lib.make_mesh(mesh_sizes, devices)
     if model_config.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
-    attention_fn = attention_override(model_config, mesh, config.mesh.layout)
+    attention_fn = attention_override(model_config, mesh, config, rows_in_order)
     with mesh_lib.use_mesh(mesh):
         abstract_model = nnx.eval_shape(
             lambda: Transformer(model_config, rngs=nnx.Rngs(0), attention_fn=attention_fn))
@@ -90,12 +113,15 @@ def build_run(config, devices=None, level=None, tokenizer=None) -> Run:
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
     state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
-    return Run(config, mesh, model_config, tokenizer, graphdef, optimizer, state_shardings)
+    layout, parts = sequence_parallel.batch_layout(model_config.attention, config.mesh.layout,
+                                                   mesh.shape["seq"], config.model.ulysses_degree)
+    return Run(config, mesh, model_config, tokenizer, graphdef, optimizer, state_shardings,
+               layout, parts, attention_fn)
 
 
 def _state_factory(run: Run, seed: int) -> Callable[[], dict]:
     """() -> a fresh train state of `run` (to jit into its shardings, or to eval_shape)."""
-    attention_fn = attention_override(run.model_config, run.mesh, run.config.mesh.layout)
+    attention_fn = run.attention_fn
 
     def create():
         model = Transformer(run.model_config, rngs=nnx.Rngs(seed), attention_fn=attention_fn)

@@ -67,10 +67,11 @@ def make_train_step(run, accum_steps: int, sequence_length: int | None = None):
     return jax.jit(step, donate_argnums=0, out_shardings=(run.state_shardings, None))
 
 
-def put_batch(batch, mesh, global_rows: int, layout: str):
+def put_batch(batch, mesh, global_rows: int, layout: str, parts: int | None = None):
     """This process's host rows -> global arrays on the mesh, tokens in `layout` order
     along the seq axis (targets were shifted before, so the permutation is safe), padded
-    to whole slices of the seq axis when the length does not split (no loss there)."""
+    to whole slices of the seq axis when the length does not split (no loss there).
+    `parts`: the units a zigzag layout balances (default: the seq devices; Run.layout_parts)."""
     _, _, _, row_offset = mesh_lib.data_shard(mesh, global_rows)
-    batch = layout_lib.apply_layout(batch, layout, mesh.shape["seq"])
+    batch = layout_lib.apply_layout(batch, layout, mesh.shape["seq"], parts)
     return mesh_lib.host_batch_to_global(batch, mesh, global_rows, row_offset=row_offset)

@@ -82,7 +82,8 @@ def train(config, workdir: str) -> dict:
         print(plan.format(), flush=True)
     tokenizer = make_tokenizer(config.data.tokenizer)
     levels = Levels(config, plan, tokenizer)
-    eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer)
+    eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer,
+                         rows_in_order=True)
     suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
                                is_writer)
     final_eval = suite.prepare(config, eval_run, abstract_state(eval_run)["params"])
@@ -117,7 +118,7 @@ def train(config, workdir: str) -> dict:
                     state = jax.device_put(state, run.state_shardings)
                     current_run = run
                 batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
-                                  config.mesh.layout)
+                                  run.layout, run.layout_parts)
                 learning_rate = level.lr_multiplier * learning_rate_at(
                     tokens, plan.total_tokens, config.train.learning_rate,
                     config.train.warmup_fraction, config.train.min_learning_rate_ratio)
@@ -333,7 +334,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     """Score the newest checkpoint of workdir; write workdir/eval[/<name>]/ and the scalars
     to its metrics. Returns the perplexity result with "retrieval" added."""
     plan = validate_config(config)
-    run = build_run(config, level=eval_level(config, plan))
+    run = build_run(config, level=eval_level(config, plan), rows_in_order=True)
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
     suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
                                jax.process_index() == 0)

@@ -11,8 +11,9 @@ import os
 import jax
 
 from evaluation.lengths import evaluation_lengths
-from parallel import layout as layout_lib
+from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
+from parallel import sequence_parallel
 from train import curriculum as curriculum_lib
 
 
@@ -20,16 +21,26 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.P
     """Raise ValueError for any setting that cannot work on `device_count` devices (default:
     all); return the curriculum plan."""
     device_count = jax.device_count() if device_count is None else device_count
-    if config.mesh.layout not in layout_lib.LAYOUTS:
-        raise ValueError(f"mesh.layout must be one of {layout_lib.LAYOUTS}, got {config.mesh.layout!r}")
+    if config.mesh.layout not in sequence_parallel.LAYOUT_SETTINGS:
+        raise ValueError(f"mesh.layout must be one of {sequence_parallel.LAYOUT_SETTINGS}, "
+                         f"got {config.mesh.layout!r}")
     if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
         raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
     sizes = mesh_lib.mesh_shape(config.mesh, device_count)      # the config's own mesh is valid
-    if sizes["seq"] > 1 and config.model.attention != "ring":
-        raise ValueError(f"mesh seq={sizes['seq']} splits the sequence: set "
-                         f"model.attention='ring'")
+    if sizes["seq"] > 1 and config.model.attention not in SEQUENCE_PARALLEL:
+        raise ValueError(f"mesh seq={sizes['seq']} splits the sequence: set model.attention "
+                         f"to one of {SEQUENCE_PARALLEL}")
+    if config.model.attention_kernel == "cudnn":     # can it run here at all (auto always can)
+        sequence_parallel.choose_kernel(
+            "cudnn", strategy="none" if sizes["seq"] == 1 else config.model.attention,
+            platform=jax.devices()[0].platform, in_order=True)
+    elif config.model.attention_kernel not in sequence_parallel.KERNELS:
+        raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
+                         f"got {config.model.attention_kernel!r}")
     plan = curriculum_lib.make_plan(config, device_count)
     rows = check_learned_positions(config)
+    for level in (*plan.levels, curriculum_lib.eval_level(config, plan)):
+        check_sequence_split(config, level.mesh_dict)
     for level in plan.levels:
         check_weight_split(config.model, level.mesh_dict, f"curriculum level {level.index}")
         check_length(level.seq_len, config, level.mesh_dict)
@@ -61,6 +72,17 @@ def check_learned_positions(config) -> int | None:
     if config.model.position != "learned":
         return None
     return length or config.curriculum.l_max
+
+
+def check_sequence_split(config, sizes: dict) -> None:
+    """The strategy's all-to-all must split the heads over the mesh `sizes` (Ulysses over
+    seq, the hybrid over model.ulysses_degree, which must divide seq); an explicit cudnn
+    kernel must be able to run on these devices."""
+    m = config.model
+    if m.attention not in SEQUENCE_PARALLEL or sizes["seq"] == 1:
+        return
+    degree = sequence_parallel.check_degree(m.attention, sizes["seq"], m.ulysses_degree)
+    sequence_parallel.check_heads(m.attention, m.q_heads, m.kv_heads, degree, sizes["tensor"])
 
 
 def check_weight_split(model, sizes: dict, what: str) -> None:

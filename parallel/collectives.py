@@ -1,0 +1,183 @@
+"""How many bytes a compiled step moves between devices, and what the strategies' closed
+forms say it should.
+
+`collective_bytes(hlo_text)` reads the optimised HLO of a compiled function
+(`compiled.as_text()`): every all-to-all, all-gather, reduce-scatter, all-reduce and
+collective-permute, the bytes of its operand on one device, times how often it runs
+(while loops carry XLA's `known_trip_count`; of a conditional's branches the largest
+counts), and the traffic that means on one device's link (what it sends: an all-gather
+sends its operand to the g - 1 others, an all-to-all (g - 1) / g of it, ...).
+`closed_form_bytes` is the textbook volume of one attention layer per device, forward and
+backward, for each strategy, to put beside it. The two differ by what the textbook leaves
+out (positions and segment ids travel too, the backward ring sends float32 gradients) and,
+on XLA:CPU, by its float32 copies of bf16 buffers (collectives included).
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+KINDS = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
+                "pred": 1, "f64": 8, "s64": 8, "u64": 8, "s16": 2, "u16": 2}
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (.+?) ([\w\-]+)\((.*)$")
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def _shape_bytes(text: str) -> int:
+    """Bytes of an HLO result type: one array or a tuple of them."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
+    return total
+
+
+def _group_size(line: str) -> int:
+    groups = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
+    if groups:
+        return len(groups.group(1).split(","))
+    groups = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)     # iota form [groups,size]
+    return int(groups.group(2)) if groups else 1
+
+
+def _operand_bytes(kind: str, op: str, result: str, line: str) -> int:
+    """Operand bytes of one collective on one device, from its result type: an async
+    "-start" op's result tuple begins with the operand; otherwise all-gather's result is
+    group x its operand, reduce-scatter's operand is group x its result, the others'
+    operand is their result."""
+    if op.endswith("-start") and result.startswith("("):
+        first = _SHAPE.search(result)
+        return _shape_bytes(first.group(0)) if first else 0
+    size = _shape_bytes(result)
+    if kind == "all-gather":
+        return size // _group_size(line)
+    if kind == "reduce-scatter":
+        return size * _group_size(line)
+    return size
+
+
+def _computations(hlo_text: str) -> tuple[dict, str]:
+    """{name: [instruction lines]} and the entry computation's name."""
+    computations, entry, current = {}, None, None
+    for line in hlo_text.splitlines():
+        line = re.sub(r"/\*.*?\*/", "", line)          # /*index=5*/ comments
+        if current is None:
+            match = _COMPUTATION.match(line)
+            if match and "=" not in line.split("{")[0]:
+                current = match.group(1)
+                computations[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+            continue
+        if line.strip() == "}":
+            current = None
+        else:
+            computations[current].append(line)
+    return computations, entry
+
+
+def _traffic(kind: str, operand: int, group: int) -> int:
+    """Bytes one device sends for a collective of `operand` bytes over `group` devices."""
+    if kind == "collective-permute":
+        return operand
+    if kind == "all-gather":
+        return operand * (group - 1)
+    if kind in ("all-to-all", "reduce-scatter"):
+        return operand * (group - 1) // max(group, 1)
+    return 2 * operand * (group - 1) // max(group, 1)          # all-reduce (ring algorithm)
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    """{kind: operand bytes per device per call of the compiled function} for KINDS, and
+    "traffic": the bytes one device sends for all of them."""
+    computations, entry = _computations(hlo_text)
+    memo = {}
+
+    def visit(name: str) -> dict[str, int]:
+        if name in memo:
+            return memo[name]
+        totals = dict.fromkeys(KINDS + ("traffic",), 0)
+        for line in computations.get(name, ()):
+            match = _INSTRUCTION.match(line)
+            if not match:
+                continue
+            result, op = match.group(1), match.group(2)
+            kind = op[:-len("-start")] if op.endswith("-start") else op
+            if kind in KINDS:
+                operand = _operand_bytes(kind, op, result, line)
+                totals[kind] += operand
+                totals["traffic"] += _traffic(kind, operand, _group_size(line))
+            if op == "while":
+                body = re.search(r"body=%?([\w.\-]+)", line).group(1)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                count = int(trips.group(1)) if trips else 1
+                for k, v in visit(body).items():
+                    totals[k] += count * v
+            elif op == "conditional":
+                if "branch_computations" in line:
+                    names = re.findall(r"%?([\w.\-]+)",
+                                       line.split("branch_computations={")[1].split("}")[0])
+                else:
+                    names = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
+                branches = [visit(b) for b in names]
+                for k in KINDS + ("traffic",):
+                    totals[k] += max((b[k] for b in branches), default=0)
+            elif op in ("call", "async-start"):
+                for callee in re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line):
+                    for k, v in visit(callee).items():
+                        totals[k] += v
+        memo[name] = totals
+        return totals
+
+    return visit(entry) if entry else dict.fromkeys(KINDS + ("traffic",), 0)
+
+
+def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_heads: int,
+                      head_dim: int, batch: int = 1, dtype_bytes: int = 2,
+                      ulysses_degree: int | None = None, forward_passes: int = 1) -> dict:
+    """The textbook bytes one device sends for one attention layer: the forward pass (run
+    `forward_passes` times: 2 with rematerialisation) and the backward pass (twice a
+    forward's volume). {"formula": str, "bytes": int}; N = length, P = seq, d = head_dim:
+      ulysses   2 (Hq + Hkv') N d / P per pass (q, k, v in, the output back; Hkv' = KV heads
+                replicated up to P), all-to-all sends (P - 1) / P of it;
+      ring      2 N Hkv d (P - 1) / P per pass (K and V around the ring);
+      allgather 2 N Hkv d (P - 1) / P per pass (K and V gathered; the backward
+                reduce-scatters dK, dV);
+      hybrid    Ulysses inside groups of U devices + the ring across the P / U groups."""
+    n, p, d, b = length, seq, head_dim, batch
+    passes = forward_passes + 2
+    if strategy == "hybrid":
+        u = ulysses_degree or 1
+        g = p // u
+        inner = closed_form_bytes("ulysses", length=n // g, seq=u, q_heads=q_heads,
+                                  kv_heads=kv_heads, head_dim=d, batch=b,
+                                  dtype_bytes=dtype_bytes, forward_passes=forward_passes)
+        ring = closed_form_bytes("ring", length=n // u, seq=g, q_heads=max(q_heads // u, 1),
+                                 kv_heads=max(kv_heads, u) // u, head_dim=d, batch=b,
+                                 dtype_bytes=dtype_bytes, forward_passes=forward_passes)
+        return {"formula": "Ulysses in groups of U + ring of P/U groups",
+                "bytes": inner["bytes"] + ring["bytes"], "all-to-all": inner["bytes"],
+                "ring": ring["bytes"]}
+    if p == 1:
+        return {"formula": "one device", "bytes": 0}
+    if strategy == "ulysses":
+        per_pass = b * 2 * (q_heads + max(kv_heads, p)) * n * d // p * (p - 1) // p
+        formula = "2 (Hq + Hkv') N d / P x (P-1)/P per pass"
+    elif strategy in ("ring", "allgather"):
+        per_pass = b * 2 * n * kv_heads * d * (p - 1) // p
+        formula = "2 N Hkv d (P-1)/P per pass"
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return {"formula": formula + f", {passes} passes", "bytes": per_pass * dtype_bytes * passes}
+
+
+def transfer_seconds(nbytes: int, gbytes_per_s: float) -> float:
+    """Seconds `nbytes` take over one link of `gbytes_per_s` GB/s."""
+    return nbytes / (gbytes_per_s * 1e9)
+
+
+def describe(totals: dict) -> str:
+    return json.dumps({k: v for k, v in totals.items() if v})
