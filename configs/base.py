@@ -241,7 +241,7 @@ def get_config() -> config_dict.ConfigDict:
     # > 0: also find the longest length whose train step fits this many GiB per device
     plan.memory_budget_gib = 0.0
     # with mesh.seq > 1 at the last level: compile its step with each of these
-    # sequence-parallel strategies and show them side by side (() = only the config's)
+    # sequence-parallel strategies and show them side by side (() = no comparison)
     plan.strategies = ("ring", "ulysses", "allgather", "hybrid")
     # link bandwidths the collective bytes are timed at, GB/s: within a host (NVLink) and
     # across hosts (the hybrid's ring crosses hosts, its all-to-all stays within one)

@@ -90,16 +90,21 @@ def _traffic(kind: str, operand: int, group: int) -> int:
     return 2 * operand * (group - 1) // max(group, 1)          # all-reduce (ring algorithm)
 
 
+TOTALS = KINDS + ("traffic", "attention_traffic")
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
-    """{kind: operand bytes per device per call of the compiled function} for KINDS, and
-    "traffic": the bytes one device sends for all of them."""
+    """{kind: operand bytes per device per call of the compiled function} for KINDS,
+    "traffic": the bytes one device sends for all of them, and "attention_traffic": for
+    those inside a shard_map (the sequence-parallel attention; the rest are the weights'
+    FSDP gathers and the gradients' reductions)."""
     computations, entry = _computations(hlo_text)
     memo = {}
 
     def visit(name: str) -> dict[str, int]:
         if name in memo:
             return memo[name]
-        totals = dict.fromkeys(KINDS + ("traffic",), 0)
+        totals = dict.fromkeys(TOTALS, 0)
         for line in computations.get(name, ()):
             match = _INSTRUCTION.match(line)
             if not match:
@@ -109,7 +114,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
             if kind in KINDS:
                 operand = _operand_bytes(kind, op, result, line)
                 totals[kind] += operand
-                totals["traffic"] += _traffic(kind, operand, _group_size(line))
+                sent = _traffic(kind, operand, _group_size(line))
+                totals["traffic"] += sent
+                if "/shard_map/" in line:
+                    totals["attention_traffic"] += sent
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -123,7 +131,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
                 else:
                     names = re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", line)
                 branches = [visit(b) for b in names]
-                for k in KINDS + ("traffic",):
+                for k in TOTALS:
                     totals[k] += max((b[k] for b in branches), default=0)
             elif op in ("call", "async-start"):
                 for callee in re.findall(r"(?:to_apply|calls)=%?([\w.\-]+)", line):
@@ -132,7 +140,7 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
         memo[name] = totals
         return totals
 
-    return visit(entry) if entry else dict.fromkeys(KINDS + ("traffic",), 0)
+    return visit(entry) if entry else dict.fromkeys(TOTALS, 0)
 
 
 def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_heads: int,

@@ -178,10 +178,10 @@ def test_relayout_false_raises_when_batch_no_longer_splits():
         make_plan(config(batch=32, relayout=False), 8)
 
 
-def test_relayout_onto_seq_needs_ring_attention():
+def test_relayout_onto_seq_needs_a_sequence_parallel_attention():
     c = config()
     c.model.attention = "blockwise"
-    with pytest.raises(ValueError, match="level 1 .*model.attention='ring'"):
+    with pytest.raises(ValueError, match="level 1 .*set model.attention to one of"):
         make_plan(c, 8)
 
 

@@ -83,11 +83,14 @@ def test_cached_decode_logits_equal_the_full_forward_at_every_step(variant):
 
 
 @pytest.mark.slow
-def test_logits_without_a_cache_are_bit_identical_to_those_before_the_kv_cache():
+def test_logits_without_a_cache_equal_those_before_the_kv_cache():
     """tests/data/logits_before_kv_cache.npz holds the no-cache logits computed by commit
     49eb4f2 (before the cache existed, and before the layers were stacked) for these four
     models and this input. The layers run as a Python loop (model.scan_layers = False),
-    eagerly as then: the stacked parameters hold the very values the list of blocks drew."""
+    eagerly as then: the stacked parameters hold the very values the list of blocks drew.
+    The bfloat16 case is bit-identical; float32 matmuls round differently on other CPUs
+    (an AMD EPYC: 1e-6 of the largest logit, 94% of the elements), so those compare to
+    1e-5 of the largest logit: still far below any change of the model's maths."""
     golden = np.load(os.path.join(REPO, "tests", "data", "logits_before_kv_cache.npz"))
     cases = {
         "rope_dense_f32": dict(position="rope", attention="dense", dtype="float32"),
@@ -103,8 +106,12 @@ def test_logits_without_a_cache_are_bit_identical_to_those_before_the_kv_cache()
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2,
                           head_dim=8, mlp_dim=64, l_max=32, block_q=8, block_k=8,
                           init_std=0.2, scan_layers=False, **options)
-        np.testing.assert_array_equal(np.asarray(make(cfg)(sequence)), golden[name],
-                                      err_msg=name)
+        logits = np.asarray(make(cfg)(sequence))
+        if options["dtype"] == "bfloat16":
+            np.testing.assert_array_equal(logits, golden[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(logits, golden[name], rtol=0,
+                                       atol=1e-5 * np.abs(golden[name]).max(), err_msg=name)
 
 
 def slow_greedy(model, prompt, new_tokens):

@@ -27,7 +27,7 @@ def loss_and_grads(mesh_sizes, attention, devices):
     config.mesh.update(mesh_sizes)
     run = build_run(config, devices=devices)
     params = init_state(run, seed=0)["params"]
-    batch = put_batch(random_batch(), run.mesh, 8, config.mesh.layout)
+    batch = put_batch(random_batch(), run.mesh, 8, run.layout, run.layout_parts)
 
     def mean_loss(params):
         nll, count = token_loss_sums(run.graphdef, params, batch)

@@ -36,7 +36,7 @@ def main_plan(*args, devices=8):
 def test_plan_prints_a_row_per_level_and_writes_plan_json(tmp_path):
     result = main_plan("--config", "tests/small_config.py", "--workdir", str(tmp_path),
                        "--config.curriculum.levels=3", "--config.model.attention=ring",
-                       "--config.eval.lengths=(64,256)")
+                       "--config.eval.lengths=(64,256)", "--config.plan.strategies=()")
     assert result.returncode == 0, result.stderr[-3000:]
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["devices"] == 8 and plan["platform"] == "cpu"
@@ -123,3 +123,30 @@ def test_valid_lengths_step_by_zigzag_chunks_blocks_and_loss_and_mlp_chunks():
     config.model.loss_chunk_tokens = 96
     config.model.mlp_chunk_tokens = 64
     assert plan_lib.length_step(config, 2) == 192     # lcm(4, 32, 96, 64)
+
+
+@pytest.mark.slow
+def test_plan_compares_the_strategies_side_by_side(tmp_path):
+    result = main_plan("--config", "tests/small_config.py", "--workdir", str(tmp_path),
+                       "--config.mesh.seq=8", "--config.mesh.data=1",
+                       "--config.model.attention=ring", "--config.model.q_heads=8",
+                       "--config.model.head_dim=8", "--config.eval.lengths=(64,)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    entries = {e["strategy"]: e for e in plan["strategies"]}
+    assert sorted(entries) == ["allgather", "hybrid", "ring", "ulysses"]
+    assert entries["hybrid"]["ulysses_degree"] == 4           # the largest proper divisor
+    kinds = {name: {k for k, v in e["collective_bytes"].items()
+                    if v and k not in ("traffic", "attention_traffic")}
+             for name, e in entries.items()}
+    # each strategy's own collectives, read from its compiled HLO
+    assert "collective-permute" in kinds["ring"] and "all-to-all" not in kinds["ring"]
+    assert "all-to-all" in kinds["ulysses"] and "collective-permute" not in kinds["ulysses"]
+    assert {"all-gather", "reduce-scatter"} <= kinds["allgather"]
+    assert {"all-to-all", "collective-permute"} <= kinds["hybrid"]
+    for e in entries.values():
+        assert e["closed_form"]["bytes"] > 0 and e["bytes_per_device"]["total"] > 0
+        assert e["collective_seconds"]["inter_host"] == pytest.approx(
+            9 * e["collective_seconds"]["intra_host"])       # 450 / 50 GB/s
+    assert "placed" in entries["hybrid"]["collective_seconds"]
+    assert "sequence-parallel strategies at the last level" in result.stdout

@@ -161,7 +161,7 @@ def strategy_configs(config, seq: int) -> list:
     others."""
     m = config.model
     out = []
-    for strategy in config.plan.strategies or (m.attention,):
+    for strategy in config.plan.strategies:
         candidate = copy.deepcopy(config)
         candidate.model.attention = strategy
         degrees = [None]
@@ -198,7 +198,7 @@ def strategy_entry(config, level, strategy: str, candidate) -> dict:
         dtype_bytes=jnp.dtype(m.dtype).itemsize, ulysses_degree=m.ulysses_degree,
         forward_passes=1 if m.remat == "none" else 2)
     closed = {**closed, **{k: v * layers for k, v in closed.items() if k != "formula"}}
-    sent = entry["collective_bytes"]["traffic"]
+    sent = entry["collective_bytes"]["traffic"]             # attention and weights
     seconds = {"intra_host": collectives.transfer_seconds(sent, p.intra_host_gbps),
                "inter_host": collectives.transfer_seconds(sent, p.inter_host_gbps)}
     if strategy == "hybrid":          # its all-to-all within a host, its ring across hosts
@@ -213,18 +213,19 @@ def format_strategies(entries: list, intra: float, inter: float) -> str:
     rows = []
     for e in entries:
         if "skipped" in e:
-            rows.append([e["strategy"], "-", "-", "-", "-", "-", "-", e["skipped"]])
+            rows.append([e["strategy"], "-", "-", "-", "-", "-", "-", "-", e["skipped"]])
             continue
         name = e["strategy"] + (f" (U={e['ulysses_degree']})" if e.get("ulysses_degree") else "")
         c, s = e["collective_bytes"], e["collective_seconds"]
         kinds = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in c.items()
-                          if v and k != "traffic")
+                          if v and k in collectives.KINDS)
         rows.append([name, f"{e['bytes_per_device']['total'] / GIB:.2f}",
-                     f"{c['traffic'] / 1e9:.3g}", f"{e['closed_form']['bytes'] / 1e9:.3g}",
+                     f"{c['traffic'] / 1e9:.3g}", f"{c['attention_traffic'] / 1e9:.3g}",
+                     f"{e['closed_form']['bytes'] / 1e9:.3g}",
                      f"{s['intra_host']:.3g}", f"{s['inter_host']:.3g}",
                      f"{s['placed']:.3g}" if "placed" in s else "", kinds])
     return format_table(["strategy", "GiB per device", "GB sent per device (HLO)",
-                         "GB closed form", f"s at {intra:g} GB/s", f"s at {inter:g} GB/s",
+                         "of which attention", "GB closed form (attention)", f"s at {intra:g} GB/s", f"s at {inter:g} GB/s",
                          "s placed (hybrid)", "operands GB by collective (HLO)"], rows)
 
 
@@ -240,7 +241,8 @@ def plan_workdir(config, workdir: str) -> dict:
         print(f"level {level.index}: compiled in {entry['compile_s']:.1f} s", flush=True)
     strategies = []
     last = plan.levels[-1]
-    if last.mesh_dict["seq"] > 1 and config.model.attention in SEQUENCE_PARALLEL:
+    if last.mesh_dict["seq"] > 1 and config.model.attention in SEQUENCE_PARALLEL and \
+            config.plan.strategies:
         print(f"sequence-parallel strategies at level {last.index} (length {last.seq_len}, "
               f"seq {last.mesh_dict['seq']}):", flush=True)
         for strategy, candidate in strategy_configs(config, last.mesh_dict["seq"]):

@@ -1,0 +1,105 @@
+"""Specification of parallel/collectives.py: collective bytes read from compiled HLO (loops
+times their trip counts, the larger branch of a conditional, operand vs traffic), checked
+on hand-made HLO and on compiled attention against a hand count, and the closed forms."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from parallel.collectives import closed_form_bytes, collective_bytes, transfer_seconds
+from parallel.mesh import make_mesh
+from parallel.sequence_parallel import sequence_attention
+
+HLO = """HloModule example
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %cp = f32[4,8]{1,0} collective-permute(%x), channel_id=1, source_target_pairs={{0,1},{1,0}}, metadata={op_name="jit(f)/shard_map/while/body/ppermute"}
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %cp)
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+%branch_a (x: f32[4]) -> f32[16] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %ag = f32[16]{0} all-gather(%x), channel_id=2, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+
+%branch_b (x: f32[4]) -> f32[16] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %b = f32[16]{0} broadcast(%x), dimensions={}
+}
+
+ENTRY %main (a: f32[4,8], y: f32[4], k: s32[]) -> f32[16] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %w = (s32[], f32[4,8]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %a2a = bf16[4,8]{1,0} all-to-all(%a), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+  %rs = f32[2]{0} reduce-scatter(%y), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
+  ROOT %c = f32[16]{0} conditional(%k, %y, %y), branch_computations={%branch_a, %branch_b}
+}
+"""
+
+
+def test_hand_made_hlo_counts_loops_branches_operands_and_traffic():
+    got = collective_bytes(HLO)
+    assert got["collective-permute"] == 3 * 4 * 8 * 4          # 3 trips of 128 bytes
+    assert got["all-gather"] == 16                              # the larger branch; operand f32[4]
+    assert got["all-to-all"] == 4 * 8 * 2                       # bf16
+    assert got["reduce-scatter"] == 2 * 4 * 4                   # operand = group x result
+    assert got["traffic"] == 384 + 16 * 3 + 64 * 3 // 4 + 32 * 3 // 4
+    assert got["attention_traffic"] == 384                      # only the one in a shard_map
+
+
+def ring_and_ulysses_traffic():
+    mesh = make_mesh(dict(data=1, fsdp=1, seq=8, tensor=1), jax.devices())
+    sharding = NamedSharding(mesh, P(None, "seq", None, None))
+    rows = NamedSharding(mesh, P(None, "seq"))
+    q = jax.ShapeDtypeStruct((1, 1024, 8, 16), jnp.float32, sharding=sharding)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, 16), jnp.float32, sharding=sharding)
+    ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32, sharding=rows)
+    out = {}
+    for strategy in ("ring", "ulysses"):
+        fn = jax.jit(lambda q, k, v, p, s: sequence_attention(
+            q, k, v, mesh=mesh, strategy=strategy, positions=p, segment_ids=s, block_q=64,
+            block_k=64))
+        out[strategy] = collective_bytes(fn.lower(q, kv, kv, ids, ids).compile().as_text())
+    return out
+
+
+def test_compiled_attention_sends_what_a_hand_count_says():
+    traffic = ring_and_ulysses_traffic()
+    # ring, forward: 7 hops of K and V (128 tokens x 2 heads x 16, float32) and of the
+    # positions and segment ids (128 int32 each)
+    assert traffic["ring"]["attention_traffic"] == 7 * (2 * 128 * 2 * 16 * 4 + 2 * 128 * 4)
+    # ulysses: q, k, v (KV replicated to 8 heads) in, the output back: 4 all-to-alls of
+    # 128 x 8 x 16 float32, each sending 7/8; positions and segment ids gathered
+    assert traffic["ulysses"]["attention_traffic"] == 4 * 65536 * 7 // 8 + 2 * 512 * 7
+
+
+def test_closed_forms_are_the_textbook_volumes():
+    n, p, d = 1 << 20, 8, 128
+    ring = closed_form_bytes("ring", length=n, seq=p, q_heads=32, kv_heads=8, head_dim=d)
+    assert ring["bytes"] == 3 * 2 * n * 8 * d * 7 // 8 * 2     # 3 passes, bf16
+    ulysses = closed_form_bytes("ulysses", length=n, seq=p, q_heads=32, kv_heads=8,
+                                head_dim=d, forward_passes=2)
+    assert ulysses["bytes"] == 4 * 2 * (32 + 8) * n * d // 8 * 7 // 8 * 2
+    # 2 KV heads on 8 devices are replicated to 8 before the all-to-all
+    replicated = closed_form_bytes("ulysses", length=n, seq=p, q_heads=8, kv_heads=2,
+                                   head_dim=d)
+    assert replicated["bytes"] == 3 * 2 * (8 + 8) * n * d // 8 * 7 // 8 * 2
+    hybrid = closed_form_bytes("hybrid", length=n, seq=p, q_heads=32, kv_heads=8,
+                               head_dim=d, ulysses_degree=4)
+    assert hybrid["bytes"] == hybrid["all-to-all"] + hybrid["ring"]
+    assert closed_form_bytes("ring", length=n, seq=1, q_heads=32, kv_heads=8,
+                             head_dim=d)["bytes"] == 0
+    with pytest.raises(ValueError, match="unknown strategy"):
+        closed_form_bytes("tree", length=n, seq=p, q_heads=32, kv_heads=8, head_dim=d)
+
+
+def test_transfer_seconds_are_bytes_over_bandwidth():
+    assert transfer_seconds(450e9, 450) == pytest.approx(1.0)
+    assert np.isclose(transfer_seconds(50e9, 50), 1.0)
