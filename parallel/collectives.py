@@ -36,11 +36,18 @@ def _shape_bytes(text: str) -> int:
 
 
 def _group_size(line: str) -> int:
-    groups = re.search(r"replica_groups=\{\{([\d,]+)\}", line)
+    """Devices in one replica group of a collective, in each of XLA's spellings."""
+    groups = re.search(r"replica_groups=\{\{([\d,]+)\}", line)         # {{0,1,2,3},...}
     if groups:
         return len(groups.group(1).split(","))
-    groups = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)     # iota form [groups,size]
-    return int(groups.group(2)) if groups else 1
+    groups = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)     # iota: [groups,size]
+    if groups:
+        return int(groups.group(2))
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if mesh:                            # mesh['axis_0'=1,'axis_1'=8] {'axis_1'}
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        return int(np.prod([int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2))]))
+    return 1
 
 
 def _operand_bytes(kind: str, op: str, result: str, line: str) -> int:

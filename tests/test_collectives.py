@@ -103,3 +103,12 @@ def test_closed_forms_are_the_textbook_volumes():
 def test_transfer_seconds_are_bytes_over_bandwidth():
     assert transfer_seconds(450e9, 450) == pytest.approx(1.0)
     assert np.isclose(transfer_seconds(50e9, 50), 1.0)
+
+
+def test_replica_groups_in_each_spelling_give_the_group_size():
+    from parallel.collectives import _group_size
+    assert _group_size("all-gather(%x), replica_groups={{0,1,2,3},{4,5,6,7}}") == 4
+    assert _group_size("all-gather(%x), replica_groups=[2,4]<=[8]") == 4
+    assert _group_size("all-reduce(%x), replica_groups=mesh['axis_0'=2,'axis_1'=4] "
+                       "{'axis_1'}, to_apply=%add") == 4
+    assert _group_size("all-reduce(%x), replica_groups=mesh['a'=2,'b'=4] {'a','b'}") == 8

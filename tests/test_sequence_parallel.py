@@ -132,3 +132,16 @@ def test_the_fused_path_of_ulysses_equals_the_reference_on_rows_in_order(window)
     fn = strategy_fn("seq8", "ulysses", None, layout="contiguous", kernel="cudnn",
                      implementation="xla", window=window)
     check_against_reference(fn, 128, causal=True, seed=6, packed=False, window=window)
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_runs_end_to_end_in_smoke_mode(capsys):
+    """benchmarks/gpu_attention.py on tiny shapes with XLA's implementation of the fused
+    call: both kernels timed, the train step run (figures to quote come only from a GPU)."""
+    from benchmarks import gpu_attention
+    gpu_attention.main(["--smoke", "--repeats", "1"])
+    out = capsys.readouterr().out
+    kernel_rows = [line for line in out.splitlines() if line.startswith("|") and
+                   ("blockwise" in line or "cudnn" in line) and "TFLOP" not in line]
+    assert len(kernel_rows) == 2 * 2 + 1, out              # 2 lengths x 2 kernels + 1 step
+    assert "failed" not in out
