@@ -67,7 +67,7 @@ def zigzag_devices(strategy: str, seq: int, ulysses_degree: int | None) -> int:
     ring and the all-gather, the groups for the hybrid (the ring runs across them; a
     group's all-to-all gathers its part whole), 1 for Ulysses."""
     if strategy == "hybrid":
-        return seq // (ulysses_degree or 1)
+        return seq // check_degree(strategy, seq, ulysses_degree)
     return 1 if strategy == "ulysses" else seq
 
 
@@ -163,16 +163,17 @@ def check_heads(strategy: str, q_heads: int, kv_heads: int, degree: int,
 
 def check_degree(strategy: str, seq: int, ulysses_degree) -> int:
     """The all-to-all group size: seq for ulysses, ulysses_degree (dividing seq) for
-    hybrid; one ValueError line otherwise."""
+    hybrid; one ValueError line otherwise. A seq axis smaller than the degree that
+    divides it (a curriculum level before the devices move to seq) is one whole group."""
     if strategy == "ulysses":
         return seq
     if strategy != "hybrid":
         return 1
     if not isinstance(ulysses_degree, int) or isinstance(ulysses_degree, bool) or \
-            ulysses_degree < 1 or seq % ulysses_degree:
+            ulysses_degree < 1 or (seq % ulysses_degree and ulysses_degree % seq):
         raise ValueError(f"model.ulysses_degree must be a positive divisor of mesh.seq "
                          f"({seq}) for model.attention=hybrid, got {ulysses_degree!r}")
-    return ulysses_degree
+    return min(ulysses_degree, seq)
 
 
 # ----------------------------------------------------------------------------- strategies

@@ -81,3 +81,18 @@ def test_the_plan_is_printed_as_a_table_before_training(tmp_path, capsys):
         ("64", "8", "4", "data 8 x seq 1"), ("128", "4", "2", "data 4 x seq 2"),
         ("256", "2", "2", "data 2 x seq 4")]
     assert f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,extra", [("ulysses", {}), ("allgather", {}),
+                                            ("hybrid", {"model.ulysses_degree": 2})])
+def test_the_relayout_works_with_every_sequence_parallel_strategy(whole_run, tmp_path,
+                                                                   strategy, extra):
+    """The same curriculum (devices moved from data to seq at levels 1 and 2) with another
+    strategy: the losses of the ring's run."""
+    workdir = tmp_path / strategy
+    trainer.train(curriculum_config(**{"model.attention": strategy, **extra}), str(workdir))
+    ring, other = train_losses(whole_run), train_losses(workdir)
+    assert sorted(other) == sorted(ring)
+    for step, loss in ring.items():
+        assert abs(other[step] - loss) <= 1e-4, (step, other[step], loss)

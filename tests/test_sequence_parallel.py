@@ -10,7 +10,8 @@ import pytest
 
 from parallel.layout import apply_layout, restore_layout
 from parallel.mesh import make_mesh
-from parallel.sequence_parallel import (choose_kernel, sequence_attention, zigzag_devices)
+from parallel.sequence_parallel import (check_degree, choose_kernel, sequence_attention,
+                                        zigzag_devices)
 from tests.helpers import random_qkv
 from tests.test_any_length import check_against_reference
 
@@ -88,6 +89,14 @@ def test_heads_that_do_not_split_over_the_all_to_all_are_one_line():
         sequence_attention(q, k, v, mesh=mesh, strategy="hybrid", ulysses_degree=2)
     with pytest.raises(ValueError, match="model.ulysses_degree must be a positive divisor"):
         sequence_attention(q, k, v, mesh=mesh, strategy="hybrid", ulysses_degree=3)
+
+
+def test_a_hybrid_degree_larger_than_the_seq_axis_makes_one_group():
+    # a curriculum level before the devices move to seq: degree 4 over seq 2 is Ulysses
+    assert [check_degree("hybrid", seq, 4) for seq in (1, 2, 4, 8)] == [1, 2, 4, 4]
+    assert zigzag_devices("hybrid", 2, 4) == 1
+    with pytest.raises(ValueError, match="positive divisor of mesh.seq"):
+        check_degree("hybrid", 6, 4)
 
 
 # ----------------------------------------------------------------------------- kernels
