@@ -5,7 +5,8 @@
   python main.py --mode eval --workdir W [--config.KEY=VALUE ...]     (W's config.json)
   python main.py --mode generate --workdir W --config.generate.prompt="..." [...]
   python main.py --mode import --hf_dir DIR --workdir W    (Hugging Face -> workdir)
-  python main.py --mode export --workdir W --hf_dir OUT    (workdir -> Hugging Face)
+  python main.py --mode export --workdir W --hf_dir OUT [--overwrite]
+                                                           (workdir -> Hugging Face)
 
 train (default) resumes from the newest checkpoint in the workdir (default
 ~/boundless_workdirs/<config name>); eval scores the newest checkpoint and writes
@@ -16,6 +17,7 @@ it and one plot there. Multi-host flags: README, "Multi-host".
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -28,6 +30,38 @@ from ml_collections import config_flags
 DEFAULT_WORKDIRS = os.path.expanduser("~/boundless_workdirs")
 # The modes that can take the run's config from the workdir's config.json.
 WORKDIR_CONFIG_MODES = ("eval", "generate")
+
+def _refuse_repeated_flags(args) -> None:
+    """A flag given twice is a mistake (absl would keep the last, ml_collections merge
+    some): one ValueError line naming it."""
+    seen = set()
+    for arg in args:
+        if arg == "--":
+            break
+        if not arg.startswith("--"):
+            continue
+        name = arg[2:].split("=", 1)[0]
+        if name in seen:
+            raise ValueError(f"--{name} is given twice; give it once")
+        seen.add(name)
+
+
+def _check_command_line(argv) -> None:
+    """Repeated flags and unknown --config.KEYs as one line, exit 2. Runs before the
+    --config flag is defined: ml_collections applies the overrides to the default config
+    file (configs/base.py) as soon as it is defined, with a traceback for a missing key."""
+    from configs import base
+    try:
+        _refuse_repeated_flags(argv[1:])
+        base.check_keys([arg[len("--config."):].split("=", 1)[0] for arg in argv[1:]
+                         if arg.startswith("--config.")])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _check_command_line(sys.argv)
 
 # configs/base.py is the default only so that --config.KEY overrides work without a
 # --config file in the modes that read the workdir's config.json; train requires --config.
@@ -49,6 +83,10 @@ _MODE = flags.DEFINE_enum(
     "--workdir); export (--workdir's newest checkpoint to --hf_dir).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "--mode import: a Hugging Face model directory "
                               "to read; --mode export: the directory to write.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "--mode export: replace a non-empty --hf_dir (the export is written "
+    "beside it and swapped in, so none of its old files survive); without it a non-empty "
+    "--hf_dir is refused.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
@@ -127,10 +165,13 @@ def main(argv):
             raise app.UsageError(f"--mode {mode} needs --workdir and --hf_dir")
         start_distributed()
         from train import hf_workdir  # imported after jax.distributed is up
-        if mode == "import":
-            line = _exit_on_error(lambda: hf_workdir.import_workdir(_HF_DIR.value, _WORKDIR.value))
-        else:
-            line = _exit_on_error(lambda: hf_workdir.export_workdir(_WORKDIR.value, _HF_DIR.value))
+        with _locked(_WORKDIR.value, mode):
+            if mode == "import":
+                line = _exit_on_error(lambda: hf_workdir.import_workdir(_HF_DIR.value,
+                                                                        _WORKDIR.value))
+            else:
+                line = _exit_on_error(lambda: hf_workdir.export_workdir(
+                    _WORKDIR.value, _HF_DIR.value, overwrite=_OVERWRITE.value))
         print(line, flush=True)
         return
 
@@ -152,13 +193,27 @@ def main(argv):
         return
     start_distributed()
     from train import trainer  # imported after jax.distributed is up
-    if mode == "train":
-        _exit_on_error(lambda: trainer.train(config, workdir))
-    elif mode == "generate":
+    if mode == "generate":         # reads the workdir only: no lock
         from train import generate_mode
         _exit_on_error(lambda: generate_mode.generate_workdir(config, workdir))
-    else:
-        _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))
+        return
+    with _locked(workdir, mode):
+        if mode == "train":
+            _exit_on_error(lambda: trainer.train(config, workdir))
+        else:
+            _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))
+
+
+@contextlib.contextmanager
+def _locked(workdir: str, mode: str):
+    """The workdir's lock (train/workdir_lock.py) for this command; a second writer
+    gets one line naming the holder, exit 2."""
+    import jax
+    from train import workdir_lock
+    with contextlib.ExitStack() as stack:
+        _exit_on_error(lambda: stack.enter_context(workdir_lock.hold(
+            workdir, f"main.py --mode {mode}", process_index=jax.process_index())))
+        yield
 
 
 def _resolve_config(mode: str):
@@ -167,6 +222,7 @@ def _resolve_config(mode: str):
     with the overrides; then checked against the workdir's config.json when there is one
     (train/workdir_config.py, `check_against_workdir`). One ValueError line for an unknown
     key, a config file that does not load, or an override the workdir contradicts."""
+    from configs import base
     from train import workdir_config
     if flags.FLAGS["config"].present:
         path = flags.FLAGS["config"].config_filename
@@ -186,6 +242,7 @@ def _resolve_config(mode: str):
     else:
         raise ValueError("--config is required, e.g. --config configs/tiny.py (with --workdir W "
                          "that holds a run, W's config.json is used)")
+    base.check(config)                     # every key in its range, before anything exists
     if mode in WORKDIR_CONFIG_MODES:       # train checks once init_from / extend are resolved
         workdir_config.check_against_workdir(config, workdir, mode)
     return config, workdir
@@ -204,10 +261,8 @@ def _exit_on_error(action):
 def _parse_flags(argv):
     """absl's flag parsing, with a bad flag, an unknown --config.KEY or a value of the
     wrong type as one line (exit 2) instead of a usage text or a traceback."""
-    from configs import base
+    _check_command_line(argv)
     try:
-        base.check_keys([arg[len("--config."):].split("=", 1)[0] for arg in argv[1:]
-                         if arg.startswith("--config.")])
         return flags.FLAGS(argv)
     except (flags.Error, ValueError) as error:
         message = str(error).splitlines()[0]

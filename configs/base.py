@@ -1,253 +1,288 @@
-"""Default configuration: every key the project reads, with its default.
+"""Default configuration: every key the project reads, with its default and its rule.
 
-Other configs start from `get_config()` here and change what they need, so a key that is
-not in this file does not exist (ml_collections rejects misspelled overrides).
+Each key is declared once, `section.key = default, rule` (configs/rules.py): the rule is
+its type and range, which `check(config)` tests before a run creates anything. Other
+configs start from `get_config()` here and change what they need, so a key that is not in
+this file does not exist (ml_collections rejects misspelled overrides).
 """
 import difflib
 
 from ml_collections import config_dict
 
+from configs import rules
+from configs.rules import anything, flag, integer, items, number, text
+
+# key -> Rule, filled by get_config()
+RULES: dict[str, rules.Rule] = {}
+SOURCES = ("stdlib", "text", "jsonl", "parquet", "prepared")
+ATTENTIONS = ("dense", "blockwise", "ring", "ulysses", "allgather", "hybrid")
+STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
+RETRIEVAL_TASKS = ("passkey", "kv", "line")
+
 
 def get_config() -> config_dict.ConfigDict:
-    config = config_dict.ConfigDict()
-    config.seed = 0
+    root = rules.Section(config_dict.ConfigDict(), "", RULES)
+    root.seed = 0, integer(0)
 
     # --- model ------------------------------------------------------------------------
-    model = config_dict.ConfigDict()
-    model.vocab_size = 0          # 0: take the tokenizer's vocabulary size
-    model.d_model = 512
-    model.n_layers = 8
-    model.q_heads = 8
-    model.kv_heads = 8            # grouped-query attention when < q_heads
-    model.head_dim = 64
-    model.mlp_dim = 1408          # MLP hidden width
-    model.position = "rope"       # rope | learned | none
-    model.rope = config_dict.ConfigDict()
-    model.rope.theta = 10000.0
+    model = root.section("model")
+    model.vocab_size = 0, integer(0)  # 0: take the tokenizer's vocabulary size
+    model.d_model = 512, integer(1)
+    model.n_layers = 8, integer(1)
+    model.q_heads = 8, integer(1)
+    model.kv_heads = 8, integer(1)  # grouped-query attention when < q_heads
+    model.head_dim = 64, integer(1)
+    model.mlp_dim = 1408, integer(1)  # MLP hidden width
+    model.position = "rope", text(("rope", "learned", "none"))  # rope | learned | none
+    rope = model.section("rope")
+    rope.theta = 10000.0, number(above=0)
     # None, or a Hugging Face `rope_scaling` dict, e.g. {"rope_type": "linear", "factor": 4.0}.
     # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
-    model.rope.scaling = config_dict.placeholder(object)
+    rope.scaling = None, anything()
     # dense | blockwise | ring | ulysses | allgather | hybrid (the last four split the
     # sequence over mesh.seq: parallel/sequence_parallel.py)
-    model.attention = "blockwise"
+    model.attention = "blockwise", text(ATTENTIONS)
     # hybrid: all-to-all inside groups of this many neighbouring devices (a divisor of
     # mesh.seq), ring across the groups
-    model.ulysses_degree = config_dict.placeholder(int)
+    model.ulysses_degree = None, integer(1, optional=True)
     # the per-device kernel: auto | blockwise | cudnn (NVIDIA GPUs, whole-sequence calls on
     # one device or with ulysses, rows that are one document in order); auto picks cudnn
     # where it applies and says why not otherwise
-    model.attention_kernel = "auto"
+    model.attention_kernel = "auto", text(("auto", "blockwise", "cudnn"))
     # largest query / key-value block of the blockwise/ring kernels; any length runs (a
     # sequence is padded internally by less than one block)
-    model.block_q = 256
-    model.block_k = 256
+    model.block_q = 256, integer(1)
+    model.block_k = 256, integer(1)
     # None, or w: each token attends to itself and the w - 1 tokens before it (Mistral's
     # and Qwen2's sliding window); model.layer_types picks the layers that have it
-    model.sliding_window = config_dict.placeholder(int)
+    model.sliding_window = None, integer(1, optional=True)
     # None (with a window: every layer), or per layer "sliding_attention" | "full_attention"
     # as in Hugging Face configs, e.g. --config.model.layer_types='("full_attention", ...)'
-    model.layer_types = config_dict.placeholder(tuple)
-    model.tie_embeddings = True
-    model.dtype = "bfloat16"      # compute dtype of activations and matmuls
-    model.param_dtype = "float32"
+    model.layer_types = None, items(text(("sliding_attention", "full_attention")), optional=True)
+    model.tie_embeddings = True, flag()
+    # compute dtype of activations and matmuls
+    model.dtype = "bfloat16", text(("float32", "bfloat16", "float16"))
+    model.param_dtype = "float32", text(("float32", "bfloat16", "float16"))
     # recompute in the backward pass (model/remat.py): none | full | save_dots | save_attention_out
-    model.remat = "none"
-    model.scan_layers = True      # lax.scan over the stacked layers (False: a Python loop)
+    model.remat = "none", text(("none", "full", "save_dots", "save_attention_out"))
+    model.scan_layers = True, flag()  # lax.scan over the stacked layers (False: a Python loop)
     # > 0: the LM head and loss run in chunks of about this many tokens per row, so
     # [tokens, vocab] logits are never held (a multiple of mesh.seq that divides the
     # lengths keeps every chunk on its devices); 0: all logits at once
-    model.loss_chunk_tokens = 0
+    model.loss_chunk_tokens = 0, integer(0)
     # > 0: the MLP (and its norm) runs in chunks of this many tokens per row, each
     # rematerialised (the feed-forward half of a blockwise transformer); 0: whole
-    model.mlp_chunk_tokens = 0
+    model.mlp_chunk_tokens = 0, integer(0)
     # with model.remat != "none" and scanned layers: rematerialise this many layers as a
     # group too, keeping n_layers / remat_group layer inputs (must divide n_layers)
-    model.remat_group = 1
-    model.norm_eps = 1e-5
-    model.init_std = 0.02
+    model.remat_group = 1, integer(1)
+    model.norm_eps = 1e-5, number(above=0)
+    model.init_std = 0.02, number(above=0)
     # Architecture options (defaults: Llama/Mistral; Qwen2 adds qkv_bias; GPT-2 is layernorm,
     # gelu_tanh, every bias, position="learned"). No separate norm-bias key: layernorm always
     # has scale and bias (as GPT-2's does), rmsnorm only a scale.
-    model.norm = "rmsnorm"        # rmsnorm | layernorm
-    model.mlp = "swiglu"          # swiglu (gate/up/down) | gelu_tanh (in -> tanh-GELU -> out)
-    model.qkv_bias = False        # biases on the q, k, v projections
-    model.attention_out_bias = False  # bias on the attention output projection
-    model.mlp_bias = False        # biases on the MLP's matrices
+    model.norm = "rmsnorm", text(("rmsnorm", "layernorm"))  # rmsnorm | layernorm
+    # swiglu (gate/up/down) | gelu_tanh (in -> tanh-GELU -> out)
+    model.mlp = "swiglu", text(("swiglu", "gelu_tanh"))
+    model.qkv_bias = False, flag()  # biases on the q, k, v projections
+    model.attention_out_bias = False, flag()  # bias on the attention output projection
+    model.mlp_bias = False, flag()  # biases on the MLP's matrices
     # position="learned" only: rows of the position table (the longest length the model
     # can run; ModelConfig.l_max). 0: curriculum.l_max rows. When it differs from the table
     # of the train.init_from checkpoint, that table is resized to it by linear interpolation
     # along the position axis (the learned-table analogue of Position Interpolation).
-    model.learned_positions_length = 0
-    config.model = model
+    model.learned_positions_length = 0, integer(0)
 
     # --- data -------------------------------------------------------------------------
-    data = config_dict.ConfigDict()
+    data = root.section("data")
     # stdlib | text | jsonl | parquet (read and tokenized when the run starts) | prepared
     # (data.path = a directory made by --mode prepare, memory-mapped)
-    data.source = "stdlib"
-    data.path = ""                # glob or file for text/jsonl/parquet; directory for prepared
-    data.text_field = "text"      # JSONL key / Parquet column holding the document text
-    data.tokenizer = "bytes"      # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
-    data.validation_percent = 5   # share of documents (by hash of their path/index) held out
-    data.shuffle_seed = 0
-    data.prepare_dir = ""         # --mode prepare: where the prepared shards go
-    data.prepare_workers = 0      # --mode prepare: worker processes (0: one per core)
+    data.source = "stdlib", text(SOURCES)
+    data.path = "", text()  # glob or file for text/jsonl/parquet; directory for prepared
+    data.text_field = "text", text()  # JSONL key / Parquet column holding the document text
+    # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
+    data.tokenizer = "bytes", text()
+    # share of documents (by hash of their path/index) held out
+    data.validation_percent = 5, number(0, below=100)
+    data.shuffle_seed = 0, integer(0)
+    data.prepare_dir = "", text()  # --mode prepare: where the prepared shards go
+    data.prepare_workers = 0, integer(0)  # --mode prepare: worker processes (0: one per core)
     # Synthetic retrieval documents (data/retrieval_tasks.py) mixed into the TRAINING documents;
     # validation stays pure corpus, so perplexities stay comparable. Each sample is one
     # document of prompt + answer tokens, its length uniform in [min, max], depth in [0, 1].
-    data.retrieval_fraction = 0.0  # share of training documents that are synthetic, [0, 1); 0: none
-    data.retrieval_tasks = ("passkey", "kv", "line")  # tasks drawn uniformly per sample
-    data.retrieval_min_length = 0  # shortest sample in tokens; 0: curriculum.l_max // 4
-    data.retrieval_max_length = 0  # longest sample in tokens (<= seq_len); 0: the training seq_len
-    data.retrieval_answer_weight = 1.0  # loss weight of the answer tokens (others: 1)
-    data.retrieval_task_weights = config_dict.placeholder(tuple)  # None: tasks uniform
-    config.data = data
+    # share of training documents that are synthetic, [0, 1); 0: none
+    data.retrieval_fraction = 0.0, number(0, below=1)
+    # tasks drawn uniformly per sample
+    data.retrieval_tasks = RETRIEVAL_TASKS, items(text(RETRIEVAL_TASKS), nonempty=True)
+    # shortest sample in tokens; 0: curriculum.l_max // 4
+    data.retrieval_min_length = 0, integer(0)
+    # longest sample in tokens (<= seq_len); 0: the training seq_len
+    data.retrieval_max_length = 0, integer(0)
+    # loss weight of the answer tokens (others: 1)
+    data.retrieval_answer_weight = 1.0, number(0)
+    # None: tasks uniform
+    data.retrieval_task_weights = None, items(number(above=0), optional=True)
 
     # --- training ---------------------------------------------------------------------
-    train = config_dict.ConfigDict()
-    train.steps = 1000
-    train.batch_size = 32         # global rows per step at l_max
-    train.learning_rate = 3e-4
-    train.min_learning_rate_ratio = 0.1  # cosine decays to this fraction of the peak
-    train.warmup_fraction = 0.02  # share of the token budget spent warming up
-    train.weight_decay = 0.1
-    train.decay_norms_and_embeddings = False
-    train.beta1 = 0.9
-    train.beta2 = 0.95
-    train.grad_clip_norm = 1.0
-    train.grad_accum_steps = 1    # micro-batches per step (batch_size must divide)
-    train.log_every_steps = 10
-    train.stop_at_step = 0        # >0: checkpoint and exit after this step (resume later)
+    train = root.section("train")
+    train.steps = 1000, integer(1)
+    train.batch_size = 32, integer(1)  # global rows per step at l_max
+    train.learning_rate = 3e-4, number(above=0)
+    # cosine decays to this fraction of the peak
+    train.min_learning_rate_ratio = 0.1, number(0, 1)
+    train.warmup_fraction = 0.02, number(0, 1)  # share of the token budget spent warming up
+    train.weight_decay = 0.1, number(0)
+    train.decay_norms_and_embeddings = False, flag()
+    train.beta1 = 0.9, number(0, below=1)
+    train.beta2 = 0.95, number(0, below=1)
+    train.grad_clip_norm = 1.0, number(0)
+    train.grad_accum_steps = 1, integer(1)  # micro-batches per step (batch_size must divide)
+    train.log_every_steps = 10, integer(1)
+    train.stop_at_step = 0, integer(0)  # >0: checkpoint and exit after this step (resume later)
     # a step whose loss or gradients are not finite is skipped (nothing updated); after
     # this many in a row the run stops (its checkpoints are all from finite states)
-    train.max_skipped_steps = 10
+    train.max_skipped_steps = 10, integer(1)
     # a workdir whose newest checkpoint's parameters start this run (fresh optimizer; used
     # for fine-tuning, e.g. at a longer length with a RoPE scaling); "" = random init
-    train.init_from = ""
-    config.train = train
+    train.init_from = "", text()
+    # resuming with another train.steps, learning rate, warmup, floor, curriculum.shares or
+    # lr_multipliers is refused unless this is True; then the rate continues from where the
+    # run was and blends into the new schedule by its end (train/schedule.py)
+    train.allow_schedule_change = False, flag()
+    # written by the trainer when it bridged a schedule change: (tokens, rate difference)
+    train.schedule_bridge = None, items(number(), optional=True)
 
     # --- length curriculum ------------------------------------------------------------
-    curriculum = config_dict.ConfigDict()
-    curriculum.l_max = 1024       # training length of level 0 (and the learned-position limit)
-    curriculum.levels = 1         # K: level k trains at lengths[k] (default l_max * 2^k)
+    curriculum = root.section("curriculum")
+    # training length of level 0 (and the learned-position limit)
+    curriculum.l_max = 1024, integer(1)
+    curriculum.levels = 1, integer(1)  # K: level k trains at lengths[k] (default l_max * 2^k)
     # what the budget (train.steps x train.batch_size rows of l_max tokens) counts:
     # "tokens": every step has batch_size x l_max tokens (the batch halves when the length
     #   doubles), so token-driven lr schedules and the loss scale match across levels;
     # "sequences": every level keeps batch_size rows, so tokens per step grow with length.
-    curriculum.unit = "tokens"    # tokens | sequences
+    curriculum.unit = "tokens", text(("tokens", "sequences"))  # tokens | sequences
     # ascending: stages short to long; interleaved: levels mixed step by step in an order
     # drawn from config.seed (each level keeps its share of the steps).
-    curriculum.order = "ascending"  # ascending | interleaved
+    # ascending | interleaved
+    curriculum.order = "ascending", text(("ascending", "interleaved"))
     # move devices from mesh.data to mesh.seq as the length grows (and the batch shrinks),
     # so every device keeps the same rows and local length; needs a sequence-parallel
     # model.attention (ring, ulysses, allgather, hybrid).
-    curriculum.relayout = True
+    curriculum.relayout = True, flag()
     # budget share per level, positive, summing to 1. None: 2^-(k+1), the last level also
     # takes the remainder (K=4: 0.5, 0.25, 0.125, 0.125).
-    curriculum.shares = config_dict.placeholder(tuple)
+    curriculum.shares = None, items(number(above=0), optional=True)
     # training length per level, increasing, lengths[0] == l_max. None: l_max * 2^k.
-    curriculum.lengths = config_dict.placeholder(tuple)
+    curriculum.lengths = None, items(integer(1), optional=True)
     # RoPE base per level (staged recipes raise it with the length). None: model.rope.theta.
-    curriculum.rope_thetas = config_dict.placeholder(tuple)
+    curriculum.rope_thetas = None, items(number(above=0), optional=True)
     # RoPE scaling per level: each None or a HF rope_scaling dict / JSON string.
     # None: model.rope.scaling at every level.
-    curriculum.rope_scalings = config_dict.placeholder(tuple)
+    curriculum.rope_scalings = None, items(anything(), optional=True)
     # learning-rate multiplier per level (applied on top of the schedule). None: 1.0 each.
-    curriculum.lr_multipliers = config_dict.placeholder(tuple)
-    config.curriculum = curriculum
+    curriculum.lr_multipliers = None, items(number(above=0), optional=True)
 
     # --- device mesh ------------------------------------------------------------------
-    mesh = config_dict.ConfigDict()
-    mesh.data = -1                # -1: the devices the other axes leave
-    mesh.fsdp = 1
-    mesh.seq = 1
-    mesh.tensor = 1
+    mesh = root.section("mesh")
+    mesh.data = -1, integer(1, also=(-1,))  # -1: the devices the other axes leave
+    mesh.fsdp = 1, integer(1, also=(-1,))
+    mesh.seq = 1, integer(1, also=(-1,))
+    mesh.tensor = 1, integer(1, also=(-1,))
     # token order along the seq axis: zigzag balances causal work (ring, allgather; the
     # hybrid's groups), contiguous keeps sequence order (ulysses; a sliding window's
     # shorter ring); auto: what model.attention needs
-    mesh.layout = "auto"          # auto | zigzag | contiguous
-    config.mesh = mesh
+    mesh.layout = "auto", text(("auto", "zigzag", "contiguous"))  # auto | zigzag | contiguous
 
     # --- checkpoints ------------------------------------------------------------------
-    checkpoint = config_dict.ConfigDict()
-    checkpoint.every_steps = 200
-    checkpoint.max_to_keep = 3
-    checkpoint.async_save = True
-    config.checkpoint = checkpoint
+    checkpoint = root.section("checkpoint")
+    checkpoint.every_steps = 200, integer(1)
+    checkpoint.max_to_keep = 3, integer(1)
+    checkpoint.async_save = True, flag()
 
     # --- evaluation -------------------------------------------------------------------
-    evaluation = config_dict.ConfigDict()
-    evaluation.name = ""          # results go to eval/<name>/ (side by side); "" = eval/
+    evaluation = root.section("eval")
+    evaluation.name = "", text()  # results go to eval/<name>/ (side by side); "" = eval/
     # >0: also evaluate every N steps during training, perplexity by length only (the
     # sliding window and the retrieval grid run at the end); 0: only at the end
-    evaluation.every_steps = 0
+    evaluation.every_steps = 0, integer(0)
     # None: powers of two from l_max/2 up to the longest that the eval mesh fits (probed by
     # compiling the scoring step), that eval.batch_size validation documents are long enough
     # for, and that is <= eval.max_length; never below 8 l_max.
-    evaluation.lengths = config_dict.placeholder(tuple)
-    evaluation.max_length = 0          # cap on the default lengths (0: none)
-    evaluation.memory_budget_mib = 0.0 # per device, for that probe (0: the device's memory;
+    evaluation.lengths = None, items(integer(1), optional=True)
+    evaluation.max_length = 0, integer(0)  # cap on the default lengths (0: none)
+    # per device, for that probe (0: the device's memory;
+    evaluation.memory_budget_mib = 0.0, number(0)
                                        # CPU: host memory / local devices)
-    evaluation.batch_size = 8
-    evaluation.max_batches = 16   # same-target windows: at most max_batches x batch_size documents
-    evaluation.score_tokens = 0   # targets scored per window (0: the shortest length)
-    evaluation.sliding_stride = 256      # sliding-window protocol (0: off)
-    evaluation.sliding_max_windows = 64  # windows per length in the sliding-window protocol
+    evaluation.batch_size = 8, integer(1)
+    # same-target windows: at most max_batches x batch_size documents
+    evaluation.max_batches = 16, integer(1)
+    # targets scored per window (0: the shortest length)
+    evaluation.score_tokens = 0, integer(0)
+    evaluation.sliding_stride = 256, integer(0)  # sliding-window protocol (0: off)
+    # windows per length in the sliding-window protocol
+    evaluation.sliding_max_windows = 64, integer(1)
     # Evaluate under another RoPE: None = the model's own; "none" = no scaling; or a Hugging
     # Face rope_scaling dict as JSON, e.g. '{"rope_type": "yarn", "factor": 4}'.
-    evaluation.rope_scaling = config_dict.placeholder(object)
-    evaluation.rope_theta = 0.0   # 0: the model's own
-    evaluation.retrieval_tasks = ()      # e.g. ("passkey", "kv", "line"); () = no retrieval grid
-    evaluation.retrieval_lengths = config_dict.placeholder(tuple)  # None: the eval lengths
-    evaluation.retrieval_samples = 2     # samples per (depth, length) cell
+    evaluation.rope_scaling = None, anything()
+    evaluation.rope_theta = 0.0, number(0)  # 0: the model's own
+    # e.g. ("passkey", "kv", "line"); () = no retrieval grid
+    evaluation.retrieval_tasks = (), items(text(RETRIEVAL_TASKS))
+    # None: the eval lengths
+    evaluation.retrieval_lengths = None, items(integer(1), optional=True)
+    evaluation.retrieval_samples = 2, integer(1)  # samples per (depth, length) cell
     # k_max: longest length up to which every length has mean accuracy >= this (the
     # Position Interpolation paper's passkey criterion is 20%)
-    evaluation.retrieval_threshold = 0.2
+    evaluation.retrieval_threshold = 0.2, number(0, 1)
     # Retrieval exact match: "teacher_forced" (every answer token is the argmax given the
     # true prefix) or "generate" (greedy decoding of the prompt, on one device, yields the
     # answer ids); the answer log-probability is teacher-forced either way.
-    evaluation.retrieval_scoring = "teacher_forced"
+    evaluation.retrieval_scoring = "teacher_forced", text(("teacher_forced", "generate"))
     # Score another corpus than the run's (with the run's tokenizer): set source (and path,
     # text_field; validation_percent -1 = the run's) and eval.name; its results go to
     # eval/<name>/. "": the run's own data section.
-    evaluation.data = config_dict.ConfigDict()
-    evaluation.data.source = ""
-    evaluation.data.path = ""
-    evaluation.data.text_field = "text"
-    evaluation.data.validation_percent = -1
-    config.eval = evaluation
+    eval_data = evaluation.section("data")
+    eval_data.source = "", text(("",) + SOURCES)
+    eval_data.path = "", text()
+    eval_data.text_field = "text", text()
+    eval_data.validation_percent = -1, number(-1, below=100)
 
     # --- generation (--mode generate) -------------------------------------------------
-    generate = config_dict.ConfigDict()
-    generate.prompt = ""          # text, encoded with data.tokenizer
-    generate.max_new_tokens = 64
-    generate.temperature = 0.0    # 0: greedy (top_p unused); > 0: sampling
-    generate.top_p = 1.0          # nucleus: sample from the most likely tokens of this mass
-    generate.seed = 0             # jax.random seed of the sampling
-    generate.output = ""          # JSON file {"prompt_ids", "output_ids", "text"}; "": none
+    generate = root.section("generate")
+    generate.prompt = "", text()  # text, encoded with data.tokenizer
+    generate.max_new_tokens = 64, integer(1)
+    generate.temperature = 0.0, number(0)  # 0: greedy (top_p unused); > 0: sampling
+    # nucleus: sample from the most likely tokens of this mass
+    generate.top_p = 1.0, number(above=0, high=1)
+    generate.seed = 0, integer(0)  # jax.random seed of the sampling
+    generate.output = "", text()  # JSON file {"prompt_ids", "output_ids", "text"}; "": none
     # token ids that end generation (--mode import sets them from the checkpoint's
     # generation_config.json / config.json eos_token_id); (): generate max_new_tokens
-    generate.eos_ids = ()
+    generate.eos_ids = (), items(integer(0))
+    # the checkpoint's beginning-of-sequence and padding ids: --mode import records them
+    # (generation_config.json, else config.json), --mode export writes them back with
+    # eos_ids (config.json and generation_config.json); generation does not use them.
+    # None: the checkpoint names none
+    generate.bos_id = None, integer(0, optional=True)
+    generate.pad_id = None, integer(0, optional=True)
     # devices the prompt and the KV cache are split over (ring-attention prefill, decoding
     # over the split cache); 1: one device
-    generate.seq = 1
-    config.generate = generate
+    generate.seq = 1, integer(1)
 
     # --- ahead-of-time plan (--mode plan; train/plan.py) -------------------------------
-    plan = config_dict.ConfigDict()
+    plan = root.section("plan")
     # > 0: plan on this many simulated CPU devices (whatever the machine has); 0: the real
     # devices of this process
-    plan.devices = 0
+    plan.devices = 0, integer(0)
     # > 0: also find the longest length whose train step fits this many GiB per device
-    plan.memory_budget_gib = 0.0
+    plan.memory_budget_gib = 0.0, number(0)
     # with mesh.seq > 1 at the last level: compile its step with each of these
     # sequence-parallel strategies and show them side by side (() = no comparison)
-    plan.strategies = ("ring", "ulysses", "allgather", "hybrid")
+    plan.strategies = STRATEGIES, items(text(STRATEGIES))
     # link bandwidths the collective bytes are timed at, GB/s: within a host (NVLink) and
     # across hosts (the hybrid's ring crosses hosts, its all-to-all stays within one)
-    plan.intra_host_gbps = 450.0
-    plan.inter_host_gbps = 50.0
-    config.plan = plan
+    plan.intra_host_gbps = 450.0, number(above=0)
+    plan.inter_host_gbps = 50.0, number(above=0)
 
     # --- context extension (configs/extend.py; train/extend.py) -----------------------
     # Position Interpolation: fine-tune the model of train.init_from at a longer length.
@@ -256,13 +291,21 @@ def get_config() -> config_dict.ConfigDict:
     # the RoPE scaling {"rope_type": "linear", "factor": target / L0} (yarn: also
     # "original_max_position_embeddings": L0), model.learned_positions_length = target for
     # learned positions, ring attention when mesh.seq > 1, and the warmup below.
-    extend = config_dict.ConfigDict()
-    extend.target_length = 0      # the new context length; 0: no extension
-    extend.scaling = "linear"     # linear (Position Interpolation) | yarn
-    extend.warmup_steps = 20      # > 0: train.warmup_fraction = warmup_steps / train.steps
-    extend.original_length = 0    # written by the trainer: L0 (leave 0)
-    config.extend = extend
-    return config
+    extend = root.section("extend")
+    extend.target_length = 0, integer(0, also=(-1,))  # the new context length; 0: no extension
+    # linear (Position Interpolation) | yarn
+    extend.scaling = "linear", text(("linear", "yarn"))
+    # > 0: train.warmup_fraction = warmup_steps / train.steps
+    extend.warmup_steps = 20, integer(0)
+    extend.original_length = 0, integer(0)  # written by the trainer: L0 (leave 0)
+    return root.node
+
+
+def check(config) -> None:
+    """One ValueError line for the first key of `config` outside its declared rule."""
+    if not RULES:
+        get_config()
+    rules.check(config, RULES)
 
 
 def check_keys(keys) -> None:

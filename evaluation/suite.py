@@ -230,11 +230,27 @@ def corpus_identity(config) -> dict:
     return {**{key: data[key] for key in EVAL_DATA_KEYS}, "tokenizer": data.tokenizer}
 
 
+SETTINGS_FILE = "settings.json"
+# the eval keys that decide what the results in an eval directory are
+SETTING_KEYS = ("lengths", "max_length", "score_tokens", "max_batches", "sliding_stride",
+                "sliding_max_windows", "rope_scaling", "rope_theta", "retrieval_tasks",
+                "retrieval_lengths", "retrieval_samples", "retrieval_scoring")
+
+
+def evaluation_settings(config) -> dict:
+    """The SETTING_KEYS of config.eval as JSON values."""
+    def plain(value):
+        value = value.to_dict() if hasattr(value, "to_dict") else value
+        return json.loads(json.dumps(value, sort_keys=True, default=str))
+    return {key: plain(config.eval.get(key)) for key in SETTING_KEYS}
+
+
 def claim_eval_directory(eval_dir: str, config, is_writer: bool = True) -> None:
-    """Record in eval_dir which corpus its results are of; one ValueError line if it holds
-    results of another corpus (evaluation files never overwrite those)."""
-    path = os.path.join(eval_dir, CORPUS_FILE)
-    identity = corpus_identity(config)
+    """Record in eval_dir which corpus and settings its results are of; one ValueError
+    line if it holds results of another corpus or of other settings (lengths, tasks, ...):
+    evaluation files never overwrite those; another eval.name writes beside them."""
+    path, settings_path = os.path.join(eval_dir, CORPUS_FILE), os.path.join(eval_dir, SETTINGS_FILE)
+    identity, settings = corpus_identity(config), evaluation_settings(config)
     if os.path.exists(path):
         with open(path) as f:
             held = json.load(f)
@@ -242,10 +258,21 @@ def claim_eval_directory(eval_dir: str, config, is_writer: bool = True) -> None:
             raise ValueError(f"{eval_dir} holds results of another corpus ({held['source']} "
                              f"{held['path']!r}, tokenizer {held['tokenizer']!r}); set "
                              f"eval.name to write these elsewhere")
-    elif is_writer:
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            held = json.load(f)
+        for key in SETTING_KEYS:
+            if key in held and held[key] != settings[key]:
+                raise ValueError(
+                    f"{eval_dir} holds results for eval.{key} = {held[key]!r}, not "
+                    f"{settings[key]!r}: set --config.eval.name=NAME to write these to "
+                    f"{os.path.join(eval_dir, 'NAME')}/ beside them (or remove {eval_dir})")
+    if is_writer:
         os.makedirs(eval_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(identity, f, indent=1, sort_keys=True)
+        for target, value in ((path, identity), (settings_path, settings)):
+            with open(target + ".tmp", "w") as f:
+                json.dump(value, f, indent=1, sort_keys=True)
+            os.replace(target + ".tmp", target)
 
 
 def eval_directory(workdir: str, name: str = "") -> str:

@@ -10,7 +10,10 @@
   holds the checkpoint besides the model: one block at a time.
 - `save_model(model, out_dir, ...)`: the inverse; config.json in the style the installed
   transformers (5.x) writes (`rope_parameters`), model.safetensors sharded above
-  `max_shard_bytes` with model.safetensors.index.json, tokenizer.json copied when given.
+  `max_shard_bytes` with model.safetensors.index.json, tokenizer.json copied when given,
+  the bos/eos/pad ids in config.json and generation_config.json.
+- `compute_dtype(hf_dir)`, `special_token_ids(hf_dir)`: what --mode import keeps of a
+  checkpoint besides its weights (the dtype it computes in; its bos/eos/pad ids).
 
 Architectures: LlamaForCausalLM (Llama 2 / 3 / 3.1 / 3.2, rope types default, linear,
 dynamic, yarn with DeepSeek's mscale keys, llama3, longrope), MistralForCausalLM (its
@@ -59,8 +62,18 @@ def read_config_json(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    with open(path) as f:
-        return json.load(f)
+    return _read_json(path)
+
+
+def _read_json(path: str):
+    """A JSON file's contents, or one ValueError line naming the file."""
+    with open(path, "rb") as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except ValueError as error:    # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({str(error).splitlines()[0][:120]})") \
+            from None
 
 
 def eos_token_ids(hf_dir: str) -> tuple[int, ...]:
@@ -69,11 +82,54 @@ def eos_token_ids(hf_dir: str) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(hf_dir, name)
         if os.path.isfile(path):
-            with open(path) as f:
-                found = json.load(f).get("eos_token_id")
+            found = _json_object(path).get("eos_token_id")
             if found is not None:
                 return tuple(int(i) for i in np.atleast_1d(found))
     return ()
+
+
+def _json_object(path: str) -> dict:
+    found = _read_json(path)
+    if not isinstance(found, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(found).__name__}")
+    return found
+
+
+def special_token_ids(hf_dir: str) -> dict:
+    """{"bos": id or None, "eos": (ids...), "pad": id or None} of a checkpoint: each from
+    generation_config.json (what transformers' generate uses) when it names one, else from
+    config.json."""
+    out = {"bos": None, "eos": eos_token_ids(hf_dir), "pad": None}
+    for name in ("config.json", "generation_config.json"):     # the latter wins
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            continue
+        found = _json_object(path)
+        for key in ("bos", "pad"):
+            value = found.get(f"{key}_token_id")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{path}: {key}_token_id {value!r} is not supported; "
+                                 "supported: one integer id or null")
+            out[key] = value
+    return out
+
+
+# config.json's dtype names (`dtype` in transformers 5, `torch_dtype` before) that we compute in
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def compute_dtype(hf_dir: str) -> tuple[str, str]:
+    """(dtype, where it came from) for computing with a checkpoint: the dtype its
+    config.json names (`dtype`, or `torch_dtype` of older transformers), else its tensors'.
+    float32, bfloat16 and float16 are each kept (ModelConfig computes in all three)."""
+    hf = read_config_json(hf_dir)
+    for key in ("dtype", "torch_dtype"):
+        named = hf.get(key)
+        if isinstance(named, str) and named.removeprefix("torch.") in _COMPUTE_DTYPES:
+            return named.removeprefix("torch."), f"the checkpoint's config.json {key}"
+    return _checkpoint_dtype(hf_dir), "the checkpoint's tensors"
 
 
 def _architecture(hf: dict) -> str:
@@ -391,11 +447,7 @@ class _SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        self.header, self.data_start = header, 8 + length
+        self.header, self.data_start = _read_safetensors_header(path)
         self.fd = os.open(path, os.O_RDONLY)
 
     def close(self):
@@ -403,6 +455,44 @@ class _SafetensorsFile:
 
     def keys(self):
         return self.header.keys()
+
+
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    """({name: {dtype, shape, data_offsets}}, where the data starts) of a .safetensors
+    file; one ValueError line naming the file when it is not one (the header length is
+    checked against the file's size before anything is read, so garbage never allocates)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes, shorter than "
+                             "the 8-byte header length)")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            raise ValueError(f"{path}: not a safetensors file (its header length {length} "
+                             f"exceeds the file's {size} bytes)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:    # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not a safetensors file (its {length}-byte header is not "
+                         f"JSON: {str(error).splitlines()[0][:80]})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is a "
+                         f"{type(header).__name__}, not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    for key, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and
+                all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]
+                and isinstance(entry.get("shape"), list) and "dtype" in entry):
+            raise ValueError(f"{path}: not a safetensors file (tensor {key!r} has no valid "
+                             "dtype, shape and data_offsets)")
+        if offsets[1] > data_size:
+            raise ValueError(f"{path}: truncated: tensor {key!r} ends at byte {offsets[1]} of "
+                             f"a data section of {data_size} bytes")
+    return header, 8 + length
 
 
 class _Tensor:
@@ -481,8 +571,10 @@ class _Checkpoint(contextlib.ExitStack):
         self.hf_dir = hf_dir
         index_path = os.path.join(hf_dir, "model.safetensors.index.json")
         if os.path.exists(index_path):
-            with open(index_path) as f:
-                self.files = json.load(f)["weight_map"]
+            weight_map = _json_object(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index_path}: no weight_map object")
+            self.files = weight_map
         elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
             file = _SafetensorsFile(os.path.join(hf_dir, "model.safetensors"))
             self.callback(file.close)
@@ -669,12 +761,21 @@ def _rope_parameters(cfg: ModelConfig) -> tuple[dict, int]:
     return out, cfg.l_max
 
 
-def hf_config(cfg: ModelConfig, architecture: str, eos_token_ids=()) -> dict:
+def hf_config(cfg: ModelConfig, architecture: str, eos_token_ids=(), bos_token_id=None,
+              pad_token_id=None) -> dict:
     """config.json for `cfg` as `architecture`, in transformers 5's style."""
     config = _hf_config(cfg, architecture)
-    eos = [int(i) for i in eos_token_ids]
-    config["eos_token_id"] = None if not eos else eos[0] if len(eos) == 1 else eos
+    config.update(generation_config(eos_token_ids, bos_token_id, pad_token_id))
     return config
+
+
+def generation_config(eos_token_ids=(), bos_token_id=None, pad_token_id=None) -> dict:
+    """The special-token ids as config.json and generation_config.json name them
+    (transformers' GenerationConfig fields): one eos id as an integer, several as a list."""
+    eos = [int(i) for i in eos_token_ids]
+    return {"bos_token_id": None if bos_token_id is None else int(bos_token_id),
+            "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else eos,
+            "pad_token_id": None if pad_token_id is None else int(pad_token_id)}
 
 
 def _hf_config(cfg: ModelConfig, architecture: str) -> dict:
@@ -687,7 +788,7 @@ def _hf_config(cfg: ModelConfig, architecture: str) -> dict:
             "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
             "attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "bos_token_id": None, "dtype": torch_dtype}
+            "dtype": torch_dtype}
     if cfg.position != "rope":
         raise ValueError(f"{architecture} needs model.position='rope', got {cfg.position!r}")
     rope, max_positions = _rope_parameters(cfg)
@@ -698,8 +799,7 @@ def _hf_config(cfg: ModelConfig, architecture: str) -> dict:
         "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_dim, "hidden_act": "silu",
         "rms_norm_eps": cfg.norm_eps, "max_position_embeddings": max_positions,
         "rope_parameters": rope, "tie_word_embeddings": cfg.tie_embeddings,
-        "attention_dropout": 0.0, "bos_token_id": None,
-        "dtype": torch_dtype}
+        "attention_dropout": 0.0, "dtype": torch_dtype}
     windows = cfg.layer_windows()
     types = ["full_attention" if w is None else "sliding_attention" for w in windows]
     if architecture == "LlamaForCausalLM":
@@ -739,7 +839,8 @@ def _from_ours(source: Source, value: np.ndarray) -> np.ndarray:
 
 def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = None,
                architecture: str | None = None,
-               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, eos_token_ids=()) -> str:
+               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, eos_token_ids=(),
+               bos_token_id: int | None = None, pad_token_id: int | None = None) -> str:
     """Write `model` as a Hugging Face directory `transformers` loads (AutoModelForCausalLM).
 
     architecture: default the one the model was loaded from, else inferred from its config
@@ -748,12 +849,15 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     spans several: each process calls save_model, process 0 writes), in shards of at most
     `max_shard_bytes` (with model.safetensors.index.json when there is more than one).
     `tokenizer_path`: a tokenizer.json, copied with the tokenizer_config.json and
-    special_tokens_map.json beside it. `eos_token_ids`: config.json's eos_token_id (none when empty).
+    special_tokens_map.json beside it. `eos_token_ids` (none when empty), `bos_token_id`,
+    `pad_token_id`: config.json's eos/bos/pad_token_id, and when any is given also a
+    generation_config.json naming them (what transformers' generate reads).
     """
     cfg = model.cfg
     architecture = architecture or getattr(model, "hf_architecture", None) or \
         infer_architecture(cfg)
-    config = hf_config(cfg, architecture, eos_token_ids)
+    config = hf_config(cfg, architecture, eos_token_ids, bos_token_id, pad_token_id)
+    generation = generation_config(eos_token_ids, bos_token_id, pad_token_id)
     params = {_path_name(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     sources = _sources(cfg, architecture, {"transformer.wte.weight"})
     if set(params) != set(sources):
@@ -769,7 +873,8 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     if writer:
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(out_dir):
-            if name.startswith("model") and name.endswith((".safetensors", ".index.json")):
+            if name.startswith("model") and name.endswith((".safetensors", ".index.json")) \
+                    or name == "generation_config.json":
                 os.remove(os.path.join(out_dir, name))
     # Shards are written as they fill (the host holds one shard at most), then renamed
     # model-0000i-of-0000n.safetensors once n is known.
@@ -810,6 +915,9 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
         _finish_shards(out_dir, written, total)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+        if any(v is not None for v in generation.values()):
+            with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+                json.dump(generation, f, indent=2, sort_keys=True)
         if tokenizer_path:
             _copy_tokenizer(tokenizer_path, out_dir)
     if jax.process_count() > 1:

@@ -90,7 +90,7 @@ def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: boo
 
     cudnn needs an NVIDIA GPU and a whole-sequence call on rows that are one document in
     sequence order (`in_order`): one device or Ulysses. "auto" takes it where it applies
-    and otherwise blockwise, saying why once (`say`); an explicit "cudnn" where it cannot
+    and otherwise blockwise, on a GPU saying why once (`say`); an explicit "cudnn" where it cannot
     apply is a ValueError of one line."""
     if requested not in KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {KERNELS}, got {requested!r}")
@@ -109,7 +109,8 @@ def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: boo
         return "cudnn"
     if requested == "cudnn":
         raise ValueError(f"model.attention_kernel=cudnn: {reason}")
-    say(f"model.attention_kernel=auto: blockwise, because {reason}")
+    if platform == "gpu":          # off GPUs there is no fused kernel to miss: no notice
+        say(f"model.attention_kernel=auto: blockwise, because {reason}")
     return "blockwise"
 
 

@@ -25,6 +25,8 @@ def snapshot(directory):
     found = {}
     for root, dirs, files in os.walk(directory):
         for name in dirs + files:
+            if name == ".lock":        # the workdir lock's file (train/workdir_lock.py)
+                continue
             path = os.path.join(root, name)
             found[os.path.relpath(path, directory)] = (os.path.getsize(path),
                                                        os.path.getmtime(path))
@@ -67,6 +69,27 @@ CASES = {
     "negative batch": lambda r, w: ([*TINY, "--config.train.batch_size=-4"], ["batch_size"]),
     "zero width": lambda r, w: ([*TINY, "--config.model.d_model=0"], ["d_model"]),
     "impossible mesh": lambda r, w: ([*TINY, "--config.mesh.seq=3"], ["mesh"]),
+    "negative learning rate": lambda r, w: ([*TINY, "--config.train.learning_rate=-1"],
+                                            ["train.learning_rate", "> 0"]),
+    "infinite learning rate": lambda r, w: ([*TINY, "--config.train.learning_rate=inf"],
+                                            ["train.learning_rate", "finite"]),
+    "probability above one": lambda r, w: ([*TINY, "--config.data.retrieval_fraction=1.5"],
+                                           ["data.retrieval_fraction"]),
+    "zero evaluation length": lambda r, w: ([*TINY, "--config.eval.lengths=(0,)"],
+                                            ["eval.lengths", ">= 1"]),
+    "zero evaluation batch": lambda r, w: ([*TINY, "--config.eval.batch_size=0"],
+                                           ["eval.batch_size", ">= 1"]),
+    "zero mesh axis": lambda r, w: ([*TINY, "--config.mesh.fsdp=0"], ["mesh.fsdp"]),
+    "unknown attention": lambda r, w: ([*TINY, "--config.model.attention=flash"],
+                                       ["model.attention", "ulysses"]),
+    "malformed rope scaling": lambda r, w: ([*TINY, "--config.model.rope.scaling={bad"],
+                                            ["model.rope.scaling", "JSON"]),
+    "a flag given twice": lambda r, w: ([*TINY, "--config.eval.lengths=(64,)",
+                                         "--config.eval.lengths=(128,)"],
+                                        ["--config.eval.lengths", "twice"]),
+    "unknown key in a mode that reads the workdir": lambda r, w: (
+        ["--mode", "eval", "--workdir", str(w), "--config.eval.ruler.tasks=(1,)"],
+        ["eval.ruler.tasks", "no key 'ruler'"]),
     "zero window": lambda r, w: ([*TINY, "--config.model.sliding_window=0"],
                                  ["model.sliding_window"]),
     "heads and all-to-all": lambda r, w: ([*TINY, "--config.mesh.seq=8", "--config.mesh.data=1",

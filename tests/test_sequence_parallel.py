@@ -102,11 +102,12 @@ def test_a_hybrid_degree_larger_than_the_seq_axis_makes_one_group():
 # ----------------------------------------------------------------------------- kernels
 
 
-def test_auto_takes_blockwise_off_gpu_and_says_why_once():
+def test_auto_takes_blockwise_off_gpu_without_a_notice():
+    # nothing changed for the user: there is no fused kernel to miss on a CPU or TPU
     said = []
     assert choose_kernel("auto", strategy="ulysses", platform="cpu", in_order=True,
                          say=said.append) == "blockwise"
-    assert len(said) == 1 and "needs an NVIDIA GPU" in said[0]
+    assert said == []
 
 
 @pytest.mark.parametrize("strategy,in_order,reason", [

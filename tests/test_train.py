@@ -172,7 +172,7 @@ def test_train_returns_the_same_keys_stopped_early_or_finished(trained_workdir, 
 def test_workdir_holds_config_metrics_tensorboard_checkpoints_and_eval(trained_workdir):
     workdir, summary = trained_workdir, trained_workdir.summary   # eval.every_steps = 4
     assert json.load(open(os.path.join(workdir, "config.json")))["curriculum"]["l_max"] == 64
-    record = read_metrics(workdir)[0]
+    record = read_metrics(workdir)[1]
     for key in ("step", "tokens", "loss", "lr", "grad_norm", "seq_len", "batch_size",
                 "tokens_per_sec", "step_time_s"):
         assert key in record
@@ -192,14 +192,27 @@ def test_training_prints_one_progress_line_per_logged_step(trained_workdir):
     no "| L="), with an ETA from the second step on (the first step's compile is left out of
     the rate)."""
     pattern = re.compile(r"step (\d+)/8 \| loss \d+\.\d{4} \| lr \d\.\d\de-\d\d \| "
-                         r"\d+\.\dk tok/s( \| ETA \d+m\d\ds)?")
+                         r"(\d+\.\dk tok/s|compiled)( \| ETA \d+m\d\ds)?")
     lines = trained_workdir.output.splitlines()
     matches = [pattern.fullmatch(line) for line in lines if line.startswith("step ")]
     assert all(matches), [line for line in lines if line.startswith("step ")]
     assert [int(m.group(1)) for m in matches] == list(range(1, 9))   # log_every_steps = 1
-    assert [bool(m.group(2)) for m in matches] == [False] + [True] * 7
+    assert [m.group(2) == "compiled" for m in matches] == [True] + [False] * 7
+    assert [bool(m.group(3)) for m in matches] == [False] + [True] * 7
     assert lines.count("evaluation at step 4 (perplexity by length; sliding window and "
                        "retrieval run at the end)") == 1
+
+
+@pytest.mark.slow
+def test_the_step_that_compiled_reports_its_compile_time_not_a_throughput(trained_workdir):
+    records = [r for r in read_metrics(trained_workdir) if "loss" in r]
+    first, steady = records[0], records[1:]
+    assert first["step"] == 1 and first["compile_s"] > 0
+    assert "tokens_per_sec" not in first and "step_time_s" not in first
+    assert all("compile_s" not in r for r in steady)
+    # steady steps of one shape run at one speed: no outlier of a compile left out
+    speeds = sorted(r["tokens_per_sec"] for r in steady)
+    assert speeds[-1] < 5 * speeds[len(speeds) // 2]
 
 
 @pytest.mark.slow
@@ -261,8 +274,25 @@ def test_eval_mode_scores_the_newest_checkpoint_at_each_length(trained_workdir, 
     assert again["step"] == 8
     assert again["perplexity"][0] == pytest.approx(
         trained_workdir.summary["eval"]["perplexity"][0], rel=1e-5)
-    result = trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64)}), workdir)
+    result = trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64),
+                                                      "eval.name": "short"}), workdir)
     assert result["lengths"] == [32, 64] and len(result["perplexity"]) == 2
+
+
+@pytest.mark.slow
+def test_eval_with_other_lengths_never_overwrites_the_run_s_eval(trained_workdir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained_workdir, workdir)
+    before = open(os.path.join(workdir, "eval", "perplexity_by_length.json")).read()
+    with pytest.raises(ValueError, match=r"holds results for eval.lengths = \[64\], not "
+                                         r"\[32, 64\]: set --config.eval.name=NAME"):
+        trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64)}), workdir)
+    assert open(os.path.join(workdir, "eval", "perplexity_by_length.json")).read() == before
+    trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64), "eval.name": "short"}),
+                             workdir)
+    assert json.load(open(os.path.join(workdir, "eval", "short",
+                                       "perplexity_by_length.json")))["lengths"] == [32, 64]
+    assert open(os.path.join(workdir, "eval", "perplexity_by_length.json")).read() == before
 
 
 @pytest.mark.slow

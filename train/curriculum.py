@@ -284,14 +284,15 @@ def make_plan(config, device_count: int) -> Plan:
     if thetas is None:
         thetas = (float(config.model.rope.theta),) * K
     scalings = _per_level(c.rope_scalings, K, "rope_scalings")
-    if scalings is None:
-        scalings = (config.model.rope.scaling,) * K
+    names = [f"curriculum.rope_scalings[{k}]" for k in range(K)]
+    if scalings is None:                  # the model's own at every level
+        scalings, names = (config.model.rope.scaling,) * K, ["model.rope.scaling"] * K
     scaling_json = []
     for k, scaling in enumerate(scalings):
         try:
             normal = normalize_rope_scaling(scaling, original_max_position_embeddings=l_max)
         except ValueError as e:
-            raise ValueError(f"curriculum.rope_scalings[{k}]: {e}") from None
+            raise ValueError(f"{names[k]}: {e}") from None
         scaling_json.append(json.dumps(normal, sort_keys=True))
     multipliers = _positive_floats(c.lr_multipliers, K, "lr_multipliers")
     if multipliers is None:
@@ -356,6 +357,22 @@ def make_plan(config, device_count: int) -> Plan:
         schedule = np.random.default_rng(config.seed).permutation(schedule)
     return Plan(levels=tuple(levels), order=order, unit=unit,
                 schedule=tuple(int(x) for x in schedule))
+
+
+def beyond_trained_notice(config, plan: Plan, level: Level, lengths, what: str) -> str | None:
+    """One notice line when any of `lengths` exceeds the longest length the run trained at
+    (its last level), naming the positions in effect at `level`; None otherwise."""
+    trained = plan.levels[-1].seq_len
+    beyond = sorted({int(n) for n in lengths if int(n) > trained})
+    if not beyond:
+        return None
+    if config.model.position == "rope":
+        positions = f"RoPE theta {_format_number(level.rope_theta)}, scaling " + \
+            _format_scaling(level.rope_scaling)
+    else:
+        positions = f"position {config.model.position}"
+    return (f"note: {what} {', '.join(map(str, beyond))} tokens, beyond the trained length "
+            f"{trained} ({positions})")
 
 
 def eval_level(config, plan: Plan) -> Level:

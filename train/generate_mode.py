@@ -57,7 +57,8 @@ def generate_workdir(config, workdir: str) -> dict:
     for axis in ("data", "fsdp", "seq", "tensor"):
         on_mesh.mesh[axis] = 1
     # the RoPE settings of the last level (a plan on one device: the mesh plays no part)
-    level = curriculum_lib.eval_level(on_mesh, curriculum_lib.make_plan(on_mesh, 1))
+    plan = curriculum_lib.make_plan(on_mesh, 1)
+    level = curriculum_lib.eval_level(on_mesh, plan)
     on_mesh.mesh.seq = int(g.seq)
     run = build_run(on_mesh, devices=jax.local_devices()[:g.seq])
     state, _ = restore_newest(workdir, run, "--mode generate (train first)")
@@ -74,6 +75,11 @@ def generate_workdir(config, workdir: str) -> dict:
     prompt_ids = np.asarray(run.tokenizer.encode(g.prompt), np.int32)
     if prompt_ids.size == 0:
         raise ValueError("generate.prompt encodes to no tokens")
+    notice = curriculum_lib.beyond_trained_notice(
+        on_mesh, plan, level,
+        [prompt_ids.size + int(g.max_new_tokens)], "prompt + new tokens reach")
+    if notice:
+        print(notice, flush=True)
     with mesh_lib.use_mesh(run.mesh):
         graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
                                                                    rngs=nnx.Rngs(0))), nnx.Param)

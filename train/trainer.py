@@ -21,11 +21,11 @@ from evaluation.progress import Progress
 from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
+from train import curriculum as curriculum_lib
 from train import extend as extend_lib
-from train import workdir_config
+from train import schedule, workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
-from train.optimizer import learning_rate_at
 from train.state import (abstract_state, build_run, checkpoint_meta, init_state,
                          restore_intact, restore_newest, restore_params_from)
 from train.step import make_train_step, put_batch
@@ -87,15 +87,29 @@ def train(config, workdir: str) -> dict:
     suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
                                is_writer)
     final_eval = suite.prepare(config, eval_run, abstract_state(eval_run)["params"])
-    if is_writer:
-        workdir_config.write(config, workdir)
+    _say_beyond_trained(config, plan, final_eval)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
+    saved = workdir_config.load(workdir) if workdir_config.exists(workdir) else None
+    schedule_changes = []
+    if saved is not None and checkpointer.steps():       # a resume: the schedule holds
+        schedule_changes = schedule.check_resume(config, saved, workdir)
+    if is_writer:
+        workdir_config.write(config, workdir)
     writer = None
     try:
         # -------------------------------------------------------------- restore or init
         state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels)
+        if schedule_changes and step > 0:
+            saved_plan = curriculum_lib.make_plan(saved, jax.device_count())
+            config.train.schedule_bridge = schedule.bridge(config, plan, saved, saved_plan,
+                                                           step, tokens)
+            if is_writer:
+                workdir_config.write(config, workdir)
+                print(f"schedule changed ({', '.join(schedule_changes)}): the learning rate "
+                      f"continues from {schedule.rate(saved, saved_plan, step, tokens):.3g} "
+                      f"and joins the new schedule by step {plan.total_steps}", flush=True)
         writer = MetricsWriter(workdir, resume_step=step)   # the steps after it are redone
         if is_writer:
             print(f"model: {count_parameters(state['params']) / 1e6:.2f}M parameters; "
@@ -107,6 +121,7 @@ def train(config, workdir: str) -> dict:
         compiled = {}
         current_run = levels.run_at(min(step, plan.total_steps - 1))
         last_log_time, last_log_step = time.time(), step
+        compile_seconds = None        # of the step compiled since the last record
         final_loss = None
         skips = SkipCounter(config.train.max_skipped_steps)
         with StopSignals() as signals:
@@ -119,9 +134,7 @@ def train(config, workdir: str) -> dict:
                     current_run = run
                 batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
                                   run.layout, run.layout_parts)
-                learning_rate = level.lr_multiplier * learning_rate_at(
-                    tokens, plan.total_tokens, config.train.learning_rate,
-                    config.train.warmup_fraction, config.train.min_learning_rate_ratio)
+                learning_rate = schedule.rate(config, plan, step, tokens)
                 with mesh_lib.use_mesh(run.mesh):
                     if level.index not in compiled:
                         compile_start = time.time()
@@ -136,7 +149,9 @@ def train(config, workdir: str) -> dict:
                                   f"{_layout_name(run.mesh)}) in "
                                   f"{time.time() - compile_start:.1f}s (incl. its first step)",
                                   flush=True)
-                        last_log_time = time.time()
+                        # throughput counts steady steps only: not this one, which compiled
+                        compile_seconds = time.time() - compile_start
+                        last_log_time, last_log_step = time.time(), step + 1
                         progress.restart_clock(step + 1)
                     else:
                         state, metrics = compiled[level.index](state, batch,
@@ -150,18 +165,25 @@ def train(config, workdir: str) -> dict:
                 if step % config.train.log_every_steps == 0 or step == plan.total_steps:
                     values = jax.device_get(metrics)
                     now = time.time()
-                    step_time = (now - last_log_time) / max(1, step - last_log_step)
-                    last_log_time, last_log_step = now, step
                     record = {"tokens": tokens, "loss": float(values["loss"]),
                               "lr": learning_rate, "grad_norm": float(values["grad_norm"]),
                               "seq_len": level.seq_len, "batch_size": level.batch_size,
                               "level": level.index, "layout": _layout_name(run.mesh),
-                              "tokens_per_sec": level.seq_len * level.batch_size / step_time,
-                              "step_time_s": step_time, "skipped_steps": skips.total()}
+                              "skipped_steps": skips.total()}
+                    speed = ""
+                    if step > last_log_step:     # steady steps since the last record
+                        step_time = (now - last_log_time) / (step - last_log_step)
+                        record["step_time_s"] = step_time
+                        record["tokens_per_sec"] = level.seq_len * level.batch_size / step_time
+                        speed = f" | {record['tokens_per_sec'] / 1e3:.1f}k tok/s"
+                    if compile_seconds is not None:
+                        record["compile_s"], compile_seconds = compile_seconds, None
+                        speed += " | compiled"
+                    last_log_time, last_log_step = now, step
                     final_loss = record["loss"]
                     writer.write(step, record)
-                    progress.update(step, f"loss {record['loss']:.4f} | lr {learning_rate:.2e} | "
-                                    f"{record['tokens_per_sec'] / 1e3:.1f}k tok/s"
+                    progress.update(step, f"loss {record['loss']:.4f} | lr {learning_rate:.2e}"
+                                    + speed
                                     + (f" | L={level.seq_len}" if len(plan.levels) > 1 else "")
                                     + (f" | skipped {skips.total()}" if skips.total() else ""))
                     skips.check(checkpointer)
@@ -278,6 +300,16 @@ def _all_finite(params):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
+def _say_beyond_trained(config, plan, data) -> None:
+    """One notice when evaluation runs beyond the longest trained length."""
+    lengths = list(data.lengths) + [n for _, by_length in data.retrieval.values()
+                                    for n in by_length]
+    notice = curriculum_lib.beyond_trained_notice(config, plan, eval_level(config, plan),
+                                                  lengths, "evaluating at")
+    if notice and jax.process_index() == 0:
+        print(notice, flush=True)
+
+
 def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
     """(state, step, tokens): the newest checkpoint's, with the data stream moved to its
     saved position; else a fresh state (parameters from train.init_from if set)."""
@@ -339,6 +371,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
                                jax.process_index() == 0)
     data = suite.prepare(config, run, abstract_state(run)["params"])
+    _say_beyond_trained(config, plan, data)
     writer = MetricsWriter(workdir)
     try:
         outcome = _evaluate(config, run, state, data, int(meta["step"]), writer, workdir=workdir)

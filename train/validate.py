@@ -10,6 +10,7 @@ import os
 
 import jax
 
+from configs import base
 from evaluation.lengths import evaluation_lengths
 from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
@@ -20,6 +21,7 @@ from train import curriculum as curriculum_lib
 def validate_config(config, device_count: int | None = None) -> curriculum_lib.Plan:
     """Raise ValueError for any setting that cannot work on `device_count` devices (default:
     all); return the curriculum plan."""
+    base.check(config)            # each key's own type and range (configs/base.py)
     device_count = jax.device_count() if device_count is None else device_count
     if config.mesh.layout not in sequence_parallel.LAYOUT_SETTINGS:
         raise ValueError(f"mesh.layout must be one of {sequence_parallel.LAYOUT_SETTINGS}, "

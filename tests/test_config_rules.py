@@ -1,0 +1,69 @@
+"""Specification of configs/rules.py and the rules of configs/base.py: every key has its
+type and range declared beside its default, every shipped config satisfies them, and a
+value outside them is one line naming the key."""
+import glob
+import importlib
+import os
+
+import pytest
+from ml_collections import config_dict
+
+from configs import base
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def leaf_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, config_dict.ConfigDict):
+            yield from leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
+
+
+def test_every_key_has_exactly_one_declared_rule():
+    config = base.get_config()
+    assert sorted(leaf_keys(config)) == sorted(base.RULES)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
+def test_every_shipped_config_satisfies_the_rules(path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    if name in ("__init__", "rules"):
+        pytest.skip("not a config file")
+    base.check(importlib.import_module(f"configs.{name}").get_config())
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("train.learning_rate", -1.0, "a finite number > 0"),
+    ("train.learning_rate", float("nan"), "a finite number > 0"),
+    ("train.min_learning_rate_ratio", 1.5, "<= 1"),
+    ("train.steps", 0, "an integer >= 1"),
+    ("train.steps", True, "an integer >= 1"),
+    ("eval.lengths", (256, 0), "a tuple of integers >= 1 or None"),
+    ("eval.batch_size", 0, "an integer >= 1"),
+    ("mesh.seq", 0, "an integer >= 1 or -1"),
+    ("data.retrieval_fraction", 1.0, "< 1"),
+    ("model.attention", "flash", "one of ("),
+    ("model.layer_types", ("sliding_attention", "local"), "values each one of"),
+    ("generate.top_p", 0.0, "> 0"),
+    ("plan.strategies", ("ring", "tree"), "values each one of"),
+])
+def test_a_value_outside_its_rule_is_one_line_naming_the_key(key, value, words):
+    config = base.get_config()
+    section, name = key.rsplit(".", 1)
+    node = config
+    for part in section.split("."):
+        node = node[part]
+    node[name] = value
+    with pytest.raises(ValueError, match=f"^{key} must be ") as refused:
+        base.check(config)
+    assert words in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_optional_keys_take_none_and_the_minus_one_sentinels_pass():
+    config = base.get_config()
+    config.model.sliding_window = None
+    config.mesh.data = -1
+    config.extend.target_length = -1            # configs/extend.py: "give the length"
+    base.check(config)

@@ -1,0 +1,71 @@
+"""Specification of train/schedule.py: a resume that would re-plan the learning rate is
+refused with one line naming the key, and with train.allow_schedule_change the rate
+continues from where the run was (no jump) and ends where the new schedule ends."""
+import copy
+
+import pytest
+
+from tests.helpers import read_metrics, small_config
+from train import curriculum as curriculum_lib
+from train import schedule, trainer
+
+
+def plan_of(config):
+    return curriculum_lib.make_plan(config, 8)
+
+
+def test_a_bridged_schedule_starts_at_the_old_rate_and_ends_at_the_new_one():
+    old = small_config(**{"train.steps": 20})
+    new = small_config(**{"train.steps": 40, "train.allow_schedule_change": True})
+    old_plan, new_plan = plan_of(old), plan_of(new)
+    step = 12
+    tokens = old_plan.tokens_before(step)
+    new.train.schedule_bridge = schedule.bridge(new, new_plan, old, old_plan, step, tokens)
+    assert schedule.rate(new, new_plan, step, tokens) == pytest.approx(
+        schedule.rate(old, old_plan, step, tokens), rel=1e-9)
+    plain = copy.deepcopy(new)
+    plain.train.schedule_bridge = None
+    end = new_plan.total_steps - 1
+    end_tokens = new_plan.tokens_before(new_plan.total_steps)
+    assert schedule.rate(new, new_plan, end, end_tokens) == pytest.approx(
+        schedule.rate(plain, new_plan, end, end_tokens), rel=1e-9)
+
+
+def test_changed_keys_names_only_what_the_schedule_depends_on():
+    saved = small_config()
+    config = small_config(**{"train.learning_rate": 1e-3, "train.log_every_steps": 5})
+    assert schedule.changed_keys(config, saved) == ["train.learning_rate"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run of 8 steps stopped (with its checkpoint) after step 4."""
+    workdir = tmp_path_factory.mktemp("schedule") / "run"
+    trainer.train(small_config(**{"train.stop_at_step": 4}), str(workdir))
+    return workdir
+
+
+@pytest.mark.slow
+def test_resuming_with_another_step_budget_is_refused_with_the_key(stopped_run):
+    before = (stopped_run / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"^train.steps is 16 but .*--config.train.allow_schedule_change=True"):
+        trainer.train(small_config(**{"train.steps": 16}), str(stopped_run))
+    assert (stopped_run / "config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_an_allowed_schedule_change_continues_without_a_jump(stopped_run, tmp_path):
+    import shutil
+    workdir = tmp_path / "run"
+    shutil.copytree(stopped_run, workdir)
+    trainer.train(small_config(**{"train.steps": 16, "train.allow_schedule_change": True,
+                                  "eval.lengths": (64,)}), str(workdir))
+    rates = {r["step"]: r["lr"] for r in read_metrics(workdir) if "lr" in r}
+    assert sorted(rates) == list(range(1, 17))
+    # the old schedule's rate at step 5 (tokens after 4 steps), not the new one's
+    old, new = small_config(), small_config(**{"train.steps": 16})
+    tokens = plan_of(old).tokens_before(4)
+    assert rates[5] == pytest.approx(schedule.rate(old, plan_of(old), 4, tokens), rel=1e-6)
+    assert rates[5] != pytest.approx(schedule.rate(new, plan_of(new), 4, tokens), rel=1e-3)
+    steps = [rates[s + 1] - rates[s] for s in range(4, 16)]
+    assert max(abs(d) for d in steps) <= 2 * abs(rates[4] - rates[3]) + 1e-12

@@ -1,0 +1,69 @@
+"""The learning rate of every step, and what a resume may change about it.
+
+The rate is the token-driven warmup + cosine of train/optimizer.py times the level's
+multiplier. A resume whose config changes what the rate depends on (SCHEDULE_KEYS) is
+refused, unless train.allow_schedule_change is set; then the run continues from the rate
+it had reached: `train.schedule_bridge = (tokens, difference)` adds the difference between
+the old and the new rate at the resume point, shrinking linearly to 0 at the end of the new
+budget, so the rate never jumps and ends where the new schedule ends.
+"""
+from __future__ import annotations
+
+import copy
+
+from train import curriculum as curriculum_lib
+from train.optimizer import learning_rate_at
+
+SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.warmup_fraction",
+                 "train.min_learning_rate_ratio", "curriculum.shares",
+                 "curriculum.lr_multipliers")
+
+
+def rate(config, plan: curriculum_lib.Plan, step: int, tokens: int) -> float:
+    """The learning rate of step `step` (0-based), after `tokens` tokens."""
+    t = config.train
+    step = min(step, plan.total_steps - 1)
+    value = plan.level_at(step).lr_multiplier * learning_rate_at(
+        tokens, plan.total_tokens, t.learning_rate, t.warmup_fraction, t.min_learning_rate_ratio)
+    if t.schedule_bridge:
+        start, difference = t.schedule_bridge
+        remaining = max(plan.total_tokens - start, 1)
+        value += difference * max(0.0, 1.0 - (tokens - start) / remaining)
+    return value
+
+
+def _value(config, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return tuple(node) if isinstance(node, (list, tuple)) else node
+
+
+def changed_keys(config, saved) -> list[str]:
+    """The SCHEDULE_KEYS whose value in `config` differs from the run's `saved` config."""
+    return [key for key in SCHEDULE_KEYS if _value(config, key) != _value(saved, key)]
+
+
+def check_resume(config, saved, workdir: str) -> list[str]:
+    """Before a resume of `workdir` (whose config.json is `saved`): the changed schedule
+    keys; one ValueError line when there are any and train.allow_schedule_change is not
+    set. Unchanged, the run keeps its bridge (config gets `saved`'s)."""
+    changed = changed_keys(config, saved)
+    if changed and not config.train.allow_schedule_change:
+        key = changed[0]
+        raise ValueError(f"{key} is {_value(config, key)!r} but {workdir} was trained with "
+                         f"{_value(saved, key)!r}: resuming would re-plan the learning-rate "
+                         f"schedule mid-run; keep it, or set "
+                         f"--config.train.allow_schedule_change=True to continue from the "
+                         f"current rate")
+    if not changed:
+        config.train.schedule_bridge = saved.train.schedule_bridge
+    return changed
+
+
+def bridge(config, plan, saved, saved_plan, step: int, tokens: int) -> tuple[int, float]:
+    """(tokens, difference) that makes the new schedule start at the rate the `saved`
+    schedule had reached at (step, tokens)."""
+    fresh = copy.deepcopy(config)
+    fresh.train.schedule_bridge = None
+    return (int(tokens), rate(saved, saved_plan, step, tokens) - rate(fresh, plan, step, tokens))
