@@ -4,6 +4,8 @@
                  [--mode train|eval|compare|plan|prepare]
   python main.py --mode eval --workdir W [--config.KEY=VALUE ...]     (W's config.json)
   python main.py --mode generate --workdir W --config.generate.prompt="..." [...]
+  python main.py --mode lm_eval --workdir W --config.lm_eval.tasks=a,b [...]
+                                                           (lm-evaluation-harness)
   python main.py --mode import --hf_dir DIR --workdir W    (Hugging Face -> workdir)
   python main.py --mode export --workdir W --hf_dir OUT [--overwrite]
                                                            (workdir -> Hugging Face)
@@ -29,7 +31,7 @@ from ml_collections import config_flags
 # Outside the repository, so that runs never land in a checkout unless asked to.
 DEFAULT_WORKDIRS = os.path.expanduser("~/boundless_workdirs")
 # The modes that can take the run's config from the workdir's config.json.
-WORKDIR_CONFIG_MODES = ("eval", "generate")
+WORKDIR_CONFIG_MODES = ("eval", "generate", "lm_eval")
 
 def _refuse_repeated_flags(args) -> None:
     """A flag given twice is a mistake (absl would keep the last, ml_collections merge
@@ -74,13 +76,15 @@ _WORKDIR = flags.DEFINE_string(
     "--mode compare, where to write compare.md and the plot: nothing is written without it).")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "generate", "compare", "plan", "prepare", "import",
-                      "export"],
+                      "export", "lm_eval"],
     "train; eval (the newest checkpoint of --workdir); plan (compile every level's train "
     "step abstractly and report per-device memory: nothing is allocated); prepare (tokenize "
     "the source into --config.data.prepare_dir); generate (continue "
     "--config.generate.prompt with it); compare (the eval results of --workdirs as one "
     "table; with --workdir, also written there with a plot); import (--hf_dir into a new "
-    "--workdir); export (--workdir's newest checkpoint to --hf_dir).")
+    "--workdir); export (--workdir's newest checkpoint to --hf_dir); lm_eval "
+    "(lm-evaluation-harness tasks --config.lm_eval.tasks on --workdir's newest checkpoint, "
+    "written to W/eval/lm_eval.json).")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "--mode import: a Hugging Face model directory "
                               "to read; --mode export: the directory to write.")
 _OVERWRITE = flags.DEFINE_boolean(
@@ -198,7 +202,10 @@ def main(argv):
         _exit_on_error(lambda: generate_mode.generate_workdir(config, workdir))
         return
     with _locked(workdir, mode):
-        if mode == "train":
+        if mode == "lm_eval":
+            from train import lm_eval_mode
+            _exit_on_error(lambda: lm_eval_mode.lm_eval_workdir(config, workdir))
+        elif mode == "train":
             _exit_on_error(lambda: trainer.train(config, workdir))
         else:
             _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))

@@ -18,6 +18,10 @@ SOURCES = ("stdlib", "text", "jsonl", "parquet", "prepared")
 ATTENTIONS = ("dense", "blockwise", "ring", "ulysses", "allgather", "hybrid")
 STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
 RETRIEVAL_TASKS = ("passkey", "kv", "line")
+# evaluation/ruler.py ALL_TASKS (kept literal here: configs import nothing of evaluation/)
+RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
+               "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
+               "vt", "cwe", "fwe", "qa_1", "qa_2")
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -246,6 +250,17 @@ def get_config() -> config_dict.ConfigDict:
     eval_data.path = "", text()
     eval_data.text_field = "text", text()
     eval_data.validation_percent = -1, number(-1, below=100)
+    # RULER (evaluation/ruler.py) by length, scored by greedy generation: tasks e.g.
+    # ("niah_single_1", "vt"); ("all",) = the 11 synthetic tasks (+ qa_1, qa_2 when qa_path
+    # is given); () = off. Essay haystacks are the run's validation documents.
+    ruler = evaluation.section("ruler")
+    ruler.tasks = (), items(text(RULER_TASKS + ("all",)))
+    ruler.lengths = None, items(integer(1), optional=True)  # None: the eval lengths
+    ruler.samples = 4, integer(1)  # per task and length
+    # effective length: longest L with mean score > threshold at L and every shorter length
+    ruler.threshold = 85.6, number(0, 100)
+    ruler.seed = 0, integer(0)
+    ruler.qa_path = "", text()  # local SQuAD (qa_1) / HotpotQA (qa_2) JSON; "": qa skipped
 
     # --- generation (--mode generate) -------------------------------------------------
     generate = root.section("generate")
@@ -268,6 +283,18 @@ def get_config() -> config_dict.ConfigDict:
     # devices the prompt and the KV cache are split over (ring-attention prefill, decoding
     # over the split cache); 1: one device
     generate.seq = 1, integer(1)
+
+    # --- lm-evaluation-harness (--mode lm_eval; train/lm_eval_mode.py) -----------------
+    lm_eval = root.section("lm_eval")
+    # lm-eval task (or group) names, comma-separated, e.g. "ruler" or "my_mc,my_gen"
+    lm_eval.tasks = "", text()
+    # a directory of task YAMLs (local tasks, e.g. dataset_path: json with data_files);
+    # "": lm-eval's own tasks only
+    lm_eval.include_path = "", text()
+    lm_eval.limit = 0, integer(0)  # > 0: at most this many documents per task; 0: all
+    # few-shot examples per prompt; None: each task's own default
+    lm_eval.num_fewshot = None, integer(0, optional=True)
+    lm_eval.batch_size = 1, integer(1)  # requests scored (or generated) together
 
     # --- ahead-of-time plan (--mode plan; train/plan.py) -------------------------------
     plan = root.section("plan")

@@ -24,6 +24,9 @@ RETRIEVAL_FILE = "retrieval.json"
 SUMMARY_FILE = "summary.md"
 PERPLEXITY_PNG = "perplexity_by_length.png"
 RETRIEVAL_PNG = "retrieval.png"
+RULER_FILE = "ruler.json"
+RULER_HEATMAP_PNG = "ruler_heatmap.png"
+RULER_CURVE_PNG = "ruler_by_length.png"
 COMPARE_MD = "compare.md"
 COMPARE_PNG = "compare_perplexity.png"
 NOT_EVALUABLE = "n/e"
@@ -60,6 +63,12 @@ def load_result(eval_dir: str) -> dict:
 def load_retrieval(eval_dir: str) -> dict | None:
     """eval_dir/retrieval.json as a dict, or None if there is no such file."""
     path = os.path.join(eval_dir, RETRIEVAL_FILE)
+    return _read_json(path) if os.path.isfile(path) else None
+
+
+def load_ruler(eval_dir: str) -> dict | None:
+    """eval_dir/ruler.json as a dict, or None if there is no such file."""
+    path = os.path.join(eval_dir, RULER_FILE)
     return _read_json(path) if os.path.isfile(path) else None
 
 
@@ -361,6 +370,106 @@ def plot_retrieval_heatmap(retrieval: dict, path: str) -> None:
     _save(retrieval_figure(retrieval), path)
 
 
+# ------------------------------------------------------------------ RULER
+def _ruler_lengths(ruler: dict) -> list[int]:
+    return sorted(int(L) for L in (ruler.get("mean") or {}))
+
+
+def ruler_matrix(ruler: dict) -> tuple[list[str], list[int], np.ndarray]:
+    """(tasks, lengths, scores [tasks, lengths] with NaN where not scored)."""
+    tasks = list(ruler.get("tasks") or {})
+    lengths = _ruler_lengths(ruler)
+    matrix = np.full((len(tasks), len(lengths)), np.nan)
+    for i, task in enumerate(tasks):
+        for j, L in enumerate(lengths):
+            value = ruler["tasks"][task].get(str(L))
+            if value is not None:
+                matrix[i, j] = value
+    return tasks, lengths, matrix
+
+
+def ruler_heatmap_figure(ruler: dict) -> Figure:
+    """Task x length heatmap of RULER scores (0..100), cells annotated, blank = not scored."""
+    tasks, lengths, matrix = ruler_matrix(ruler)
+    fig = Figure(figsize=(max(4.0, 0.8 * len(lengths) + 3.0), max(2.5, 0.4 * len(tasks) + 1.5)),
+                 layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=100.0, cmap="viridis",
+                      aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(lengths)))
+    ax.set_xticklabels([format_length(L) for L in lengths])
+    ax.set_yticks(range(len(tasks)))
+    ax.set_yticklabels(tasks)
+    ax.set_xlabel("context length (tokens)")
+    for (row, col), value in np.ndenumerate(matrix):
+        ax.text(col, row, "-" if math.isnan(value) else f"{value:.0f}", ha="center",
+                va="center", fontsize=7, color="black" if value > 60 else "white")
+    fig.colorbar(image, ax=ax, label="score")
+    ax.set_title("RULER score by task and length", fontsize=10)
+    return fig
+
+
+def ruler_curve_figure(ruler: dict) -> Figure:
+    """Mean RULER score over tasks by length, with the threshold line."""
+    lengths = _ruler_lengths(ruler)
+    points = [(L, ruler["mean"][str(L)]) for L in lengths if ruler["mean"][str(L)] is not None]
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    if points:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label="mean")
+    threshold = ruler.get("threshold")
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", linestyle="--", label=f"threshold {threshold:g}")
+    if lengths:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_length(int(v))))
+        ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("mean score over tasks")
+    effective = ruler.get("effective_length")
+    ax.set_title(f"RULER: effective length "
+                 f"{format_length(effective) if effective else 'none'}", fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _ruler_lines(ruler: dict | None) -> list[str]:
+    """The RULER section of summary.md, or nothing without ruler.json."""
+    if not ruler:
+        return []
+    tasks, lengths, matrix = ruler_matrix(ruler)
+    cell = (lambda v: "" if math.isnan(v) else f"{v:.1f}")
+    rows = [[t] + [cell(v) for v in matrix[i]] for i, t in enumerate(tasks)]
+    rows.append(["**mean**"] + [_format_number(ruler["mean"][str(L)], 3) for L in lengths])
+    effective = ruler.get("effective_length")
+    lines = ["## RULER", "",
+             f"Effective length: {effective if effective is not None else 'none'} (longest "
+             f"length with the mean score > {ruler.get('threshold')} there and at every "
+             f"shorter length)", ""]
+    lines += _table_lines(["task \\ length"] + [str(L) for L in lengths], rows) + [""]
+    for key, reason in sorted((ruler.get("skipped") or {}).items()):
+        lines.append(f"- skipped {key}: {reason}")
+    return lines + [""]
+
+
+def _ruler_comparison_lines(results: list[dict], labels: list[str]) -> list[str]:
+    """RULER means by length and effective lengths side by side, when any result has them."""
+    found = [(label, load_ruler(r["eval_dir"])) for r, label in zip(results, labels)
+             if r.get("eval_dir")]
+    found = [(label, ruler) for label, ruler in found if ruler]
+    if not found:
+        return []
+    lengths = sorted({L for _, ruler in found for L in _ruler_lengths(ruler)})
+    rows = [[label, str(ruler.get("effective_length"))]
+            + [_format_number((ruler.get("mean") or {}).get(str(L)), 3) for L in lengths]
+            for label, ruler in found]
+    return (["## RULER mean score by length", ""]
+            + _table_lines(["run", "effective length"] + [str(L) for L in lengths], rows)
+            + [""])
+
+
 # ------------------------------------------------------------------ markdown summary
 def _header_lines(result: dict) -> list[str]:
     """Title and the run's metadata (only the keys present)."""
@@ -454,10 +563,11 @@ def _retrieval_lines(retrieval: dict | None) -> list[str]:
     return lines
 
 
-def summary_markdown(result: dict, retrieval: dict | None = None) -> str:
+def summary_markdown(result: dict, retrieval: dict | None = None,
+                     ruler: dict | None = None) -> str:
     """The markdown that `write_summary` writes, from already-loaded dicts."""
     lines = (_header_lines(result) + _perplexity_lines(result) + _position_lines(result)
-             + _retrieval_lines(retrieval))
+             + _retrieval_lines(retrieval) + _ruler_lines(ruler))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -467,7 +577,8 @@ def write_summary(eval_dir: str) -> str:
     per length, not-evaluable rows with their reason); the loss-by-position bucket table when present;
     per retrieval task its k_max and a depth x length accuracy table.
     ValueError if perplexity_by_length.json is missing or malformed."""
-    markdown = summary_markdown(load_result(eval_dir), load_retrieval(eval_dir))
+    markdown = summary_markdown(load_result(eval_dir), load_retrieval(eval_dir),
+                                load_ruler(eval_dir))
     with open(os.path.join(eval_dir, SUMMARY_FILE), "w") as f:
         f.write(markdown)
     return markdown
@@ -486,6 +597,11 @@ def write_plots(eval_dir: str) -> list[str]:
     if retrieval and retrieval.get("tasks"):
         paths.append(os.path.join(eval_dir, RETRIEVAL_PNG))
         plot_retrieval_heatmap(retrieval, paths[1])
+    ruler = load_ruler(eval_dir)
+    if ruler and ruler.get("mean"):
+        paths += [os.path.join(eval_dir, RULER_HEATMAP_PNG), os.path.join(eval_dir, RULER_CURVE_PNG)]
+        _save(ruler_heatmap_figure(ruler), paths[-2])
+        _save(ruler_curve_figure(ruler), paths[-1])
     return paths
 
 
@@ -534,6 +650,7 @@ def comparison_markdown(results: list[dict], labels: list[str]) -> str:
                for L, reason in sorted(_not_evaluable(r).items())]
     if reasons:
         lines += [f"{NOT_EVALUABLE} = not evaluable:", ""] + reasons + [""]
+    lines += _ruler_comparison_lines(results, labels)
     return "\n".join(lines).rstrip() + "\n"
 
 

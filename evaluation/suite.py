@@ -21,6 +21,7 @@ from evaluation import json_values
 from evaluation import lengths as lengths_lib
 from evaluation import perplexity, report
 from evaluation import retrieval as retrieval_lib
+from evaluation import ruler as ruler_lib
 from evaluation.progress import Progress
 from evaluation.scoring import Scorer, memory_fits
 from model.attention import SEQUENCE_PARALLEL
@@ -37,6 +38,7 @@ class EvalData:
     sliding: dict[int, list[dict]]           # sliding-window batches per length
     retrieval: dict[str, tuple[list, dict[int, list[dict]]]]  # task -> (samples, batches per length)
     retrieval_not_evaluable: dict[str, str]
+    ruler: dict | None = None                # build_ruler's samples and settings, or None
 
     def batch_count(self) -> int:
         """Batches `evaluate` scores (the loss-by-position pass rescoring the longest
@@ -81,7 +83,46 @@ def build_eval_data(config, model_config, tokenizer, *, top_length: int | None =
             by_length = {L: batches_of(retrieval_lib.teacher_forced_batch(
                 [s for s in samples if s.length == L], L), e.batch_size) for L in r_lengths}
             retrieval[task] = (samples, by_length)
-    return EvalData(lengths, not_evaluable, windows, sliding, retrieval, retrieval_not_evaluable)
+    return EvalData(lengths, not_evaluable, windows, sliding, retrieval, retrieval_not_evaluable,
+                    build_ruler(config, model_config, tokenizer, lengths, documents))
+
+
+def build_ruler(config, model_config, tokenizer, lengths, documents) -> dict | None:
+    """RULER samples for eval.ruler (None when eval.ruler.tasks is empty): the essay
+    haystack is the validation documents' text; lengths the model cannot evaluate and
+    (task, length) cells the task cannot fit are recorded in "skipped"."""
+    r = config.eval.get("ruler")
+    if r is None or not r.tasks:
+        return None
+    qa_path = r.qa_path or None
+    tasks, skipped = ruler_lib.resolve_tasks(tuple(r.tasks), qa_path)
+    r_lengths = sorted(int(L) for L in (r.lengths or lengths))
+    for L in r_lengths:
+        if reason := lengths_lib.evaluable(model_config, L):
+            skipped[f"@{L}"] = reason
+    usable = [L for L in r_lengths if f"@{L}" not in skipped]
+    haystack, chars = [], 0
+    need = 8 * max(usable, default=0) + 1
+    for document in documents:               # enough text for the longest length
+        text = tokenizer.decode(np.asarray(document))
+        haystack.append(text)
+        chars += len(text)
+        if chars >= need:
+            break
+    samples, too_short = ruler_lib.make_samples(
+        tasks, usable, int(r.samples), seed=int(r.seed),
+        count_tokens=lambda text: len(tokenizer.encode(text)),
+        haystack="\n".join(haystack), qa_path=qa_path)
+    for key, reason in too_short.items():
+        skipped[key] = reason
+    tasks = [t for t in tasks if t not in too_short]
+    for sample in samples:
+        sample["prompt_ids"] = np.asarray(tokenizer.encode(sample["prompt"]), np.int32)
+    return {"tasks": tasks, "lengths": r_lengths, "samples": samples, "skipped": skipped,
+            "threshold": float(r.threshold),
+            "settings": {"tasks": list(r.tasks), "lengths": r_lengths,
+                         "samples": int(r.samples), "seed": int(r.seed),
+                         "qa_path": r.qa_path}}
 
 
 def prepare(config, run, abstract_params) -> EvalData:
@@ -111,7 +152,7 @@ def prepare(config, run, abstract_params) -> EvalData:
 def perplexity_only(data: EvalData) -> EvalData:
     """`data` without the sliding-window and retrieval batches: what the periodic
     evaluations during training (eval.every_steps) run; the final one runs everything."""
-    return dataclasses.replace(data, sliding={}, retrieval={})
+    return dataclasses.replace(data, sliding={}, retrieval={}, ruler=None)
 
 
 def retrieval_scoring(e) -> str:
@@ -180,7 +221,81 @@ def evaluate(run, params, data: EvalData, *, step: int | None = None, name: str 
                      "tasks": retrieval_lib.score_grids(scorer, data.retrieval, threshold,
                                                         progress, generate_fn),
                      "not_evaluable": dict(data.retrieval_not_evaluable)}
-    return {"perplexity_by_length": result, "retrieval": retrieval}
+    ruler = score_ruler(run, params, data.ruler) if data.ruler else None
+    return {"perplexity_by_length": result, "retrieval": retrieval, "ruler": ruler}
+
+
+def ruler_generator(run, params, long_from: int):
+    """(prompt ids [P], max_new_tokens) -> greedy new ids. Prompts of >= long_from tokens on
+    a run whose mesh has seq > 1 are prefilled with ring attention over it (generate's
+    mesh=, parameters whole on every device but split over tensor); the others are decoded
+    on one device (greedy_generator)."""
+    one_device = greedy_generator(run, params)
+    if run.mesh.shape.get("seq", 1) <= 1 or jax.process_count() > 1:
+        return lambda ids, new: np.asarray(one_device(ids[None], new))[0]
+    from flax import nnx
+
+    from evaluation.generate import generate
+    from model.transformer import Transformer
+    from parallel import mesh as mesh_lib
+
+    mc = run.model_config
+    model_config = dataclasses.replace(
+        mc, attention="dense" if mc.attention in SEQUENCE_PARALLEL else mc.attention,
+        remat="none")
+    compute = jax.device_put(params, mesh_lib.compute_shardings(run.state_shardings["params"]))
+    with mesh_lib.use_mesh(run.mesh):
+        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
+                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    rows = run.mesh.shape.get("data", 1) * run.mesh.shape.get("fsdp", 1)
+
+    def generate_fn(ids, new):
+        if len(ids) < long_from:
+            return np.asarray(one_device(ids[None], new))[0]
+        with mesh_lib.use_mesh(run.mesh):
+            model = nnx.merge(graphdef, compute)
+            out = generate(model, np.repeat(ids[None], rows, 0), int(new), temperature=0.0,
+                           mesh=run.mesh)
+        return np.asarray(out)[0]
+    return generate_fn
+
+
+def score_ruler(run, params, ruler: dict) -> dict:
+    """Greedy generation of every RULER sample, scored with RULER's metrics: ruler.json's
+    content, with "records" (one per sample) for ruler_samples.jsonl."""
+    generate_fn = ruler_generator(run, params, long_from=run.model_config.l_max)
+    g = run.config.get("generate")
+    eos = tuple(int(i) for i in (g.get("eos_ids", ()) if g is not None else ()) or ())
+    progress = Progress(len(ruler["samples"]), "ruler")
+    records = []
+    for sample in ruler["samples"]:
+        new = generate_fn(sample["prompt_ids"], sample["max_new_tokens"])
+        new = [int(t) for t in new]
+        for i, token in enumerate(new):
+            if token in eos:
+                new = new[:i]
+                break
+        prediction = run.tokenizer.decode(np.asarray(new, np.int32))
+        records.append({"task": sample["task"], "length": sample["length"],
+                        "tokens": sample["tokens"], "prompt": sample["prompt"],
+                        "answers": sample["answers"], "prediction": prediction,
+                        "score": ruler_lib.score_sample(sample["task"], prediction,
+                                                        sample["answers"])})
+        progress.advance(f"{sample['task']} {sample['length']}")
+    usable = [L for L in ruler["lengths"] if f"@{L}" not in ruler["skipped"]]
+    out = ruler_lib.summarise(records, usable, ruler["tasks"], ruler["skipped"],
+                              ruler["threshold"])
+    for length in ruler["lengths"]:             # lengths the model cannot evaluate: null
+        for row in out["tasks"].values():
+            row.setdefault(str(length), None)
+        out["mean"].setdefault(str(length), None)
+    out["mean"] = dict(sorted(out["mean"].items(), key=lambda kv: int(kv[0])))
+    for task in out["tasks"]:
+        out["tasks"][task] = dict(sorted(out["tasks"][task].items(), key=lambda kv: int(kv[0])))
+    out["effective_length"] = ruler_lib.effective_length(out["mean"], ruler["threshold"])
+    out["settings"] = ruler["settings"]
+    out["records"] = records
+    return out
 
 
 def scalars(outcome: dict) -> dict[str, float]:
@@ -199,6 +314,12 @@ def scalars(outcome: dict) -> dict[str, float]:
             out[f"retrieval_{task}_{length}"] = accuracy
         if grid["k_max"] is not None:
             out[f"retrieval_{task}_k_max"] = grid["k_max"]
+    ruler = outcome.get("ruler") or {}
+    for length, mean in (ruler.get("mean") or {}).items():
+        if mean is not None:
+            out[f"ruler_mean_{length}"] = mean
+    if ruler.get("effective_length") is not None:
+        out["ruler_effective_length"] = ruler["effective_length"]
     return out
 
 
@@ -300,5 +421,12 @@ def write_results(outcome: dict, eval_dir: str, is_writer: bool = True) -> None:
     if outcome.get("retrieval"):
         with open(os.path.join(eval_dir, "retrieval.json"), "w") as f:
             json_values.dump(outcome["retrieval"], f, indent=2)
+    if outcome.get("ruler"):
+        ruler = {k: v for k, v in outcome["ruler"].items() if k != "records"}
+        with open(os.path.join(eval_dir, "ruler.json"), "w") as f:
+            json_values.dump(ruler, f, indent=2)
+        with open(os.path.join(eval_dir, "ruler_samples.jsonl"), "w") as f:
+            for record in outcome["ruler"]["records"]:
+                f.write(json.dumps(record) + "\n")
     report.write_plots(eval_dir)
     report.write_summary(eval_dir)

@@ -298,7 +298,7 @@ def test_without_learned_positions_length_the_longer_length_stays_not_evaluable(
 
 @pytest.mark.parametrize("overrides, message", [
     ({"model.learned_positions_length": 32}, "beyond the 32 rows"),
-    ({"model.learned_positions_length": -1}, "0 or a positive integer"),
+    ({"model.learned_positions_length": -1}, "learned_positions_length must be an integer >= 0"),
 ])
 def test_a_learned_run_longer_than_its_table_is_refused_before_training(overrides, message):
     from train.validate import validate_config

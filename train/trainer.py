@@ -354,6 +354,12 @@ def _evaluate(config, eval_run, state, data, step: int, writer, *, workdir: str 
                                  for L, a in zip(grid["lengths"], grid["length_accuracy"]))
             print(f"retrieval {task}: accuracy by length {accuracy}; k_max {grid['k_max']}",
                   flush=True)
+        ruler = outcome.get("ruler")
+        if ruler:
+            means = ", ".join(f"{L}: {'-' if m is None else f'{m:.1f}'}"
+                              for L, m in ruler["mean"].items())
+            print(f"RULER mean by length {means}; effective length "
+                  f"{ruler['effective_length']} (threshold {ruler['threshold']})", flush=True)
     return outcome
 
 

@@ -47,12 +47,13 @@ def exists(workdir: str) -> bool:
 # What a run's workdir fixes: a command on that workdir may not say otherwise.
 # (key, modes it binds, why)
 _FIXED_BY_WORKDIR = (
-    [(f"data.{k}", ("train", "eval", "generate"), "the corpus and tokenizer") for k in
+    [(f"data.{k}", ("train", "eval", "generate", "lm_eval"), "the corpus and tokenizer") for k in
      ("source", "path", "text_field", "tokenizer", "validation_percent")]
     + [(f"data.{k}", ("train",), "the training stream") for k in
        ("shuffle_seed", "retrieval_fraction", "retrieval_tasks", "retrieval_min_length",
         "retrieval_max_length", "retrieval_answer_weight", "retrieval_task_weights")]
-    + [(f"model.{k}", ("train", "eval", "generate"), "the model's parameters") for k in
+    + [(f"model.{k}", ("train", "eval", "generate", "lm_eval"), "the model's parameters")
+       for k in
        ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim", "mlp_dim",
         "position", "tie_embeddings", "norm", "mlp", "qkv_bias", "attention_out_bias",
         "mlp_bias", "learned_positions_length")]
