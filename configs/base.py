@@ -107,7 +107,7 @@ def get_config() -> config_dict.ConfigDict:
     # bytes | path/to/model.model (SentencePiece) | path/to/tokenizer.json
     data.tokenizer = "bytes", text()
     # share of documents (by hash of their path/index) held out
-    data.validation_percent = 5, number(0, below=100)
+    data.validation_percent = 5, number(0, 100)
     data.shuffle_seed = 0, integer(0)
     data.prepare_dir = "", text()  # --mode prepare: where the prepared shards go
     data.prepare_workers = 0, integer(0)  # --mode prepare: worker processes (0: one per core)
@@ -249,7 +249,7 @@ def get_config() -> config_dict.ConfigDict:
     eval_data.source = "", text(("",) + SOURCES)
     eval_data.path = "", text()
     eval_data.text_field = "text", text()
-    eval_data.validation_percent = -1, number(-1, below=100)
+    eval_data.validation_percent = -1, number(-1, 100)
     # RULER (evaluation/ruler.py) by length, scored by greedy generation: tasks e.g.
     # ("niah_single_1", "vt"); ("all",) = the 11 synthetic tasks (+ qa_1, qa_2 when qa_path
     # is given); () = off. Essay haystacks are the run's validation documents.

@@ -88,8 +88,8 @@ CASES = {
                                          "--config.eval.lengths=(128,)"],
                                         ["--config.eval.lengths", "twice"]),
     "unknown key in a mode that reads the workdir": lambda r, w: (
-        ["--mode", "eval", "--workdir", str(w), "--config.eval.ruler.tasks=(1,)"],
-        ["eval.ruler.tasks", "no key 'ruler'"]),
+        ["--mode", "eval", "--workdir", str(w), "--config.eval.needles.tasks=(1,)"],
+        ["eval.needles.tasks", "no key 'needles'"]),
     "zero window": lambda r, w: ([*TINY, "--config.model.sliding_window=0"],
                                  ["model.sliding_window"]),
     "heads and all-to-all": lambda r, w: ([*TINY, "--config.mesh.seq=8", "--config.mesh.data=1",
@@ -200,8 +200,10 @@ def test_a_corpus_of_one_huge_line_trains(tmp_path):
 
 @pytest.mark.slow
 def test_a_workdir_resumes_and_evaluates_without_config(trained):
-    """--workdir alone: train resumes from config.json (two more steps), eval reads it."""
-    result = run("--workdir", str(trained), "--config.train.steps=4")
+    """--workdir alone: train resumes from config.json (two more steps: a longer schedule,
+    said so), eval reads it."""
+    result = run("--workdir", str(trained), "--config.train.steps=4",
+                 "--config.train.allow_schedule_change=True")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "step 4/4" in result.stdout
     result = run("--mode", "eval", "--workdir", str(trained), "--config.eval.name=again")

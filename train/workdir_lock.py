@@ -39,9 +39,13 @@ def acquire(workdir: str, command: str):
     """The open lock file, locked; one ValueError line naming the holder when another
     process holds it. The file is never deleted: a process could otherwise lock a file
     that is being unlinked while a third one creates and locks its successor."""
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_FILE)
-    handle = open(path, "a+")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ValueError(f"workdir {workdir} is not writable: {error.strerror or error} "
+                         f"({error.filename or workdir})") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
