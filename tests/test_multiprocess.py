@@ -48,12 +48,14 @@ def test_two_processes_with_seq_spanning_both_match_one_process(tmp_path):
     assert sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5)
-    # resuming the two-process run from its checkpoint works too
+    # resuming the two-process run from its checkpoint works too (with a longer budget,
+    # which re-plans the schedule: said so)
     resume_port = free_port()
     processes = [launch(tmp_path / "two", devices=4,
                         extra=[f"--coordinator_address=localhost:{resume_port}",
                                "--num_processes=2", f"--process_id={i}",
-                               "--config.train.steps=6"]) for i in range(2)]
+                               "--config.train.steps=6",
+                               "--config.train.allow_schedule_change=True"]) for i in range(2)]
     for p in processes:
         finish(p)
     assert sorted(train_losses(tmp_path / "two")) == [1, 2, 3, 4, 5, 6]
