@@ -22,8 +22,10 @@ def free_port():
 def launch(workdir, devices, extra=()):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    given = {arg.split("=", 1)[0] for arg in extra}       # a flag given twice is refused
     command = [sys.executable, "main.py", "--config", "tests/small_config.py",
-               "--workdir", str(workdir), *SEQ8, *extra]
+               "--workdir", str(workdir),
+               *[arg for arg in SEQ8 if arg.split("=", 1)[0] not in given], *extra]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
