@@ -93,7 +93,9 @@ COMMON = ["--config", "configs/tiny.py", f"--config.train.stop_at_step={STEPS}",
 
 def main_py(workdir, devices, *extra):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    result = subprocess.run([sys.executable, "main.py", *COMMON, "--workdir", workdir, *extra],
+    given = {arg.split("=", 1)[0] for arg in extra}       # a flag given twice is refused
+    common = [arg for arg in COMMON if arg.split("=", 1)[0] not in given]
+    result = subprocess.run([sys.executable, "main.py", *common, "--workdir", workdir, *extra],
                             cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
