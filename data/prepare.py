@@ -1,9 +1,14 @@
-"""Prepared corpora: a source tokenized once into memory-mapped shards, with a manifest.
+"""Prepared corpora: a source tokenized once into shards of flat token arrays, with a manifest.
 
 Layout of a prepared directory:
-  manifest.json             format version, tokenizer identity, source (files, sizes),
+  manifest.json             format version, tokenizer identity, the source in brief (kind,
+                            path, file count, bytes, sha256 of source.json's description),
                             token dtype, and per finished unit its shards' document and
-                            token counts; per split the totals
+                            token counts; per split the totals. Its size grows with the
+                            units (~4 MiB of text each), not with the files or documents:
+                            training reads it, and nothing else of the source
+  source.json               the source's files with their sizes (written when the
+                            directory is started; read by nobody but a person)
   train/NNNNN.tokens        the unit's train documents' ids, one after another (raw,
                             little-endian uint16 or uint32)
   train/NNNNN.starts.npy    int64 [documents + 1]: where each document begins
@@ -14,10 +19,11 @@ and run again redoes only the units its manifest does not list: a unit's files a
 under temporary names and renamed, and the manifest (rewritten atomically) names it, only
 once all of them are complete. Training never reads a unit the manifest does not name.
 
-Why flat arrays + offsets read by memory map (as nanoGPT and Levanter do) rather than
-ArrayRecord: the training stream needs arbitrary slices of documents (pieces at any
-length), which a memory map serves with no per-record decoding, and the format needs
-nothing but numpy.
+Why flat arrays + offsets (as nanoGPT and Levanter do) rather than ArrayRecord: the
+training stream needs arbitrary slices of documents (pieces at any length), which one read
+at an offset serves with no per-record decoding, and the format needs nothing but numpy.
+Training reads the slices with pread (data/corpus.py TokenFile), not through a memory map,
+whose touched pages would stay in the process's resident memory.
 """
 from __future__ import annotations
 
@@ -28,12 +34,14 @@ from typing import Iterator
 
 import numpy as np
 
-from data.corpus import Corpus, Shard, token_dtype
+from data.corpus import Corpus, Shard, TokenFile, token_dtype
 from data.sources import SPLITS, file_documents, in_validation, source_files
 from data.tokenizers import make_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # 2: the file list in source.json, not in the manifest
+READABLE_FORMATS = (1, 2)   # the shards of both are the same; 1 listed every file in the manifest
 MANIFEST = "manifest.json"
+SOURCE = "source.json"
 UNIT_BYTES = 4 << 20      # text / stdlib sources: files grouped up to this much text
 
 
@@ -64,13 +72,31 @@ def work_units(data_config) -> list[list[tuple[str, str]]]:
 
 
 def source_description(data_config) -> dict:
-    """The source as the manifest records it (files with sizes): a prepare into an
+    """The source in full, as source.json records it (files with sizes): a prepare into an
     existing directory must come from the same."""
     return {"source": data_config.source, "path": data_config.path,
             "text_field": data_config.text_field,
             "validation_percent": int(data_config.validation_percent),
             "files": [{"name": name, "size": os.path.getsize(path)}
                       for path, name in source_files(data_config)]}
+
+
+def source_summary(description: dict) -> dict:
+    """The source as the manifest records it: a few keys whatever the number of files (a
+    training run reads the manifest, and memory must not grow with the corpus), with the
+    sha256 of the full description standing for the file list."""
+    canonical = json.dumps(description, sort_keys=True, separators=(",", ":")).encode()
+    return {**{key: description[key] for key in ("source", "path", "text_field",
+                                                  "validation_percent")},
+            "files": len(description["files"]),
+            "bytes": sum(f["size"] for f in description["files"]),
+            "sha256": hashlib.sha256(canonical).hexdigest()}
+
+
+def _source_line(source: dict) -> str:
+    files = source["files"]                      # a count (format 2) or the list (format 1)
+    count = files if isinstance(files, int) else len(files)
+    return f"{source['source']} {source['path']!r}, {count} files"
 
 
 def _unit_name(index: int) -> str:
@@ -135,44 +161,58 @@ def read_manifest(out_dir: str) -> dict | None:
         raise ValueError(f"{path}: not a readable manifest ({error})") from None
 
 
-def write_manifest(out_dir: str, manifest: dict) -> None:
-    """Atomically: a reader sees the old manifest or the new one, never a part."""
-    path = os.path.join(out_dir, MANIFEST)
+def _write_json(path: str, value) -> None:
+    """Atomically: a reader sees the old file or the new one, never a part."""
     with open(path + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
+        json.dump(value, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
 
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    _write_json(os.path.join(out_dir, MANIFEST), manifest)
+
+
 def start_manifest(data_config, tokenizer_spec: str, out_dir: str) -> dict:
     """The manifest to continue: the directory's own (after checking that it was made
-    from this source with this tokenizer), or a new one. Creates the directories."""
+    from this source with this tokenizer; a format-1 one is brought to this format), or a
+    new one. Creates the directories and source.json."""
     identity = tokenizer_identity(tokenizer_spec)
-    source = source_description(data_config)
+    description = source_description(data_config)
+    summary = source_summary(description)
     manifest = read_manifest(out_dir)
     if manifest is not None:
         check_tokenizer(manifest, tokenizer_spec, out_dir)
-        if manifest.get("source") != source:
-            raise ValueError(f"{out_dir} was prepared from another source ({manifest['source']['source']} "
-                             f"{manifest['source']['path']!r}, {len(manifest['source']['files'])} "
-                             f"files); prepare into another data.prepare_dir")
+        held = manifest.get("source")
+        upgrade = manifest["format"] == 1 and held == description   # list to source.json
+        if upgrade:
+            held = summary
+        if held != summary:
+            raise ValueError(f"{out_dir} was prepared from another source ({_source_line(held)}); "
+                             f"prepare into another data.prepare_dir")
+        if upgrade or not os.path.exists(os.path.join(out_dir, SOURCE)):
+            _write_json(os.path.join(out_dir, SOURCE), description)
+        if upgrade:
+            manifest["source"], manifest["format"] = summary, FORMAT_VERSION
+            write_manifest(out_dir, manifest)
         return manifest
     vocab = make_tokenizer(tokenizer_spec).vocab_size
     for split in SPLITS:
         os.makedirs(os.path.join(out_dir, split), exist_ok=True)
     manifest = {"format": FORMAT_VERSION, "tokenizer": {**identity, "vocab_size": vocab},
-                "token_dtype": token_dtype(vocab).name, "source": source, "units": {},
+                "token_dtype": token_dtype(vocab).name, "source": summary, "units": {},
                 "complete": False}
+    _write_json(os.path.join(out_dir, SOURCE), description)
     write_manifest(out_dir, manifest)
     return manifest
 
 
 def check_tokenizer(manifest: dict, tokenizer_spec: str, where: str) -> None:
     """One clear line unless the manifest was made with this tokenizer."""
-    if manifest.get("format") != FORMAT_VERSION:
+    if manifest.get("format") not in READABLE_FORMATS:
         raise ValueError(f"{where}: prepared with format {manifest.get('format')}, this version "
-                         f"reads format {FORMAT_VERSION}; prepare it again")
+                         f"reads formats {', '.join(map(str, READABLE_FORMATS))}; prepare it again")
     identity, saved = tokenizer_identity(tokenizer_spec), manifest["tokenizer"]
     if (saved["kind"], saved["sha256"]) != (identity["kind"], identity["sha256"]):
         raise ValueError(f"{where} was prepared with another tokenizer ({saved['kind']}, sha256 "
@@ -194,7 +234,8 @@ def finish(manifest: dict, units: int) -> dict:
 
 
 def open_prepared(path: str, split: str, tokenizer_spec: str) -> Corpus:
-    """The `split` of the prepared directory `path` as a memory-mapped Corpus. One
+    """The `split` of the prepared directory `path` as a Corpus read from its files
+    (TokenFile; only the document tables are loaded). One
     ValueError line for a missing or incomplete preparation, another tokenizer, or a shard
     file whose size or document table does not match the manifest (naming the file)."""
     manifest = read_manifest(path)
@@ -227,8 +268,9 @@ def open_prepared(path: str, split: str, tokenizer_spec: str) -> Corpus:
                 or starts[-1] != counts["tokens"] or np.any(np.diff(starts) < 0)):
             raise ValueError(f"{starts_file}: corrupt: its document table does not match the "
                              f"manifest ({counts['documents']} documents, {counts['tokens']} tokens)")
-        tokens = np.memmap(tokens_file, dtype=dtype, mode="r") if expected else np.zeros(0, dtype)
-        shards.append(Shard(tokens, starts.astype(np.int64), tokens_file))
+        tokens = (TokenFile(tokens_file, dtype, counts["tokens"]) if expected
+                  else np.zeros(0, dtype))
+        shards.append(Shard(tokens, starts.astype(np.int64, copy=False), tokens_file))
     if not shards:
         raise ValueError(f"{path}: the {split} split has no documents")
     return Corpus(shards, manifest["tokenizer"]["vocab_size"])

@@ -120,15 +120,28 @@ def _jsonl_texts(path: str, name: str, text: str, field: str) -> Iterator[tuple[
         yield f"{name}:{line_number}", value
 
 
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def _parquet_texts(path: str, name: str, field: str) -> Iterator[tuple[str, str]]:
     """(identity "name:row", text) of each row of a Parquet file (rows from 0; nulls are
-    empty documents)."""
+    empty documents). A file that is not Parquet (or is damaged) is one ValueError line
+    naming it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    parquet_file = pq.ParquetFile(path)
+    try:
+        parquet_file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
     if field not in parquet_file.schema_arrow.names:
         raise ValueError(f"{path}: no column {field!r} (data.text_field); columns: "
                          f"{', '.join(parquet_file.schema_arrow.names)}")
-    column = parquet_file.read(columns=[field]).column(field).to_pylist()
+    try:
+        column = parquet_file.read(columns=[field]).column(field).to_pylist()
+    except (pa.ArrowException, OSError) as error:
+        raise ValueError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
     for row, value in enumerate(column):
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{path}: row {row} of column {field!r} is "

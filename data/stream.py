@@ -23,6 +23,7 @@ processes. `state()` (a few integers per level) resumes the stream exactly.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Sequence
 
@@ -58,16 +59,34 @@ class Documents:
 
     def __init__(self, corpus, synthetic=None):
         self.corpus, self.synthetic = corpus, synthetic
-        self.corpus_pairs = np.maximum(corpus.lengths - 1, 0)       # [N]
-        if not self.corpus_pairs.any() and synthetic is None:
+        if synthetic is None and not any((chunk >= 2).any() for chunk in corpus.length_chunks()):
             raise ValueError("data: no training document has 2 or more tokens")
 
-    def pairs(self, epoch: int) -> np.ndarray:
-        """Pairs per document of `epoch`: corpus documents, then synthetic ones."""
-        if self.synthetic is None:
-            return self.corpus_pairs
-        return np.concatenate([self.corpus_pairs,
-                               np.maximum(self.synthetic.lengths(epoch) - 1, 0)])
+    def __len__(self) -> int:
+        """Documents of an epoch (the synthetic ones included)."""
+        return len(self.corpus) + (0 if self.synthetic is None else self.synthetic.per_epoch)
+
+    def pair_chunks(self, epoch: int):
+        """Pairs per document of `epoch` in consecutive chunks (new arrays): corpus
+        documents shard by shard, then the synthetic ones. Nothing per document is kept
+        here: the corpus holds its starts, the stream its block table."""
+        chunks = self.corpus.length_chunks()
+        if self.synthetic is not None:
+            chunks = itertools.chain(chunks, [np.array(self.synthetic.lengths(epoch), np.int64)])
+        for lengths in chunks:
+            lengths -= 1
+            yield np.maximum(lengths, 0, out=lengths)
+
+    def pairs_of(self, epoch: int, docs: np.ndarray) -> np.ndarray:
+        """pairs(epoch)[docs], reading the lengths of those documents only."""
+        docs = np.asarray(docs, np.int64)
+        lengths = np.empty(len(docs), np.int64)
+        own = docs < len(self.corpus)
+        lengths[own] = self.corpus.lengths_of(docs[own])
+        if not own.all():
+            lengths[~own] = self.synthetic.lengths(epoch)[docs[~own] - len(self.corpus)]
+        lengths -= 1
+        return np.maximum(lengths, 0, out=lengths)
 
     def read(self, epoch: int, doc: int, start: int, pairs: int):
         """(token ids [pairs + 1] from `start`, loss weights of those pairs' targets)."""
@@ -108,23 +127,32 @@ class TrainStream:
 
     # ------------------------------------------------------------------ blocks of an epoch
     def _epoch_table(self, epoch: int):
-        """(cumulative blocks per document [docs + 1], pairs [docs], block order)."""
+        """(cumulative blocks per document [docs + 1] int64, block order): the one array
+        per document the stream holds."""
         if epoch not in self._epoch_tables:
-            pairs = self.documents.pairs(epoch)
-            blocks = -(-pairs // self.block)                              # ceil, 0 if empty
-            cumulative = np.concatenate([[0], np.cumsum(blocks)]).astype(np.int64)
+            self._epoch_tables = {}                                         # keep one epoch
+            cumulative = np.zeros(len(self.documents) + 1, np.int64)
+            at = 0
+            for blocks in self.documents.pair_chunks(epoch):              # chunk by chunk
+                blocks += self.block - 1
+                blocks //= self.block                                       # ceil, 0 if empty
+                part = cumulative[at + 1:at + 1 + len(blocks)]
+                np.cumsum(blocks, out=part)
+                part += cumulative[at]
+                at += len(blocks)
+            assert at == len(self.documents)
             order = grain.MapDataset.range(int(cumulative[-1])).shuffle(
                 seed=int(np.random.default_rng([self.seed, epoch]).integers(1 << 31)))
-            self._epoch_tables = {epoch: (cumulative, pairs, order)}     # keep one epoch
+            self._epoch_tables = {epoch: (cumulative, order)}
         return self._epoch_tables[epoch]
 
     def _blocks(self, epoch: int, first: int, count: int):
         """(doc, offset, pairs) [count] of the epoch's blocks first .. first + count - 1."""
-        cumulative, pairs, order = self._epoch_table(epoch)
+        cumulative, order = self._epoch_table(epoch)
         index = np.fromiter((order[i] for i in range(first, first + count)), np.int64, count)
         doc = np.searchsorted(cumulative, index, side="right") - 1
         offset = (index - cumulative[doc]) * self.block
-        return doc, offset, np.minimum(self.block, pairs[doc] - offset)
+        return doc, offset, np.minimum(self.block, self.documents.pairs_of(epoch, doc) - offset)
 
     def _open_window(self, length: int) -> dict:
         """The next window for a level of `length`, taken from the shared cursor."""

@@ -25,6 +25,10 @@ class CorpusDocuments(Sequence):
     def __getitem__(self, index: int) -> np.ndarray:
         return self.corpus.read(int(index)).astype(np.int64)
 
+    def read(self, index: int, start: int, stop: int) -> np.ndarray:
+        """Tokens start .. stop - 1 of document `index` (only those are read)."""
+        return self.corpus.read(int(index), int(start), int(stop)).astype(np.int64)
+
 
 def validation_documents(data_config, tokenizer) -> CorpusDocuments:
     """The validation split, in order (from the prepared directory when data.source =
@@ -36,6 +40,15 @@ def document_lengths(documents) -> np.ndarray:
     """Token counts of a sequence of documents (without reading a CorpusDocuments')."""
     lengths = getattr(documents, "lengths", None)
     return np.asarray([len(d) for d in documents] if lengths is None else lengths)
+
+
+def _read(documents, index: int, start: int, stop: int) -> np.ndarray:
+    """Tokens start .. stop - 1 of documents[index], reading no more of a CorpusDocuments'
+    (a validation document may be longer than everything evaluation takes from it)."""
+    read = getattr(documents, "read", None)
+    if read is not None:
+        return read(index, start, stop)
+    return np.asarray(documents[index])[start:stop]
 
 
 def _rows(tokens, targets, loss_mask, segment_ids=None):
@@ -56,19 +69,21 @@ def same_target_windows(documents, lengths, score_tokens: int, max_windows: int)
     `max_windows` of them (0: all). Raises ValueError if there is none.
     """
     longest = max(lengths)
-    usable = np.flatnonzero(document_lengths(documents) >= longest + 1)
+    sizes = document_lengths(documents)
+    usable = np.flatnonzero(sizes >= longest + 1)
     if max_windows:
         usable = usable[:max_windows]
-    usable = [documents[i] for i in usable]
-    if not usable:
+    # each document's last longest + 1 tokens: all that any length's window takes from it
+    tails = [_read(documents, i, sizes[i] - longest - 1, sizes[i]) for i in usable]
+    if not tails:
         raise ValueError(f"no validation document has {longest + 1} tokens, which the "
                          f"longest evaluation length {longest} needs; lower eval.lengths")
     if not 0 < score_tokens <= min(lengths):
         raise ValueError(f"eval.score_tokens ({score_tokens}) must be in 1..{min(lengths)}")
     windows = {}
     for length in lengths:
-        tokens = np.stack([d[len(d) - 1 - length:len(d) - 1] for d in usable])   # [n, L]
-        targets = np.stack([d[len(d) - length:] for d in usable])
+        tokens = np.stack([t[longest - length:longest] for t in tails])   # [n, L]
+        targets = np.stack([t[longest + 1 - length:] for t in tails])
         loss_mask = np.zeros(tokens.shape, np.float32)
         loss_mask[:, -score_tokens:] = 1.0
         windows[length] = _rows(tokens, targets, loss_mask)
@@ -79,14 +94,17 @@ def sliding_windows(documents, length: int, stride: int, max_windows: int) -> di
     """Rows [n, length] of the sliding-window protocol (stride `stride`); each window scores
     only targets no earlier window scored. Short tails are padded (segment 0, no loss)."""
     tokens, targets, masks, segments = [], [], [], []
-    for doc in documents:
-        inputs_end = len(doc) - 1                        # inputs are doc[:-1], targets doc[1:]
+    for index, size in enumerate(document_lengths(documents)):
+        if size == 0:
+            continue
+        inputs_end = int(size) - 1                       # inputs are doc[:-1], targets doc[1:]
         scored_until = 0
         for begin in range(0, max(inputs_end, 1), stride):
             end = min(begin + length, inputs_end)
             n = end - begin
             row = np.zeros((4, length), np.int64)
-            row[0, :n], row[1, :n] = doc[begin:end], doc[begin + 1:end + 1]
+            piece = _read(documents, index, begin, end + 1)     # only this window's tokens
+            row[0, :n], row[1, :n] = piece[:-1], piece[1:]
             row[2, :n] = np.arange(begin, end) >= scored_until
             row[3, :n] = 1
             tokens.append(row[0]); targets.append(row[1]); masks.append(row[2]); segments.append(row[3])

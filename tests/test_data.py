@@ -161,6 +161,19 @@ def test_parquet_without_the_column_is_an_error(tmp_path):
         list_documents(config, "train")
 
 
+def test_a_parquet_file_that_is_not_parquet_is_one_error_line_naming_it(tmp_path):
+    path = tmp_path / "x.parquet"
+    path.write_text("plain text, not Parquet\n" * 20)
+    config = data_config(source="parquet", path=str(path), validation_percent=0)
+    with pytest.raises(ValueError) as error:
+        list_documents(config, "train")
+    message = str(error.value)
+    assert message.startswith(f"{path}: not a readable Parquet file (") and "\n" not in message
+    path.write_bytes(b"PAR1")                       # too short for a footer
+    with pytest.raises(ValueError, match=f"^{path}: not a readable Parquet file"):
+        list_documents(config, "train")
+
+
 def test_undecodable_files_are_skipped_and_counted(tmp_path, caplog):
     corpus = tmp_path / "corpus"
     glob = write_text_corpus(corpus, ["good one", "good two", "good three"])

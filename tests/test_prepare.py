@@ -40,8 +40,14 @@ def test_the_manifest_records_tokenizer_source_and_counts(corpus_config, tmp_pat
     assert manifest["format"] == prepare_lib.FORMAT_VERSION and manifest["complete"]
     assert manifest["tokenizer"] == {"kind": "bytes", "sha256": None, "vocab_size": 256}
     assert manifest["token_dtype"] == "uint16"
-    files = manifest["source"]["files"]
+    # the file list is in source.json; the manifest (which training reads) has its summary,
+    # a few keys whatever the number of files
+    source = json.loads((tmp_path / "prepared" / prepare_lib.SOURCE).read_text())
+    files = source["files"]
     assert len(files) == 60 and all(f["size"] > 0 for f in files)
+    assert manifest["source"] == prepare_lib.source_summary(source)
+    assert manifest["source"]["files"] == 60
+    assert manifest["source"]["bytes"] == sum(f["size"] for f in files)
     assert len(manifest["units"]) == len(prepare_lib.work_units(corpus_config)) > 5
     train = load_corpus(corpus_config, BYTES, "train")
     validation = load_corpus(corpus_config, BYTES, "validation")
@@ -104,6 +110,42 @@ def test_a_prepare_of_another_source_into_the_same_directory_is_refused(corpus_c
     other = text_config(tmp_path / "other", varied_texts(5))
     with pytest.raises(ValueError, match="prepared from another source"):
         prepare(other, tmp_path / "prepared")
+
+
+def test_a_format_1_directory_still_trains_and_a_prepare_into_it_continues(corpus_config,
+                                                                          tmp_path):
+    """Format 1 listed every source file in the manifest (which training reads, so memory
+    grew with the corpus); its shards are the same: training reads it, and a prepare into it
+    moves the list to source.json and continues (or refuses another source)."""
+    out = tmp_path / "prepared"
+    prepare(corpus_config, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    description = json.loads((out / prepare_lib.SOURCE).read_text())
+    last = sorted(manifest["units"])[-1]
+    old = dict(json.loads(json.dumps(manifest)), format=1, source=description, complete=False)
+    del old["units"][last]                       # an interrupted format-1 prepare
+    old.pop("splits"), old.pop("skipped_files")
+    (out / prepare_lib.SOURCE).unlink()
+    (out / "manifest.json").write_text(json.dumps(old))
+    other = text_config(tmp_path / "other", varied_texts(5))
+    with pytest.raises(ValueError, match="prepared from another source .text .*, 60 files"):
+        prepare(other, out)
+    assert prepare(corpus_config, out) == manifest
+    assert json.loads((out / prepare_lib.SOURCE).read_text()) == description
+    finished = json.loads((out / "manifest.json").read_text())
+    finished["format"], finished["source"] = 1, description      # a complete format-1 one
+    (out / "manifest.json").write_text(json.dumps(finished))
+    config = corpus_config.copy_and_resolve_references()
+    config.source, config.path = "prepared", str(out)
+    a = make_train_stream(config, BYTES, lengths=[32, 64], seed=5)
+    b = make_train_stream(corpus_config, BYTES, lengths=[32, 64], seed=5)
+    for step in range(4):
+        level, length = step % 2, 32 * (1 + step % 2)
+        assert_batches_equal([a.next_batch(level, length, 4)], [b.next_batch(level, length, 4)])
+    finished["format"] = 3
+    (out / "manifest.json").write_text(json.dumps(finished))
+    with pytest.raises(ValueError, match="prepared with format 3, this version reads formats 1, 2"):
+        load_corpus(config, BYTES, "train")
 
 
 @pytest.fixture
