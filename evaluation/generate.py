@@ -98,6 +98,21 @@ def _prefill(model, prompt, total: int, mesh, prefill_chunk: int):
     return _prefill_on_mesh(model, prompt, total, mesh)
 
 
+def _prefill_padded(model, buffer, length, total: int, mesh, prefill_chunk: int,
+                    cache_attention):
+    """The prompt's first `length` (traced) tokens of `buffer` [batch, padded]: the whole
+    buffer is prefilled, the cache is cut back to length - 1 slots and the last prompt
+    token is fed as a decoding step, which gives its logits. The padding's slots lie
+    beyond every later query's position, so no query sees them before decoding overwrites
+    them (the cache's mask is causal by slot)."""
+    _, cache = _prefill(model, buffer, total, mesh, prefill_chunk)
+    cache = cache._replace(length=length - 1)
+    last = jax.lax.dynamic_slice_in_dim(buffer, length - 1, 1, axis=1)          # [batch, 1]
+    logits, cache = model(last, cache=cache, sequence_length=total,
+                          cache_attention=cache_attention)
+    return logits[:, -1], cache
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "total", "mesh", "prefill_chunk"))
 def _prefill_jitted(graphdef, state, prompt, *, total: int, mesh, prefill_chunk: int):
     return _prefill(nnx.merge(graphdef, state), prompt, total, mesh, prefill_chunk)
@@ -122,19 +137,25 @@ def _sequence_mesh(mesh):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "nucleus",
-                                             "eos_ids", "prefill_chunk", "mesh"))
-def _generate(graphdef, state, prompt, temperature, top_p, seed, *, max_new_tokens: int,
-              greedy: bool, nucleus: bool, eos_ids: tuple, prefill_chunk: int, mesh):
+                                             "eos_ids", "prefill_chunk", "mesh", "padded"))
+def _generate(graphdef, state, prompt, length, temperature, top_p, seed, *, max_new_tokens: int,
+              greedy: bool, nucleus: bool, eos_ids: tuple, prefill_chunk: int, mesh,
+              padded: bool):
     """(tokens [batch, max_new_tokens], steps): the new tokens (a row's EOS repeated after
-    it stops) and how many were generated before every row had stopped."""
+    it stops) and how many were generated before every row had stopped. `padded`: the
+    prompt is the first `length` (traced) tokens of `prompt`."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     total = prompt_len + max_new_tokens
     key = jax.random.key(seed)
     sample = functools.partial(sample_next, temperature=temperature, top_p=top_p,
                                greedy=greedy, nucleus=nucleus)
-    logits, cache = _prefill(model, prompt, total, mesh, prefill_chunk)
     cache_attention = None if mesh is None else sharded_cache.sharded_cached_attention(mesh)
+    if padded:
+        logits, cache = _prefill_padded(model, prompt, length, total, mesh, prefill_chunk,
+                                        cache_attention)
+    else:
+        logits, cache = _prefill(model, prompt, total, mesh, prefill_chunk)
     eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
 
     def is_eos(token):                          # [batch] -> bool [batch]
@@ -185,7 +206,7 @@ def _with_ring_attention(model, mesh):
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id=None, prefill_chunk: int = 512,
-             mesh=None) -> np.ndarray:
+             mesh=None, pad_to: int | None = None) -> np.ndarray:
     """New token ids after `prompt_ids` (int array [length], or [batch, length] of prompts
     of equal length), at most `max_new_tokens` of them, as int32 numpy with the prompt's
     leading shape.
@@ -202,6 +223,11 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     prefill and at every step (a full forward over the final sequence computes the same
     frequencies; Hugging Face's dynamic scaling instead recomputes them as the sequence
     grows). Learned positions need prompt + max_new_tokens <= l_max.
+
+    pad_to: the prompt is right-padded to `pad_to` tokens and its length passed as a traced
+    value, so prompts of different lengths share one compiled function (RULER's samples
+    differ in length). The same tokens as without padding, except under the `dynamic` RoPE
+    scaling, whose frequencies follow the padded final length (refused there).
 
     mesh None (or a mesh whose `seq` axis has size 1): the prompt is prefilled
     `prefill_chunk` tokens at a time, each piece attending densely to the cache, so prefill
@@ -239,6 +265,14 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     if max_new_tokens == 0:
         out = np.zeros((prompt.shape[0], 0), np.int32)
         return out[0] if single else out
+    length = prompt.shape[1]
+    if pad_to is not None:
+        if pad_to < length:
+            raise ValueError(f"generate: pad_to {pad_to} is shorter than the prompt ({length})")
+        if (model.cfg.rope_scaling or {}).get("rope_type") == "dynamic":
+            raise ValueError("generate: pad_to cannot be used with the dynamic RoPE scaling "
+                             "(its frequencies follow the final length)")
+        prompt = np.pad(prompt, ((0, 0), (0, pad_to - length)))
     mesh = _sequence_mesh(mesh)
     if mesh is not None:
         _check_mesh(model.cfg, prompt.shape[0], mesh)
@@ -246,10 +280,11 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     graphdef, state = nnx.split(model)
     greedy = temperature == 0
     tokens, steps = _generate(
-        graphdef, state, jnp.asarray(prompt, jnp.int32), jnp.float32(temperature or 1.0),
-        jnp.float32(top_p), jnp.uint32(seed), max_new_tokens=int(max_new_tokens),
-        greedy=greedy, nucleus=not greedy and top_p < 1, eos_ids=eos_ids,
-        prefill_chunk=int(prefill_chunk), mesh=mesh)
+        graphdef, state, jnp.asarray(prompt, jnp.int32), jnp.int32(length),
+        jnp.float32(temperature or 1.0), jnp.float32(top_p), jnp.uint32(seed),
+        max_new_tokens=int(max_new_tokens), greedy=greedy, nucleus=not greedy and top_p < 1,
+        eos_ids=eos_ids, prefill_chunk=int(prefill_chunk), mesh=mesh,
+        padded=pad_to is not None)
     out = np.asarray(tokens)[:, :int(steps)]
     return out[0] if single else out
 

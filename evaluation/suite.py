@@ -191,9 +191,9 @@ def greedy_generator(run, params):
     graphdef, _ = nnx.split(abstract, nnx.Param)
     model = nnx.merge(graphdef, jax.device_put(params, jax.sharding.SingleDeviceSharding(device)))
 
-    def generate_fn(prompts, new):
+    def generate_fn(prompts, new, pad_to=None):
         with mesh_lib.use_mesh(one):
-            return generate(model, prompts, int(new), temperature=0.0)
+            return generate(model, prompts, int(new), temperature=0.0, pad_to=pad_to)
     return generate_fn
 
 
@@ -226,13 +226,14 @@ def evaluate(run, params, data: EvalData, *, step: int | None = None, name: str 
 
 
 def ruler_generator(run, params, long_from: int):
-    """(prompt ids [P], max_new_tokens) -> greedy new ids. Prompts of >= long_from tokens on
+    """(prompt ids [P], max_new_tokens, pad_to) -> greedy new ids (pad_to: generate's, one
+    compiled function per padded shape, or None). Prompts of >= long_from tokens on
     a run whose mesh has seq > 1 are prefilled with ring attention over it (generate's
     mesh=, parameters whole on every device but split over tensor); the others are decoded
     on one device (greedy_generator)."""
     one_device = greedy_generator(run, params)
     if run.mesh.shape.get("seq", 1) <= 1 or jax.process_count() > 1:
-        return lambda ids, new: np.asarray(one_device(ids[None], new))[0]
+        return lambda ids, new, pad_to=None: np.asarray(one_device(ids[None], new, pad_to))[0]
     from flax import nnx
 
     from evaluation.generate import generate
@@ -249,13 +250,13 @@ def ruler_generator(run, params, long_from: int):
                                                                    rngs=nnx.Rngs(0))), nnx.Param)
     rows = run.mesh.shape.get("data", 1) * run.mesh.shape.get("fsdp", 1)
 
-    def generate_fn(ids, new):
+    def generate_fn(ids, new, pad_to=None):
         if len(ids) < long_from:
-            return np.asarray(one_device(ids[None], new))[0]
+            return np.asarray(one_device(ids[None], new, pad_to))[0]
         with mesh_lib.use_mesh(run.mesh):
             model = nnx.merge(graphdef, compute)
             out = generate(model, np.repeat(ids[None], rows, 0), int(new), temperature=0.0,
-                           mesh=run.mesh)
+                           mesh=run.mesh, pad_to=pad_to)
         return np.asarray(out)[0]
     return generate_fn
 
@@ -267,9 +268,18 @@ def score_ruler(run, params, ruler: dict) -> dict:
     g = run.config.get("generate")
     eos = tuple(int(i) for i in (g.get("eos_ids", ()) if g is not None else ()) or ())
     progress = Progress(len(ruler["samples"]), "ruler")
+    # prompts of one length and answer budget are padded to the longest of them, so they
+    # share one compiled generation (the tokens are those of the exact prompt); not under
+    # the dynamic RoPE scaling, whose frequencies follow the padded length
+    exact = (run.model_config.rope_scaling or {}).get("rope_type") == "dynamic"
+    bucket = {}
+    for sample in ruler["samples"]:
+        key = (sample["length"], sample["max_new_tokens"])
+        bucket[key] = max(bucket.get(key, 0), len(sample["prompt_ids"]))
     records = []
     for sample in ruler["samples"]:
-        new = generate_fn(sample["prompt_ids"], sample["max_new_tokens"])
+        pad_to = None if exact else bucket[(sample["length"], sample["max_new_tokens"])]
+        new = generate_fn(sample["prompt_ids"], sample["max_new_tokens"], pad_to)
         new = [int(t) for t in new]
         for i, token in enumerate(new):
             if token in eos:

@@ -320,3 +320,32 @@ def test_main_generate_stops_at_the_configured_eos_ids(trained_workdir, tmp_path
                           f"--config.generate.output={stopped}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(stopped.read_text())["output_ids"] == ids[:ids.index(ids[5]) + 1]
+
+
+@pytest.mark.parametrize("variant", ["rope", "learned", "rope_linear_x4"])
+@pytest.mark.parametrize("length,pad_to", [(5, 8), (8, 8), (9, 24), (1, 7)])
+def test_a_prompt_padded_to_a_bucket_generates_the_tokens_of_the_exact_prompt(
+        variant, length, pad_to):
+    model = make(dataclasses.replace(DENSE, **VARIANTS[variant]))
+    prompt = np.asarray(tokens(11 + length, length=length))
+    for options in ({}, {"temperature": 0.9, "top_p": 0.8, "seed": 3}):
+        np.testing.assert_array_equal(generate(model, prompt, 6, pad_to=pad_to, **options),
+                                      generate(model, prompt, 6, **options))
+
+
+def test_prompts_padded_to_one_bucket_share_one_compiled_function():
+    from evaluation.generate import _generate
+    model = make(DENSE)
+    generate(model, np.asarray(tokens(20, length=3)), 4, pad_to=16)
+    compiled = _generate._cache_size()
+    for length in (4, 9, 15):
+        generate(model, np.asarray(tokens(20 + length, length=length)), 4, pad_to=16)
+    assert _generate._cache_size() == compiled
+
+
+def test_padding_under_the_dynamic_rope_scaling_or_below_the_prompt_is_refused():
+    dynamic = make(dataclasses.replace(DENSE, **VARIANTS["rope_dynamic_x2"]))
+    with pytest.raises(ValueError, match="dynamic RoPE scaling"):
+        generate(dynamic, np.asarray(tokens(1, length=4)), 4, pad_to=8)
+    with pytest.raises(ValueError, match="shorter than the prompt"):
+        generate(make(DENSE), np.asarray(tokens(1, length=9)), 4, pad_to=8)

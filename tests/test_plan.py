@@ -117,6 +117,16 @@ def test_plan_of_a_model_larger_than_host_memory_allocates_nothing(tmp_path):
     assert rss < 4 * 2**30 and rss < weights / 50
 
 
+def test_host_peak_rss_is_the_process_own_not_its_parent_peak():
+    ballast = np.ones(2**30 // 8)                     # 1 GiB touched in this (parent) process
+    child = subprocess.run([sys.executable, "-c", "from train.plan import host_peak_rss_bytes; "
+                            "print(host_peak_rss_bytes())"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert ballast.sum() == 2**30 // 8
+    assert int(child.stdout.split()[-1]) < 2**30 // 2
+
+
 def test_valid_lengths_step_by_zigzag_chunks_blocks_and_loss_and_mlp_chunks():
     config = small_config()                       # blocks of 16
     assert plan_lib.length_step(config, 1) == 16 and plan_lib.length_step(config, 8) == 128

@@ -147,3 +147,10 @@ def test_generation_on_seq_4_stops_at_eos_as_on_one_device():
 def test_a_batch_that_does_not_split_over_the_mesh_rows_is_refused():
     with pytest.raises(ValueError, match="data x fsdp = 2"):
         generate(make(), prompts(5, batch=3), 4, mesh=mesh("data2_seq4"))
+
+
+def test_a_padded_prompt_on_seq_4_generates_the_tokens_of_the_exact_prompt_on_one_device():
+    model = make()
+    prompt = prompts(6, length=29)
+    np.testing.assert_array_equal(generate(model, prompt, 12, pad_to=40, mesh=mesh("seq4")),
+                                  generate(model, prompt, 12))

@@ -41,6 +41,22 @@ GIB = 2 ** 30
 PLAN_FILE = "plan.json"
 
 
+def host_peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM where /proc has it, else ru_maxrss.
+
+    ru_maxrss alone is wrong for a process started by a big parent: it keeps the parent's
+    peak across fork + exec (a plan run from a 4 GiB test process reported 4 GiB).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def abstract_batch(run, rows: int, length: int) -> dict:
     """The input batch of a step as ShapeDtypeStructs in the mesh's batch sharding."""
     sharding = mesh_lib.batch_sharding(run.mesh)
@@ -263,7 +279,7 @@ def plan_workdir(config, workdir: str) -> dict:
               "strategies": strategies,
               "link_gbps": {"intra_host": config.plan.intra_host_gbps,
                             "inter_host": config.plan.inter_host_gbps},
-              "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+              "host_peak_rss_gib": host_peak_rss_bytes() / GIB}
     print(format_plan(result), flush=True)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
