@@ -28,6 +28,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from util.errors import error_line, first_line
+
 # Outside the repository, so that runs never land in a checkout unless asked to.
 DEFAULT_WORKDIRS = os.path.expanduser("~/boundless_workdirs")
 # The modes that can take the run's config from the workdir's config.json.
@@ -127,7 +129,7 @@ class _OneLineLibraryErrors(logging.Filter):
         library = "site-packages" in (record.pathname or "") or record.name == "asyncio"
         if record.levelno >= logging.ERROR and library:
             record.exc_info, record.exc_text, record.stack_info = None, None, None
-            record.msg, record.args = str(record.getMessage()).splitlines()[0][:300], ()
+            record.msg, record.args = first_line(record.getMessage(), 300), ()
         return True
 
 
@@ -138,7 +140,7 @@ def _one_line_background_errors() -> None:
     seen = set()
 
     def report(kind, error):
-        line = f"{kind}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        line = f"{kind}: {error_line(error)}"
         if line not in seen:
             seen.add(line)
             print(line, file=sys.stderr, flush=True)
@@ -239,8 +241,8 @@ def _resolve_config(mode: str):
             config = _CONFIG.value
             config.keys()
         except Exception as error:   # the config file's own error, shown as one line
-            raise ValueError(f"--config {path} does not load: {type(error).__name__}: "
-                             f"{str(error).splitlines()[0] if str(error) else ''}") from None
+            raise ValueError(f"--config {path} does not load: {error_line(error, None)}") \
+                from None
         config_name = os.path.splitext(os.path.basename(path))[0]
         workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
     elif _WORKDIR.value and (mode in WORKDIR_CONFIG_MODES or workdir_config.exists(_WORKDIR.value)):
@@ -272,9 +274,9 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (flags.Error, ValueError) as error:
-        message = str(error).splitlines()[0]
+        message = first_line(str(error), None)
     except Exception as error:        # an override ml_collections refuses (type, key, ...)
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        message = error_line(error, None)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -19,9 +19,9 @@ import math  # noqa: E402
 
 import jax  # noqa: E402
 
-from benchmarks.common import (error_line, int_list, pyplot, save_figure,  # noqa: E402
-                               train_step_memory)
+from benchmarks.common import int_list, pyplot, save_figure, train_step_memory  # noqa: E402
 from evaluation.tables import format_table  # noqa: E402
+from util.errors import error_line  # noqa: E402
 
 
 def growth_per_doubling(lengths, values) -> list[float | None]:

@@ -24,12 +24,6 @@ def new_workdir(name: str) -> str:
     return tempfile.mkdtemp(prefix=f"boundless_{name}_")
 
 
-def error_line(error: BaseException, limit: int = 200) -> str:
-    """"ErrorClass: first line of the message" (cut to `limit` characters)."""
-    text = str(error).splitlines()[0][:limit] if str(error) else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def memory(compiled, seconds: float) -> dict:
     """Per-device memory of a compiled XLA executable from its buffer assignment:
     {"temp", "argument", "output", "alias", "total", "compile_s"} in MiB / seconds, with

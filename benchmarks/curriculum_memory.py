@@ -35,8 +35,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.common import (MIB, error_line, int_list, memory, pyplot,  # noqa: E402
-                               save_figure)
+from benchmarks.common import MIB, int_list, memory, pyplot, save_figure  # noqa: E402
 from configs import curriculum_cpu  # noqa: E402
 from evaluation.tables import format_table  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
@@ -44,6 +43,7 @@ from train import curriculum as curriculum_lib  # noqa: E402
 from train import state as state_lib  # noqa: E402
 from train import validate  # noqa: E402
 from train.step import make_train_step  # noqa: E402
+from util.errors import error_line  # noqa: E402
 
 TOLERANCE = 0.15          # target: last level's total within +-15% of the first level's
 BATCH_FIELDS = {"tokens": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,

@@ -24,13 +24,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import MIB, error_line, int_list, memory  # noqa: E402
+from benchmarks.common import MIB, int_list, memory  # noqa: E402
 from configs import tiny  # noqa: E402
 from evaluation import generate as generate_lib  # noqa: E402
 from evaluation.tables import format_table  # noqa: E402
 from model.transformer import ModelConfig, Transformer  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
 from parallel.ring_attention import make_ring_attention  # noqa: E402
+from util.errors import error_line  # noqa: E402
 
 
 def generation_memory(cfg: ModelConfig, prompt_len: int, new_tokens: int, seq: int) -> dict:

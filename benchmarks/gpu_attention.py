@@ -28,6 +28,7 @@ import numpy as np
 from benchmarks.throughput import known_peak
 from evaluation.tables import format_table
 from parallel.sequence_parallel import local_attention
+from util.errors import first_line
 
 HEADS = (32, 8, 128)                  # Llama-3-8B: query heads, KV heads, head_dim
 BLOCK = 512
@@ -67,7 +68,7 @@ def kernel_rows(lengths, heads, repeats, implementation):
                 rows.append([length, kernel, f"{seconds * 1e3:.1f}",
                              f"{attention_flops(length, hq, d) / seconds / 1e12:.1f}"])
             except Exception as error:                   # e.g. a shape cuDNN refuses
-                rows.append([length, kernel, "-", f"failed: {str(error).splitlines()[0][:80]}"])
+                rows.append([length, kernel, "-", f"failed: {first_line(str(error), 80)}"])
     return rows
 
 

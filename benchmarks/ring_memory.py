@@ -26,11 +26,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from benchmarks.common import (error_line, int_list, memory, pyplot, save_figure,  # noqa: E402
+from benchmarks.common import (int_list, memory, pyplot, save_figure,  # noqa: E402
                                train_step_memory)
 from evaluation.tables import format_table  # noqa: E402
 from parallel.mesh import make_mesh  # noqa: E402
 from parallel.ring_attention import ring_attention  # noqa: E402
+from util.errors import error_line  # noqa: E402
 
 ATTENTION_TARGET_LENGTH, TARGET_SEQ = 32768, 8
 ATTENTION_LIMIT_MIB, ATTENTION_AIM_MIB = 64.0, 48.0

@@ -10,6 +10,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from util.errors import first_line
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -48,7 +50,7 @@ class SentencePieceTokenizer:
             self._processor = sentencepiece.SentencePieceProcessor(model_file=path)
         except Exception as error:   # noqa: BLE001 - sentencepiece raises bare errors
             raise ValueError(f"data.tokenizer {path}: not a readable SentencePiece model "
-                             f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
+                             f"({first_line(str(error)) or type(error).__name__})") from None
         self.vocab_size = int(self._processor.get_piece_size())
 
     def encode(self, text: str) -> np.ndarray:
@@ -103,7 +105,7 @@ class HuggingFaceTokenizer:
             self._tokenizer = tokenizers.Tokenizer.from_file(path)
         except Exception as error:   # noqa: BLE001 - tokenizers raises bare Exceptions
             raise ValueError(f"data.tokenizer {path}: not a readable tokenizer.json "
-                             f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
+                             f"({first_line(str(error)) or type(error).__name__})") from None
         self.vocab_size = int(self._tokenizer.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str) -> np.ndarray:

@@ -47,6 +47,7 @@ from safetensors.numpy import save_file
 
 from model import positions as pos_lib
 from model.transformer import ModelConfig, Transformer
+from util.errors import first_line
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
 _ROPE_ARCHITECTURES = SUPPORTED[:3]
@@ -72,7 +73,7 @@ def _read_json(path: str):
     try:
         return json.loads(text)
     except ValueError as error:    # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({str(error).splitlines()[0][:120]})") \
+        raise ValueError(f"{path}: not valid JSON ({first_line(str(error), 120)})") \
             from None
 
 
@@ -476,7 +477,7 @@ def _read_safetensors_header(path: str) -> tuple[dict, int]:
         header = json.loads(raw)
     except ValueError as error:    # JSONDecodeError, UnicodeDecodeError
         raise ValueError(f"{path}: not a safetensors file (its {length}-byte header is not "
-                         f"JSON: {str(error).splitlines()[0][:80]})") from None
+                         f"JSON: {first_line(str(error), 80)})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: not a safetensors file (its header is a "
                          f"{type(header).__name__}, not a JSON object)")

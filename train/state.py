@@ -26,6 +26,7 @@ from parallel import sequence_parallel
 from train import checkpoint as checkpoint_lib
 from train import workdir_config
 from train.optimizer import make_optimizer
+from util.errors import error_line
 
 log = logging.getLogger("boundless")
 
@@ -238,7 +239,7 @@ def restore_intact(checkpointer, run_at, workdir: str, with_data: bool = False,
 
 
 def _set_aside(checkpointer, step: int, error: Exception, move: bool) -> str:
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    reason = error_line(error)
     where = checkpointer.move_aside(step) if move else "left in place"
     log.warning("checkpoint step %d of %s is broken (%s); %s%s", step, checkpointer.directory,
                 reason, "moved to " if move else "", where)
