@@ -98,12 +98,13 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
     "off: one process; auto: jax.distributed.initialize() detects the cluster; explicit: "
     "use the coordinator flags below (chosen automatically when they are given).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                                   "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None,
-                                      "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
-                                   "This process's index.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"), "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", int(os.environ.get("JAX_NUM_PROCESSES", 0)) or None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", int(os.environ["JAX_PROCESS_ID"]) if "JAX_PROCESS_ID" in os.environ else None,
+    "This process's index.")
 
 
 def start_distributed() -> None:
@@ -240,14 +241,15 @@ def _resolve_config(mode: str):
         try:
             config = _CONFIG.value
             config.keys()
-        except Exception as error:   # the config file's own error, shown as one line
+        except Exception as error:   # noqa: BLE001 - the config file's own error, as one line
             raise ValueError(f"--config {path} does not load: {error_line(error, None)}") \
                 from None
         config_name = os.path.splitext(os.path.basename(path))[0]
         workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
     elif _WORKDIR.value and (mode in WORKDIR_CONFIG_MODES or workdir_config.exists(_WORKDIR.value)):
         workdir = _WORKDIR.value
-        config = workdir_config.load(workdir, config_flags.get_override_values(flags.FLAGS["config"]))
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        config = workdir_config.load(workdir, overrides)
     else:
         raise ValueError("--config is required, e.g. --config configs/tiny.py (with --workdir W "
                          "that holds a run, W's config.json is used)")
@@ -275,7 +277,7 @@ def _parse_flags(argv):
         return flags.FLAGS(argv)
     except (flags.Error, ValueError) as error:
         message = first_line(str(error), None)
-    except Exception as error:        # an override ml_collections refuses (type, key, ...)
+    except Exception as error:  # noqa: BLE001 - an override ml_collections refuses (type, key)
         message = error_line(error, None)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)

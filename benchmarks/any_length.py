@@ -17,21 +17,20 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.common import MIB, int_list  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from model.blockwise import block_plan, blockwise_attention  # noqa: E402
-from parallel.layout import apply_layout, layout_length  # noqa: E402
-from parallel.mesh import make_mesh  # noqa: E402
-from parallel.ring_attention import ring_attention  # noqa: E402
+from benchmarks.common import MIB, int_list
+from evaluation.tables import format_table
+from model.blockwise import block_plan, blockwise_attention
+from parallel.layout import apply_layout, layout_length
+from parallel.mesh import make_mesh
+from parallel.ring_attention import ring_attention
 
 BLOCK = 256
 

@@ -14,14 +14,14 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import math  # noqa: E402
+import argparse
+import math
 
-import jax  # noqa: E402
+import jax
 
-from benchmarks.common import int_list, pyplot, save_figure, train_step_memory  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from util.errors import error_line  # noqa: E402
+from benchmarks.common import int_list, pyplot, save_figure, train_step_memory
+from evaluation.tables import format_table
+from util.errors import error_line
 
 
 def growth_per_doubling(lengths, values) -> list[float | None]:
@@ -64,13 +64,14 @@ def verdict(name: str, factors) -> str:
 def plot(lengths, series: dict, path: str) -> None:
     fig, ax = pyplot().subplots(figsize=(6.4, 4.4))
     for name, values in series.items():
-        points = [(l, v) for l, v in zip(lengths, values) if isinstance(v, float)]
+        points = [(length, v) for length, v in zip(lengths, values) if isinstance(v, float)]
         if points:
             ax.plot(*zip(*points), marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(lengths)
-    ax.set_xticklabels([f"{l // 1024}k" if l >= 1024 else str(l) for l in lengths])
+    ax.set_xticklabels([f"{length // 1024}k" if length >= 1024 else str(length)
+                        for length in lengths])
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("per-device temp memory (MiB)")
     ax.set_title("train step, configs/tiny.py, batch 1, one device")

@@ -141,7 +141,7 @@ def main(argv=None):
         code = run.process.wait()
         previous_reach = run.last_step
         if kind == "SIGTERM":
-            terms_clean &= code == 0 and any("stopped after step" in l for l in run.output)
+            terms_clean &= code == 0 and any("stopped after step" in line for line in run.output)
         kills[kind] += 1
         print(f"  kill {kill + 1}: {kind} at step {run.last_step} (resumed at {resumed}), "
               f"exit {code}", flush=True)
@@ -155,9 +155,9 @@ def main(argv=None):
     difference = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     print(f"configs/tiny.py, {args.steps} steps, checkpoints every {EVERY} (async), seed "
           f"{args.seed}, {time.time() - start:.0f} s in all")
-    print(format_table(["kills", "SIGKILL in a step", "SIGKILL during a save", "SIGTERM (exit 0 + checkpoint)",
-                        "steps computed again", "every restart resumed", "final steps",
-                        "max param difference"],
+    print(format_table(["kills", "SIGKILL in a step", "SIGKILL during a save",
+                        "SIGTERM (exit 0 + checkpoint)", "steps computed again",
+                        "every restart resumed", "final steps", "max param difference"],
                        [[sum(kills.values()), kills[kinds[0]], kills[kinds[1]],
                          f"{kills[kinds[2]]} ({'all clean' if terms_clean else 'NOT all clean'})",
                          recomputed, "yes" if restarts_ok else "no", f"{step_a} / {step_b}",

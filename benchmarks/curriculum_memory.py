@@ -27,23 +27,23 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import re
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from benchmarks.common import MIB, int_list, memory, pyplot, save_figure  # noqa: E402
-from configs import curriculum_cpu  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from parallel import mesh as mesh_lib  # noqa: E402
-from train import curriculum as curriculum_lib  # noqa: E402
-from train import state as state_lib  # noqa: E402
-from train import validate  # noqa: E402
-from train.step import make_train_step  # noqa: E402
-from util.errors import error_line  # noqa: E402
+from benchmarks.common import MIB, int_list, memory, pyplot, save_figure
+from configs import curriculum_cpu
+from evaluation.tables import format_table
+from parallel import mesh as mesh_lib
+from train import curriculum as curriculum_lib
+from train import state as state_lib
+from train import validate
+from train.step import make_train_step
+from util.errors import error_line
 
 TOLERANCE = 0.15          # target: last level's total within +-15% of the first level's
 BATCH_FIELDS = {"tokens": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
@@ -247,12 +247,13 @@ def plot(results: dict, path: str) -> None:
         lengths = [level.seq_len for level in result["plan"].levels]
         for key, style in (("on", "-"), ("off", "--")):
             for part, marker in (("total", "o"), ("temp", "s")):
-                points = [(l, c[part]) for l, c in zip(lengths, result[key]) if isinstance(c, dict)]
+                points = [(length, c[part]) for length, c in zip(lengths, result[key])
+                          if isinstance(c, dict)]
                 if points:
                     ax.plot(*zip(*points), style, marker=marker, label=f"relayout {key}: {part}")
-            for l, c in zip(lengths, result[key]):
+            for length, c in zip(lengths, result[key]):
                 if isinstance(c, str):
-                    ax.annotate("off: n/a", (l, 0), xycoords=("data", "axes fraction"),
+                    ax.annotate("off: n/a", (length, 0), xycoords=("data", "axes fraction"),
                                 xytext=(0, 8), textcoords="offset points", ha="center",
                                 fontsize=8)
         first = result["on"][0]
@@ -261,7 +262,7 @@ def plot(results: dict, path: str) -> None:
                        color="green", alpha=0.12, label="level 0 total +-15%")
         ax.set_xscale("log", base=2)
         ax.set_xticks(lengths)
-        ax.set_xticklabels([str(l) for l in lengths])
+        ax.set_xticklabels([str(length) for length in lengths])
         ax.set_xlabel("level length (tokens; batch halves as the length doubles)")
         ax.set_ylabel("per-device MiB")
         ax.set_ylim(bottom=0)
@@ -299,7 +300,7 @@ def main(argv=None) -> None:
         plot(results, args.png)
         print(f"\nwrote {args.png}")
     print(f"measured in {time.time() - start:.0f}s")
-    print("verdict: " + "; ".join(verdict(l, r) for l, r in results.items()))
+    print("verdict: " + "; ".join(verdict(l_max, result) for l_max, result in results.items()))
 
 
 if __name__ == "__main__":

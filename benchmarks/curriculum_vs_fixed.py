@@ -73,7 +73,7 @@ def launch(name: str, workdir: str, steps: int | None, lengths: str, extra: list
 
 
 def _by_length(evaluation: dict, key: str = "perplexity") -> dict[int, float]:
-    return {int(l): float(v) for l, v in zip(evaluation.get("lengths", []),
+    return {int(length): float(v) for length, v in zip(evaluation.get("lengths", []),
                                             evaluation.get(key, []))}
 
 
@@ -82,16 +82,18 @@ def _cell(value) -> str:
 
 
 def summary(lengths, fixed: dict, curriculum: dict, l_max: int) -> str:
-    both = [(l, fixed[l], curriculum[l]) for l in lengths if l in fixed and l in curriculum]
+    both = [(length, fixed[length], curriculum[length]) for length in lengths
+            if length in fixed and length in curriculum]
     if not both:
         return "no length was evaluated by both runs"
-    better = [l for l, f, c in both if c < f]
+    better = [length for length, f, c in both if c < f]
     parts = [f"curriculum perplexity lower than fixed at {len(better)} of {len(both)} lengths"
              + (f" ({', '.join(map(str, better))})" if better else ""),
-             "curriculum / fixed: " + ", ".join(f"{l}: {c / f:.3f}" for l, f, c in both)]
-    for l, f, c in both:
-        if l == l_max or l == max(lengths):
-            parts.append(f"at {l} ({l // l_max}x l_max): fixed {f:.3f} vs curriculum {c:.3f} "
+             "curriculum / fixed: " + ", ".join(f"{length}: {c / f:.3f}" for length, f, c in both)]
+    for length, f, c in both:
+        if length == l_max or length == max(lengths):
+            parts.append(f"at {length} ({length // l_max}x l_max): fixed {f:.3f} vs "
+                         f"curriculum {c:.3f} "
                          f"(loss {math.log(f):.4f} vs {math.log(c):.4f} nats, "
                          f"{'curriculum' if c < f else 'fixed'} lower by "
                          f"{abs(math.log(f) - math.log(c)):.4f})")
@@ -143,8 +145,9 @@ def main(argv=None) -> None:
     print(format_table(
         ["run", "levels in metrics.jsonl (length x rows, mesh)", "eval mesh", "steps", "tokens",
          "final train loss", "wall time"],
-        [[name, ", ".join(f"{l} x {b} ({m})" for l, b, m in r["levels"]), r["levels"][-1][2],
-          r["steps"], f"{r['tokens']:,}", f"{r['final_loss']:.4f}", f"{r['wall_s']:.0f}s"]
+        [[name, ", ".join(f"{length} x {b} ({m})" for length, b, m in r["levels"]),
+          r["levels"][-1][2], r["steps"], f"{r['tokens']:,}", f"{r['final_loss']:.4f}",
+          f"{r['wall_s']:.0f}s"]
          for name, r in results.items()]))
     same = fixed["tokens"] == curriculum["tokens"]
     print(f"tokens: fixed {fixed['tokens']:,}, curriculum {curriculum['tokens']:,}: "

@@ -16,22 +16,22 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import time  # noqa: E402
+import argparse
+import dataclasses
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+from flax import nnx
 
-from benchmarks.common import MIB, int_list, memory  # noqa: E402
-from configs import tiny  # noqa: E402
-from evaluation import generate as generate_lib  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from model.transformer import ModelConfig, Transformer  # noqa: E402
-from parallel import mesh as mesh_lib  # noqa: E402
-from parallel.ring_attention import make_ring_attention  # noqa: E402
-from util.errors import error_line  # noqa: E402
+from benchmarks.common import MIB, int_list, memory
+from configs import tiny
+from evaluation import generate as generate_lib
+from evaluation.tables import format_table
+from model.transformer import ModelConfig, Transformer
+from parallel import mesh as mesh_lib
+from parallel.ring_attention import make_ring_attention
+from util.errors import error_line
 
 
 def generation_memory(cfg: ModelConfig, prompt_len: int, new_tokens: int, seq: int) -> dict:

@@ -67,7 +67,7 @@ def kernel_rows(lengths, heads, repeats, implementation):
                 seconds = median_seconds(grad, (q, k, v), repeats)
                 rows.append([length, kernel, f"{seconds * 1e3:.1f}",
                              f"{attention_flops(length, hq, d) / seconds / 1e12:.1f}"])
-            except Exception as error:                   # e.g. a shape cuDNN refuses
+            except Exception as error:  # noqa: BLE001 - e.g. a shape cuDNN refuses
                 rows.append([length, kernel, "-", f"failed: {first_line(str(error), 80)}"])
     return rows
 

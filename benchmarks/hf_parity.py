@@ -73,7 +73,8 @@ def main(argv=None):
     print(f"{args.workdir} (Boundless) vs {args.hf_dir} (transformers), float32, 2 held-out "
           "documents per length")
     print(format_table(["length", "max logit difference / max logit", "same argmax"],
-                       [[length, f"{error:.1e}", f"{agree:.4f}"] for length, error, agree in results]))
+                       [[length, f"{error:.1e}", f"{agree:.4f}"]
+                        for length, error, agree in results]))
 
 
 if __name__ == "__main__":

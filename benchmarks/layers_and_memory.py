@@ -21,22 +21,22 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from benchmarks.common import MIB  # noqa: E402
-from model.remat import REMAT_POLICIES  # noqa: E402
-from configs import tiny  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from parallel import mesh as mesh_lib  # noqa: E402
-from train import plan as plan_lib  # noqa: E402
-from train.state import abstract_state, build_run, init_state  # noqa: E402
-from train.step import make_train_step  # noqa: E402
+from benchmarks.common import MIB
+from model.remat import REMAT_POLICIES
+from configs import tiny
+from evaluation.tables import format_table
+from parallel import mesh as mesh_lib
+from train import plan as plan_lib
+from train.state import abstract_state, build_run, init_state
+from train.step import make_train_step
 
 
 def one_device_config(**model):
@@ -68,7 +68,8 @@ def compiled_step(config, length: int, concrete: bool = False, rows: int = 1):
     config.eval.lengths = (length,)
     run = build_run(config, devices=jax.devices()[:1])
     state = init_state(run, 0) if concrete else abstract_state(run)
-    batch = real_batch(run, rows, length) if concrete else plan_lib.abstract_batch(run, rows, length)
+    batch = (real_batch(run, rows, length) if concrete
+             else plan_lib.abstract_batch(run, rows, length))
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
         compiled = make_train_step(run, 1).lower(state, batch, jnp.float32(1e-3)).compile()
@@ -83,7 +84,8 @@ def compile_table(repeats: int) -> str:
             times = []
             for _ in range(repeats):
                 jax.clear_caches()
-                _, seconds, _ = compiled_step(one_device_config(n_layers=layers, scan_layers=scan), 256)
+                config = one_device_config(n_layers=layers, scan_layers=scan)
+                _, seconds, _ = compiled_step(config, 256)
                 times.append(seconds)
             median = statistics.median(times)
             base.setdefault(scan, median)

@@ -57,8 +57,10 @@ def main(argv=None):
     learned_dir = os.path.abspath(args.learned or os.path.join(out, "tiny_learned"))
     with open(os.path.join(base, "config.json")) as f:
         l_max = json.load(f)["curriculum"]["l_max"]
-    lengths = "(" + ",".join(str(l_max * 2 ** k // 2) for k in range(5)) + ")"   # l_max/2 .. 8 l_max
-    evaluation = [f"--config.eval.lengths={lengths}", f"--config.eval.max_batches={args.max_batches}",
+    # l_max/2 .. 8 l_max
+    lengths = "(" + ",".join(str(l_max * 2 ** k // 2) for k in range(5)) + ")"
+    evaluation = [f"--config.eval.lengths={lengths}",
+                  f"--config.eval.max_batches={args.max_batches}",
                   "--config.eval.sliding_max_windows=16"]
     f = args.factor
     scalings = {"none": '"none"',
@@ -77,7 +79,8 @@ def main(argv=None):
     tiny_batch = 16
     main_py("--workdir", finetune, f"--config.train.init_from={base}",
             f"--config.curriculum.l_max={f * l_max}", f"--config.model.rope.scaling={linear}",
-            f"--config.train.batch_size={tiny_batch // f}", f"--config.train.steps={args.finetune_steps}",
+            f"--config.train.batch_size={tiny_batch // f}",
+            f"--config.train.steps={args.finetune_steps}",
             "--config.train.learning_rate=2e-4", "--config.train.warmup_fraction=0.05",
             "--config.checkpoint.every_steps=1000", "--config.eval.name=pi", *evaluation)
 

@@ -19,19 +19,19 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import argparse
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.common import (int_list, memory, pyplot, save_figure,  # noqa: E402
+from benchmarks.common import (int_list, memory, pyplot, save_figure,
                                train_step_memory)
-from evaluation.tables import format_table  # noqa: E402
-from parallel.mesh import make_mesh  # noqa: E402
-from parallel.ring_attention import ring_attention  # noqa: E402
-from util.errors import error_line  # noqa: E402
+from evaluation.tables import format_table
+from parallel.mesh import make_mesh
+from parallel.ring_attention import ring_attention
+from util.errors import error_line
 
 ATTENTION_TARGET_LENGTH, TARGET_SEQ = 32768, 8
 ATTENTION_LIMIT_MIB, ATTENTION_AIM_MIB = 64.0, 48.0
@@ -93,7 +93,7 @@ def print_table(title: str, cells, lengths, seqs, key: str, with_temp: bool = Fa
                         for length in lengths]))
     notes = sorted({str(c) for c in cells.values() if isinstance(c, Skipped)})
     for note in notes:
-        cells_with = [f"T={l} seq={s}" for (l, s), c in cells.items() if str(c) == note]
+        cells_with = [f"T={length} seq={s}" for (length, s), c in cells.items() if str(c) == note]
         print(f"  {', '.join(cells_with)}: {note}")
 
 
@@ -101,10 +101,12 @@ def longest_fitting(cells, lengths, seq: int, budget: float):
     """(longest measured length whose total fits the budget or None, open): open is True
     when no measured longer length was seen to exceed the budget, i.e. the true limit may
     lie beyond the grid or in its unmeasured cells (memory grows with length)."""
-    measured = [(l, cells[l, seq]["total"]) for l in lengths if isinstance(cells[l, seq], dict)]
-    fitting = [l for l, total in measured if total <= budget]
+    measured = [(length, cells[length, seq]["total"]) for length in lengths
+                if isinstance(cells[length, seq], dict)]
+    fitting = [length for length, total in measured if total <= budget]
     best = max(fitting) if fitting else None
-    over = [l for l, total in measured if total > budget and (best is None or l > best)]
+    over = [length for length, total in measured
+            if total > budget and (best is None or length > best)]
     return best, not over
 
 
@@ -118,14 +120,15 @@ def plot(attention_cells, step_cells, lengths, seqs, budget, path: str) -> None:
                f"target < {ATTENTION_LIMIT_MIB:.0f} MiB at T=32k, seq=8")]
     for ax, cells, key, title, ylabel, line, line_label in panels:
         for seq in seqs:
-            points = [(l, cells[l, seq][key]) for l in lengths if isinstance(cells[l, seq], dict)]
+            points = [(length, cells[length, seq][key]) for length in lengths
+                      if isinstance(cells[length, seq], dict)]
             if points:
                 ax.plot(*zip(*points), marker="o", label=f"seq={seq}")
         ax.axhline(line, color="k", linestyle="--", linewidth=1, label=line_label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(lengths)
-        ax.set_xticklabels([f"{l // 1024}k" for l in lengths])
+        ax.set_xticklabels([f"{length // 1024}k" for length in lengths])
         ax.set_xlabel("sequence length T (tokens)")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -173,20 +176,22 @@ def main(argv=None) -> None:
             t = cell["temp"]
             verdicts.append(
                 f"attention T={ATTENTION_TARGET_LENGTH} seq={TARGET_SEQ}: temp "
-                f"{t:.1f} MiB, < {ATTENTION_LIMIT_MIB:.0f}: {'yes' if t < ATTENTION_LIMIT_MIB else 'no'}"
+                f"{t:.1f} MiB, < {ATTENTION_LIMIT_MIB:.0f}: "
+                f"{'yes' if t < ATTENTION_LIMIT_MIB else 'no'}"
                 f", < {ATTENTION_AIM_MIB:.0f} (aim): {'yes' if t < ATTENTION_AIM_MIB else 'no'}")
         else:
             verdicts.append(f"attention T={ATTENTION_TARGET_LENGTH} seq={TARGET_SEQ}: "
                             f"not measured ({cell if cell is not None else 'not in the grid'})")
 
     if "step" in parts:
-        step_cells = measure_grid("train step", lambda l, s: train_step_memory("ring", l, s),
+        step_cells = measure_grid("train step",
+                                  lambda length, s: train_step_memory("ring", length, s),
                                   lengths, seqs, args.max_compile_seconds)
         print_table("full train step, configs/tiny.py, ring, batch 1: per-device total MiB "
                     "(temp MiB); total = temp + arguments + outputs",
                     step_cells, lengths, seqs, "total", with_temp=True)
         for seq in seqs:
-            measured = [c for (l, s), c in step_cells.items() if s == seq and isinstance(c, dict)]
+            measured = [c for (_, s), c in step_cells.items() if s == seq and isinstance(c, dict)]
             if measured:
                 print(f"  seq={seq}: arguments {measured[-1]['argument']:.1f} MiB, outputs "
                       f"{measured[-1]['output']:.1f} MiB (of which aliased to donated "
@@ -223,7 +228,7 @@ def main(argv=None) -> None:
                                 f"{hi or 'no length'} of the grid: ratio undefined")
 
     if args.png and (attention_cells is not None or step_cells is not None):
-        empty = {(l, s): "-" for l in lengths for s in seqs}
+        empty = {(length, s): "-" for length in lengths for s in seqs}
         plot(attention_cells or empty, step_cells or empty, lengths, seqs, budget, args.png)
         print(f"\nwrote {args.png}")
     print(f"measured in {time.time() - start:.0f}s")

@@ -22,21 +22,21 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import argparse
+import statistics
+import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.common import MIB, int_list  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from parallel.collectives import (closed_form_bytes, collective_bytes,  # noqa: E402
+from benchmarks.common import MIB, int_list
+from evaluation.tables import format_table
+from parallel.collectives import (closed_form_bytes, collective_bytes,
                                   transfer_seconds)
-from parallel.mesh import make_mesh  # noqa: E402
-from parallel.sequence_parallel import sequence_attention  # noqa: E402
+from parallel.mesh import make_mesh
+from parallel.sequence_parallel import sequence_attention
 
 MODELS = {"Llama-2-7B": (32, 32, 128), "Llama-3-8B": (32, 8, 128)}
 STRATEGIES = (("ring", None), ("ulysses", None), ("allgather", None), ("hybrid", 4))

@@ -15,17 +15,17 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import argparse  # noqa: E402
+import argparse
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from benchmarks.common import int_list  # noqa: E402
-from evaluation.tables import format_table  # noqa: E402
-from model.blockwise import blockwise_tiles  # noqa: E402
-from parallel.layout import apply_layout  # noqa: E402
-from parallel.mesh import make_mesh  # noqa: E402
-from parallel.ring_attention import ring_work  # noqa: E402
+from benchmarks.common import int_list
+from evaluation.tables import format_table
+from model.blockwise import blockwise_tiles
+from parallel.layout import apply_layout
+from parallel.mesh import make_mesh
+from parallel.ring_attention import ring_work
 
 BLOCK = 256
 

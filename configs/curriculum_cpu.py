@@ -1,6 +1,7 @@
-"""The length curriculum on 8 simulated CPU devices, in minutes on 2 cores.
+r"""The length curriculum on 8 simulated CPU devices, in minutes on 2 cores.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python main.py --config configs/curriculum_cpu.py
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python main.py --config configs/curriculum_cpu.py
 
 4 levels: 64 tokens x 32 rows (data 8) -> 128 x 16 (data 4 x seq 2) -> 256 x 8 (data 2 x
 seq 4) -> 512 x 4 (seq 8): 50% / 25% / 12.5% / 12.5% of the steps, the same 2048 tokens

@@ -93,7 +93,7 @@ class TokenFile:
     def __del__(self):
         try:
             _close(self._key)
-        except Exception:     # interpreter shutdown: the module may be half gone
+        except Exception:  # noqa: BLE001 - at interpreter shutdown the module may be half gone
             pass
 
 

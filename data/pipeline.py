@@ -3,8 +3,8 @@
 data.source "stdlib" / "text" / "jsonl" / "parquet" are read and tokenized when the run
 starts and held in memory (the embedded default needs no set-up); data.source = "prepared"
 with data.path = a directory made by `--mode prepare` is read from disk a slice at a time
-(data/corpus.py TokenFile), so host memory and start-up do not grow with the corpus. Either way the rows come from
-data/stream.py's TrainStream, in the row format:
+(data/corpus.py TokenFile), so host memory and start-up do not grow with the corpus. Either
+way the rows come from data/stream.py's TrainStream, in the row format:
   tokens, targets, positions (from 0 in each segment), segment_ids (1, 2, ... per segment,
   0 on padding) int32 [length]; loss_mask float32 (0 on padding, else the target's loss
   weight: 1, or data.retrieval_answer_weight on a synthetic document's answer).

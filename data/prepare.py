@@ -267,7 +267,8 @@ def open_prepared(path: str, split: str, tokenizer_spec: str) -> Corpus:
         if (starts.shape != (counts["documents"] + 1,) or starts[0] != 0
                 or starts[-1] != counts["tokens"] or np.any(np.diff(starts) < 0)):
             raise ValueError(f"{starts_file}: corrupt: its document table does not match the "
-                             f"manifest ({counts['documents']} documents, {counts['tokens']} tokens)")
+                             f"manifest ({counts['documents']} documents, "
+                             f"{counts['tokens']} tokens)")
         tokens = (TokenFile(tokens_file, dtype, counts["tokens"]) if expected
                   else np.zeros(0, dtype))
         shards.append(Shard(tokens, starts.astype(np.int64, copy=False), tokens_file))

@@ -124,6 +124,8 @@ def make_tokenizer(spec: str) -> Tokenizer:
     if spec.endswith(".model") or spec.endswith(".json"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"data.tokenizer: no tokenizer file {spec!r}")
-        return SentencePieceTokenizer(spec) if spec.endswith(".model") else HuggingFaceTokenizer(spec)
+        if spec.endswith(".model"):
+            return SentencePieceTokenizer(spec)
+        return HuggingFaceTokenizer(spec)
     raise ValueError(f"data.tokenizer {spec!r}: expected 'bytes', a SentencePiece '.model' "
                      "file or a Hugging Face tokenizer '.json' file")

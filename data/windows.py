@@ -107,7 +107,10 @@ def sliding_windows(documents, length: int, stride: int, max_windows: int) -> di
             row[0, :n], row[1, :n] = piece[:-1], piece[1:]
             row[2, :n] = np.arange(begin, end) >= scored_until
             row[3, :n] = 1
-            tokens.append(row[0]); targets.append(row[1]); masks.append(row[2]); segments.append(row[3])
+            tokens.append(row[0])
+            targets.append(row[1])
+            masks.append(row[2])
+            segments.append(row[3])
             scored_until = end
             if end == inputs_end or (max_windows and len(tokens) >= max_windows):
                 break

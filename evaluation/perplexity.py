@@ -21,7 +21,8 @@ def position_buckets(nll, loss_mask) -> dict:
         end = min(2 * start, length + 1)
         cols = slice(start - 1, end - 1)
         count = float(loss_mask[:, cols].sum())
-        starts.append(start); ends.append(end)
+        starts.append(start)
+        ends.append(end)
         losses.append(float((nll[:, cols] * loss_mask[:, cols]).sum() / max(count, 1.0)))
         counts.append(int(count))
         start *= 2

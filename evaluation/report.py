@@ -440,7 +440,10 @@ def _ruler_lines(ruler: dict | None) -> list[str]:
     if not ruler:
         return []
     tasks, lengths, matrix = ruler_matrix(ruler)
-    cell = (lambda v: "" if math.isnan(v) else f"{v:.1f}")
+
+    def cell(v):
+        return "" if math.isnan(v) else f"{v:.1f}"
+
     rows = [[t] + [cell(v) for v in matrix[i]] for i, t in enumerate(tasks)]
     rows.append(["**mean**"] + [_format_number(ruler["mean"][str(L)], 3) for L in lengths])
     effective = ruler.get("effective_length")
@@ -574,8 +577,8 @@ def summary_markdown(result: dict, retrieval: dict | None = None,
 def write_summary(eval_dir: str) -> str:
     """Read eval_dir/perplexity_by_length.json (and retrieval.json if present), write
     eval_dir/summary.md and return its markdown: run metadata; perplexity_table (one row
-    per length, not-evaluable rows with their reason); the loss-by-position bucket table when present;
-    per retrieval task its k_max and a depth x length accuracy table.
+    per length, not-evaluable rows with their reason); the loss-by-position bucket table when
+    present; per retrieval task its k_max and a depth x length accuracy table.
     ValueError if perplexity_by_length.json is missing or malformed."""
     markdown = summary_markdown(load_result(eval_dir), load_retrieval(eval_dir),
                                 load_ruler(eval_dir))
@@ -599,7 +602,8 @@ def write_plots(eval_dir: str) -> list[str]:
         plot_retrieval_heatmap(retrieval, paths[1])
     ruler = load_ruler(eval_dir)
     if ruler and ruler.get("mean"):
-        paths += [os.path.join(eval_dir, RULER_HEATMAP_PNG), os.path.join(eval_dir, RULER_CURVE_PNG)]
+        paths += [os.path.join(eval_dir, RULER_HEATMAP_PNG),
+                  os.path.join(eval_dir, RULER_CURVE_PNG)]
         _save(ruler_heatmap_figure(ruler), paths[-2])
         _save(ruler_curve_figure(ruler), paths[-1])
     return paths

@@ -27,7 +27,8 @@ _THRESHOLD_EPS = 1e-12
 
 
 def teacher_forced_batch(samples: Sequence[Sample], length: int) -> dict[str, np.ndarray]:
-    """Rows [n, length] that feed prompt + answer to a causal LM, in the training rows' format (data/packing.py).
+    """Rows [n, length] that feed prompt + answer to a causal LM, in the training rows' format
+    (data/packing.py).
 
     Every sample must have exactly `length` tokens (prompt + answer). Row i is
       tokens      = (prompt + answer)[:-1], then one pad token 0        int32
@@ -107,15 +108,18 @@ def summarise_grid(samples: Sequence[Sample], exact_match, answer_logprob, *,
         raise ValueError(f"retrieval: summarise_grid takes one task at a time, got {tasks}")
     lengths = sorted({int(s.length) for s in samples})
     depths = sorted({float(s.depth) for s in samples})
-    cells: dict[tuple[int, float], list[int]] = {(l, d): [] for l in lengths for d in depths}
+    cells: dict[tuple[int, float], list[int]] = {(length, d): [] for length in lengths
+                                                 for d in depths}
     for i, s in enumerate(samples):
         cells[(int(s.length), float(s.depth))].append(i)
     counts = {len(v) for v in cells.values()}
     if len(counts) != 1:
         raise ValueError("retrieval: summarise_grid needs the same number of samples in every "
                          f"(length, depth) cell, got counts {sorted(counts)}")
-    accuracy = [[float(exact_match[cells[(l, d)]].mean()) for d in depths] for l in lengths]
-    logprob = [[float(answer_logprob[cells[(l, d)]].mean()) for d in depths] for l in lengths]
+    accuracy = [[float(exact_match[cells[(length, d)]].mean()) for d in depths]
+                for length in lengths]
+    logprob = [[float(answer_logprob[cells[(length, d)]].mean()) for d in depths]
+               for length in lengths]
     table = np.asarray(accuracy, dtype=np.float64)    # [lengths, depths]
     length_accuracy = table.mean(axis=1)
     k_max = None

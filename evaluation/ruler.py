@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import random
 import re
 import string

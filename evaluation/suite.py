@@ -36,7 +36,7 @@ class EvalData:
     not_evaluable: dict[str, str]
     windows: dict[int, list[dict]]           # same-target batches per length
     sliding: dict[int, list[dict]]           # sliding-window batches per length
-    retrieval: dict[str, tuple[list, dict[int, list[dict]]]]  # task -> (samples, batches per length)
+    retrieval: dict[str, tuple[list, dict[int, list[dict]]]]  # task: (samples, batches per length)
     retrieval_not_evaluable: dict[str, str]
     ruler: dict | None = None                # build_ruler's samples and settings, or None
 

@@ -36,8 +36,8 @@ def chunk_count(length: int, chunk_tokens: int) -> int:
 def to_chunks(x, chunks: int):
     """[b, l, ...] -> [chunks, b, ceil(l / chunks), ...]; chunk j = tokens j, j + chunks,
     ...; a length that `chunks` does not divide is padded with zeros first."""
-    b, l = x.shape[:2]
-    per_chunk = -(-l // chunks)
+    b, length = x.shape[:2]
+    per_chunk = -(-length // chunks)
     x = pad_axis1(x, per_chunk * chunks)
     return jnp.moveaxis(x.reshape(b, per_chunk, chunks, *x.shape[2:]), 2, 0)
 

@@ -136,8 +136,8 @@ def compute_dtype(hf_dir: str) -> tuple[str, str]:
 def _architecture(hf: dict) -> str:
     found = hf.get("architectures") or []
     if len(found) != 1 or found[0] not in SUPPORTED:
-        raise ValueError(f"unsupported Hugging Face architecture {found or hf.get('model_type')!r}; "
-                         f"supported: {', '.join(SUPPORTED)}")
+        raise ValueError(f"unsupported Hugging Face architecture "
+                         f"{found or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}")
     return found[0]
 
 
@@ -599,7 +599,8 @@ class _Checkpoint(contextlib.ExitStack):
 
 def _checkpoint_dtype(hf_dir: str) -> str:
     with _Checkpoint(hf_dir) as checkpoint:
-        key = next((k for k in checkpoint.files if k.endswith(("embed_tokens.weight", "wte.weight"))),
+        key = next((k for k in checkpoint.files
+                    if k.endswith(("embed_tokens.weight", "wte.weight"))),
                    next(iter(checkpoint.files)))
         dtype = checkpoint.slice(key).get_dtype()
     if dtype not in _SAFETENSORS_DTYPES:

@@ -89,5 +89,5 @@ def check_shapes(q, k, v):
 
 def group_queries(q, kv_heads):
     """[b, l, q_heads, d] -> [b, l, kv_heads, groups, d] (a reshape, no copy of K/V)."""
-    b, l, hq, d = q.shape
-    return q.reshape(b, l, kv_heads, hq // kv_heads, d)
+    b, length, hq, d = q.shape
+    return q.reshape(b, length, kv_heads, hq // kv_heads, d)

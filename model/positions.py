@@ -70,13 +70,15 @@ def _is_real(value) -> bool:
 
 def _positive_float(rope_type: str, key: str, value) -> float:
     if not _is_real(value) or value <= 0:
-        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be a positive number, got {value!r}")
+        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be a positive number, "
+                         f"got {value!r}")
     return float(value)
 
 
 def _positive_int(rope_type: str, key: str, value) -> int:
     if not _is_real(value) or value < 1 or float(value) != int(value):
-        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be a positive integer, got {value!r}")
+        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be a positive integer, "
+                         f"got {value!r}")
     return int(value)
 
 
@@ -85,7 +87,8 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None = None) -> dict | None:
+def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None = None
+                           ) -> dict | None:
     """Validates a Hugging Face style `rope_scaling` value and fills in its defaults.
 
     Args:
@@ -123,7 +126,8 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
         scaling = scaling.to_dict()
     if not isinstance(scaling, Mapping):
         raise ValueError(
-            f"rope_scaling must be None, a dict or a JSON object string, got {type(scaling).__name__}"
+            f"rope_scaling must be None, a dict or a JSON object string, "
+            f"got {type(scaling).__name__}"
         )
     params = dict(scaling)
 
@@ -136,14 +140,16 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
     alias = params.pop("type", None)
     rope_type = params.pop("rope_type", alias)
     if rope_type is None:
-        raise ValueError(f"rope_scaling needs a 'rope_type' (one of {', '.join(ROPE_TYPES)}): {dict(scaling)}")
+        raise ValueError(f"rope_scaling needs a 'rope_type' (one of {', '.join(ROPE_TYPES)}): "
+                         f"{dict(scaling)}")
     if rope_type == "default":
         if params:
             raise ValueError(f"rope_scaling 'default' takes no parameters, got {sorted(params)}")
         return None
     if rope_type not in _PARAMETERS:
         raise ValueError(
-            f"unknown or unsupported rope_type {rope_type!r}; expected one of {', '.join(ROPE_TYPES)}"
+            f"unknown or unsupported rope_type {rope_type!r}; "
+            f"expected one of {', '.join(ROPE_TYPES)}"
         )
 
     allowed = _PARAMETERS[rope_type]
@@ -163,7 +169,8 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
     if factor is None:
         raise ValueError(f"rope_scaling {rope_type!r} needs a 'factor' (a number >= 1)")
     if not _is_real(factor) or factor < 1:
-        raise ValueError(f"rope_scaling {rope_type!r}: factor must be a number >= 1, got {factor!r}")
+        raise ValueError(f"rope_scaling {rope_type!r}: factor must be a number >= 1, "
+                         f"got {factor!r}")
     out["factor"] = float(factor)
 
     if "original_max_position_embeddings" in out:
@@ -183,11 +190,13 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
             )
         out["beta_fast"], out["beta_slow"] = beta_fast, beta_slow
         if not isinstance(out["truncate"], bool):
-            raise ValueError(f"rope_scaling 'yarn': truncate must be true or false, got {out['truncate']!r}")
+            raise ValueError(f"rope_scaling 'yarn': truncate must be true or false, "
+                             f"got {out['truncate']!r}")
         for key in ("mscale", "mscale_all_dim"):
             if out[key] is not None:
                 if not _is_real(out[key]):
-                    raise ValueError(f"rope_scaling 'yarn': {key} must be a number, got {out[key]!r}")
+                    raise ValueError(f"rope_scaling 'yarn': {key} must be a number, "
+                                     f"got {out[key]!r}")
                 out[key] = float(out[key])
         if out["attention_factor"] is None:
             # YaRN paper: 0.1 ln(s) + 1. Hugging Face (DeepSeek configs) uses the
@@ -198,7 +207,8 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
                 )
             else:
                 out["attention_factor"] = _yarn_mscale(out["factor"])
-        out["attention_factor"] = _positive_float(rope_type, "attention_factor", out["attention_factor"])
+        out["attention_factor"] = _positive_float(rope_type, "attention_factor",
+                                                  out["attention_factor"])
 
     if rope_type == "longrope":
         for key in ("short_factor", "long_factor"):
@@ -224,7 +234,8 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
         high = _positive_float(rope_type, "high_freq_factor", out["high_freq_factor"])
         if high <= low:
             raise ValueError(
-                f"rope_scaling 'llama3': high_freq_factor ({high}) must be > low_freq_factor ({low})"
+                f"rope_scaling 'llama3': high_freq_factor ({high}) must be > "
+                f"low_freq_factor ({low})"
             )
         out["low_freq_factor"], out["high_freq_factor"] = low, high
     return out
@@ -259,7 +270,8 @@ def rope_frequencies(
       (inv_freq [head_dim // 2] float64, attention_factor): angles are position * inv_freq,
       cos and sin are multiplied by attention_factor (1 except for yarn).
     """
-    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 2 or head_dim % 2:
+    if (isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 2
+            or head_dim % 2):
         raise ValueError(f"RoPE needs an even head_dim >= 2, got {head_dim!r}")
     head_dim = int(head_dim)
     if not _is_real(theta) or theta <= 1:
@@ -285,7 +297,8 @@ def rope_frequencies(
     if rope_type == "dynamic":
         # NTK-aware base change, recomputed for the current length; a no-op for L <= L0.
         if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral) or seq_len < 1:
-            raise ValueError(f"dynamic RoPE needs a static positive integer seq_len, got {seq_len!r}")
+            raise ValueError(f"dynamic RoPE needs a static positive integer seq_len, "
+                             f"got {seq_len!r}")
         if d == 2:
             raise ValueError("dynamic RoPE needs head_dim > 2 (the exponent is d / (d - 2))")
         if seq_len <= l0:
@@ -362,24 +375,28 @@ def apply_rope(x, positions, inv_freq, attention_factor: float = 1.0):
       float32 (or float64 if x is float64).
     """
     if x.ndim != 4:
-        raise ValueError(f"apply_rope expects x [batch, length, heads, head_dim], got shape {x.shape}")
+        raise ValueError(f"apply_rope expects x [batch, length, heads, head_dim], "
+                         f"got shape {x.shape}")
     head_dim = x.shape[-1]
     if head_dim % 2:
         raise ValueError(f"apply_rope needs an even head_dim, got {head_dim}")
     half = head_dim // 2
     if tuple(np.shape(inv_freq)) != (half,):
-        raise ValueError(f"inv_freq must have shape ({half},) for head_dim {head_dim}, got {np.shape(inv_freq)}")
+        raise ValueError(f"inv_freq must have shape ({half},) for head_dim {head_dim}, "
+                         f"got {np.shape(inv_freq)}")
     if np.ndim(positions) != 2:
         raise ValueError(f"positions must be [batch, length], got shape {np.shape(positions)}")
     try:
         np.broadcast_shapes(np.shape(positions), x.shape[:2])
     except ValueError:
         raise ValueError(
-            f"positions shape {np.shape(positions)} does not match x [batch, length] = {x.shape[:2]}"
+            f"positions shape {np.shape(positions)} does not match "
+            f"x [batch, length] = {x.shape[:2]}"
         ) from None
 
     compute = jnp.promote_types(x.dtype, jnp.float32)  # float32, or float64 for float64 x
-    angles = jnp.asarray(positions).astype(compute)[..., None] * jnp.asarray(inv_freq, compute)  # [b, l, h]
+    # [b, l, h]
+    angles = jnp.asarray(positions).astype(compute)[..., None] * jnp.asarray(inv_freq, compute)
     cos = (jnp.cos(angles) * attention_factor)[:, :, None, :]  # [b, l, 1, d/2]
     sin = (jnp.sin(angles) * attention_factor)[:, :, None, :]  # [b, l, 1, d/2]
     xf = x.astype(compute)

@@ -118,7 +118,8 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ValueError (one clear line) for a configuration that cannot be built."""
         if self.position not in POSITION_KINDS:
-            raise ValueError(f"model.position must be one of {POSITION_KINDS}, got {self.position!r}")
+            raise ValueError(f"model.position must be one of {POSITION_KINDS}, "
+                             f"got {self.position!r}")
         if self.q_heads % self.kv_heads:
             raise ValueError(f"model.q_heads ({self.q_heads}) must be a multiple of "
                              f"model.kv_heads ({self.kv_heads})")

@@ -168,7 +168,9 @@ def weight_gathers(param_shardings):
     in the backward pass the transposed constraint reduce-scatters each layer's gradients.
     """
     compute = compute_shardings(param_shardings)
-    is_sharding = lambda x: isinstance(x, NamedSharding)
+
+    def is_sharding(x):
+        return isinstance(x, NamedSharding)
 
     def gather_outer(params):
         def constrain(path, leaf, sharding):

@@ -1,12 +1,12 @@
 """A KV cache split over the `seq` axis of a mesh, and decoding attention over it.
 
 The cache (model/kv_cache.py) is [n_layers, batch, max_len, kv_heads, head_dim] with its
-slots split into contiguous parts over `seq` (device i holds slots [i * max_len / n, (i + 1) * max_len / n)),
-rows over data/fsdp and heads over `tensor`, as a prefill with ring attention leaves
-them. A decoding step's new tokens are small and replicated over `seq`: every device
-writes those that fall into its part, attends to its own slots (the blockwise kernel's
-partial attention, float32) and the parts merge by log-sum-exp across the axis, so no
-device ever holds the whole cache.
+slots split into contiguous parts over `seq` (device i holds slots
+[i * max_len / n, (i + 1) * max_len / n)), rows over data/fsdp and heads over `tensor`, as a
+prefill with ring attention leaves them. A decoding step's new tokens are small and
+replicated over `seq`: every device writes those that fall into its part, attends to its own
+slots (the blockwise kernel's partial attention, float32) and the parts merge by log-sum-exp
+across the axis, so no device ever holds the whole cache.
 """
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def sharded_cached_attention(mesh: Mesh, axis_name: str = "seq"):
     for a cache laid out by `cache_sharding(mesh)`: (q, k, v, cache, layer) ->
     (out [b, t, hq, d], the cache with the new keys/values in layer `layer`). Slot j holds
     position j; the new tokens take slots cache.length .. + t - 1 and each attends to the
-    slots up to its own (with `window=w`, the last w of them). One function object per mesh (cached), so jitted callers that
-    take it as a static argument reuse their compilation."""
+    slots up to its own (with `window=w`, the last w of them). One function object per mesh
+    (cached), so jitted callers that take it as a static argument reuse their compilation."""
     cache_spec, new_spec = cache_sharding(mesh, axis_name).spec, heads_spec(mesh)
 
     def local(q, k, v, cache_k, cache_v, layer, start, window):

@@ -152,7 +152,8 @@ def reference_attention(q, k, v, positions=None, segment_ids=None, causal=True, 
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, length, hq, d = q.shape
     hk = k.shape[2]
-    pos = np.broadcast_to(np.arange(length), (b, length)) if positions is None else np.asarray(positions)
+    pos = (np.broadcast_to(np.arange(length), (b, length)) if positions is None
+           else np.asarray(positions))
     seg = np.zeros((b, length), int) if segment_ids is None else np.asarray(segment_ids)
     k = np.repeat(k, hq // hk, axis=2)                     # query head h reads kv head h // g
     v = np.repeat(v, hq // hk, axis=2)
@@ -181,7 +182,8 @@ def reference_grads(q, k, v, weights, **options):
     g = hq // hk
     positions, segment_ids = options.get("positions"), options.get("segment_ids")
     causal, window = options.get("causal", True), options.get("window")
-    pos = np.broadcast_to(np.arange(length), (b, length)) if positions is None else np.asarray(positions)
+    pos = (np.broadcast_to(np.arange(length), (b, length)) if positions is None
+           else np.asarray(positions))
     seg = np.zeros((b, length), int) if segment_ids is None else np.asarray(segment_ids)
     kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     scale = 1 / np.sqrt(d)
@@ -204,12 +206,16 @@ def reference_grads(q, k, v, weights, **options):
     ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * scale
     dq = np.einsum("bhqk,bkhd->bqhd", ds, kr)
     dk = np.einsum("bhqk,bqhd->bkhd", ds, q)
-    fold = lambda x: x.reshape(b, length, hk, g, d).sum(axis=3)   # sum over a group's heads
+
+    def fold(x):                     # sum over a group's heads
+        return x.reshape(b, length, hk, g, d).sum(axis=3)
+
     return dq, fold(dk), fold(dv)
 
 
 def relative_error(a, b):
-    return float(jnp.linalg.norm((a - b).astype(jnp.float32)) / jnp.linalg.norm(a.astype(jnp.float32)))
+    return float(jnp.linalg.norm((a - b).astype(jnp.float32))
+                 / jnp.linalg.norm(a.astype(jnp.float32)))
 
 
 # ------------------------------------------------------------------ markdown tables
@@ -252,3 +258,4 @@ def plan_table(text):
     assert lines[start + 1].strip().startswith("| level"), lines[start + 1]  # right below
     assert lines[start + 3 + len(rows)].startswith("total: "), lines[start + 3 + len(rows)]
     return [dict(zip(header, row)) for row in rows]
+

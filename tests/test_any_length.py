@@ -37,7 +37,10 @@ def check_against_reference(attention, length, *, causal, seed, batch=2, window=
     options = dict(positions=positions, segment_ids=segments, causal=causal, window=window)
     expected = reference_attention(q, k, v, **{**options})
     expected_grads = reference_grads(q, k, v, weights, **options)
-    run = lambda q, k, v: attention(q, k, v, positions, segments)
+
+    def run(q, k, v):
+        return attention(q, k, v, positions, segments)
+
     out = jax.jit(run)(q, k, v)
     grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(run(q, k, v) * weights),
                              argnums=(0, 1, 2)))(q, k, v)
@@ -92,8 +95,10 @@ FAST, SLOW = [1, 7, 255, 257], [333, 1000]
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("length", FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
 def test_blockwise_equals_the_reference_at_any_length(length, causal):
-    blockwise = lambda q, k, v, p, s: blockwise_attention(
-        q, k, v, positions=p, segment_ids=s, causal=causal, block_q=64, block_k=32)
+    def blockwise(q, k, v, p, s):
+        return blockwise_attention(q, k, v, positions=p, segment_ids=s, causal=causal,
+                                   block_q=64, block_k=32)
+
     check_against_reference(blockwise, length, causal=causal, seed=length + causal)
 
 
@@ -117,8 +122,11 @@ def ring_mesh(seq=8):
                                     pytest.param(1000, marks=pytest.mark.slow)])
 def test_ring_of_8_equals_the_reference_at_any_length(length, causal):
     mesh = ring_mesh()
-    ring = lambda q, k, v, p, s: ring_attention(
-        q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=causal, block_q=16, block_k=16)
+
+    def ring(q, k, v, p, s):
+        return ring_attention(q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=causal,
+                              block_q=16, block_k=16)
+
     check_against_reference(ring, length, causal=causal, seed=length + 10 * causal)
 
 
@@ -140,13 +148,19 @@ def test_ring_of_8_in_zigzag_layout_equals_the_reference_at_333():
 
 def test_a_ring_with_more_devices_than_tokens_still_works():
     mesh = ring_mesh()
-    ring = lambda q, k, v, p, s: ring_attention(
-        q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=True, block_q=16, block_k=16)
+
+    def ring(q, k, v, p, s):
+        return ring_attention(q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=True,
+                              block_q=16, block_k=16)
+
     check_against_reference(ring, 3, causal=True, seed=3, packed=False)
 
 
 def test_a_ring_of_4_with_a_data_axis_and_gqa_takes_an_odd_length():
     mesh = make_mesh(dict(data=2, fsdp=1, seq=4, tensor=1), jax.devices())
-    ring = lambda q, k, v, p, s: ring_attention(
-        q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=True, block_q=8, block_k=8)
+
+    def ring(q, k, v, p, s):
+        return ring_attention(q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=True,
+                              block_q=8, block_k=8)
+
     check_against_reference(ring, 57, causal=True, seed=57, batch=4)

@@ -15,7 +15,10 @@ def blockwise_small_blocks(q, k, v, **kw):
 
 def outputs_and_grads(fn, q, k, v, **kw):
     weights = jax.random.normal(jax.random.key(99), q.shape, jnp.float32)
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * weights)
+
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v, **kw).astype(jnp.float32) * weights)
+
     return fn(q, k, v, **kw), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
 
@@ -39,7 +42,8 @@ def test_blockwise_matches_dense_forward_and_gradients(causal, packed, q_heads, 
 def test_blockwise_bfloat16_inputs_stay_close_to_float32_reference():
     q, k, v = random_qkv(3)
     ref = dot_product_attention(q, k, v)
-    out = blockwise_small_blocks(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+    out = blockwise_small_blocks(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                                 v.astype(jnp.bfloat16))
     assert out.dtype == jnp.bfloat16
     assert relative_error(ref, out) <= 1e-2
 
@@ -60,7 +64,8 @@ def test_query_rows_that_see_no_key_give_zeros_not_nan():
     q_pos = jnp.zeros((1, 16), jnp.int32)
     k_pos = jnp.arange(1, 17, dtype=jnp.int32)[None]          # every key after every query
     seg = jnp.zeros((1, 16), jnp.int32)
-    out, lse, tiles = blockwise_forward(q, k, v, q_pos, k_pos, seg, seg, causal=True, block_q=8, block_k=8)
+    out, lse, tiles = blockwise_forward(q, k, v, q_pos, k_pos, seg, seg, causal=True, block_q=8,
+                                        block_k=8)
     assert not jnp.isnan(out).any()
     assert jnp.all(out == 0)
     assert jnp.all(jnp.isneginf(lse))
@@ -96,7 +101,10 @@ def test_gqa_never_repeats_kv_heads_forward_or_backward():
     """With 4 query heads sharing 1 K/V head and key blocks of 8, no value shaped like a
     key block expanded to 4 heads ([.., 8, 4, 16]) is ever computed."""
     q, k, v = random_qkv(7, batch=1, length=64, q_heads=4, kv_heads=1, head_dim=16)
-    fn = lambda q, k, v: blockwise_attention(q, k, v, block_q=32, block_k=8).sum()
+
+    def fn(q, k, v):
+        return blockwise_attention(q, k, v, block_q=32, block_k=8).sum()
+
     jaxpr = jax.make_jaxpr(jax.grad(fn, argnums=(0, 1, 2)))(q, k, v).jaxpr
     shapes = all_intermediate_shapes(jaxpr)
     assert any(shape[-3:] == (8, 1, 16) for shape in shapes)      # key blocks exist
@@ -113,7 +121,9 @@ def test_causal_blockwise_computes_only_tiles_on_or_below_the_diagonal():
     q, k, v = random_qkv(10, batch=1, length=64)
     pos = jnp.arange(64, dtype=jnp.int32)[None]
     seg = jnp.zeros((1, 64), jnp.int32)
-    _, _, tiles = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=True, block_q=16, block_k=16)
+    _, _, tiles = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=True, block_q=16,
+                                    block_k=16)
     assert int(tiles) == 4 * 5 // 2          # 4 x 4 tiles, lower triangle with diagonal
-    _, _, tiles = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=False, block_q=16, block_k=16)
+    _, _, tiles = blockwise_forward(q, k, v, pos, pos, seg, seg, causal=False, block_q=16,
+                                    block_k=16)
     assert int(tiles) == 16

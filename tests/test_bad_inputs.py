@@ -64,7 +64,8 @@ def text_source(path):
 
 # name -> (root of the corpora, workdir) -> (arguments, what the error line names)
 CASES = {
-    "misspelled key": lambda r, w: ([*TINY, "--config.train.stepz=3"], ["train.stepz", "train.steps"]),
+    "misspelled key": lambda r, w: ([*TINY, "--config.train.stepz=3"],
+                                    ["train.stepz", "train.steps"]),
     "wrongly typed key": lambda r, w: ([*TINY, "--config.train.steps=abc"], ["train.steps"]),
     "negative batch": lambda r, w: ([*TINY, "--config.train.batch_size=-4"], ["batch_size"]),
     "zero width": lambda r, w: ([*TINY, "--config.model.d_model=0"], ["d_model"]),
@@ -96,7 +97,8 @@ CASES = {
                                            "--config.model.attention=ulysses"],
                                           ["model.attention=ulysses", "mesh.seq = 8"]),
     "batch and devices": lambda r, w: ([*TINY, "--config.train.batch_size=12"], ["batch"]),
-    "empty corpus": lambda r, w: ([*TINY, *text_source(r / "empty" / "*.txt")], ["matches no file"]),
+    "empty corpus": lambda r, w: ([*TINY, *text_source(r / "empty" / "*.txt")],
+                                  ["matches no file"]),
     "blank corpus": lambda r, w: ([*TINY, *text_source(r / "blank" / "*.txt")],
                                   ["2 or more tokens"]),
     "missing corpus": lambda r, w: ([*TINY, *text_source(r / "none.txt")], ["none.txt"]),
@@ -106,7 +108,8 @@ CASES = {
     "corrupt tokenizer": lambda r, w: ([*TINY, f"--config.data.tokenizer={r / 'bad.json'}"],
                                        ["bad.json"]),
     "unknown mode": lambda r, w: ([*TINY, "--mode=bogus"], ["--mode"]),
-    "missing config file": lambda r, w: (["--config", "configs/nonexistent.py"], ["nonexistent.py"]),
+    "missing config file": lambda r, w: (["--config", "configs/nonexistent.py"],
+                                         ["nonexistent.py"]),
     "unwritable workdir": lambda r, w: ([*TINY, "--workdir", str(r / "bad.json" / "run")],
                                         ["not writable"]),
     "eval without a checkpoint": lambda r, w: (["--mode", "eval", "--workdir", str(w)],
@@ -159,7 +162,8 @@ def trained(tmp_path_factory):
 ])
 def test_a_command_that_contradicts_the_workdir_is_refused(trained, args, names):
     before = snapshot(trained)
-    same_data = ["--config.data.source=text", f"--config.data.path={trained.parent / 'corpus' / '*.txt'}",
+    same_data = ["--config.data.source=text",
+                 f"--config.data.path={trained.parent / 'corpus' / '*.txt'}",
                  "--config.data.validation_percent=40"]
     args = [a for arg in args for a in (same_data if arg == "SAME_DATA" else [arg])]
     assert_one_line(run(*args, "--workdir", str(trained)), *names)
@@ -173,14 +177,16 @@ def test_another_corpus_is_scored_only_under_its_own_eval_name(trained, tmp_path
     for i in range(20):
         (other / f"{i}.txt").write_text(f"another text {i} " * 50)
     score = ["--mode", "eval", "--workdir", str(trained), "--config.eval.data.source=text",
-             f"--config.eval.data.path={other / '*.txt'}", "--config.eval.data.validation_percent=100"]
+             f"--config.eval.data.path={other / '*.txt'}",
+             "--config.eval.data.validation_percent=100"]
     assert_one_line(run(*score), "eval.name")
     result = run(*score, "--config.eval.name=other")
     assert result.returncode == 0, result.stderr[-3000:]
     corpus = json.loads((trained / "eval" / "other" / "corpus.json").read_text())
     assert corpus["path"] == str(other / "*.txt")
     # the run's own results are not touched; the other corpus never lands in eval/
-    assert json.loads((trained / "eval" / "corpus.json").read_text())["path"].endswith("corpus/*.txt")
+    corpus = json.loads((trained / "eval" / "corpus.json").read_text())
+    assert corpus["path"].endswith("corpus/*.txt")
     assert_one_line(run("--mode", "eval", "--workdir", str(trained), "--config.eval.name=other"),
                     "another corpus")
 

@@ -41,7 +41,7 @@ ENTRY %main (a: f32[4,8], y: f32[4], k: s32[]) -> f32[16] {
   %rs = f32[2]{0} reduce-scatter(%y), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}, to_apply=%add
   ROOT %c = f32[16]{0} conditional(%k, %y, %y), branch_computations={%branch_a, %branch_b}
 }
-"""
+"""  # noqa: E501 - HLO instructions one per line, as XLA prints them
 
 
 def test_hand_made_hlo_counts_loops_branches_operands_and_traffic():

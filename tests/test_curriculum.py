@@ -76,8 +76,8 @@ def test_single_level_is_the_plain_run():
 
 
 # ------------------------------------------------------------------ invalid configs
-@pytest.mark.parametrize("shares", [(0.5, 0.5, 0.1, -0.1), (0.5, 0.25, 0.25), (0.5, 0.25, 0.125, 0.1),
-                                    (0.4, 0.3, 0.2, 0.0)])
+@pytest.mark.parametrize("shares", [(0.5, 0.5, 0.1, -0.1), (0.5, 0.25, 0.25),
+                                    (0.5, 0.25, 0.125, 0.1), (0.4, 0.3, 0.2, 0.0)])
 def test_bad_shares_raise(shares):
     with pytest.raises(ValueError, match="curriculum.shares"):
         make_plan(config(shares=shares), 8)
@@ -170,7 +170,8 @@ def test_relayout_leaves_rest_of_factor_on_device_when_data_runs_out():
 
 def test_relayout_false_keeps_the_mesh():
     plan = make_plan(config(batch=64, relayout=False), 8)
-    assert {lv.mesh for lv in plan.levels} == {(("data", 8), ("fsdp", 1), ("seq", 1), ("tensor", 1))}
+    assert {lv.mesh for lv in plan.levels} == {(("data", 8), ("fsdp", 1), ("seq", 1),
+                                                ("tensor", 1))}
 
 
 def test_relayout_false_raises_when_batch_no_longer_splits():

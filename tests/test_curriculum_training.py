@@ -18,8 +18,8 @@ def curriculum_config(**overrides):
 
 def resume_through(workdir, config_overrides, stops):
     for stop in stops:
-        summary = trainer.train(curriculum_config(**config_overrides, **{"train.stop_at_step": stop}),
-                                str(workdir))
+        config = curriculum_config(**config_overrides, **{"train.stop_at_step": stop})
+        summary = trainer.train(config, str(workdir))
         assert summary["step"] == stop
     trainer.train(curriculum_config(**config_overrides), str(workdir))
 
@@ -36,7 +36,8 @@ def whole_run(tmp_path_factory):
 def test_levels_train_at_growing_length_with_the_devices_moved_to_seq(whole_run):
     records = [r for r in read_metrics(whole_run) if "loss" in r]
     seen = {(r["level"], r["seq_len"], r["batch_size"], r["layout"]) for r in records}
-    assert seen == {(0, 64, 8, "data 8"), (1, 128, 4, "data 4 x seq 2"), (2, 256, 2, "data 2 x seq 4")}
+    assert seen == {(0, 64, 8, "data 8"), (1, 128, 4, "data 4 x seq 2"),
+                    (2, 256, 2, "data 2 x seq 4")}
     assert [r["level"] for r in records] == [0, 0, 0, 0, 1, 1, 2, 2]   # 50% / 25% / 25%
     assert len({r["seq_len"] * r["batch_size"] for r in records}) == 1  # same tokens every step
 

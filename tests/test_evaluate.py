@@ -144,7 +144,9 @@ def test_default_lengths_double_from_half_l_max_to_the_probed_top():
 
 
 def test_default_top_length_is_the_largest_power_of_two_that_fits():
-    fits = lambda length: True if length <= 4096 else f"{length} too big"
+    def fits(length):
+        return True if length <= 4096 else f"{length} too big"
+
     top = default_top_length(64, [10**6] * 8, rows=8, fits=fits)
     assert top.length == 4096 and "8192 too big" in top.reason
 

@@ -48,7 +48,8 @@ def hf_greedy(model, prompt):
     model.generation_config.bos_token_id = None
     model.generation_config.pad_token_id = 0    # only used to pad finished rows: none finish
     with torch.no_grad():
-        out = model.generate(torch.tensor(prompt), attention_mask=torch.ones_like(torch.tensor(prompt)),
+        out = model.generate(torch.tensor(prompt),
+                             attention_mask=torch.ones_like(torch.tensor(prompt)),
                              do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW)
     return out[:, prompt.shape[1]:].numpy()
 

@@ -152,7 +152,8 @@ def test_an_imported_tokenizer_and_its_eos_ids_serve_generate_and_go_out_with_ex
     assert (tmp_path / "w" / "tokenizer_config.json").exists()
     output = tmp_path / "generated.json"
     result = main_py("--mode", "generate", "--workdir", str(tmp_path / "w"),
-                     "--config.generate.prompt=the cat sat on the", "--config.generate.max_new_tokens=8",
+                     "--config.generate.prompt=the cat sat on the",
+                     "--config.generate.max_new_tokens=8",
                      f"--config.generate.output={output}")
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads(output.read_text())

@@ -115,7 +115,8 @@ def test_the_layers_parameters_are_stacked_with_an_unsharded_layer_axis():
         abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
         specs = nnx.get_partition_spec(nnx.state(abstract, nnx.Param))
     assert abstract.blocks.attention.wq.shape == (3, 32, 4, 8)
-    assert specs["blocks"]["attention"]["wq"].get_value() == P(None, ("fsdp", "seq"), "tensor", None)
+    assert (specs["blocks"]["attention"]["wq"].get_value()
+            == P(None, ("fsdp", "seq"), "tensor", None))
     assert specs["embedding"].get_value() == P("tensor", ("fsdp", "seq"))
 
 
@@ -205,7 +206,8 @@ def test_chunked_scores_put_every_token_back_in_its_place():
     targets = random_tokens(11)
     nll, hits = head_scores(model, hidden, targets)
     logits = model.logits(hidden)
-    expected = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    expected = (jax.nn.logsumexp(logits, -1)
+                - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
     np.testing.assert_allclose(nll, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(hits, jnp.argmax(logits, -1) == targets)
 

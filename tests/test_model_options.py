@@ -147,7 +147,10 @@ def test_attention_with_biases_matches_numpy_reference(qkv_bias, out_bias):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (2, length))
     segments = jnp.zeros((2, length), jnp.int32)
     inv_freq, factor = pos_lib.rope_frequencies(head_dim, 10000.0, None, seq_len=length)
-    rotate = lambda t, pos: pos_lib.apply_rope(t, pos, inv_freq, factor)  # noqa: E731
+
+    def rotate(t, pos):
+        return pos_lib.apply_rope(t, pos, inv_freq, factor)
+
     expected = reference_attention(x, p, rotate, positions, q_heads, kv_heads)
     out = layer(jnp.asarray(x), positions, segments, rotate)
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)

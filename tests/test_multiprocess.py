@@ -92,7 +92,8 @@ def test_export_from_two_processes_writes_the_files_of_one(tmp_path):
     files = sorted(os.listdir(tmp_path / "one"))
     assert "model.safetensors" in files and sorted(os.listdir(tmp_path / "two")) == files
     for name in files:
-        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+        assert ((tmp_path / "two" / name).read_bytes()
+                == (tmp_path / "one" / name).read_bytes()), name
 
 
 @pytest.mark.slow

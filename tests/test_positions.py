@@ -1,7 +1,8 @@
 """Tests for model/positions.py: RoPE and the Hugging Face rope_scaling variants.
 
-Expected values are written out from the formulas in the README ("Rotary positions and their scalings"), independently of
-the module's code paths; the last tests cross-check against Hugging Face `transformers`.
+Expected values are written out from the formulas in the README ("Rotary positions and their
+scalings"), independently of the module's code paths; the last tests cross-check against
+Hugging Face `transformers`.
 """
 import json
 import math
@@ -66,7 +67,8 @@ def test_dynamic_is_unchanged_up_to_original_length():
 def test_dynamic_beyond_original_length_uses_ntk_base():
     d, theta, s, l0, length = 64, 10_000.0, 2.0, 2048, 8192
     scaling = {"rope_type": "dynamic", "factor": s}
-    inv_freq, factor = rope_frequencies(d, theta, scaling, length, original_max_position_embeddings=l0)
+    inv_freq, factor = rope_frequencies(d, theta, scaling, length,
+                                        original_max_position_embeddings=l0)
     theta_new = theta * ((s * length / l0) - (s - 1)) ** (d / (d - 2))  # 10000 * 3^(32/31)
     np.testing.assert_allclose(inv_freq, _reference_inv_freq(d, theta_new), rtol=1e-12)
     assert factor == 1.0
@@ -90,7 +92,8 @@ def test_yarn_keeps_high_frequencies_interpolates_low_and_ramps_between():
     np.testing.assert_allclose(inv_freq[high:], base[high:] / s, rtol=1e-13)  # interpolated
     for i in range(low + 1, high):
         ramp = (i - low) / (high - low)
-        np.testing.assert_allclose(inv_freq[i], base[i] / s * ramp + base[i] * (1 - ramp), rtol=1e-13)
+        np.testing.assert_allclose(inv_freq[i], base[i] / s * ramp + base[i] * (1 - ramp),
+                                   rtol=1e-13)
     ratio = base / inv_freq  # grows monotonically from 1 to s across the ramp
     assert np.all(np.diff(ratio) >= -1e-12) and 1 < ratio[30] < s
 
@@ -141,11 +144,12 @@ def test_llama3_three_wavelength_regimes():
 
 
 def test_scalings_needing_original_length_use_the_fallback():
-    with_l0, _ = rope_frequencies(64, 10_000.0, dict(YARN, original_max_position_embeddings=1024), 1)
+    yarn_l0 = dict(YARN, original_max_position_embeddings=1024)
+    with_l0, _ = rope_frequencies(64, 10_000.0, yarn_l0, 1)
     fallback, _ = rope_frequencies(64, 10_000.0, {"rope_type": "yarn", "factor": 4.0}, 1, 1024)
     np.testing.assert_array_equal(with_l0, fallback)
     # A value in the dict wins over the fallback.
-    dict_wins, _ = rope_frequencies(64, 10_000.0, dict(YARN, original_max_position_embeddings=1024), 1, 99)
+    dict_wins, _ = rope_frequencies(64, 10_000.0, yarn_l0, 1, 99)
     np.testing.assert_array_equal(with_l0, dict_wins)
 
 
@@ -176,7 +180,10 @@ def test_apply_rope_preserves_norm_of_each_pair():
     positions = np.tile(np.arange(40, dtype=np.int32) * 37, (2, 1))
     inv_freq, _ = rope_frequencies(d, 10_000.0, None, 2048)
     out = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
-    pair_norm = lambda a: np.hypot(a[..., : d // 2], a[..., d // 2:])  # noqa: E731
+
+    def pair_norm(a):
+        return np.hypot(a[..., : d // 2], a[..., d // 2:])
+
     np.testing.assert_allclose(pair_norm(out), pair_norm(x), rtol=1e-5, atol=1e-6)
     assert not np.allclose(out, x, atol=1e-2)  # it did rotate
 
@@ -216,7 +223,8 @@ def test_apply_rope_reads_positions_not_indices():
     perm = rng.permutation(12)
     inv_freq, _ = rope_frequencies(d, 10_000.0, None, 100)
     out = np.asarray(apply_rope(jnp.asarray(x), jnp.asarray(positions), inv_freq))
-    out_perm = np.asarray(apply_rope(jnp.asarray(x[:, perm]), jnp.asarray(positions[:, perm]), inv_freq))
+    out_perm = np.asarray(apply_rope(jnp.asarray(x[:, perm]), jnp.asarray(positions[:, perm]),
+                                     inv_freq))
     np.testing.assert_allclose(out_perm, out[:, perm], rtol=1e-6, atol=1e-6)
 
 
@@ -227,7 +235,8 @@ def test_apply_rope_keeps_dtype_and_jits():
     positions = jnp.arange(8, dtype=jnp.int32)[None]
     out = jax.jit(lambda a, p: apply_rope(a, p, inv_freq))(x.astype(jnp.bfloat16), positions)
     assert out.dtype == jnp.bfloat16 and out.shape == x.shape
-    np.testing.assert_allclose(out.astype(jnp.float32), apply_rope(x, positions, inv_freq), atol=5e-2)
+    np.testing.assert_allclose(out.astype(jnp.float32), apply_rope(x, positions, inv_freq),
+                               atol=5e-2)
 
 
 def test_apply_rope_rejects_odd_head_dim():
@@ -246,7 +255,8 @@ def test_normalize_none_and_default_give_none():
 
 
 def test_normalize_accepts_old_type_key():
-    assert normalize_rope_scaling({"type": "linear", "factor": 2}) == {"rope_type": "linear", "factor": 2.0}
+    assert (normalize_rope_scaling({"type": "linear", "factor": 2})
+            == {"rope_type": "linear", "factor": 2.0})
 
 
 def test_normalize_accepts_json_string_and_configdict():
@@ -256,7 +266,8 @@ def test_normalize_accepts_json_string_and_configdict():
 
 
 def test_normalize_fills_defaults_and_is_idempotent():
-    out = normalize_rope_scaling({"rope_type": "yarn", "factor": 4}, original_max_position_embeddings=2048)
+    out = normalize_rope_scaling({"rope_type": "yarn", "factor": 4},
+                                 original_max_position_embeddings=2048)
     assert out == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
                    "beta_fast": 32.0, "beta_slow": 1.0, "attention_factor": 0.1 * math.log(4) + 1,
                    "mscale": None, "mscale_all_dim": None, "truncate": True}
@@ -282,7 +293,8 @@ def test_normalize_fills_defaults_and_is_idempotent():
     ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}, "model.rope.theta"),
     ({"type": "linear", "rope_type": "yarn", "factor": 2.0}, "conflicting"),
     ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1, "beta_slow": 32}, "beta_fast"),
-    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1}, "high_freq_factor"),
+    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1},
+     "high_freq_factor"),
     ('{"rope_type": "linear", factor: 2}', "not valid JSON"),
     ("[1, 2]", "must be None, a dict"),
 ])
@@ -309,9 +321,9 @@ def test_original_length_is_required_where_needed(rope_type):
 
 def _transformers():
     try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: F401
+        import torch  # noqa: F401 - only to skip where it is missing
+        import transformers
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: F401 - ditto
     except ImportError:
         pytest.skip("transformers not installed")
     import transformers
@@ -370,7 +382,8 @@ def test_inv_freq_and_attention_factor_match_hugging_face(case):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     head_dim, theta, scaling, seq_len, l0 = HF_CASES[case]
-    ours, our_factor = rope_frequencies(head_dim, theta, scaling, seq_len, original_max_position_embeddings=l0)
+    ours, our_factor = rope_frequencies(head_dim, theta, scaling, seq_len,
+                                        original_max_position_embeddings=l0)
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if rope_type == "default":
         config = _hf_config(transformers, head_dim, theta, None, l0)

@@ -65,7 +65,8 @@ def test_the_prepared_stream_equals_the_on_the_fly_stream_token_for_token(corpus
     b = make_train_stream(prepared, BYTES, lengths=[32, 64], seed=5)
     for step in range(12):
         level, length, rows = (0, 32, 8) if step < 6 else (1, 64, 4)
-        assert_batches_equal([a.next_batch(level, length, rows)], [b.next_batch(level, length, rows)])
+        assert_batches_equal([a.next_batch(level, length, rows)],
+                             [b.next_batch(level, length, rows)])
     for x, y in zip(load_corpus(corpus_config, BYTES, "validation").documents(),
                     load_corpus(prepared, BYTES, "validation").documents()):
         np.testing.assert_array_equal(x, y)
@@ -215,7 +216,8 @@ def test_main_prepare_uses_worker_processes_and_a_run_trains_from_it(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 units of jsonl" in result.stdout and "2 worker processes" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["complete"] and sorted(manifest["units"]) == ["00000", "00001", "00002", "00003"]
+    assert manifest["complete"]
+    assert sorted(manifest["units"]) == ["00000", "00001", "00002", "00003"]
     assert sum(manifest["splits"][s]["documents"] for s in ("train", "validation")) == 80
     result = subprocess.run([sys.executable, "main.py", "--config", "tests/small_config.py",
                              "--workdir", str(tmp_path / "run"), "--config.data.source=prepared",

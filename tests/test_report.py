@@ -51,8 +51,8 @@ def write_result(eval_dir, result, retrieval=None):
 
 def line(fig, gid):
     """The one Line2D of `fig`'s first axes with this gid."""
-    found = [l for l in fig.axes[0].get_lines() if l.get_gid() == gid]
-    assert len(found) == 1, [l.get_gid() for l in fig.axes[0].get_lines()]
+    found = [drawn for drawn in fig.axes[0].get_lines() if drawn.get_gid() == gid]
+    assert len(found) == 1, [drawn.get_gid() for drawn in fig.axes[0].get_lines()]
     return found[0]
 
 
@@ -148,8 +148,8 @@ def test_equal_l_max_gives_one_vertical_line():
     curves = [result_dict(name="a", l_max=64), result_dict(name="b", l_max=64),
               result_dict(name="c", l_max=128)]
     fig = report.perplexity_figure(curves)
-    gids = sorted(l.get_gid() for l in fig.axes[0].get_lines()
-                  if (l.get_gid() or "").startswith("l_max:"))
+    gids = sorted(line.get_gid() for line in fig.axes[0].get_lines()
+                  if (line.get_gid() or "").startswith("l_max:"))
     assert gids == ["l_max:128", "l_max:64"]
 
 
@@ -243,8 +243,8 @@ def test_compare_plots_every_result_on_one_axes(tmp_path):
     results = report.find_results(str(tmp_path / "a")) + report.find_results(str(tmp_path / "b"))
     fig = report.perplexity_figure(results)
     assert len(fig.axes) == 1
-    gids = sorted(l.get_gid() for l in fig.axes[0].get_lines()
-                  if l.get_gid().startswith("perplexity:"))
+    gids = sorted(line.get_gid() for line in fig.axes[0].get_lines()
+                  if line.get_gid().startswith("perplexity:"))
     assert gids == ["perplexity:a", "perplexity:b", "perplexity:x4"]
 
 

@@ -277,9 +277,9 @@ def test_score_answers_by_hand():
 
 def fake_grid(lengths, depths, per_cell, task="passkey"):
     one = np.zeros(1, np.int32)
-    return [retrieval_tasks.Sample(prompt=one, answer=one, task=task, length=l, depth=d,
+    return [retrieval_tasks.Sample(prompt=one, answer=one, task=task, length=length, depth=d,
                                    needle_start=0, needle_length=1, question_start=0, seed=0)
-            for l in lengths for d in depths for _ in range(per_cell)]
+            for length in lengths for d in depths for _ in range(per_cell)]
 
 
 def scores_for(samples, accuracy_by_length):

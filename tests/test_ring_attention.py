@@ -36,18 +36,26 @@ def compare_with_dense(mesh, *, seed, batch=2, length=128, q_heads=4, kv_heads=1
         zq, zk, zv, zp, zs, zw = q, k, v, positions, segments, weights
 
     def loss(fn, q, k, v, p, s, w):
-        return jnp.sum(fn(q, k, v, positions=p, segment_ids=s, causal=causal).astype(jnp.float32) * w)
+        out = fn(q, k, v, positions=p, segment_ids=s, causal=causal)
+        return jnp.sum(out.astype(jnp.float32) * w)
 
-    ring = lambda q, k, v, **kw: ring_attention(q, k, v, mesh=mesh, block_q=8, block_k=8, **kw)
-    ref_out = dot_product_attention(q, k, v, positions=positions, segment_ids=segments, causal=causal)
-    ref_grads = jax.grad(loss, argnums=(1, 2, 3))(dot_product_attention, q, k, v, positions, segments, weights)
-    cast = lambda x: x.astype(dtype)
+    def ring(q, k, v, **kw):
+        return ring_attention(q, k, v, mesh=mesh, block_q=8, block_k=8, **kw)
+
+    def cast(x):
+        return x.astype(dtype)
+
+    ref_out = dot_product_attention(q, k, v, positions=positions, segment_ids=segments,
+                                    causal=causal)
+    ref_grads = jax.grad(loss, argnums=(1, 2, 3))(dot_product_attention, q, k, v, positions,
+                                                  segments, weights)
     out = jax.jit(lambda q, k, v: ring(q, k, v, positions=zp, segment_ids=zs, causal=causal))(
         cast(zq), cast(zk), cast(zv))
-    grads = jax.jit(jax.grad(lambda q, k, v: loss(ring, q, k, v, zp, zs, zw), argnums=(0, 1, 2)))(
-        cast(zq), cast(zk), cast(zv))
+    grads = jax.jit(jax.grad(lambda q, k, v: loss(ring, q, k, v, zp, zs, zw),
+                             argnums=(0, 1, 2)))(cast(zq), cast(zk), cast(zv))
     if layout == "zigzag" and seq > 1:  # back to the original order
-        restore = lambda x: jnp.asarray(from_zigzag({"x": np.asarray(x.astype(jnp.float32))}, seq)["x"])
+        def restore(x):
+            return jnp.asarray(from_zigzag({"x": np.asarray(x.astype(jnp.float32))}, seq)["x"])
         out, grads = restore(out), tuple(restore(g) for g in grads)
     return [relative_error(ref_out, out)] + [relative_error(r, g) for r, g in zip(ref_grads, grads)]
 
@@ -102,7 +110,8 @@ def _tiles(layout, block):
     if layout == "zigzag":
         z = to_zigzag({"q": np.asarray(q), "k": np.asarray(k), "p": positions}, 4)
         q, k, positions = jnp.asarray(z["q"]), jnp.asarray(z["k"]), z["p"]
-    return np.asarray(ring_tiles_per_device(q, k, k, mesh=seq_mesh(4), positions=jnp.asarray(positions),
+    return np.asarray(ring_tiles_per_device(q, k, k, mesh=seq_mesh(4),
+                                            positions=jnp.asarray(positions),
                                             block_q=block, block_k=block))
 
 

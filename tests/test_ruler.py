@@ -49,7 +49,8 @@ def test_niah_structure(task):
             assert f"One of the special magic {spec['value']} for {key} is: {v}." in prompt
     for a in s["answers"]:
         assert a in prompt
-    assert prompt.endswith(f" mentioned in the provided text {'is' if queries * values == 1 else 'are'}")
+    verb = "is" if queries * values == 1 else "are"
+    assert prompt.endswith(f" mentioned in the provided text {verb}")
     assert f"special magic {kind} for" in prompt
     if spec["value"] == "numbers":
         assert all(re.fullmatch(r"\d{7}", a) for a in s["answers"])

@@ -48,7 +48,8 @@ def stopped_run(tmp_path_factory):
 @pytest.mark.slow
 def test_resuming_with_another_step_budget_is_refused_with_the_key(stopped_run):
     before = (stopped_run / "config.json").read_text()
-    with pytest.raises(ValueError, match=r"^train.steps is 16 but .*--config.train.allow_schedule_change=True"):
+    with pytest.raises(ValueError, match=r"^train.steps is 16 but "
+                                         r".*--config.train.allow_schedule_change=True"):
         trainer.train(small_config(**{"train.steps": 16}), str(stopped_run))
     assert (stopped_run / "config.json").read_text() == before
 

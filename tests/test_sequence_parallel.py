@@ -4,8 +4,6 @@ meshes (8,) and data 2 x seq 4, with GQA 8 query / 2 KV heads (Ulysses over 8 de
 replicates KV), packed documents, zigzag order and lengths 512 and 333; the kernel choice
 and its fallbacks; and one line for what cannot split."""
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from parallel.layout import apply_layout, restore_layout

@@ -33,8 +33,10 @@ def ring_mesh(seq=8):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_dense_attention_with_a_window_equals_the_reference(causal):
-    dense = lambda q, k, v, p, s: dot_product_attention(
-        q, k, v, positions=p, segment_ids=s, causal=causal, sliding_window=WINDOW)
+    def dense(q, k, v, p, s):
+        return dot_product_attention(q, k, v, positions=p, segment_ids=s, causal=causal,
+                                     sliding_window=WINDOW)
+
     check_against_reference(dense, 133, causal=causal, seed=1, window=WINDOW, packed=False)
 
 
@@ -42,9 +44,10 @@ def test_dense_attention_with_a_window_equals_the_reference(causal):
 @pytest.mark.parametrize("packed", [False, True])
 def test_blockwise_attention_with_a_window_equals_the_reference_at_an_odd_length(causal,
                                                                                  packed):
-    blockwise = lambda q, k, v, p, s: blockwise_attention(
-        q, k, v, positions=p, segment_ids=s, causal=causal, sliding_window=WINDOW,
-        block_q=32, block_k=16)
+    def blockwise(q, k, v, p, s):
+        return blockwise_attention(q, k, v, positions=p, segment_ids=s, causal=causal,
+                                   sliding_window=WINDOW, block_q=32, block_k=16)
+
     check_against_reference(blockwise, 333, causal=causal, seed=2 + packed, window=WINDOW,
                             packed=packed)
 
@@ -73,9 +76,11 @@ def test_blockwise_skips_every_tile_outside_the_window():
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_ring_attention_with_a_window_equals_the_reference(layout):
     mesh = ring_mesh()
-    ring = lambda q, k, v, p, s: ring_attention(
-        q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=True, sliding_window=WINDOW,
-        layout=layout, block_q=16, block_k=16)
+
+    def ring(q, k, v, p, s):
+        return ring_attention(q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=True,
+                              sliding_window=WINDOW, layout=layout, block_q=16, block_k=16)
+
     # contiguous: the inputs are in sequence order, as the promise requires
     check_against_reference(ring, 333, causal=True, seed=5, window=WINDOW,
                             packed=layout == "zigzag")
@@ -84,9 +89,12 @@ def test_ring_attention_with_a_window_equals_the_reference(layout):
 @pytest.mark.slow
 def test_a_non_causal_ring_with_a_window_equals_the_reference():
     mesh = ring_mesh()
-    ring = lambda q, k, v, p, s: ring_attention(
-        q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=False, sliding_window=WINDOW,
-        layout="contiguous", block_q=16, block_k=16)
+
+    def ring(q, k, v, p, s):
+        return ring_attention(q, k, v, mesh=mesh, positions=p, segment_ids=s, causal=False,
+                              sliding_window=WINDOW, layout="contiguous", block_q=16,
+                              block_k=16)
+
     check_against_reference(ring, 200, causal=False, seed=6, window=WINDOW, packed=False)
 
 
@@ -116,8 +124,11 @@ def test_a_contiguous_ring_with_a_window_makes_only_the_hops_the_window_reaches(
     options = dict(mesh=mesh, causal=True, block_q=32, block_k=32)
     short = ring_work(q, k, v, sliding_window=WINDOW, layout="contiguous", **options)
     assert short["hops"] == math.ceil((WINDOW - 1) / 128) == 1 and short["hops_in_full_ring"] == 7
-    transfers = lambda **kw: count_ppermutes(jax.make_jaxpr(
-        lambda q, k, v: ring_attention(q, k, v, **options, **kw))(q, k, v).jaxpr)
+
+    def transfers(**kw):
+        return count_ppermutes(jax.make_jaxpr(
+            lambda q, k, v: ring_attention(q, k, v, **options, **kw))(q, k, v).jaxpr)
+
     # k, v, positions and segment ids travel once per hop
     assert transfers(sliding_window=WINDOW, layout="contiguous") == 4 * 1
     assert transfers(sliding_window=WINDOW) == transfers() == 4 * 7
@@ -135,9 +146,10 @@ def test_a_ring_with_a_window_skips_the_backward_hops_too():
     weights = jax.random.normal(jax.random.key(9), q.shape)
 
     def grads(layout):
-        loss = lambda q, k, v: jnp.sum(ring_attention(
-            q, k, v, mesh=mesh, sliding_window=70, layout=layout, block_q=16,
-            block_k=16) * weights)
+        def loss(q, k, v):
+            return jnp.sum(ring_attention(q, k, v, mesh=mesh, sliding_window=70, layout=layout,
+                                          block_q=16, block_k=16) * weights)
+
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
     for short, full in zip(grads("contiguous"), grads("zigzag")):

@@ -78,7 +78,10 @@ def test_optimizer_update_equals_clip_adam_decay_and_scale_chained_by_hand():
     train_config = small_config().train
     assert train_config.grad_clip_norm > 0 and train_config.weight_decay > 0
     rng = np.random.default_rng(0)
-    draw = lambda shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+
+    def draw(shape, scale=1.0):
+        return jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)
+
     params = {"blocks": {"wq": draw((8, 4)), "norm": {"scale": draw((4,))}},
               "embedding": draw((16, 4))}
     mask = weight_decay_mask(params, train_config.decay_norms_and_embeddings)
@@ -124,7 +127,8 @@ def test_gradient_accumulation_equals_the_full_batch_step():
     batch = {"tokens": rng.integers(0, 256, (8, 64)), "targets": rng.integers(0, 256, (8, 64)),
              "positions": np.tile(np.arange(64), (8, 1)),
              "segment_ids": np.ones((8, 64)), "loss_mask": (rng.random((8, 64)) > 0.2)}
-    batch = {k: np.asarray(v, np.float32 if k == "loss_mask" else np.int32) for k, v in batch.items()}
+    batch = {k: np.asarray(v, np.float32 if k == "loss_mask" else np.int32)
+             for k, v in batch.items()}
     results = []
     for accum in (1, 4):
         state = init_state(run, seed=0)
@@ -350,7 +354,10 @@ def test_init_from_starts_a_longer_run_from_trained_weights_with_a_fresh_optimiz
     fresh = small_config(**{"train.steps": 2, "curriculum.l_max": 128, "train.batch_size": 8,
                             "eval.lengths": (128,)})
     untrained = trainer.train(fresh, str(tmp_path / "fresh"))
-    first_loss = lambda d: train_losses(d)[1]
+
+    def first_loss(workdir):
+        return train_losses(workdir)[1]
+
     assert first_loss(tmp_path / "tuned") < first_loss(tmp_path / "fresh") - 0.2
     assert summary["step"] == 2 and untrained["step"] == 2
     # the parameters train.init_from loads into the longer run are exactly the base run's

@@ -241,8 +241,9 @@ def format_strategies(entries: list, intra: float, inter: float) -> str:
                      f"{s['intra_host']:.3g}", f"{s['inter_host']:.3g}",
                      f"{s['placed']:.3g}" if "placed" in s else "", kinds])
     return format_table(["strategy", "GiB per device", "GB sent per device (HLO)",
-                         "of which attention", "GB closed form (attention)", f"s at {intra:g} GB/s", f"s at {inter:g} GB/s",
-                         "s placed (hybrid)", "operands GB by collective (HLO)"], rows)
+                         "of which attention", "GB closed form (attention)",
+                         f"s at {intra:g} GB/s", f"s at {inter:g} GB/s", "s placed (hybrid)",
+                         "operands GB by collective (HLO)"], rows)
 
 
 def plan_workdir(config, workdir: str) -> dict:
@@ -293,9 +294,10 @@ def format_plan(result: dict) -> str:
     def row(name, e):
         b = e["bytes_per_device"]
         mesh = " x ".join(f"{axis} {size}" for axis, size in e["mesh"].items() if size > 1) or "1"
-        return [name, e["length"], e["batch_size"], mesh, *(f"{b[key] / GIB:.3g}" for key in
-                                                           ("arguments", "temp", "output", "total")),
-                f"{e['flops_per_step'] / 1e12:.3g}", e["tokens_per_step"], f"{e['compile_s']:.1f}"]
+        gib = [f"{b[key] / GIB:.3g}" for key in ("arguments", "temp", "output", "total")]
+        return [name, e["length"], e["batch_size"], mesh, *gib,
+                f"{e['flops_per_step'] / 1e12:.3g}", e["tokens_per_step"],
+                f"{e['compile_s']:.1f}"]
 
     rows = [row(f"level {e['level']}", e) for e in result["levels"]]
     rows.append(row("eval", result["eval"]))

@@ -228,7 +228,7 @@ def restore_intact(checkpointer, run_at, workdir: str, with_data: bool = False,
         check_same_model(meta, run, workdir)
         try:
             restored = checkpointer.restore(step, abstract_state(run), with_data=with_data)
-        except Exception as error:          # noqa: BLE001
+        except Exception as error:          # noqa: BLE001 - any restore failure means damage
             broken.append(_set_aside(checkpointer, step, error, move_broken))
             continue
         return (step, *restored)

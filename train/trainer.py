@@ -285,7 +285,7 @@ def _check_saves(checkpointer) -> None:
     """Stop at once (one line) if an asynchronous save failed."""
     try:
         checkpointer.check_for_errors()
-    except Exception as error:              # noqa: BLE001
+    except Exception as error:              # noqa: BLE001 - any cause stops the run here
         raise ValueError(f"a checkpoint save failed: {_first_line(error)}; training stopped, "
                          "earlier checkpoints are intact") from None
 
@@ -364,7 +364,8 @@ def _evaluate(config, eval_run, state, data, step: int, writer, *, workdir: str 
 
 
 def _layout_name(mesh) -> str:
-    return " x ".join(f"{axis} {size}" for axis, size in mesh.shape.items() if size > 1) or "1 device"
+    return (" x ".join(f"{axis} {size}" for axis, size in mesh.shape.items() if size > 1)
+            or "1 device")
 
 
 # ---------------------------------------------------------------------- --mode eval

@@ -89,7 +89,8 @@ def check_against_workdir(config, workdir: str, mode: str) -> None:
         raise ValueError(f"train.grad_clip_norm {config.train.grad_clip_norm} switches gradient "
                          f"clipping {'on' if config.train.grad_clip_norm > 0 else 'off'}, which "
                          f"changes the optimizer state {workdir}'s checkpoints hold (it was "
-                         f"{saved.train.grad_clip_norm}); keep it {'> 0' if saved.train.grad_clip_norm > 0 else '0'}")
+                         f"{saved.train.grad_clip_norm}); keep it "
+                         f"{'> 0' if saved.train.grad_clip_norm > 0 else '0'}")
 
 
 def _plain(value):
