@@ -203,7 +203,7 @@ def test_level_at_and_steps_done_match_schedule(order):
         assert plan.steps_done_in_level(step) == seen[k]
         seen[k] += 1
     assert seen == [lv.steps for lv in plan.levels]
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="step 64 is outside the curriculum's 64 steps"):
         plan.level_at(64)
 
 

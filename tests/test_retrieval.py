@@ -182,7 +182,9 @@ def test_too_short_length_raises_with_the_minimum(task):
     minimum = sample.needle_length + question + sample.answer.size
     fits = retrieval_tasks.make_sample(task, BYTES, length=minimum, depth=0.5, seed=8)
     assert fits.prompt.size + fits.answer.size == minimum
-    with pytest.raises(SampleTooShort) as raised:
+    message = (f"length {minimum - 1} is too short for the {task} task: needle + question + "
+               f"answer take {minimum} tokens")
+    with pytest.raises(SampleTooShort, match=re.escape(message)) as raised:
         retrieval_tasks.make_sample(task, BYTES, length=minimum - 1, depth=0.5, seed=8)
     assert raised.value.minimum == minimum
     assert isinstance(raised.value, ValueError)

@@ -175,7 +175,7 @@ def test_essay_needs_haystack_and_qa_skipped():
     assert set(skipped) == {"qa_1", "qa_2"} and "qa_path" in skipped["qa_1"]
     tasks, _ = ruler.resolve_tasks(("all",), "/some/squad.json")
     assert tasks == list(ruler.ALL_TASKS)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^unknown RULER task 'nope'; known: "):
         ruler.resolve_tasks(("nope",), None)
     samples, skipped = ruler.make_samples(["niah_single_1", "vt"], [256, 4096], 2, seed=0,
                                           count_tokens=count)
