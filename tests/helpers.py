@@ -259,3 +259,14 @@ def plan_table(text):
     assert lines[start + 3 + len(rows)].startswith("total: "), lines[start + 3 + len(rows)]
     return [dict(zip(header, row)) for row in rows]
 
+
+def assert_drawn_png(path):
+    """`path` decodes as a PNG of a real plot: over 100 x 100 pixels, RGB or RGBA, and not
+    one flat colour (something was drawn on the background)."""
+    from matplotlib import image as mpimg
+    pixels = mpimg.imread(str(path), format="png")      # float [height, width, channels]
+    assert pixels.ndim == 3, pixels.shape
+    height, width, channels = pixels.shape
+    assert height > 100 and width > 100 and channels in (3, 4), pixels.shape
+    colours = np.unique(pixels.reshape(-1, channels), axis=0)
+    assert len(colours) > 1, f"{path}: a blank image of one colour {colours[0]}"

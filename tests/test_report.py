@@ -9,7 +9,7 @@ import pytest
 from matplotlib.image import AxesImage
 
 from evaluation import report
-from tests.helpers import parse_markdown_table
+from tests.helpers import assert_drawn_png, parse_markdown_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -171,6 +171,7 @@ def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "out" / "ppl.png"
     report.plot_perplexity_by_length([result_dict()], str(path), title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_drawn_png(path)
 
 
 def test_curve_label_uses_name_or_workdir_and_scaling():
@@ -202,7 +203,29 @@ def test_write_plots_returns_both_pngs(tmp_path):
     paths = report.write_plots(eval_dir)
     assert paths == [os.path.join(eval_dir, "perplexity_by_length.png"),
                      os.path.join(eval_dir, "retrieval.png")]
-    assert all(os.path.getsize(p) > 0 for p in paths)
+    for path in paths:
+        assert_drawn_png(path)
+
+
+def test_write_plots_draws_the_curve_its_unigram_baseline_and_l_max(tmp_path, monkeypatch):
+    eval_dir = write_result(tmp_path / "eval", result_dict(name="tiny"))
+    saved = {}
+    save = report._save
+
+    def keep(fig, path):
+        saved[os.path.basename(path)] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    report.write_plots(eval_dir)
+    fig = saved["perplexity_by_length.png"]
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "context length (tokens)" and ax.get_ylabel() == "perplexity"
+    assert ax.get_title() == "Perplexity by context length: tiny (step 100)"
+    assert sorted(drawn.get_gid() for drawn in ax.get_lines()) == ["l_max:64",
+                                                                   "perplexity:tiny", "unigram"]
+    assert list(line(fig, "unigram").get_ydata()) == [30.0, 30.0, 30.0]
 
 
 # ------------------------------------------------------------------ find_results / compare
@@ -222,7 +245,7 @@ def test_compare_has_union_of_lengths_with_blanks_and_not_evaluable(tmp_path):
     out = tmp_path / "out"
     markdown = report.compare([str(tmp_path / "a"), str(tmp_path / "b")], str(out))
     assert (out / "compare.md").read_text() == markdown
-    assert (out / "compare_perplexity.png").stat().st_size > 0
+    assert_drawn_png(out / "compare_perplexity.png")
     assert table_row(markdown, "run") == ["run", "l_max", "32", "64", "128", "256"]
     assert table_row(markdown, "a") == ["a", "64", "10.000", "9.000", "", ""]
     assert table_row(markdown, "b") == ["b", "64", "", "10.000", "9.000", "n/e"]

@@ -7,6 +7,7 @@ import pytest
 
 from data.tokenizers import ByteTokenizer
 from evaluation import ruler
+from tests.helpers import assert_drawn_png
 
 TOK = ByteTokenizer()
 
@@ -260,7 +261,8 @@ def test_report_writes_ruler_plots_summary_and_compare(tmp_path):
         runs.append(str(tmp_path / name))
     paths = report.write_plots(runs[0] + "/eval")
     assert {os.path.basename(p) for p in paths} >= {"ruler_heatmap.png", "ruler_by_length.png"}
-    assert all(os.path.getsize(p) > 0 for p in paths)
+    for path in paths:
+        assert_drawn_png(path)
     summary = report.write_summary(runs[0] + "/eval")
     assert "## RULER" in summary and "Effective length: 1024" in summary
     assert re.search(r"\| niah_single_1 \|\s+100\.0 \|\s+90\.0 \|\s+\|", summary)
