@@ -15,7 +15,7 @@ train (default) resumes from the newest checkpoint in the workdir (default
 DIR/eval/; generate continues a prompt with it; eval and generate without --config take
 the run's config from DIR/config.json (with the --config.KEY overrides on top); compare
 (--workdirs A,B,C) prints their evaluations as one table, and with --workdir also writes
-it and one plot there. Multi-host flags: README, "Multi-host".
+it and one plot there. Multi-host flags: docs/parallelism.md, "Multi-host".
 """
 from __future__ import annotations
 

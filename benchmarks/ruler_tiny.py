@@ -7,8 +7,8 @@
    trained at l_max 256 on the corpus + passkey/kv/line mix);
 2. it is extended to --target with Position Interpolation (linear) and with YaRN
    (configs/extend.py, --extend_steps steps of 4 x target tokens with the same retrieval
-   mix: the README's extension recipe) into OUT/pi and OUT/yarn, unless they already hold
-   checkpoints;
+   mix: the extension recipe of benchmarks/README.md) into OUT/pi and OUT/yarn, unless
+   they already hold checkpoints;
 3. each of the three is scored on RULER's 11 download-free tasks at --lengths
    (`main.py --mode eval --config.eval.name=ruler`, greedy generation; results in
    W/eval/ruler/), and the script prints, per model, the score of every task and length,
@@ -35,7 +35,8 @@ PUBLISHED = [("Llama-3.1-8B", "95.5 / 93.8 / 91.6 / 87.4 / 84.7 / 77.0", "32K"),
              ("Mistral-7B-v0.2", "93.6 / 91.2 / 87.2 / 75.4 / 49.0 / 13.8", "16K"),
              ("LWM-1M", "82.3 / 78.4 / 73.7 / 69.1 / 68.1 / 65.0", "< 4K")]
 
-# the extension recipe of the README's "out to Hugging Face, back in, and extended"
+# the extension recipe of benchmarks/README.md, "Evidence: out to Hugging Face, back in,
+# and extended"
 RETRIEVAL_MIX = ["--config.data.retrieval_fraction=0.995",
                  "--config.data.retrieval_task_weights=(4.0,1.0,1.0)",
                  "--config.data.retrieval_answer_weight=20.0",

@@ -2,7 +2,7 @@
 
 vocab 32000, d_model 4096, MLP 11008, 32 layers, 32 query = 32 key-value heads of 128, RoPE
 theta 10,000, trained at 4096 positions, untied LM head, RMSNorm eps 1e-5. The run settings
-are those of the README's memory table: bf16 compute over float32 parameters, full
+are those of the memory table in docs/parallelism.md: bf16 compute over float32 parameters, full
 rematerialisation of every layer and of groups of 4 layers (8 of the 32 layer inputs kept
 through the forward pass), the MLP in chunks of 16384 tokens and the LM head + loss in
 chunks of 4096, ring attention over every device (mesh.seq = -1), one row per step. A plan

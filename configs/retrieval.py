@@ -12,10 +12,10 @@ needs at least 104 tokens (needle + question + answer).
 
 Why the answer weight: an answer is 5-8 tokens of a sample's hundreds, so with plain
 next-token loss the lookup is a ~1% signal, and this model stayed at chance on every task
-after 4,000 steps (answer log-likelihood = uniform digits; README). Weighting the answer
-tokens 20x in the loss (data.retrieval_answer_weight) is what made a 1,500-step probe run
-on passkey alone start to retrieve; the learning rate is 1e-3 (the probe's) instead of
-tiny's 2e-3.
+after 4,000 steps (answer log-likelihood = uniform digits; benchmarks/README.md).
+Weighting the answer tokens 20x in the loss (data.retrieval_answer_weight) is what made a
+1,500-step probe run on passkey alone start to retrieve; the learning rate is 1e-3 (the
+probe's) instead of tiny's 2e-3.
 """
 from configs import tiny
 

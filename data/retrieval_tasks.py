@@ -5,7 +5,7 @@ tokens: prompt (filler context with the needle at `depth` of it, then the questi
 answer, whose ids occur in the prompt only inside the needle. Text is encoded piece by
 piece, so lengths are exact for any tokenizer. Everything is drawn from numpy's Generator
 seeded by (seed, task); `make_grid` gives each (length, depth, sample) cell its own seed.
-The formats and the layout rules are in the README ("Retrieval tasks").
+The formats and the layout rules are in docs/evaluation.md ("Retrieval tasks").
 """
 from __future__ import annotations
 
@@ -186,7 +186,8 @@ def make_sample(task: str, tokenizer, *, length: int, depth: float, seed: int) -
     """A sample of `task` with len(prompt) + len(answer) == length exactly.
 
     depth in [0, 1]: the needle starts at the unit boundary nearest depth * available
-    (exactly 0 at depth 0 and exactly `available` at depth 1; see the README, "Retrieval tasks").
+    (exactly 0 at depth 0 and exactly `available` at depth 1; see docs/evaluation.md,
+    "Retrieval tasks").
     Deterministic in (task, length, depth, seed, tokenizer); seed is an int >= 0.
     Raises ValueError for an unknown task, a depth outside [0, 1], a negative seed, or a
     length below this sample's fixed parts (needle + question + answer; the message gives

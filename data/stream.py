@@ -104,7 +104,7 @@ class Documents:
 class TrainStream:
     """The rows of every level of a run: `next_batch(level, length, rows, row_offset,
     local_rows)` -> this process's rows [local_rows, length] of the level's next `rows`
-    global rows (dict of arrays in data/packing.py's row format)."""
+    global rows (dict of arrays in data/pipeline.py's row format)."""
 
     def __init__(self, documents: Documents, block: int, seed: int,
                  window_rows: int = WINDOW_ROWS):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +235,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0,
     `seq`, the cache stays split over `seq` (rows over data x fsdp, heads over tensor) and
     every decoding step attends to it shard by shard, merged by log-sum-exp
     (parallel/sharded_cache.py); the model's parameters keep their shardings when they live
-    on the mesh's devices, else they are replicated over it. The batch must divide by data x fsdp and kv_heads by tensor.
+    on the mesh's devices, else they are replicated over it. The batch must divide by
+    data x fsdp and kv_heads by tensor.
     """
     prompt = np.asarray(prompt_ids)
     single = prompt.ndim == 1

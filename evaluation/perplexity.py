@@ -1,6 +1,6 @@
 """Perplexity by context length (same targets), sliding-window perplexity, loss by position.
 
-Protocols (README, "Evaluation"): same-target windows end at each document's end and score
+Protocols (docs/evaluation.md): same-target windows end at each document's end and score
 its last targets at every length, so only the context changes; sliding windows score each
 target once; loss by position averages the longest windows' losses in log2 buckets.
 Inputs are host batches (data/windows.py) scored by a Scorer (scoring.py).

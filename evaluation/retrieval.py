@@ -28,7 +28,7 @@ _THRESHOLD_EPS = 1e-12
 
 def teacher_forced_batch(samples: Sequence[Sample], length: int) -> dict[str, np.ndarray]:
     """Rows [n, length] that feed prompt + answer to a causal LM, in the training rows' format
-    (data/packing.py).
+    (data/pipeline.py).
 
     Every sample must have exactly `length` tokens (prompt + answer). Row i is
       tokens      = (prompt + answer)[:-1], then one pad token 0        int32

@@ -47,7 +47,7 @@ def token_loss_sums(graphdef, params, batch, prepare_layer=None, sequence_length
 
     batch: "tokens", "targets", "positions", "segment_ids" [b, l] int32 and "loss_mask"
     [b, l] float, each target's loss weight (0 on padding, 1 on an ordinary target; see
-    data/packing.py). Their ratio is the mean loss. Returns two float32 scalars.
+    data/pipeline.py). Their ratio is the mean loss. Returns two float32 scalars.
     `prepare_layer`, `sequence_length` (the real length of rows that the input layout
     padded): see Transformer.hidden_states.
     """

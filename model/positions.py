@@ -12,7 +12,7 @@ Pure functions, no parameters and no mesh code:
   [rows, d] by linear interpolation along the position axis.
 Scalings: `default`, `linear` (Position Interpolation), `dynamic` (NTK), `yarn` (with
 DeepSeek's mscale / mscale_all_dim), `llama3`, `longrope` (Phi-3: per-frequency short and
-long factors); their formulas and sources are in the README ("Rotary positions and their
+long factors); their formulas and sources are in docs/positions.md ("Rotary positions and their
 scalings").
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tests for model/positions.py: RoPE and the Hugging Face rope_scaling variants.
 
-Expected values are written out from the formulas in the README ("Rotary positions and their
+Expected values are written out from the formulas in docs/positions.md ("Rotary positions and their
 scalings"), independently of the module's code paths; the last tests cross-check against
 Hugging Face `transformers`.
 """

@@ -5,7 +5,7 @@ K levels with their length (default l_max * 2^k), batch, step count (share of th
 rounded half up; the last level takes the rest), mesh (devices moved from `data` to `seq`
 with `curriculum.relayout`) and per-level RoPE / learning-rate overrides, plus the level of
 every step (`ascending` or seeded `interleaved`). Pure functions and frozen dataclasses;
-nothing here touches devices. The rules are in the README ("Length curriculum").
+nothing here touches devices. The rules are in docs/usage.md ("Length curriculum").
 """
 from __future__ import annotations
 
