@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -235,7 +236,8 @@ def _resolve_config(mode: str):
     from configs import base
     from train import workdir_config
     if flags.FLAGS["config"].present:
-        path = flags.FLAGS["config"].config_filename
+        # a preset after a colon goes to get_config (configs/llama.py:llama2_7b)
+        path, _, preset = flags.FLAGS["config"].config_filename.partition(":")
         if not os.path.isfile(path):
             raise ValueError(f"--config {path}: no such file")
         try:
@@ -245,6 +247,8 @@ def _resolve_config(mode: str):
             raise ValueError(f"--config {path} does not load: {error_line(error, None)}") \
                 from None
         config_name = os.path.splitext(os.path.basename(path))[0]
+        if preset:
+            config_name += "_" + re.sub(r"[^A-Za-z0-9_.-]", "_", preset)
         workdir = _WORKDIR.value or os.path.join(DEFAULT_WORKDIRS, config_name)
     elif _WORKDIR.value and (mode in WORKDIR_CONFIG_MODES or workdir_config.exists(_WORKDIR.value)):
         workdir = _WORKDIR.value
@@ -276,7 +280,10 @@ def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
     except (flags.Error, ValueError) as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
         message = first_line(str(error), None)
+        if "Error whilst parsing config file" in lines[0]:   # the file's error is last
+            message = f"{lines[0]} {lines[-1]}"
     except Exception as error:  # noqa: BLE001 - an override ml_collections refuses (type, key)
         message = error_line(error, None)
     print(f"error: {message}", file=sys.stderr)

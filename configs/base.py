@@ -12,8 +12,9 @@ from ml_collections import config_dict
 from configs import rules
 from configs.rules import anything, flag, integer, items, number, text
 
-# key -> Rule, filled by get_config()
+# key -> Rule and key -> the line of this file declaring it, filled by get_config()
 RULES: dict[str, rules.Rule] = {}
+LINES: dict[str, int] = {}
 SOURCES = ("stdlib", "text", "jsonl", "parquet", "prepared")
 ATTENTIONS = ("dense", "blockwise", "ring", "ulysses", "allgather", "hybrid")
 STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
@@ -25,21 +26,22 @@ RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
 
 
 def get_config() -> config_dict.ConfigDict:
-    root = rules.Section(config_dict.ConfigDict(), "", RULES)
+    root = rules.Section(config_dict.ConfigDict(), "", RULES, LINES)
+    # parameter initialisation (and everything else not seeded by its own key)
     root.seed = 0, integer(0)
 
     # --- model ------------------------------------------------------------------------
     model = root.section("model")
     model.vocab_size = 0, integer(0)  # 0: take the tokenizer's vocabulary size
-    model.d_model = 512, integer(1)
-    model.n_layers = 8, integer(1)
-    model.q_heads = 8, integer(1)
+    model.d_model = 512, integer(1)  # width of the residual stream
+    model.n_layers = 8, integer(1)  # decoder blocks
+    model.q_heads = 8, integer(1)  # query heads
     model.kv_heads = 8, integer(1)  # grouped-query attention when < q_heads
-    model.head_dim = 64, integer(1)
+    model.head_dim = 64, integer(1)  # width of each attention head
     model.mlp_dim = 1408, integer(1)  # MLP hidden width
     model.position = "rope", text(("rope", "learned", "none"))  # rope | learned | none
     rope = model.section("rope")
-    rope.theta = 10000.0, number(above=0)
+    rope.theta = 10000.0, number(above=0)  # RoPE base: frequencies theta^(-2i/head_dim)
     # None, or a Hugging Face `rope_scaling` dict, e.g. {"rope_type": "linear", "factor": 4.0}.
     # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
     rope.scaling = None, anything()
@@ -56,16 +58,17 @@ def get_config() -> config_dict.ConfigDict:
     # largest query / key-value block of the blockwise/ring kernels; any length runs (a
     # sequence is padded internally by less than one block)
     model.block_q = 256, integer(1)
-    model.block_k = 256, integer(1)
+    model.block_k = 256, integer(1)  # key-value block (see block_q)
     # None, or w: each token attends to itself and the w - 1 tokens before it (Mistral's
     # and Qwen2's sliding window); model.layer_types picks the layers that have it
     model.sliding_window = None, integer(1, optional=True)
     # None (with a window: every layer), or per layer "sliding_attention" | "full_attention"
     # as in Hugging Face configs, e.g. --config.model.layer_types='("full_attention", ...)'
     model.layer_types = None, items(text(("sliding_attention", "full_attention")), optional=True)
-    model.tie_embeddings = True, flag()
+    model.tie_embeddings = True, flag()  # the LM head is the token embedding transposed
     # compute dtype of activations and matmuls
     model.dtype = "bfloat16", text(("float32", "bfloat16", "float16"))
+    # dtype the parameters are stored (and optimised) in
     model.param_dtype = "float32", text(("float32", "bfloat16", "float16"))
     # recompute in the backward pass (model/remat.py): none | full | save_dots | save_attention_out
     model.remat = "none", text(("none", "full", "save_dots", "save_attention_out"))
@@ -80,8 +83,8 @@ def get_config() -> config_dict.ConfigDict:
     # with model.remat != "none" and scanned layers: rematerialise this many layers as a
     # group too, keeping n_layers / remat_group layer inputs (must divide n_layers)
     model.remat_group = 1, integer(1)
-    model.norm_eps = 1e-5, number(above=0)
-    model.init_std = 0.02, number(above=0)
+    model.norm_eps = 1e-5, number(above=0)  # epsilon of RMSNorm / LayerNorm
+    model.init_std = 0.02, number(above=0)  # std of the normal initialisation of the weights
     # Architecture options (defaults: Llama/Mistral; Qwen2 adds qkv_bias; GPT-2 is layernorm,
     # gelu_tanh, every bias, position="learned"). No separate norm-bias key: layernorm always
     # has scale and bias (as GPT-2's does), rmsnorm only a scale.
@@ -108,7 +111,7 @@ def get_config() -> config_dict.ConfigDict:
     data.tokenizer = "bytes", text()
     # share of documents (by hash of their path/index) held out
     data.validation_percent = 5, number(0, 100)
-    data.shuffle_seed = 0, integer(0)
+    data.shuffle_seed = 0, integer(0)  # seed of the training stream's epochs
     data.prepare_dir = "", text()  # --mode prepare: where the prepared shards go
     data.prepare_workers = 0, integer(0)  # --mode prepare: worker processes (0: one per core)
     # Synthetic retrieval documents (data/retrieval_tasks.py) mixed into the TRAINING documents;
@@ -129,18 +132,20 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- training ---------------------------------------------------------------------
     train = root.section("train")
-    train.steps = 1000, integer(1)
+    train.steps = 1000, integer(1)  # optimizer steps of the whole run (all levels)
     train.batch_size = 32, integer(1)  # global rows per step at l_max
-    train.learning_rate = 3e-4, number(above=0)
+    train.learning_rate = 3e-4, number(above=0)  # peak learning rate of AdamW
     # cosine decays to this fraction of the peak
     train.min_learning_rate_ratio = 0.1, number(0, 1)
     train.warmup_fraction = 0.02, number(0, 1)  # share of the token budget spent warming up
-    train.weight_decay = 0.1, number(0)
+    train.weight_decay = 0.1, number(0)  # AdamW weight decay (matrices only, unless the key below)
+    # also decay norm scales, biases and embeddings
     train.decay_norms_and_embeddings = False, flag()
-    train.beta1 = 0.9, number(0, below=1)
-    train.beta2 = 0.95, number(0, below=1)
-    train.grad_clip_norm = 1.0, number(0)
+    train.beta1 = 0.9, number(0, below=1)  # AdamW's first-moment decay
+    train.beta2 = 0.95, number(0, below=1)  # AdamW's second-moment decay
+    train.grad_clip_norm = 1.0, number(0)  # clip the global gradient norm to this (0: no clipping)
     train.grad_accum_steps = 1, integer(1)  # micro-batches per step (batch_size must divide)
+    # a metrics line (and metrics.jsonl row) every this many steps
     train.log_every_steps = 10, integer(1)
     train.stop_at_step = 0, integer(0)  # >0: checkpoint and exit after this step (resume later)
     # a step whose loss or gradients are not finite is skipped (nothing updated); after
@@ -190,9 +195,11 @@ def get_config() -> config_dict.ConfigDict:
     # --- device mesh ------------------------------------------------------------------
     mesh = root.section("mesh")
     mesh.data = -1, integer(1, also=(-1,))  # -1: the devices the other axes leave
+    # parameters and optimizer state sharded over this axis (rows too)
     mesh.fsdp = 1, integer(1, also=(-1,))
+    # every sequence split over this axis (sequence parallelism)
     mesh.seq = 1, integer(1, also=(-1,))
-    mesh.tensor = 1, integer(1, also=(-1,))
+    mesh.tensor = 1, integer(1, also=(-1,))  # heads and MLP width split over this axis
     # token order along the seq axis: zigzag balances causal work (ring, allgather; the
     # hybrid's groups), contiguous keeps sequence order (ulysses; a sliding window's
     # shorter ring); auto: what model.attention needs
@@ -200,8 +207,10 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- checkpoints ------------------------------------------------------------------
     checkpoint = root.section("checkpoint")
+    # an Orbax checkpoint every this many steps (and at the end)
     checkpoint.every_steps = 200, integer(1)
-    checkpoint.max_to_keep = 3, integer(1)
+    checkpoint.max_to_keep = 3, integer(1)  # newest checkpoints kept
+    # write checkpoints in the background while training goes on
     checkpoint.async_save = True, flag()
 
     # --- evaluation -------------------------------------------------------------------
@@ -242,30 +251,31 @@ def get_config() -> config_dict.ConfigDict:
     # true prefix) or "generate" (greedy decoding of the prompt, on one device, yields the
     # answer ids); the answer log-probability is teacher-forced either way.
     evaluation.retrieval_scoring = "teacher_forced", text(("teacher_forced", "generate"))
+    eval_data = evaluation.section("data")
     # Score another corpus than the run's (with the run's tokenizer): set source (and path,
     # text_field; validation_percent -1 = the run's) and eval.name; its results go to
     # eval/<name>/. "": the run's own data section.
-    eval_data = evaluation.section("data")
     eval_data.source = "", text(("",) + SOURCES)
-    eval_data.path = "", text()
-    eval_data.text_field = "text", text()
+    eval_data.path = "", text()  # its glob of files
+    eval_data.text_field = "text", text()  # its JSONL key / Parquet column
+    # its share held out; -1: the run's data.validation_percent
     eval_data.validation_percent = -1, number(-1, 100)
+    ruler = evaluation.section("ruler")
     # RULER (evaluation/ruler.py) by length, scored by greedy generation: tasks e.g.
     # ("niah_single_1", "vt"); ("all",) = the 11 synthetic tasks (+ qa_1, qa_2 when qa_path
     # is given); () = off. Essay haystacks are the run's validation documents.
-    ruler = evaluation.section("ruler")
     ruler.tasks = (), items(text(RULER_TASKS + ("all",)))
     ruler.lengths = None, items(integer(1), optional=True)  # None: the eval lengths
     ruler.samples = 4, integer(1)  # per task and length
     # effective length: longest L with mean score > threshold at L and every shorter length
     ruler.threshold = 85.6, number(0, 100)
-    ruler.seed = 0, integer(0)
+    ruler.seed = 0, integer(0)  # samples are deterministic in (seed, task, length, index)
     ruler.qa_path = "", text()  # local SQuAD (qa_1) / HotpotQA (qa_2) JSON; "": qa skipped
 
     # --- generation (--mode generate) -------------------------------------------------
     generate = root.section("generate")
     generate.prompt = "", text()  # text, encoded with data.tokenizer
-    generate.max_new_tokens = 64, integer(1)
+    generate.max_new_tokens = 64, integer(1)  # at most this many new tokens
     generate.temperature = 0.0, number(0)  # 0: greedy (top_p unused); > 0: sampling
     # nucleus: sample from the most likely tokens of this mass
     generate.top_p = 1.0, number(above=0, high=1)
@@ -279,7 +289,7 @@ def get_config() -> config_dict.ConfigDict:
     # eos_ids (config.json and generation_config.json); generation does not use them.
     # None: the checkpoint names none
     generate.bos_id = None, integer(0, optional=True)
-    generate.pad_id = None, integer(0, optional=True)
+    generate.pad_id = None, integer(0, optional=True)  # the padding id (see bos_id)
     # devices the prompt and the KV cache are split over (ring-attention prefill, decoding
     # over the split cache); 1: one device
     generate.seq = 1, integer(1)
@@ -309,7 +319,7 @@ def get_config() -> config_dict.ConfigDict:
     # link bandwidths the collective bytes are timed at, GB/s: within a host (NVLink) and
     # across hosts (the hybrid's ring crosses hosts, its all-to-all stays within one)
     plan.intra_host_gbps = 450.0, number(above=0)
-    plan.inter_host_gbps = 50.0, number(above=0)
+    plan.inter_host_gbps = 50.0, number(above=0)  # across hosts (see intra_host_gbps)
 
     # --- context extension (configs/extend.py; train/extend.py) -----------------------
     # Position Interpolation: fine-tune the model of train.init_from at a longer length.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, Callable
 
 from ml_collections import config_dict
@@ -108,10 +109,12 @@ class Section:
     """A ConfigDict being declared: `section.key = default, rule` sets the default (a
     placeholder of the rule's type for None) and records the rule under the key's path."""
 
-    def __init__(self, node: config_dict.ConfigDict, path: str, rules: dict):
+    def __init__(self, node: config_dict.ConfigDict, path: str, rules: dict,
+                 lines: dict | None = None):
         object.__setattr__(self, "node", node)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_rules", rules)
+        object.__setattr__(self, "_lines", {} if lines is None else lines)
 
     def __setattr__(self, name: str, declared) -> None:
         default, rule = declared
@@ -119,10 +122,12 @@ class Section:
             raise TypeError(f"{self._path}{name}: declare as `key = default, rule`")
         self.node[name] = config_dict.placeholder(rule.kind) if default is None else default
         self._rules[self._path + name] = rule
+        # the declaring line, whose comments are the key's documentation (configs/reference.py)
+        self._lines[self._path + name] = sys._getframe(1).f_lineno
 
     def section(self, name: str) -> "Section":
         self.node[name] = config_dict.ConfigDict()
-        return Section(self.node[name], f"{self._path}{name}.", self._rules)
+        return Section(self.node[name], f"{self._path}{name}.", self._rules, self._lines)
 
 
 def check(config, rules: dict) -> None:

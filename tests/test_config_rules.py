@@ -26,12 +26,43 @@ def test_every_key_has_exactly_one_declared_rule():
     assert sorted(leaf_keys(config)) == sorted(base.RULES)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))))
-def test_every_shipped_config_satisfies_the_rules(path):
-    name = os.path.splitext(os.path.basename(path))[0]
-    if name in ("__init__", "rules"):
-        pytest.skip("not a config file")
-    base.check(importlib.import_module(f"configs.{name}").get_config())
+NOT_CONFIGS = ("__init__", "rules", "reference")   # modules of configs/ that hold no config
+
+
+def shipped_configs():
+    """Every config of configs/ as `--config` takes it: file, or file:preset."""
+    for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if name in NOT_CONFIGS:
+            continue
+        presets = getattr(importlib.import_module(f"configs.{name}"), "PRESETS", None)
+        yield from ([f"{name}:{p}" for p in presets] if presets else [name])
+
+
+@pytest.mark.parametrize("spec", list(shipped_configs()))
+def test_every_shipped_config_satisfies_the_rules(spec):
+    name, _, preset = spec.partition(":")
+    module = importlib.import_module(f"configs.{name}")
+    base.check(module.get_config(preset) if preset else module.get_config())
+
+
+def test_the_llama_files_are_the_presets_of_configs_llama():
+    from configs import llama, llama2_7b, llama3_8b
+    assert llama2_7b.get_config() == llama.get_config("llama2_7b")
+    assert llama3_8b.get_config() == llama.get_config("llama3_8b")
+    assert llama2_7b.get_config() != llama3_8b.get_config()
+
+
+def test_a_preset_file_without_a_known_preset_fails_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "main.py", "--mode", "plan", "--config",
+                             "configs/llama.py:llama9", "--workdir", str(tmp_path / "w")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs a preset after a colon" in lines[0], result.stderr
+    assert "'llama9'" in lines[0] and not (tmp_path / "w").exists()
 
 
 @pytest.mark.parametrize("key, value, words", [

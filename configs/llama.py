@@ -1,0 +1,52 @@
+"""The Llama presets (architectures of their Hugging Face config.json) for plans and
+long-context runs, chosen by the argument after the file name:
+
+  python main.py --mode plan --config configs/llama.py:llama2_7b --config.plan.devices=8 \\
+      --config.curriculum.l_max=L [--config.plan.memory_budget_gib=80]
+
+llama2_7b: vocab 32000, d_model 4096, MLP 11008, 32 layers, 32 query = 32 key-value heads of
+  128, RoPE theta 10,000, trained at 4096 positions.
+llama3_8b: vocab 128256, d_model 4096, MLP 14336, 32 layers, 32 query / 8 key-value heads of
+  128, RoPE theta 500,000, trained at 8192 positions (Llama 3.1 adds the llama3 scaling:
+  --config.model.rope.scaling='{"rope_type": "llama3", "factor": 8,
+  "original_max_position_embeddings": 8192}').
+Both: untied LM head, RMSNorm eps 1e-5. The run settings are those of the memory table in
+docs/parallelism.md: bf16 compute over float32 parameters, full rematerialisation of every
+layer and of groups of 4 layers (8 of the 32 layer inputs kept through the forward pass),
+the MLP in chunks of 16384 tokens and the LM head + loss in chunks of 4096, ring attention
+over every device (mesh.seq = -1), one row per step. Weights come from a Hugging Face
+checkpoint (`--mode import`, then train.init_from). configs/llama2_7b.py and
+configs/llama3_8b.py are these presets under their own file names.
+"""
+from configs import base
+
+# name -> (vocab, d_model, mlp_dim, n_layers, q_heads, kv_heads, head_dim, rope theta, l_max)
+PRESETS = {"llama2_7b": (32000, 4096, 11008, 32, 32, 32, 128, 10000.0, 4096),
+           "llama3_8b": (128256, 4096, 14336, 32, 32, 8, 128, 500000.0, 8192)}
+
+
+def get_config(preset: str = ""):
+    if preset not in PRESETS:
+        raise ValueError(f"configs/llama.py needs a preset after a colon, one of "
+                         f"{sorted(PRESETS)} (e.g. configs/llama.py:llama2_7b), got {preset!r}")
+    vocab, d_model, mlp_dim, n_layers, q_heads, kv_heads, head_dim, theta, l_max = \
+        PRESETS[preset]
+    config = base.get_config()
+    m = config.model
+    m.vocab_size, m.d_model, m.mlp_dim, m.n_layers = vocab, d_model, mlp_dim, n_layers
+    m.q_heads, m.kv_heads, m.head_dim = q_heads, kv_heads, head_dim
+    m.rope.theta = theta
+    m.tie_embeddings = False
+    m.norm_eps = 1e-5
+    m.dtype, m.param_dtype = "bfloat16", "float32"
+    m.remat = "full"
+    m.remat_group = 4
+    m.mlp_chunk_tokens = 16384
+    m.loss_chunk_tokens = 4096
+    m.attention = "ring"
+    m.block_q = m.block_k = 512
+    config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, -1, 1
+    config.curriculum.l_max = l_max
+    config.train.batch_size = 1
+    config.eval.batch_size = 1
+    return config
