@@ -172,7 +172,7 @@ def main(argv):
         if not _WORKDIR.value or not _HF_DIR.value:
             raise app.UsageError(f"--mode {mode} needs --workdir and --hf_dir")
         start_distributed()
-        from train import hf_workdir  # imported after jax.distributed is up
+        from cli import hf_workdir  # imported after jax.distributed is up
         with _locked(_WORKDIR.value, mode):
             if mode == "import":
                 line = _exit_on_error(lambda: hf_workdir.import_workdir(_HF_DIR.value,
@@ -185,7 +185,7 @@ def main(argv):
 
     config, workdir = _exit_on_error(lambda: _resolve_config(mode))
     if mode == "prepare":
-        from train import prepare_mode
+        from cli import prepare_mode
         _exit_on_error(lambda: prepare_mode.prepare_workdir(config))
         return
     if mode == "plan":
@@ -195,19 +195,19 @@ def main(argv):
                                        f"platform_device_count={config.plan.devices}").strip()
         else:
             start_distributed()
-        from train import plan
-        _exit_on_error(lambda: plan.plan_workdir(config, workdir))
-        print(f"wrote {os.path.join(workdir, plan.PLAN_FILE)}")
+        from cli import memory_plan
+        _exit_on_error(lambda: memory_plan.plan_workdir(config, workdir))
+        print(f"wrote {os.path.join(workdir, memory_plan.PLAN_FILE)}")
         return
     start_distributed()
     from train import trainer  # imported after jax.distributed is up
     if mode == "generate":         # reads the workdir only: no lock
-        from train import generate_mode
+        from cli import generate_mode
         _exit_on_error(lambda: generate_mode.generate_workdir(config, workdir))
         return
     with _locked(workdir, mode):
         if mode == "lm_eval":
-            from train import lm_eval_mode
+            from cli import lm_eval_mode
             _exit_on_error(lambda: lm_eval_mode.lm_eval_workdir(config, workdir))
         elif mode == "train":
             _exit_on_error(lambda: trainer.train(config, workdir))
@@ -217,10 +217,10 @@ def main(argv):
 
 @contextlib.contextmanager
 def _locked(workdir: str, mode: str):
-    """The workdir's lock (train/workdir_lock.py) for this command; a second writer
+    """The workdir's lock (cli/workdir_lock.py) for this command; a second writer
     gets one line naming the holder, exit 2."""
     import jax
-    from train import workdir_lock
+    from cli import workdir_lock
     with contextlib.ExitStack() as stack:
         _exit_on_error(lambda: stack.enter_context(workdir_lock.hold(
             workdir, f"main.py --mode {mode}", process_index=jax.process_index())))

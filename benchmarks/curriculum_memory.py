@@ -8,7 +8,7 @@ l_max 1024 (1024 .. 8192), builds each level's Run twice:
   * relayout off: every level keeps the config's mesh (data 8 x seq 1; ring attention on
     seq 1 is the blockwise kernel). A level that cannot run that way (e.g. its batch does
     not split over data x fsdp) says "n/a" with the reason: the ValueError that
-    train.curriculum.make_plan (batch split) or train.validate (weight and sequence
+    train.curriculum.make_curriculum (batch split) or train.validate (weight and sequence
     splits) raises for that level with relayout off.
 and reads `make_train_step(run, 1).lower(state, batch, lr).compile().memory_analysis()` on
 `jax.ShapeDtypeStruct` inputs (nothing is allocated). Total = temp + arguments + outputs,
@@ -96,15 +96,15 @@ def off_reason(config, level) -> str | None:
     """Why `level` cannot run with relayout off (on the config's own mesh), or None.
 
     The level alone is planned as a one-level curriculum (its length and batch, relayout
-    off), so train.curriculum.make_plan checks its batch split as for any level; then
+    off), so train.curriculum.make_curriculum checks its batch split as for any level; then
     train.validate checks the weight split and the sequence split on that mesh. The
-    reason is the ValueError's message, without make_plan's "curriculum level 0 (length
+    reason is the ValueError's message, without make_curriculum's "curriculum level 0 (length
     N): " prefix (the table's row names the level)."""
     single = make_config(level.seq_len, 1, level.batch_size, relayout=False)
     for key in ("lengths", "shares", "rope_thetas", "rope_scalings", "lr_multipliers"):
         single.curriculum[key] = None
     try:
-        (only,) = curriculum_lib.make_plan(single, jax.device_count()).levels
+        (only,) = curriculum_lib.make_curriculum(single, jax.device_count()).levels
         validate.check_weight_split(config.model, only.mesh_dict, "the config's mesh")
         validate.check_length(level.seq_len, config, only.mesh_dict)
     except ValueError as error:
@@ -122,7 +122,7 @@ def measure(l_max: int, levels: int, batch: int) -> dict:
     base = mesh_lib.mesh_shape(config.mesh, jax.device_count())
     off_mesh = tuple((axis, base[axis]) for axis in curriculum_lib.MESH_AXES)
     try:
-        curriculum_lib.make_plan(make_config(l_max, levels, batch, relayout=False),
+        curriculum_lib.make_curriculum(make_config(l_max, levels, batch, relayout=False),
                                  jax.device_count())
         off_plan_error = None
     except ValueError as error:
@@ -168,7 +168,7 @@ def print_tables(l_max: int, result: dict) -> None:
     print(format_table(["level", "length", "batch", "mesh (relayout on)", "on: total MiB",
                         "off: mesh", "off: total MiB"], rows))
     if result["off_plan_error"]:
-        print(f"  relayout off, make_plan itself raises: {result['off_plan_error']}")
+        print(f"  relayout off, make_curriculum itself raises: {result['off_plan_error']}")
 
     print(f"\nl_max {l_max}: breakdown, MiB per device (state = params + optimizer "
           f"state; batch = this device's rows; arguments = state + batch; outputs = the new "

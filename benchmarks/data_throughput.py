@@ -61,7 +61,7 @@ def main(argv=None):
     from data.pipeline import make_train_stream
     from data.tokenizers import make_tokenizer
     from evaluation.tables import format_table
-    from train.prepare_mode import prepare_workdir
+    from cli.prepare_mode import prepare_workdir
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data_throughput",
                                      description=__doc__.split("\n\n")[0])

@@ -34,7 +34,7 @@ from model.remat import REMAT_POLICIES
 from configs import tiny
 from evaluation.tables import format_table
 from parallel import mesh as mesh_lib
-from train import plan as plan_lib
+from cli import memory_plan as plan_lib
 from train.state import abstract_state, build_run, init_state
 from train.step import make_train_step
 

@@ -294,7 +294,7 @@ def get_config() -> config_dict.ConfigDict:
     # over the split cache); 1: one device
     generate.seq = 1, integer(1)
 
-    # --- lm-evaluation-harness (--mode lm_eval; train/lm_eval_mode.py) -----------------
+    # --- lm-evaluation-harness (--mode lm_eval; cli/lm_eval_mode.py) -----------------
     lm_eval = root.section("lm_eval")
     # lm-eval task (or group) names, comma-separated, e.g. "ruler" or "my_mc,my_gen"
     lm_eval.tasks = "", text()
@@ -306,7 +306,7 @@ def get_config() -> config_dict.ConfigDict:
     lm_eval.num_fewshot = None, integer(0, optional=True)
     lm_eval.batch_size = 1, integer(1)  # requests scored (or generated) together
 
-    # --- ahead-of-time plan (--mode plan; train/plan.py) -------------------------------
+    # --- ahead-of-time plan (--mode plan; cli/memory_plan.py) -------------------------------
     plan = root.section("plan")
     # > 0: plan on this many simulated CPU devices (whatever the machine has); 0: the real
     # devices of this process

@@ -2,7 +2,7 @@
 project's teacher-forced scorer (evaluation/scoring.py `Scorer`), a generation function
 (evaluation/generate.py `generate` bound to a model) and the run's tokenizer.
 
-Nothing here opens a workdir (that needs train/: train/lm_eval_mode.py builds the pieces
+Nothing here opens a workdir (that needs train/: cli/lm_eval_mode.py builds the pieces
 from a workdir's newest checkpoint and registers the model as "boundless").
 
   loglikelihood          sum of log p(continuation | context) and whether every

@@ -248,7 +248,7 @@ PLAN_COLUMNS = ["level", "length", "batch", "steps", "tokens", "share", "actual"
 
 
 def plan_table(text):
-    """The printed curriculum plan (Plan.format) in `text`, checked for its layout: a line
+    """The printed curriculum plan (Curriculum.format) in `text`, checked for its layout: a line
     "length curriculum: ...", the table with PLAN_COLUMNS, then "total: N steps, T tokens".
     Returns one {column: cell} dict per level."""
     lines = text.splitlines()

@@ -25,7 +25,7 @@ def snapshot(directory):
     found = {}
     for root, dirs, files in os.walk(directory):
         for name in dirs + files:
-            if name == ".lock":        # the workdir lock's file (train/workdir_lock.py)
+            if name == ".lock":        # the workdir lock's file (cli/workdir_lock.py)
                 continue
             path = os.path.join(root, name)
             found[os.path.relpath(path, directory)] = (os.path.getsize(path),

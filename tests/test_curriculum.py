@@ -6,7 +6,7 @@ import pytest
 
 from configs import base
 from tests.helpers import plan_table
-from train.curriculum import default_shares, make_plan
+from train.curriculum import default_shares, make_curriculum
 
 
 def config(levels=4, steps=1000, batch=32, l_max=1024, **curriculum):
@@ -23,27 +23,27 @@ def config(levels=4, steps=1000, batch=32, l_max=1024, **curriculum):
 
 # ------------------------------------------------------------------ shares and steps
 def test_default_shares_halve_and_last_takes_remainder():
-    plan = make_plan(config(), 8)
+    plan = make_curriculum(config(), 8)
     assert [lv.share for lv in plan.levels] == [0.5, 0.25, 0.125, 0.125]
     assert default_shares(1) == (1.0,)
     assert sum(default_shares(7)) == 1.0
 
 
 def test_steps_follow_shares_and_sum_to_train_steps():
-    plan = make_plan(config(steps=1000), 8)
+    plan = make_curriculum(config(steps=1000), 8)
     assert [lv.steps for lv in plan.levels] == [500, 250, 125, 125]
-    plan = make_plan(config(steps=13), 8)  # rounding: last level absorbs the remainder
+    plan = make_curriculum(config(steps=13), 8)  # rounding: last level absorbs the remainder
     assert sum(lv.steps for lv in plan.levels) == 13 == plan.total_steps
 
 
 def test_lengths_double():
-    plan = make_plan(config(l_max=256), 8)
+    plan = make_curriculum(config(l_max=256), 8)
     assert [lv.seq_len for lv in plan.levels] == [256, 512, 1024, 2048]
 
 
 def test_unit_tokens_halves_batch_and_keeps_tokens_per_step():
     c = config(steps=100, batch=32)
-    plan = make_plan(c, 8)
+    plan = make_curriculum(c, 8)
     assert [lv.batch_size for lv in plan.levels] == [32, 16, 8, 4]
     assert {lv.seq_len * lv.batch_size for lv in plan.levels} == {32 * 1024}
     assert plan.total_tokens == 100 * 32 * 1024  # the plain level-0 run's token budget
@@ -52,14 +52,14 @@ def test_unit_tokens_halves_batch_and_keeps_tokens_per_step():
 
 
 def test_unit_sequences_keeps_batch():
-    plan = make_plan(config(steps=100, unit="sequences"), 8)
+    plan = make_curriculum(config(steps=100, unit="sequences"), 8)
     assert [lv.batch_size for lv in plan.levels] == [32] * 4
     assert [lv.steps for lv in plan.levels] == [50, 25, 13, 12]
     assert plan.actual_shares == pytest.approx([0.5, 0.25, 0.13, 0.12])
 
 
 def test_explicit_shares_and_lengths_are_used():
-    plan = make_plan(config(levels=3, steps=100, batch=16, shares=(0.2, 0.3, 0.5),
+    plan = make_curriculum(config(levels=3, steps=100, batch=16, shares=(0.2, 0.3, 0.5),
                             lengths=(1024, 2048, 8192)), 8)
     assert [lv.share for lv in plan.levels] == [0.2, 0.3, 0.5]
     assert [lv.steps for lv in plan.levels] == [20, 30, 50]
@@ -70,7 +70,7 @@ def test_explicit_shares_and_lengths_are_used():
 def test_single_level_is_the_plain_run():
     c = config(levels=1, steps=7, batch=16)
     c.mesh.seq = 2
-    (level,) = make_plan(c, 8).levels
+    (level,) = make_curriculum(c, 8).levels
     assert (level.seq_len, level.batch_size, level.steps, level.share) == (1024, 16, 7, 1.0)
     assert level.mesh_dict == {"data": 4, "fsdp": 1, "seq": 2, "tensor": 1}
 
@@ -80,7 +80,7 @@ def test_single_level_is_the_plain_run():
                                     (0.5, 0.25, 0.125, 0.1), (0.4, 0.3, 0.2, 0.0)])
 def test_bad_shares_raise(shares):
     with pytest.raises(ValueError, match="curriculum.shares"):
-        make_plan(config(shares=shares), 8)
+        make_curriculum(config(shares=shares), 8)
 
 
 @pytest.mark.parametrize("lengths", [(1024, 2048, 2048, 4096), (1024, 2048, 4096),
@@ -88,7 +88,7 @@ def test_bad_shares_raise(shares):
                                      (1024, 2048, 4096, -1)])
 def test_bad_lengths_raise(lengths):
     with pytest.raises(ValueError, match="curriculum.lengths"):
-        make_plan(config(lengths=lengths), 8)
+        make_curriculum(config(lengths=lengths), 8)
 
 
 @pytest.mark.parametrize("key,value", [
@@ -101,57 +101,57 @@ def test_bad_lengths_raise(lengths):
 ])
 def test_bad_overrides_raise(key, value):
     with pytest.raises(ValueError, match=f"curriculum.{key}"):
-        make_plan(config(**{key: value}), 8)
+        make_curriculum(config(**{key: value}), 8)
 
 
 def test_level_with_zero_steps_raises():
     with pytest.raises(ValueError, match="level 2 gets 0 steps.*raise train.steps"):
-        make_plan(config(steps=3), 8)
+        make_curriculum(config(steps=3), 8)
 
 
 def test_batch_that_cannot_halve_raises_naming_level():
     with pytest.raises(ValueError, match=r"level 3\b.*raise train.batch_size"):
-        make_plan(config(batch=4), 1)
+        make_curriculum(config(batch=4), 1)
 
 
 def test_unknown_unit_and_order_raise():
     with pytest.raises(ValueError, match="curriculum.unit"):
-        make_plan(config(unit="bytes"), 8)
+        make_curriculum(config(unit="bytes"), 8)
     with pytest.raises(ValueError, match="curriculum.order"):
-        make_plan(config(order="random"), 8)
+        make_curriculum(config(order="random"), 8)
 
 
 # ------------------------------------------------------------------ order
 def test_interleaved_keeps_per_level_steps():
     c = config(order="interleaved")
-    plan, ascending = make_plan(c, 8), make_plan(config(), 8)
+    plan, ascending = make_curriculum(c, 8), make_curriculum(config(), 8)
     counts = np.bincount(plan.schedule, minlength=4)
     assert counts.tolist() == [lv.steps for lv in ascending.levels] == [500, 250, 125, 125]
 
 
 def test_interleaved_is_deterministic_for_a_seed_and_differs_across_seeds():
     c = config(order="interleaved")
-    first, again = make_plan(c, 8).schedule, make_plan(c, 8).schedule
+    first, again = make_curriculum(c, 8).schedule, make_curriculum(c, 8).schedule
     c.seed = 1
-    other = make_plan(c, 8).schedule
+    other = make_curriculum(c, 8).schedule
     assert first == again
     assert first != other
 
 
 def test_interleaved_mixes_levels():
-    schedule = make_plan(config(order="interleaved"), 8).schedule
+    schedule = make_curriculum(config(order="interleaved"), 8).schedule
     assert list(schedule) != sorted(schedule)
     assert set(schedule[:100]) == {0, 1, 2, 3}  # every level shows up early
 
 
 def test_ascending_runs_stages_short_to_long():
-    schedule = make_plan(config(steps=16), 8).schedule
+    schedule = make_curriculum(config(steps=16), 8).schedule
     assert schedule == (0,) * 8 + (1,) * 4 + (2,) * 2 + (3,) * 2
 
 
 # ------------------------------------------------------------------ mesh
 def test_relayout_moves_data_to_seq_keeping_work_per_device():
-    plan = make_plan(config(batch=32), 8)
+    plan = make_curriculum(config(batch=32), 8)
     assert [(lv.mesh_dict["data"], lv.mesh_dict["seq"]) for lv in plan.levels] == \
         [(8, 1), (4, 2), (2, 4), (1, 8)]
     assert {lv.rows_per_device for lv in plan.levels} == {4}
@@ -162,41 +162,41 @@ def test_relayout_moves_data_to_seq_keeping_work_per_device():
 def test_relayout_leaves_rest_of_factor_on_device_when_data_runs_out():
     c = config(batch=32)
     c.mesh.data, c.mesh.seq = 2, 4
-    plan = make_plan(c, 8)
+    plan = make_curriculum(c, 8)
     assert [(lv.mesh_dict["data"], lv.mesh_dict["seq"]) for lv in plan.levels] == \
         [(2, 4), (1, 8), (1, 8), (1, 8)]
     assert [lv.local_len for lv in plan.levels] == [256, 256, 512, 1024]
 
 
 def test_relayout_false_keeps_the_mesh():
-    plan = make_plan(config(batch=64, relayout=False), 8)
+    plan = make_curriculum(config(batch=64, relayout=False), 8)
     assert {lv.mesh for lv in plan.levels} == {(("data", 8), ("fsdp", 1), ("seq", 1),
                                                 ("tensor", 1))}
 
 
 def test_relayout_false_raises_when_batch_no_longer_splits():
     with pytest.raises(ValueError, match="level 3 .*data x fsdp"):
-        make_plan(config(batch=32, relayout=False), 8)
+        make_curriculum(config(batch=32, relayout=False), 8)
 
 
 def test_relayout_onto_seq_needs_a_sequence_parallel_attention():
     c = config()
     c.model.attention = "blockwise"
     with pytest.raises(ValueError, match="level 1 .*set model.attention to one of"):
-        make_plan(c, 8)
+        make_curriculum(c, 8)
 
 
 def test_learned_positions_cannot_go_past_l_max():
     c = config()
     c.model.position = "learned"
     with pytest.raises(ValueError, match="learned"):
-        make_plan(c, 8)
+        make_curriculum(c, 8)
 
 
 # ------------------------------------------------------------------ lookups and display
 @pytest.mark.parametrize("order", ["ascending", "interleaved"])
 def test_level_at_and_steps_done_match_schedule(order):
-    plan = make_plan(config(steps=64, order=order), 8)
+    plan = make_curriculum(config(steps=64, order=order), 8)
     seen = [0] * 4
     for step, k in enumerate(plan.schedule):
         assert plan.level_at(step) is plan.levels[k]
@@ -208,7 +208,7 @@ def test_level_at_and_steps_done_match_schedule(order):
 
 
 def test_format_lists_every_level():
-    plan = make_plan(config(steps=100, rope_thetas=(1e4, 1e5, 1e6, 5e7)), 8)
+    plan = make_curriculum(config(steps=100, rope_thetas=(1e4, 1e5, 1e6, 5e7)), 8)
     text = plan.format()
     rows = plan_table(text)
     assert len(rows) == len(plan.levels)
@@ -222,7 +222,7 @@ def test_format_lists_every_level():
 def test_overrides_land_in_levels():
     scalings = (None, '{"rope_type": "linear", "factor": 2.0}',
                 {"rope_type": "yarn", "factor": 4.0}, None)
-    plan = make_plan(config(rope_thetas=(1e4, 1e5, 1e6, 1e7), rope_scalings=scalings,
+    plan = make_curriculum(config(rope_thetas=(1e4, 1e5, 1e6, 1e7), rope_scalings=scalings,
                             lr_multipliers=(1.0, 0.5, 0.25, 0.125)), 8)
     assert [lv.rope_theta for lv in plan.levels] == [1e4, 1e5, 1e6, 1e7]
     assert [lv.lr_multiplier for lv in plan.levels] == [1.0, 0.5, 0.25, 0.125]
@@ -236,7 +236,7 @@ def test_defaults_come_from_the_model():
     c = config()
     c.model.rope.theta = 5e5
     c.model.rope.scaling = {"rope_type": "linear", "factor": 4.0}
-    plan = make_plan(c, 8)
+    plan = make_curriculum(c, 8)
     assert {lv.rope_theta for lv in plan.levels} == {5e5}
     assert {lv.rope_scaling_json for lv in plan.levels} == \
         {json.dumps({"factor": 4.0, "rope_type": "linear"}, sort_keys=True)}

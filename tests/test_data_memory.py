@@ -76,7 +76,7 @@ def write_corpus(directory, files: int, seed: int) -> str:
 
 def prepared(tmp_path, name, files):
     from ml_collections import config_dict
-    from train.prepare_mode import prepare_workdir
+    from cli.prepare_mode import prepare_workdir
     glob = write_corpus(str(tmp_path / name), files, seed=len(name))
     config = config_dict.ConfigDict({"data": data_config(source="text", path=glob,
                                                          validation_percent=50)})

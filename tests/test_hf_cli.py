@@ -1,4 +1,4 @@
-"""Specification of --mode import / --mode export (train/hf_workdir.py) and of evaluating an
+"""Specification of --mode import / --mode export (cli/hf_workdir.py) and of evaluating an
 imported workdir: a tiny random Llama saved by transformers goes into a workdir and back out
 with the same logits."""
 import json

@@ -1,5 +1,5 @@
 """Specification of what --mode import / --mode export keep besides the weights, and of
-what they refuse to destroy (train/hf_workdir.py, model/hf.py):
+what they refuse to destroy (cli/hf_workdir.py, model/hf.py):
 
 - the compute dtype follows the checkpoint (config.json's `dtype` / `torch_dtype`, else its
   tensors'), so a float32 import generates transformers' greedy tokens;
@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from model import hf  # noqa: E402
-from train import hf_workdir, workdir_config  # noqa: E402
+from cli import hf_workdir, workdir_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vocab 256 and no tokenizer.json: the byte tokenizer, so a prompt's ids are its bytes

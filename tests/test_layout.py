@@ -6,7 +6,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Rooms from the bottom up: a module may import from its own room and the rooms below.
-ROOMS = ("util", "model", "parallel", "data", "evaluation", "train")
+ROOMS = ("util", "model", "parallel", "data", "evaluation", "train", "cli")
 
 
 def _imported_rooms(path: pathlib.Path) -> set[str]:

@@ -19,7 +19,7 @@ from data.tokenizers import ByteTokenizer
 from evaluation.lm_eval_model import BoundlessLM, bucket_length, cut_at_stops
 from parallel import mesh as mesh_lib
 from tests.helpers import small_config
-from train import lm_eval_mode
+from cli import lm_eval_mode
 from train.state import init_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

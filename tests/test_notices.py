@@ -4,11 +4,11 @@ import pytest
 
 from tests.helpers import small_config
 from train import curriculum as curriculum_lib
-from train.generate_mode import generate_workdir
+from cli.generate_mode import generate_workdir
 
 
 def notice(config, lengths):
-    plan = curriculum_lib.make_plan(config, 8)
+    plan = curriculum_lib.make_curriculum(config, 8)
     level = curriculum_lib.eval_level(config, plan)
     return curriculum_lib.beyond_trained_notice(config, plan, level, lengths, "evaluating at")
 

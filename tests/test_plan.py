@@ -1,4 +1,4 @@
-"""Specification of `--mode plan` (train/plan.py): every level's train step and the
+"""Specification of `--mode plan` (cli/memory_plan.py): every level's train step and the
 evaluation's scoring step compiled abstractly, their per-device memory, plan.json, the
 longest fit, and no parameter ever allocated."""
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import small_config
-from train import plan as plan_lib
+from cli import memory_plan as plan_lib
 from train.state import build_run, init_state
 from train.step import make_train_step
 from train.validate import validate_config
@@ -119,8 +119,8 @@ def test_plan_of_a_model_larger_than_host_memory_allocates_nothing(tmp_path):
 
 def test_host_peak_rss_is_the_process_own_not_its_parent_peak():
     ballast = np.ones(2**30 // 8)                     # 1 GiB touched in this (parent) process
-    child = subprocess.run([sys.executable, "-c", "from train.plan import host_peak_rss_bytes; "
-                            "print(host_peak_rss_bytes())"], cwd=REPO, capture_output=True,
+    code = "from cli.memory_plan import host_peak_rss_bytes; print(host_peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                            text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert child.returncode == 0, child.stderr[-2000:]
     assert ballast.sum() == 2**30 // 8

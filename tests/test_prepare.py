@@ -21,7 +21,7 @@ BYTES = make_tokenizer("bytes")
 def prepare(config, out_dir, workers=1):
     """What --mode prepare does, in this process (one worker) or through main.py."""
     from ml_collections import config_dict
-    from train.prepare_mode import prepare_workdir
+    from cli.prepare_mode import prepare_workdir
     wrapper = config_dict.ConfigDict({"data": config})
     wrapper.data.prepare_dir = str(out_dir)
     wrapper.data.prepare_workers = workers

@@ -11,7 +11,7 @@ from train import schedule, trainer
 
 
 def plan_of(config):
-    return curriculum_lib.make_plan(config, 8)
+    return curriculum_lib.make_curriculum(config, 8)
 
 
 def test_a_bridged_schedule_starts_at_the_old_rate_and_ends_at_the_new_one():

@@ -1,4 +1,4 @@
-"""Specification of train/workdir_lock.py: one writer per workdir. A second train, eval,
+"""Specification of cli/workdir_lock.py: one writer per workdir. A second train, eval,
 import or export on a held workdir exits non-zero with one line naming the holder and
 changes nothing; a SIGKILLed holder blocks nobody; a refused run makes no workdir; in a
 multi-process run process 0 decides for all."""
@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from tests.test_bad_inputs import TINY, assert_one_line, run, snapshot
-from train import workdir_lock
+from cli import workdir_lock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOLD = """
 import sys, time
-from train import workdir_lock
+from cli import workdir_lock
 with workdir_lock.hold(sys.argv[1], "the test's holder"):
     print("held", flush=True)
     time.sleep(600)
@@ -88,7 +88,7 @@ import sys
 import jax
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2,
                            process_id=int(sys.argv[3]))
-from train import workdir_lock
+from cli import workdir_lock
 try:
     with workdir_lock.hold(sys.argv[1], "two processes", process_index=jax.process_index()):
         print("ran", flush=True)

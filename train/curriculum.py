@@ -1,6 +1,6 @@
 """Length curriculum: which sequence length, batch and mesh layout at which step.
 
-`make_plan(config, device_count)` turns the `curriculum` config section into a `Plan`:
+`make_curriculum(config, device_count)` turns the `curriculum` config section into a `Curriculum`:
 K levels with their length (default l_max * 2^k), batch, step count (share of the budget,
 rounded half up; the last level takes the rest), mesh (devices moved from `data` to `seq`
 with `curriculum.relayout`) and per-level RoPE / learning-rate overrides, plus the level of
@@ -71,7 +71,7 @@ class Level:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Curriculum:
     """The whole curriculum: the levels and the level of every step.
 
     Contracts: `len(schedule) == total_steps == sum(level.steps)`; `schedule` holds each
@@ -220,7 +220,7 @@ def _relayout_factor(seq_len: int, l_max: int, data: int) -> int:
     return common & -common   # lowest set bit: the largest power of two dividing it
 
 
-def make_plan(config, device_count: int) -> Plan:
+def make_curriculum(config, device_count: int) -> Curriculum:
     """The curriculum `config` asks for on `device_count` devices.
 
     Reads `config.curriculum`, `config.train.steps / batch_size / grad_accum_steps`,
@@ -355,11 +355,11 @@ def make_plan(config, device_count: int) -> Plan:
     schedule = np.repeat(np.arange(K), steps)
     if order == "interleaved":
         schedule = np.random.default_rng(config.seed).permutation(schedule)
-    return Plan(levels=tuple(levels), order=order, unit=unit,
+    return Curriculum(levels=tuple(levels), order=order, unit=unit,
                 schedule=tuple(int(x) for x in schedule))
 
 
-def beyond_trained_notice(config, plan: Plan, level: Level, lengths, what: str) -> str | None:
+def beyond_trained_notice(config, plan: Curriculum, level: Level, lengths, what: str) -> str | None:
     """One notice line when any of `lengths` exceeds the longest length the run trained at
     (its last level), naming the positions in effect at `level`; None otherwise."""
     trained = plan.levels[-1].seq_len
@@ -375,7 +375,7 @@ def beyond_trained_notice(config, plan: Plan, level: Level, lengths, what: str) 
             f"{trained} ({positions})")
 
 
-def eval_level(config, plan: Plan) -> Level:
+def eval_level(config, plan: Curriculum) -> Level:
     """The level evaluation runs on: the last (most sequence-parallel) one, with the RoPE
     overrides of eval.rope_scaling / eval.rope_theta applied."""
     level = plan.levels[-1]

@@ -19,7 +19,7 @@ SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.warmup_fraction",
                  "curriculum.lr_multipliers")
 
 
-def rate(config, plan: curriculum_lib.Plan, step: int, tokens: int) -> float:
+def rate(config, plan: curriculum_lib.Curriculum, step: int, tokens: int) -> float:
     """The learning rate of step `step` (0-based), after `tokens` tokens."""
     t = config.train
     step = min(step, plan.total_steps - 1)

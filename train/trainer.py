@@ -102,7 +102,7 @@ def train(config, workdir: str) -> dict:
         # -------------------------------------------------------------- restore or init
         state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels)
         if schedule_changes and step > 0:
-            saved_plan = curriculum_lib.make_plan(saved, jax.device_count())
+            saved_plan = curriculum_lib.make_curriculum(saved, jax.device_count())
             config.train.schedule_bridge = schedule.bridge(config, plan, saved, saved_plan,
                                                            step, tokens)
             if is_writer:

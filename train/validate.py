@@ -18,7 +18,7 @@ from parallel import sequence_parallel
 from train import curriculum as curriculum_lib
 
 
-def validate_config(config, device_count: int | None = None) -> curriculum_lib.Plan:
+def validate_config(config, device_count: int | None = None) -> curriculum_lib.Curriculum:
     """Raise ValueError for any setting that cannot work on `device_count` devices (default:
     all); return the curriculum plan."""
     base.check(config)            # each key's own type and range (configs/base.py)
@@ -39,7 +39,7 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.P
     elif config.model.attention_kernel not in sequence_parallel.KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
                          f"got {config.model.attention_kernel!r}")
-    plan = curriculum_lib.make_plan(config, device_count)
+    plan = curriculum_lib.make_curriculum(config, device_count)
     rows = check_learned_positions(config)
     for level in (*plan.levels, curriculum_lib.eval_level(config, plan)):
         check_sequence_split(config, level.mesh_dict)

@@ -57,7 +57,7 @@ def generate_workdir(config, workdir: str) -> dict:
     for axis in ("data", "fsdp", "seq", "tensor"):
         on_mesh.mesh[axis] = 1
     # the RoPE settings of the last level (a plan on one device: the mesh plays no part)
-    plan = curriculum_lib.make_plan(on_mesh, 1)
+    plan = curriculum_lib.make_curriculum(on_mesh, 1)
     level = curriculum_lib.eval_level(on_mesh, plan)
     on_mesh.mesh.seq = int(g.seq)
     run = build_run(on_mesh, devices=jax.local_devices()[:g.seq])

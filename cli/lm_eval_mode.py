@@ -10,7 +10,7 @@ LM. lm-eval's results go to <workdir>/eval/lm_eval.json and its table is printed
 
 Registered with lm-eval as "boundless" (model_args "workdir=W"), for
 `lm_eval.simple_evaluate(model="boundless", model_args="workdir=W", ...)` after
-`import train.lm_eval_mode`.
+`import cli.lm_eval_mode`.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def check_lm_eval_config(config) -> list[str]:
 
 def trained_length(config) -> int:
     """The longest length the run trained at (its last curriculum level)."""
-    plan = curriculum_lib.make_plan(_one_device(config), 1)
+    plan = curriculum_lib.make_curriculum(_one_device(config), 1)
     return int(plan.levels[-1].seq_len)
 
 
@@ -68,7 +68,7 @@ def model_pieces(config, devices):
     axis) with the evaluation level's RoPE, and the model config generation builds its
     model from (attention the cache's own, or the ring generate() binds)."""
     on_mesh = _one_device(config)
-    plan = curriculum_lib.make_plan(on_mesh, 1)
+    plan = curriculum_lib.make_curriculum(on_mesh, 1)
     level = curriculum_lib.eval_level(on_mesh, plan)
     on_mesh.mesh.seq = len(devices)
     if len(devices) > 1 and on_mesh.model.attention not in SEQUENCE_PARALLEL:
