@@ -2,6 +2,8 @@
 same text reads well on a console, in a log file and in summary.md / compare.md."""
 from __future__ import annotations
 
+from tabulate import tabulate
+
 
 def _cell(text) -> str:
     """Text made safe for one markdown table cell."""
@@ -9,22 +11,15 @@ def _cell(text) -> str:
 
 
 def format_table(header, rows) -> str:
-    """Lines of a markdown table; numbers (cells that parse as one) are right-aligned,
-    text left-aligned, by column."""
+    """Lines of a markdown table (tabulate's "pipe" format); numbers (cells that parse as
+    one, commas allowed) are right-aligned, text left-aligned, by column. Cells are taken
+    as text, so they print exactly as given ("4.00" stays "4.00")."""
     header = [_cell(h) for h in header]
     rows = [[_cell(c) for c in row] + [""] * (len(header) - len(row)) for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in rows] + [3]) for i, h in enumerate(header)]
     numeric = [bool(rows) and all(_is_number(r[i]) for r in rows if r[i])
                for i in range(len(header))]
-
-    def line(cells):
-        padded = (c.rjust(w) if right else c.ljust(w)
-                  for c, w, right in zip(cells, widths, numeric))
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + (":" if right else "-")
-                          for w, right in zip(widths, numeric)) + "|"
-    return "\n".join([line(header), rule] + [line(r) for r in rows])
+    return tabulate(rows, headers=header, tablefmt="pipe", disable_numparse=True,
+                    colalign=["right" if right else "left" for right in numeric])
 
 
 def _is_number(text: str) -> bool:

@@ -255,7 +255,7 @@ def plan_table(text):
     start = next(i for i, line in enumerate(lines) if line.startswith("length curriculum: "))
     header, rows = parse_markdown_table(lines[start + 1:])
     assert header == PLAN_COLUMNS
-    assert lines[start + 1].strip().startswith("| level"), lines[start + 1]  # right below
+    assert _cells(lines[start + 1])[0] == "level", lines[start + 1]  # right below
     assert lines[start + 3 + len(rows)].startswith("total: "), lines[start + 3 + len(rows)]
     return [dict(zip(header, row)) for row in rows]
 

@@ -14,16 +14,16 @@ def test_numeric_columns_are_right_aligned_and_text_left_aligned():
     lines = format_table(["run", "tokens", "ppl"],
                          [["a", "1,024", "9.5"], ["bbbbbb", "65,536", "10.25"], ["c", "", "7"]]
                          ).splitlines()
-    assert lines[0] == "| run    | tokens |   ppl |"
-    assert lines[1] == "|--------|-------:|------:|"      # ":" marks right-aligned columns
-    assert lines[2] == "| a      |  1,024 |   9.5 |"
-    assert lines[4] == "| c      |        |     7 |"      # blank cells do not make text
+    assert lines[0] == "| run    |   tokens |   ppl |"
+    assert lines[1] == "|:-------|---------:|------:|"      # where the ":" is: the alignment
+    assert lines[2] == "| a      |    1,024 |   9.5 |"
+    assert lines[4] == "| c      |          |     7 |"      # blank cells do not make text
 
 
 def test_a_column_with_any_text_is_left_aligned():
     lines = format_table(["length", "perplexity"], [["64", "9.000"], ["128", "n/e"]]).splitlines()
-    assert lines[2] == "|     64 | 9.000      |"
-    assert lines[1].endswith("|------------|")
+    assert lines[2] == "|       64 | 9.000        |"
+    assert lines[1].endswith("|:-------------|")
 
 
 def test_pipes_in_cells_are_escaped():
