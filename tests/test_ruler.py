@@ -265,7 +265,7 @@ def test_report_writes_ruler_plots_summary_and_compare(tmp_path):
         assert_drawn_png(path)
     summary = report.write_summary(runs[0] + "/eval")
     assert "## RULER" in summary and "Effective length: 1024" in summary
-    assert re.search(r"\| niah_single_1 \|\s+100\.0 \|\s+90\.0 \|\s+\|", summary)
+    assert re.search(r"\| niah_single_1\s+\|\s+100\.0 \|\s+90\.0 \|\s+\|", summary)
     assert re.search(r"\| \*\*mean\*\*\s+\|\s+90\.000 \|\s+70\.000 \|", summary)
     assert "skipped vt@4096: too short" in summary
     markdown = report.compare(runs, str(tmp_path / "out"))
