@@ -14,7 +14,11 @@
    W/eval/ruler/), and the script prints, per model, the score of every task and length,
    the mean over tasks (RULER's, defined only where every task fits the length), the mean
    over the tasks that fit, and the effective length by RULER's rule (threshold 85.6),
-   then the published figures of real models as the scale.
+   then the published figures of real models as the scale;
+4. beside it, the pass key in the format these models were trained on (data/retrieval_tasks.py:
+   11 depths x 2 samples per length, exact match of the greedy answer; W/eval/passkey/),
+   which tells "cannot retrieve" from "cannot follow RULER's prompts".
+Evaluations already in W/eval/ruler or W/eval/passkey with the same settings are reused.
 OUT defaults to boundless_ruler_tiny in the system's temp dir.
 """
 from __future__ import annotations
@@ -70,7 +74,16 @@ def extend(base: str, out: str, scaling: str, target: int, steps: int) -> float:
 
 
 def score(workdir: str, lengths: list[int], samples: int) -> tuple[dict, float]:
-    """RULER's 11 tasks at `lengths` on `workdir`: (ruler.json, wall seconds)."""
+    """RULER's 11 tasks at `lengths` on `workdir`: (ruler.json, wall seconds; 0 when an
+    earlier run's ruler.json with these settings is reused)."""
+    path = os.path.join(workdir, "eval", "ruler", "ruler.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)
+        if (earlier["settings"]["lengths"] == sorted(lengths)
+                and earlier["settings"]["samples"] == samples):
+            print(f"(reusing {path})")
+            return earlier, 0.0
     seconds = main_py("--mode", "eval", "--workdir", workdir, "--config.eval.name=ruler",
                       '--config.eval.ruler.tasks=("all",)',
                       f"--config.eval.ruler.lengths=({','.join(map(str, lengths))},)",
@@ -79,6 +92,31 @@ def score(workdir: str, lengths: list[int], samples: int) -> tuple[dict, float]:
                       "--config.eval.sliding_stride=0", "--config.eval.retrieval_tasks=()")
     with open(os.path.join(workdir, "eval", "ruler", "ruler.json")) as f:
         return json.load(f), seconds
+
+
+def passkey(workdir: str, lengths: list[int]) -> dict:
+    """The pass key in its training format at `lengths`, scored by greedy generation:
+    {length: exact match 0..1} (reused from W/eval/passkey when its lengths match)."""
+    path = os.path.join(workdir, "eval", "passkey", "retrieval.json")
+    if not os.path.exists(path) or _passkey_lengths(path) != sorted(lengths):
+        main_py("--mode", "eval", "--workdir", workdir, "--config.eval.name=passkey",
+                '--config.eval.retrieval_tasks=("passkey",)',
+                f"--config.eval.retrieval_lengths=({','.join(map(str, lengths))},)",
+                "--config.eval.retrieval_samples=2", "--config.eval.retrieval_scoring=generate",
+                f"--config.eval.lengths=({min(lengths)},)", "--config.eval.max_batches=1",
+                "--config.eval.sliding_stride=0")
+    grid = _passkey_grid(path)
+    return dict(zip(grid["lengths"], grid["length_accuracy"]))
+
+
+def _passkey_grid(path: str) -> dict:
+    with open(path) as f:
+        result = json.load(f)
+    return result["tasks"]["passkey"] if "tasks" in result else result["passkey"]
+
+
+def _passkey_lengths(path: str) -> list[int]:
+    return sorted(_passkey_grid(path)["lengths"])
 
 
 def cell(value) -> str:
@@ -142,6 +180,12 @@ def main(argv=None):
             + [str(r["effective_length"])] for name, r in results.items()]
     print(format_table(["model (mean of the tasks that fit)"] + [str(L) for L in args.lengths]
                        + ["effective length"], rows))
+    print("\nthe pass key in the format the models were trained on (greedy exact match by "
+          "length, 11 depths x 2 samples)")
+    keys = {name: passkey(workdir, args.lengths) for name, workdir in models.items()}
+    print(format_table(["model"] + [str(L) for L in args.lengths],
+                       [[name] + [f"{keys[name].get(L, float('nan')):.2f}" for L in args.lengths]
+                        for name in models]))
     print("\npublished (RULER, Hsieh et al. 2024; mean of 13 tasks at 4K / 8K / 16K / 32K / "
           "64K / 128K)")
     print(format_table(["model", "mean by length", "effective length"],
