@@ -6,6 +6,8 @@ Nothing here imports jax at module level: a script that simulates devices sets
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -16,6 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def int_list(text: str) -> list[int]:
     """argparse type: "1024,2048" -> [1024, 2048]."""
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main_py(*args: str) -> float:
+    """Runs `python main.py ARGS` in the repository (its stdout dropped, a failure raises);
+    its wall seconds."""
+    command = [sys.executable, "main.py", *args]
+    print("+ " + " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
 def new_workdir(name: str) -> str:

@@ -22,13 +22,12 @@ import subprocess
 import sys
 import tempfile
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, main_py
 
 
-def main_py(*args):
-    command = [sys.executable, "main.py", "--config", "configs/tiny.py", *args]
-    print("+ " + " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+def tiny(*args: str) -> float:
+    """main.py with configs/tiny.py and `args`; its wall seconds."""
+    return main_py("--config", "configs/tiny.py", *args)
 
 
 def main(argv=None):
@@ -71,25 +70,25 @@ def main(argv=None):
         if os.path.exists(os.path.join(base, "eval", name, "perplexity_by_length.json")):
             print(f"(skipping {name}: already evaluated)")
             continue
-        main_py("--mode", "eval", "--workdir", base, f"--config.eval.name={name}",
-                f"--config.eval.rope_scaling={scaling}", *evaluation)
+        tiny("--mode", "eval", "--workdir", base, f"--config.eval.name={name}",
+             f"--config.eval.rope_scaling={scaling}", *evaluation)
 
     finetune = os.path.join(out, f"pi{f}_finetune")
     linear = json.dumps({"rope_type": "linear", "factor": f})   # positions / f: 4 l_max -> l_max
     tiny_batch = 16
-    main_py("--workdir", finetune, f"--config.train.init_from={base}",
-            f"--config.curriculum.l_max={f * l_max}", f"--config.model.rope.scaling={linear}",
-            f"--config.train.batch_size={tiny_batch // f}",
-            f"--config.train.steps={args.finetune_steps}",
-            "--config.train.learning_rate=2e-4", "--config.train.warmup_fraction=0.05",
-            "--config.checkpoint.every_steps=1000", "--config.eval.name=pi", *evaluation)
+    tiny("--workdir", finetune, f"--config.train.init_from={base}",
+         f"--config.curriculum.l_max={f * l_max}", f"--config.model.rope.scaling={linear}",
+         f"--config.train.batch_size={tiny_batch // f}",
+         f"--config.train.steps={args.finetune_steps}",
+         "--config.train.learning_rate=2e-4", "--config.train.warmup_fraction=0.05",
+         "--config.checkpoint.every_steps=1000", "--config.eval.name=pi", *evaluation)
 
     if not os.path.exists(os.path.join(learned_dir, "checkpoints")):
         steps = [f"--config.train.steps={args.learned_steps}"] if args.learned_steps else []
-        main_py("--workdir", learned_dir, "--config.model.position=learned",
-                "--config.eval.lengths=(128,)", "--config.eval.sliding_stride=0", *steps)
-    main_py("--mode", "eval", "--workdir", learned_dir, "--config.model.position=learned",
-            "--config.eval.name=learned", *evaluation)
+        tiny("--workdir", learned_dir, "--config.model.position=learned",
+             "--config.eval.lengths=(128,)", "--config.eval.sliding_stride=0", *steps)
+    tiny("--mode", "eval", "--workdir", learned_dir, "--config.model.position=learned",
+         "--config.eval.name=learned", *evaluation)
 
     compare_dir = os.path.join(out, "compare")
     subprocess.run([sys.executable, "main.py", "--mode", "compare", "--workdirs",

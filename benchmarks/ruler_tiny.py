@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 
-from benchmarks.common import REPO, int_list
+from benchmarks.common import int_list, main_py
 from evaluation.tables import format_table
 
 # RULER (Hsieh et al. 2024): mean over the 13 tasks at 4K..128K, effective length
@@ -45,15 +42,6 @@ RETRIEVAL_MIX = ["--config.data.retrieval_fraction=0.995",
                  "--config.data.retrieval_task_weights=(4.0,1.0,1.0)",
                  "--config.data.retrieval_answer_weight=20.0",
                  "--config.data.retrieval_min_length=128"]
-
-
-def main_py(*args) -> float:
-    """Runs main.py with `args`; its wall seconds."""
-    command = [sys.executable, "main.py", *args]
-    print("+ " + " ".join(command[1:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
 
 
 def extend(base: str, out: str, scaling: str, target: int, steps: int) -> float:
