@@ -76,7 +76,8 @@ def final_parameters(workdir: str) -> dict:
     import jax
 
     from train import workdir_config
-    from train.state import build_run, restore_newest
+    from train.state import build_run
+    from train.checkpoint import restore_newest
     config = workdir_config.load(workdir)
     config.mesh.data = 1
     run = build_run(config, devices=jax.devices()[:1])

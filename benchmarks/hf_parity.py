@@ -30,7 +30,8 @@ def ours_and_theirs(workdir: str, hf_dir: str, lengths: list[int], rows: int = 2
     from model.transformer import Transformer
     from parallel import mesh as mesh_lib
     from train import workdir_config
-    from train.state import build_run, restore_newest
+    from train.state import build_run
+    from train.checkpoint import restore_newest
 
     config = workdir_config.load(workdir)
     for axis in ("data", "fsdp", "seq", "tensor"):

@@ -25,7 +25,8 @@ from model.attention import SEQUENCE_PARALLEL
 from model.transformer import Transformer
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
-from train.state import build_run, restore_newest
+from train.state import build_run
+from train.checkpoint import restore_newest
 
 
 def check_generate_config(g) -> None:

@@ -24,7 +24,8 @@ from model import hf
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import workdir_config
-from train.state import build_run, checkpoint_meta, restore_newest
+from train.state import build_run
+from train.checkpoint import checkpoint_meta, restore_newest
 from train.validate import validate_config
 
 HF_ARCHITECTURE = "hf_architecture"   # checkpoint metadata: the architecture imported from

@@ -16,7 +16,8 @@ from model.positions import interpolate_position_table, normalize_rope_scaling
 from tests.helpers import read_metrics, small_config, train_losses
 from train import extend as extend_lib
 from train import trainer, workdir_config
-from train.state import build_run, restore_newest, restore_params_from
+from train.state import build_run
+from train.checkpoint import restore_newest, restore_params_from
 
 LN_VOCAB = math.log(256)   # the loss of a random init on bytes
 

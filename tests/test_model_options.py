@@ -16,7 +16,7 @@ from model.attention import Attention, dot_product_attention
 from model.layers import GeluMLP, LayerNorm, SwiGLU
 from model.transformer import ModelConfig, Transformer
 from train.optimizer import weight_decay_mask
-from train.state import PARAMETER_LAYOUT, check_same_model
+from train.checkpoint import PARAMETER_LAYOUT, check_same_model
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2, head_dim=8,
                     mlp_dim=64, l_max=32, dtype="float32", block_q=8, block_k=8,

@@ -16,7 +16,8 @@ import pytest
 from tests.helpers import read_metrics, small_config, train_losses
 from train import checkpoint as checkpoint_lib
 from train import trainer, workdir_config
-from train.state import BrokenCheckpoints, build_run, restore_newest
+from train.state import build_run
+from train.checkpoint import BrokenCheckpoints, restore_newest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config", "tests/small_config.py", "--config.checkpoint.every_steps=100",

@@ -20,7 +20,8 @@ from train import metrics as metrics_lib
 from train import trainer
 from train.optimizer import (learning_rate_at, make_optimizer, weight_decay_mask,
                              with_learning_rate)
-from train.state import abstract_state, build_run, init_state, restore_newest
+from train.state import abstract_state, build_run, init_state
+from train.checkpoint import restore_newest
 from train.step import make_train_step, put_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,8 +26,8 @@ from train import extend as extend_lib
 from train import schedule, workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
-from train.state import (abstract_state, build_run, checkpoint_meta, init_state,
-                         restore_intact, restore_newest, restore_params_from)
+from train.state import abstract_state, build_run, init_state
+from train.checkpoint import checkpoint_meta, restore_intact, restore_newest, restore_params_from
 from train.step import make_train_step, put_batch
 from train.stopping import StopSignals
 from train.validate import validate_config
