@@ -29,6 +29,7 @@ from configs import tiny
 from evaluation import generate as generate_lib
 from evaluation.tables import format_table
 from model.transformer import ModelConfig, Transformer
+from train.state import model_config_from
 from parallel import mesh as mesh_lib
 from parallel.ring_attention import make_ring_attention
 from util.errors import error_line
@@ -73,7 +74,7 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int_list, default=[1, 4, 8])
     parser.add_argument("--new_tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    cfg = ModelConfig.from_config(tiny.get_config(), vocab_size=256)
+    cfg = model_config_from(tiny.get_config(), vocab_size=256)
     rows = []
     for prompt_len in args.prompts:
         for seq in args.seqs:

@@ -84,37 +84,6 @@ class ModelConfig:
     def rope_scaling(self) -> dict | None:
         return json.loads(self.rope_scaling_json)
 
-    @classmethod
-    def from_config(cls, config, vocab_size: int) -> "ModelConfig":
-        """Build from the `model` and `curriculum` sections of an ml_collections config.
-
-        l_max is curriculum.l_max, except for learned positions with
-        model.learned_positions_length > 0: then it is that length (the table's rows)."""
-        m = config.model
-        l_max = config.curriculum.l_max
-        if m.position == "learned" and m.get("learned_positions_length", 0) > 0:
-            l_max = int(m.learned_positions_length)
-        scaling = pos_lib.normalize_rope_scaling(
-            m.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
-        model_config = cls(
-            vocab_size=int(m.vocab_size or vocab_size), d_model=m.d_model,
-            n_layers=m.n_layers, q_heads=m.q_heads, kv_heads=m.kv_heads,
-            head_dim=m.head_dim, mlp_dim=m.mlp_dim, l_max=l_max,
-            position=m.position, rope_theta=float(m.rope.theta),
-            rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
-            block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
-            dtype=m.dtype, param_dtype=m.param_dtype, remat=remat_lib.policy_name(m.remat),
-            scan_layers=bool(m.get("scan_layers", True)),
-            loss_chunk_tokens=int(m.get("loss_chunk_tokens", 0)),
-            mlp_chunk_tokens=int(m.get("mlp_chunk_tokens", 0)),
-            remat_group=int(m.get("remat_group", 1)), norm_eps=m.norm_eps,
-            init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
-            attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias,
-            sliding_window=m.get("sliding_window"),
-            layer_types=None if m.get("layer_types") is None else tuple(m.layer_types))
-        model_config.validate()
-        return model_config
-
     def validate(self) -> None:
         """Raise ValueError (one clear line) for a configuration that cannot be built."""
         if self.position not in POSITION_KINDS:

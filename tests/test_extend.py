@@ -203,8 +203,8 @@ def test_a_scaled_source_keeps_its_scaling_type_and_raises_the_factor(tmp_path, 
     assert {k: v for k, v in normalize_rope_scaling(got, target).items() if v is not None} == want
     assert resolved.curriculum.l_max == target
     # and the resolved config builds a model (the longrope lists fit head_dim 16)
-    from model.transformer import ModelConfig
-    ModelConfig.from_config(resolved, 256)
+    from train.state import model_config_from
+    model_config_from(resolved, 256)
 
 
 def test_a_target_the_scaled_source_already_covers_is_refused(tmp_path):

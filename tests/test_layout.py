@@ -37,3 +37,20 @@ def test_no_module_edits_sys_path():
                if ".venv" not in p.parts and p != pathlib.Path(__file__).resolve()]
     hacks = [str(p.relative_to(ROOT)) for p in sources if "sys.path." in p.read_text()]
     assert hacks == [], "run from the repository root instead (pytest.ini, python -m)"
+
+
+# The rooms that receive typed pieces (ModelConfig, plain arguments), never the raw
+# ml_collections config. evaluation/ still reads config.eval / config.data itself.
+CONFIG_FREE_ROOMS = ("util", "model", "parallel", "data")
+SECTIONS = ("model", "curriculum", "train", "eval", "data", "mesh", "checkpoint", "extend")
+
+
+@pytest.mark.parametrize("room", CONFIG_FREE_ROOMS)
+def test_low_rooms_never_read_a_section_of_the_raw_config(room):
+    reads = {}
+    for path in sorted((ROOT / room).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in SECTIONS
+                    and isinstance(node.value, ast.Name) and node.value.id == "config"):
+                reads.setdefault(str(path.relative_to(ROOT)), []).append(node.lineno)
+    assert not reads, f"config.<section> read at (file: lines) {reads}"

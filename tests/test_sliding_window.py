@@ -16,6 +16,7 @@ from evaluation.generate import generate
 from model.attention import dot_product_attention
 from model.blockwise import blockwise_attention, blockwise_tiles
 from model.transformer import ModelConfig, Transformer
+from train.state import model_config_from
 from parallel.mesh import make_mesh
 from parallel.ring_attention import make_ring_attention, ring_attention, ring_work
 from tests.helpers import random_qkv, small_config
@@ -246,5 +247,5 @@ def test_the_config_key_reaches_the_model():
     config = small_config()
     config.model.sliding_window = 24
     config.model.layer_types = ("full_attention", "sliding_attention")
-    cfg = ModelConfig.from_config(config, 256)
+    cfg = model_config_from(config, 256)
     assert cfg.layer_windows() == (None, 24)

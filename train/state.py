@@ -8,6 +8,7 @@ the model's structure (graphdef) is static and lives in the Run.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Callable
 
 import jax
@@ -15,6 +16,8 @@ import optax
 from flax import nnx
 
 from data.tokenizers import make_tokenizer
+from model import positions as pos_lib
+from model import remat as remat_lib
 from model.transformer import ModelConfig, Transformer
 from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
@@ -66,6 +69,38 @@ def attention_override(model_config: ModelConfig, mesh, config,
         kernel=kernel, block_q=model_config.block_q, block_k=model_config.block_k)
 
 
+def model_config_from(config, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of the `model` and `curriculum` sections of an ml_collections
+    config (model/ never reads the config itself).
+
+    l_max is curriculum.l_max, except for learned positions with
+    model.learned_positions_length > 0: then it is that length (the table's rows)."""
+    m = config.model
+    l_max = config.curriculum.l_max
+    if m.position == "learned" and m.get("learned_positions_length", 0) > 0:
+        l_max = int(m.learned_positions_length)
+    scaling = pos_lib.normalize_rope_scaling(
+        m.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
+    model_config = ModelConfig(
+        vocab_size=int(m.vocab_size or vocab_size), d_model=m.d_model,
+        n_layers=m.n_layers, q_heads=m.q_heads, kv_heads=m.kv_heads,
+        head_dim=m.head_dim, mlp_dim=m.mlp_dim, l_max=l_max,
+        position=m.position, rope_theta=float(m.rope.theta),
+        rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
+        block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
+        dtype=m.dtype, param_dtype=m.param_dtype, remat=remat_lib.policy_name(m.remat),
+        scan_layers=bool(m.get("scan_layers", True)),
+        loss_chunk_tokens=int(m.get("loss_chunk_tokens", 0)),
+        mlp_chunk_tokens=int(m.get("mlp_chunk_tokens", 0)),
+        remat_group=int(m.get("remat_group", 1)), norm_eps=m.norm_eps,
+        init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
+        attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias,
+        sliding_window=m.get("sliding_window"),
+        layer_types=None if m.get("layer_types") is None else tuple(m.layer_types))
+    model_config.validate()
+    return model_config
+
+
 def build_run(config, devices=None, level=None, tokenizer=None,
               rows_in_order: bool = False) -> Run:
     """The mesh, model structure, optimizer and state shardings of `config` (already
@@ -76,7 +111,7 @@ def build_run(config, devices=None, level=None, tokenizer=None,
     the model's static settings (attention bound to the mesh, RoPE) differ.
     """
     tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
-    model_config = ModelConfig.from_config(config, tokenizer.vocab_size)
+    model_config = model_config_from(config, tokenizer.vocab_size)
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
