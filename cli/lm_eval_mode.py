@@ -26,6 +26,7 @@ from lm_eval.api.registry import register_model
 
 from evaluation.generate import generate
 from evaluation import json_values
+from evaluation import lengths as lengths_lib
 from evaluation.lm_eval_model import BoundlessLM
 from evaluation.scoring import Scorer
 from model.attention import SEQUENCE_PARALLEL
@@ -51,10 +52,19 @@ def check_lm_eval_config(config) -> list[str]:
     return tasks
 
 
-def trained_length(config) -> int:
-    """The longest length the run trained at (its last curriculum level)."""
-    plan = curriculum_lib.make_curriculum(_one_device(config), 1)
-    return int(plan.levels[-1].seq_len)
+def window_length(config, model_config) -> tuple[int, str | None]:
+    """(the window of a request: lm_eval.max_length, or the trained length when 0; the
+    notice line when it exceeds the trained length, else None). A one-line ValueError when
+    `model_config` cannot run at it (learned positions beyond their table)."""
+    on_mesh = _one_device(config)
+    plan = curriculum_lib.make_curriculum(on_mesh, 1)
+    length = int(config.lm_eval.max_length) or int(plan.levels[-1].seq_len)
+    if reason := lengths_lib.evaluable(model_config, length):
+        raise ValueError(f"lm_eval.max_length = {length}: {reason}")
+    notice = curriculum_lib.beyond_trained_notice(
+        on_mesh, plan, curriculum_lib.eval_level(on_mesh, plan), [length],
+        "lm-eval requests may reach")
+    return length, notice
 
 
 def _one_device(config):
@@ -118,7 +128,10 @@ def open_workdir(config, workdir: str) -> BoundlessLM:
                          f"{len(jax.local_devices())} devices")
     run, generation_config = model_pieces(config, jax.local_devices()[:seq])
     state, meta = restore_newest(workdir, run, "--mode lm_eval (train first)")
-    lm = make_lm(config, run, generation_config, state["params"], trained_length(config))
+    max_length, notice = window_length(config, run.model_config)
+    if notice:
+        print(notice, flush=True)
+    lm = make_lm(config, run, generation_config, state["params"], max_length)
     lm.checkpoint_step = int(meta["step"])
     return lm
 

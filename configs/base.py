@@ -305,6 +305,10 @@ def get_config() -> config_dict.ConfigDict:
     # few-shot examples per prompt; None: each task's own default
     lm_eval.num_fewshot = None, integer(0, optional=True)
     lm_eval.batch_size = 1, integer(1)  # requests scored (or generated) together
+    # the window of a request: longer sequences keep their last max_length tokens; 0: the
+    # trained length (the last curriculum level's). Beyond it, scoring and generation use
+    # evaluation's RoPE settings (eval.rope_scaling) and say so in a notice.
+    lm_eval.max_length = 0, integer(0)
 
     # --- ahead-of-time plan (--mode plan; cli/memory_plan.py) -------------------------------
     plan = root.section("plan")

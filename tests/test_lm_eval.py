@@ -203,6 +203,27 @@ def test_main_lm_eval_runs_local_tasks_and_writes_the_results(trained_workdir, t
     assert "boundless_mc" in result.stdout and "acc" in result.stdout     # the table
 
 
+def test_the_window_is_the_trained_length_unless_max_length_says_otherwise(built):
+    _, run, _ = built
+    config = small_config()
+    assert lm_eval_mode.window_length(config, run.model_config) == (L_MAX, None)
+    config.lm_eval.max_length = 4 * L_MAX
+    length, notice = lm_eval_mode.window_length(config, run.model_config)
+    assert length == 4 * L_MAX
+    assert notice.startswith(f"note: lm-eval requests may reach {4 * L_MAX} tokens, beyond "
+                             f"the trained length {L_MAX}")
+
+
+def test_a_window_beyond_a_learned_position_table_is_refused():
+    config = small_config()
+    config.model.position = "learned"
+    config.lm_eval.max_length = 2 * L_MAX
+    run, _ = lm_eval_mode.model_pieces(config, jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"lm_eval.max_length = 128: learned absolute "
+                                         r"positions stop at l_max=64"):
+        lm_eval_mode.window_length(config, run.model_config)
+
+
 @pytest.mark.slow
 def test_main_lm_eval_without_tasks_is_one_line(trained_workdir, tmp_path):
     workdir = str(tmp_path / "run")
