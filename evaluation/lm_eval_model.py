@@ -75,7 +75,8 @@ class BoundlessLM(LM):
     temperature, top_p, seed) -> new ids [batch, <= max_new_tokens]; None: generate_until
     is refused) and `tokenizer` (encode / decode).
 
-    max_length: the longest sequence scored or generated (the trained length);
+    max_length: the longest sequence scored or generated (lm_eval.max_length, by default
+    the trained length);
     prefix_id: the token before a text with no context (loglikelihood_rolling's first
     window, an empty context); eos_ids: ids whose text also ends a generation;
     batch_size: requests per scoring batch; rows_multiple: scoring batches are padded to a
