@@ -21,9 +21,8 @@ import numpy as np
 from flax import nnx
 
 from evaluation.generate import generate
-from model.attention import SEQUENCE_PARALLEL
-from model.transformer import Transformer
 from parallel import mesh as mesh_lib
+from parallel import model_on_mesh
 from train import curriculum as curriculum_lib
 from train.state import build_run
 from train.checkpoint import restore_newest
@@ -65,11 +64,8 @@ def generate_workdir(config, workdir: str) -> dict:
     state, _ = restore_newest(workdir, run, "--mode generate (train first)")
     # generate() puts ring attention over the mesh itself when seq > 1; on one device the
     # cache's own attention serves every step
-    model_config = dataclasses.replace(
-        run.model_config, rope_theta=level.rope_theta, rope_scaling_json=level.rope_scaling_json,
-        attention="dense" if run.model_config.attention in SEQUENCE_PARALLEL
-        else run.model_config.attention,
-        remat="none")
+    model_config = model_on_mesh.decoding_config(dataclasses.replace(
+        run.model_config, rope_theta=level.rope_theta, rope_scaling_json=level.rope_scaling_json))
     # weights whole on every device (split over `tensor` only): no gather per decoding step
     params = jax.device_put(state["params"],
                             mesh_lib.compute_shardings(run.state_shardings["params"]))
@@ -81,9 +77,8 @@ def generate_workdir(config, workdir: str) -> dict:
         [prompt_ids.size + int(g.max_new_tokens)], "prompt + new tokens reach")
     if notice:
         print(notice, flush=True)
+    graphdef, _, _ = model_on_mesh.abstract_model(model_config, run.mesh)
     with mesh_lib.use_mesh(run.mesh):
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
-                                                                   rngs=nnx.Rngs(0))), nnx.Param)
         model = nnx.merge(graphdef, params)
         output_ids = generate(model, prompt_ids, int(g.max_new_tokens),
                               temperature=float(g.temperature), top_p=float(g.top_p),

@@ -30,8 +30,8 @@ from evaluation import lengths as lengths_lib
 from evaluation.lm_eval_model import BoundlessLM
 from evaluation.scoring import Scorer
 from model.attention import SEQUENCE_PARALLEL
-from model.transformer import Transformer
 from parallel import mesh as mesh_lib
+from parallel import model_on_mesh
 from train import curriculum as curriculum_lib
 from train.state import build_run
 from train.checkpoint import restore_newest
@@ -86,11 +86,7 @@ def model_pieces(config, devices):
         on_mesh.model.attention = "ring"      # scoring split over the seq devices
     level = dataclasses.replace(level, mesh=tuple(dict(on_mesh.mesh).items()))
     run = build_run(on_mesh, devices=devices, level=level, rows_in_order=True)
-    model_config = dataclasses.replace(
-        run.model_config,
-        attention="dense" if run.model_config.attention in SEQUENCE_PARALLEL
-        else run.model_config.attention, remat="none")
-    return run, model_config
+    return run, model_on_mesh.decoding_config(run.model_config)
 
 
 def make_lm(config, run, generation_config, params, max_length: int) -> BoundlessLM:
@@ -100,9 +96,7 @@ def make_lm(config, run, generation_config, params, max_length: int) -> Boundles
     scorer = Scorer(run, params)
     # weights whole on every device (split over `tensor` only): no gather per decoding step
     compute = jax.device_put(params, mesh_lib.compute_shardings(run.state_shardings["params"]))
-    with mesh_lib.use_mesh(run.mesh):
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(generation_config,
-                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    graphdef, _, _ = model_on_mesh.abstract_model(generation_config, run.mesh)
     eos_ids = tuple(int(i) for i in g.eos_ids)
 
     def generate_ids(prompts, max_new_tokens, temperature, top_p, seed):

@@ -24,7 +24,9 @@ from evaluation import retrieval as retrieval_lib
 from evaluation import ruler as ruler_lib
 from evaluation.progress import Progress
 from evaluation.scoring import Scorer, memory_fits
-from model.attention import SEQUENCE_PARALLEL
+from parallel import mesh as mesh_lib
+from parallel import model_on_mesh
+from parallel.model_on_mesh import decoding_config
 
 DEPTHS = tuple(i / 10 for i in range(11))   # 0%, 10%, ..., 100%
 
@@ -173,22 +175,13 @@ def greedy_generator(run, params):
     from flax import nnx
 
     from evaluation.generate import generate
-    from model.transformer import Transformer
 
     if jax.process_count() > 1:
         raise ValueError('eval.retrieval_scoring="generate" runs in a single process')
-    mc = run.model_config
-    model_config = dataclasses.replace(
-        mc, attention="dense" if mc.attention in SEQUENCE_PARALLEL else mc.attention,
-        remat="none")
-    from parallel import mesh as mesh_lib
-
     device = jax.local_devices()[0]
     names = run.mesh.axis_names
     one = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(names)), names)
-    with mesh_lib.use_mesh(one):
-        abstract = nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0)))
-    graphdef, _ = nnx.split(abstract, nnx.Param)
+    graphdef, _, _ = model_on_mesh.abstract_model(decoding_config(run.model_config), one)
     model = nnx.merge(graphdef, jax.device_put(params, jax.sharding.SingleDeviceSharding(device)))
 
     def generate_fn(prompts, new, pad_to=None):
@@ -237,17 +230,9 @@ def ruler_generator(run, params, long_from: int):
     from flax import nnx
 
     from evaluation.generate import generate
-    from model.transformer import Transformer
-    from parallel import mesh as mesh_lib
 
-    mc = run.model_config
-    model_config = dataclasses.replace(
-        mc, attention="dense" if mc.attention in SEQUENCE_PARALLEL else mc.attention,
-        remat="none")
     compute = jax.device_put(params, mesh_lib.compute_shardings(run.state_shardings["params"]))
-    with mesh_lib.use_mesh(run.mesh):
-        graphdef, _ = nnx.split(nnx.eval_shape(lambda: Transformer(model_config,
-                                                                   rngs=nnx.Rngs(0))), nnx.Param)
+    graphdef, _, _ = model_on_mesh.abstract_model(decoding_config(run.model_config), run.mesh)
     rows = run.mesh.shape.get("data", 1) * run.mesh.shape.get("fsdp", 1)
 
     def generate_fn(ids, new, pad_to=None):

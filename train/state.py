@@ -21,6 +21,7 @@ from model import remat as remat_lib
 from model.transformer import ModelConfig, Transformer
 from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
+from parallel import model_on_mesh
 from parallel import sequence_parallel
 from train.optimizer import make_optimizer
 
@@ -124,15 +125,10 @@ def build_run(config, devices=None, level=None, tokenizer=None,
     if model_config.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
     attention_fn = attention_override(model_config, mesh, config, rows_in_order)
+    graphdef, abstract_params, param_shardings = model_on_mesh.abstract_model(
+        model_config, mesh, attention_fn)
     with mesh_lib.use_mesh(mesh):
-        abstract_model = nnx.eval_shape(
-            lambda: Transformer(model_config, rngs=nnx.Rngs(0), attention_fn=attention_fn))
-        graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         optimizer = make_optimizer(config.train, abstract_params)
-        param_shardings = jax.tree.map(
-            lambda spec: jax.sharding.NamedSharding(mesh, spec),
-            nnx.get_partition_spec(abstract_params),
-            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = optax.tree_map_params(
