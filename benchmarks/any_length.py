@@ -26,7 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks.common import MIB, int_list
-from evaluation.tables import format_table
+from util.tables import format_table
 from model.blockwise import block_plan, blockwise_attention
 from parallel.layout import apply_layout, layout_length
 from parallel.mesh import make_mesh

@@ -20,7 +20,7 @@ import math
 import jax
 
 from benchmarks.common import int_list, pyplot, save_figure, train_step_memory
-from evaluation.tables import format_table
+from util.tables import format_table
 from util.errors import error_line
 
 

@@ -87,7 +87,7 @@ def final_parameters(workdir: str) -> dict:
 
 
 def main(argv=None):
-    from evaluation.tables import format_table
+    from util.tables import format_table
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)

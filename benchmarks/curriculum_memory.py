@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from benchmarks.common import MIB, int_list, memory, pyplot, save_figure
 from configs import curriculum_cpu
-from evaluation.tables import format_table
+from util.tables import format_table
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
 from train import state as state_lib

@@ -30,7 +30,7 @@ import sys
 import time
 
 from benchmarks.common import REPO, new_workdir
-from evaluation.tables import format_table
+from util.tables import format_table
 
 CONFIG = "configs/curriculum_cpu.py"
 DEVICES = 8

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from benchmarks.common import new_workdir
-from evaluation.tables import format_table
+from util.tables import format_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOUND_MIB = 150

@@ -60,7 +60,7 @@ def main(argv=None):
     from configs import tiny
     from data.pipeline import make_train_stream
     from data.tokenizers import make_tokenizer
-    from evaluation.tables import format_table
+    from util.tables import format_table
     from cli.prepare_mode import prepare_workdir
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data_throughput",

@@ -27,7 +27,7 @@ from flax import nnx
 from benchmarks.common import MIB, int_list, memory
 from configs import tiny
 from evaluation import generate as generate_lib
-from evaluation.tables import format_table
+from util.tables import format_table
 from model.transformer import ModelConfig, Transformer
 from train.state import model_config_from
 from parallel import mesh as mesh_lib

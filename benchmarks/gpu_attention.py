@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.throughput import known_peak
-from evaluation.tables import format_table
+from util.tables import format_table
 from parallel.sequence_parallel import local_attention
 from util.errors import first_line
 

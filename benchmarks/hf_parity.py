@@ -63,7 +63,7 @@ def ours_and_theirs(workdir: str, hf_dir: str, lengths: list[int], rows: int = 2
 
 
 def main(argv=None):
-    from evaluation.tables import format_table
+    from util.tables import format_table
     parser = argparse.ArgumentParser(prog="python -m benchmarks.hf_parity",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)

@@ -32,7 +32,7 @@ import numpy as np
 from benchmarks.common import MIB
 from model.remat import REMAT_POLICIES
 from configs import tiny
-from evaluation.tables import format_table
+from util.tables import format_table
 from parallel import mesh as mesh_lib
 from cli import memory_plan as plan_lib
 from train.state import abstract_state, build_run, init_state

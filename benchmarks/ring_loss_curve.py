@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 from benchmarks.common import REPO, new_workdir
-from evaluation.tables import format_table
+from util.tables import format_table
 
 RUNS = (("one_device", 1, []),
         ("ring_seq8", 8, ["--config.mesh.seq=8", "--config.model.attention=ring"]))

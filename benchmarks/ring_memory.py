@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks.common import (int_list, memory, pyplot, save_figure,
                                train_step_memory)
-from evaluation.tables import format_table
+from util.tables import format_table
 from parallel.mesh import make_mesh
 from parallel.ring_attention import ring_attention
 from util.errors import error_line

@@ -29,7 +29,7 @@ import os
 import tempfile
 
 from benchmarks.common import int_list, main_py
-from evaluation.tables import format_table
+from util.tables import format_table
 
 # RULER (Hsieh et al. 2024): mean over the 13 tasks at 4K..128K, effective length
 PUBLISHED = [("Llama-3.1-8B", "95.5 / 93.8 / 91.6 / 87.4 / 84.7 / 77.0", "32K"),

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks.common import MIB, int_list
-from evaluation.tables import format_table
+from util.tables import format_table
 from parallel.collectives import (closed_form_bytes, collective_bytes,
                                   transfer_seconds)
 from parallel.mesh import make_mesh

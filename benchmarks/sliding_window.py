@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from benchmarks.common import int_list
-from evaluation.tables import format_table
+from util.tables import format_table
 from model.blockwise import blockwise_tiles
 from parallel.layout import apply_layout
 from parallel.mesh import make_mesh

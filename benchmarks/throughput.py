@@ -70,7 +70,7 @@ def load_config(path: str, settings: list[str]):
 
 
 def main(argv=None):
-    from evaluation.tables import format_table
+    from util.tables import format_table
     from model.flops import training_flops_per_step
     from parallel import mesh as mesh_lib
     from train.state import build_run, init_state

@@ -22,6 +22,7 @@ from configs import base
 from data.tokenizers import write_byte_tokenizer_json
 from model import hf
 from parallel import mesh as mesh_lib
+from parallel import model_on_mesh
 from train import checkpoint as checkpoint_lib
 from train import workdir_config
 from train.state import build_run
@@ -72,9 +73,10 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
                 shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
     validate_config(config)
     run = build_run(config)
-    model = hf.load_model(hf_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-                          mesh=run.mesh, axis_rules=mesh_lib.LOGICAL_RULES)
-    params = nnx.state(model, nnx.Param)
+    # the run's model placed on its mesh: each process reads the slices its devices hold
+    _, abstract_params, shardings = model_on_mesh.abstract_model(run.model_config, run.mesh,
+                                                                 run.attention_fn)
+    params = hf.load_params(hf_dir, abstract_params, shardings)
     with mesh_lib.use_mesh(run.mesh):
         opt_state = jax.jit(run.optimizer.init,
                             out_shardings=run.state_shardings["opt_state"])(params)

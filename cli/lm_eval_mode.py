@@ -25,7 +25,7 @@ from flax import nnx
 from lm_eval.api.registry import register_model
 
 from evaluation.generate import generate
-from evaluation import json_values
+from util import json_values
 from evaluation import lengths as lengths_lib
 from evaluation.lm_eval_model import BoundlessLM
 from evaluation.scoring import Scorer

@@ -22,10 +22,10 @@ import time
 import jax
 import jax.numpy as jnp
 
-from evaluation import json_values
+from util import json_values
 from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
-from evaluation.tables import format_table
+from util.tables import format_table
 from model.flops import training_flops_per_step
 from model.attention import SEQUENCE_PARALLEL
 from parallel import collectives
@@ -268,7 +268,8 @@ def plan_workdir(config, workdir: str) -> dict:
                                        if "skipped" in strategies[-1] else "compiled"),
                   flush=True)
     eval_level = curriculum_lib.eval_level(config, plan)
-    eval_entry = eval_step_entry(config, eval_level, max(evaluation_lengths(config)))
+    longest = max(evaluation_lengths(config.eval.lengths, config.curriculum.l_max))
+    eval_entry = eval_step_entry(config, eval_level, longest)
     budget = float(config.plan.memory_budget_gib)
     fit = None
     if budget > 0:

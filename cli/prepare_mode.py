@@ -12,8 +12,9 @@ import multiprocessing
 import os
 import time
 
+from configs import sections
 from data import prepare as prepare_lib
-from evaluation.progress import Progress
+from util.progress import Progress
 
 
 def _prepare_unit(job):
@@ -23,7 +24,7 @@ def _prepare_unit(job):
 
 def prepare_workdir(config) -> dict:
     """Prepare config.data's source into config.data.prepare_dir; returns the manifest."""
-    data = config.data
+    data = sections.typed(config, "data")
     out_dir = data.prepare_dir
     if not out_dir:
         raise ValueError("--mode prepare needs --config.data.prepare_dir=DIR (where the shards go)")

@@ -8,6 +8,9 @@ way the rows come from data/stream.py's TrainStream, in the row format:
   tokens, targets, positions (from 0 in each segment), segment_ids (1, 2, ... per segment,
   0 on padding) int32 [length]; loss_mask float32 (0 on padding, else the target's loss
   weight: 1, or data.retrieval_answer_weight on a synthetic document's answer).
+
+`data_config` throughout data/ is the typed `data` section (configs/sections.py:
+DataSection), read by attribute; data/ never sees the whole config.
 """
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 
 from model.kv_cache import KVCache
-from model.transformer import Transformer
 from parallel import mesh as mesh_lib
+from parallel import model_on_mesh
 from parallel import sharded_cache
 from parallel.ring_attention import make_ring_attention
 
@@ -190,9 +190,7 @@ def _with_ring_attention(model, mesh):
     # the prefill buffer is in sequence order: a sliding window shortens the ring
     ring = make_ring_attention(mesh, layout="contiguous", block_q=cfg.block_q,
                                block_k=cfg.block_k)
-    with nnx.use_eager_sharding(False):
-        graphdef = nnx.graphdef(nnx.eval_shape(
-            lambda: Transformer(cfg, rngs=nnx.Rngs(0), attention_fn=ring)))
+    graphdef, _, _ = model_on_mesh.abstract_model(cfg, mesh, ring)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     devices = set(mesh.devices.flat)
 

@@ -8,13 +8,13 @@ import os
 import jax
 
 
-def evaluation_lengths(config, top: int | None = None) -> tuple[int, ...]:
-    """eval.lengths if set; else powers of two from l_max / 2 up to max(8 l_max, top).
+def evaluation_lengths(lengths, l_max: int, top: int | None = None) -> tuple[int, ...]:
+    """`lengths` (eval.lengths) if set; else powers of two from l_max / 2 up to
+    max(8 l_max, top).
 
     `top` is the probed longest length (default_top_length); None: 8 l_max."""
-    if config.eval.lengths:
-        return tuple(sorted(int(x) for x in config.eval.lengths))
-    l_max = config.curriculum.l_max
+    if lengths:
+        return tuple(sorted(int(x) for x in lengths))
     top = max(8 * l_max, top or 0)
     lengths, length = [], max(1, l_max // 2)
     while length <= top:

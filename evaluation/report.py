@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from evaluation.tables import format_table
+from util.tables import format_table
 
 PERPLEXITY_FILE = "perplexity_by_length.json"
 RETRIEVAL_FILE = "retrieval.json"

@@ -1,8 +1,9 @@
-"""The evaluation suite of a config: build its batches once, score a checkpoint, write
+"""The evaluation suite of a run: build its batches once, score a checkpoint, write
 eval[/<name>]/ (perplexity_by_length.json/.csv, retrieval.json, PNGs, summary.md).
 
-`run` is the trainer's Run (train/state.py), read for .config, .model_config, .mesh,
-.graphdef and .state_shardings; nothing here imports train/.
+What it reads of the run's config comes as an EvalSetup of typed sections
+(configs/sections.py; train/ builds it); the model comes placed on a mesh
+(parallel/model_on_mesh.py: ModelOnMesh).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,18 +19,35 @@ import numpy as np
 from data import retrieval_tasks
 from data.windows import (batches_of, document_lengths, same_target_windows, sliding_windows,
                           validation_documents)
-from evaluation import json_values
+from util import json_values
 from evaluation import lengths as lengths_lib
 from evaluation import perplexity, report
 from evaluation import retrieval as retrieval_lib
 from evaluation import ruler as ruler_lib
-from evaluation.progress import Progress
+from util.progress import Progress
 from evaluation.scoring import Scorer, memory_fits
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
-from parallel.model_on_mesh import decoding_config
+from parallel.model_on_mesh import ModelOnMesh, decoding_config
 
 DEPTHS = tuple(i / 10 for i in range(11))   # 0%, 10%, ..., 100%
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSetup:
+    """What evaluation reads of a run's config, as typed pieces (eval_setup builds it)."""
+    settings: Any            # the typed `eval` section (configs/sections.py)
+    data: Any                # the typed `data` section of the corpus scored (evaluation_data)
+    l_max: int               # curriculum.l_max: default lengths start at l_max / 2
+    seed: int                # the run's seed: the retrieval grid's samples
+    eos_ids: tuple = ()      # generate.eos_ids: RULER's generations end at the first
+
+
+def eval_setup(settings, data, *, l_max: int, seed: int, eos_ids=()) -> EvalSetup:
+    """The EvalSetup of typed `eval` and `data` sections (the corpus resolved by
+    evaluation_data)."""
+    return EvalSetup(settings, evaluation_data(settings, data), int(l_max), int(seed),
+                     tuple(int(i) for i in eos_ids or ()))
 
 
 @dataclasses.dataclass
@@ -41,6 +60,8 @@ class EvalData:
     retrieval: dict[str, tuple[list, dict[int, list[dict]]]]  # task: (samples, batches per length)
     retrieval_not_evaluable: dict[str, str]
     ruler: dict | None = None                # build_ruler's samples and settings, or None
+    setup: EvalSetup | None = None           # the settings the batches were built from
+    tokenizer: Any = None                    # decodes RULER's generations
 
     def batch_count(self) -> int:
         """Batches `evaluate` scores (the loss-by-position pass rescoring the longest
@@ -53,16 +74,16 @@ class EvalData:
                            for b in by_length.values())
 
 
-def build_eval_data(config, model_config, tokenizer, *, top_length: int | None = None,
-                    documents=None) -> EvalData:
-    """The evaluation batches for `config.eval`. top_length: the probed longest default
-    length (lengths.evaluation_lengths); documents: validation_documents, if already read."""
-    e = config.eval
-    lengths = lengths_lib.evaluation_lengths(config, top_length)
+def build_eval_data(setup: EvalSetup, model_config, tokenizer, *,
+                    top_length: int | None = None, documents=None) -> EvalData:
+    """The evaluation batches of `setup`. top_length: the probed longest default length
+    (lengths.evaluation_lengths); documents: validation_documents, if already read."""
+    e = setup.settings
+    lengths = lengths_lib.evaluation_lengths(e.lengths, setup.l_max, top_length)
     not_evaluable = {str(L): r for L in lengths if (r := lengths_lib.evaluable(model_config, L))}
     lengths = [L for L in lengths if str(L) not in not_evaluable]
     if documents is None:
-        documents = validation_documents(evaluation_data(config), tokenizer)
+        documents = validation_documents(setup.data, tokenizer)
     windows, sliding = {}, {}
     if lengths:
         score_tokens = e.score_tokens or min(lengths)
@@ -80,21 +101,21 @@ def build_eval_data(config, model_config, tokenizer, *, top_length: int | None =
         r_lengths = [L for L in r_lengths if str(L) not in retrieval_not_evaluable]
         for task in e.retrieval_tasks:
             samples = retrieval_tasks.make_grid(task, tokenizer, lengths=r_lengths,
-                                                depths=DEPTHS, seed=config.seed,
+                                                depths=DEPTHS, seed=setup.seed,
                                                 samples_per_cell=e.retrieval_samples)
             by_length = {L: batches_of(retrieval_lib.teacher_forced_batch(
                 [s for s in samples if s.length == L], L), e.batch_size) for L in r_lengths}
             retrieval[task] = (samples, by_length)
     return EvalData(lengths, not_evaluable, windows, sliding, retrieval, retrieval_not_evaluable,
-                    build_ruler(config, model_config, tokenizer, lengths, documents))
+                    build_ruler(e.ruler, model_config, tokenizer, lengths, documents),
+                    setup, tokenizer)
 
 
-def build_ruler(config, model_config, tokenizer, lengths, documents) -> dict | None:
-    """RULER samples for eval.ruler (None when eval.ruler.tasks is empty): the essay
-    haystack is the validation documents' text; lengths the model cannot evaluate and
-    (task, length) cells the task cannot fit are recorded in "skipped"."""
-    r = config.eval.get("ruler")
-    if r is None or not r.tasks:
+def build_ruler(r, model_config, tokenizer, lengths, documents) -> dict | None:
+    """RULER samples for `r`, the typed eval.ruler section (None when r.tasks is empty):
+    the essay haystack is the validation documents' text; lengths the model cannot evaluate
+    and (task, length) cells the task cannot fit are recorded in "skipped"."""
+    if not r.tasks:
         return None
     qa_path = r.qa_path or None
     tasks, skipped = ruler_lib.resolve_tasks(tuple(r.tasks), qa_path)
@@ -127,19 +148,21 @@ def build_ruler(config, model_config, tokenizer, lengths, documents) -> dict | N
                          "qa_path": r.qa_path}}
 
 
-def prepare(config, run, abstract_params) -> EvalData:
-    """build_eval_data for `run` (the eval level's). With eval.lengths unset, the longest
-    default length is probed against the memory of run's mesh (compiling the scoring step
-    at doubling lengths with `abstract_params`) and printed with why it stopped."""
-    documents = validation_documents(evaluation_data(config), run.tokenizer)
+def prepare(setup: EvalSetup, placed: ModelOnMesh, tokenizer, abstract_params) -> EvalData:
+    """build_eval_data for the model `placed` on the eval mesh. With eval.lengths unset,
+    the longest default length is probed against the memory of that mesh (compiling the
+    scoring step at doubling lengths with `abstract_params`) and printed with why it
+    stopped."""
+    documents = validation_documents(setup.data, tokenizer)
     top = None
-    if not config.eval.lengths:
-        e = config.eval
-        budget, source = lengths_lib.memory_budget_bytes(list(run.mesh.devices.flat),
+    e = setup.settings
+    if not e.lengths:
+        budget, source = lengths_lib.memory_budget_bytes(list(placed.mesh.devices.flat),
                                                          e.memory_budget_mib)
         found = lengths_lib.default_top_length(
-            config.curriculum.l_max, document_lengths(documents), rows=e.batch_size,
-            max_length=e.max_length, fits=memory_fits(run, abstract_params, e.batch_size, budget))
+            setup.l_max, document_lengths(documents), rows=e.batch_size,
+            max_length=e.max_length,
+            fits=memory_fits(placed, abstract_params, e.batch_size, budget))
         top = found.length
         if jax.process_count() > 1:   # host memory may differ: every process takes process 0's
             from jax.experimental import multihost_utils
@@ -147,7 +170,7 @@ def prepare(config, run, abstract_params) -> EvalData:
         if jax.process_index() == 0:
             print(f"eval lengths up to {top} ({found.reason}; memory budget "
                   f"{budget / 2**20:.0f} MiB per device from {source})", flush=True)
-    return build_eval_data(config, run.model_config, run.tokenizer, top_length=top,
+    return build_eval_data(setup, placed.model_config, tokenizer, top_length=top,
                            documents=documents)
 
 
@@ -158,17 +181,18 @@ def perplexity_only(data: EvalData) -> EvalData:
 
 
 def retrieval_scoring(e) -> str:
-    """eval.retrieval_scoring, checked: "teacher_forced" (default) or "generate"."""
-    scoring = e.get("retrieval_scoring", "teacher_forced")
+    """e.retrieval_scoring (the typed eval section's), checked: "teacher_forced" or
+    "generate"."""
+    scoring = e.retrieval_scoring
     if scoring not in retrieval_lib.SCORING_MODES:
         raise ValueError(f"eval.retrieval_scoring must be one of {retrieval_lib.SCORING_MODES}, "
                          f"got {scoring!r}")
     return scoring
 
 
-def greedy_generator(run, params):
-    """(prompts [k, P], max_new_tokens) -> greedy tokens [k, max_new_tokens] with run's
-    model and `params`, on one device: the parameters (possibly sharded over the eval mesh)
+def greedy_generator(placed: ModelOnMesh, params):
+    """(prompts [k, P], max_new_tokens) -> greedy tokens [k, max_new_tokens] with the
+    model `placed` and `params`, on one device: the parameters (possibly sharded over the eval mesh)
     are gathered onto the first local device and a one-device model is rebuilt with dense
     attention (decoding attends over the KV cache; ring attention is not used). Single
     process only."""
@@ -179,9 +203,9 @@ def greedy_generator(run, params):
     if jax.process_count() > 1:
         raise ValueError('eval.retrieval_scoring="generate" runs in a single process')
     device = jax.local_devices()[0]
-    names = run.mesh.axis_names
+    names = placed.mesh.axis_names
     one = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(names)), names)
-    graphdef, _, _ = model_on_mesh.abstract_model(decoding_config(run.model_config), one)
+    graphdef, _, _ = model_on_mesh.abstract_model(decoding_config(placed.model_config), one)
     model = nnx.merge(graphdef, jax.device_put(params, jax.sharding.SingleDeviceSharding(device)))
 
     def generate_fn(prompts, new, pad_to=None):
@@ -190,73 +214,75 @@ def greedy_generator(run, params):
     return generate_fn
 
 
-def evaluate(run, params, data: EvalData, *, step: int | None = None, name: str = "") -> dict:
-    """Score `params` on every evaluation in `data`: {"perplexity_by_length": {...},
-    "retrieval": {...} or None}."""
-    scorer = Scorer(run, params)
+def evaluate(placed: ModelOnMesh, params, data: EvalData, *, step: int | None = None,
+             name: str = "") -> dict:
+    """Score `params` of the model `placed` on every evaluation in `data`:
+    {"perplexity_by_length": {...}, "retrieval": {...} or None, "ruler": {...} or None}."""
+    scorer = Scorer(placed, params)
     progress = Progress(data.batch_count(), "eval")
-    mc = run.model_config
+    e = data.setup.settings
+    mc = placed.model_config
     result = {"name": name, "step": step, "l_max": mc.l_max, "position": mc.position,
               "rope_theta": mc.rope_theta, "rope_scaling": mc.rope_scaling,
               **perplexity.same_target_perplexity(scorer, data.windows, progress, mc.vocab_size),
               "not_evaluable": dict(data.not_evaluable)}
     if data.sliding:
         result["sliding_window"] = perplexity.sliding_window_perplexity(
-            scorer, data.sliding, run.config.eval.sliding_stride, progress)
+            scorer, data.sliding, e.sliding_stride, progress)
         result["loss_by_position"] = perplexity.loss_by_position(
             scorer, data.windows[max(data.lengths)], progress)
     retrieval = None
     if data.retrieval:
-        threshold = run.config.eval.retrieval_threshold
-        scoring = retrieval_scoring(run.config.eval)
-        generate_fn = greedy_generator(run, params) if scoring == "generate" else None
+        threshold = e.retrieval_threshold
+        scoring = retrieval_scoring(e)
+        generate_fn = greedy_generator(placed, params) if scoring == "generate" else None
         retrieval = {"threshold": threshold, "scoring": scoring,
                      "tasks": retrieval_lib.score_grids(scorer, data.retrieval, threshold,
                                                         progress, generate_fn),
                      "not_evaluable": dict(data.retrieval_not_evaluable)}
-    ruler = score_ruler(run, params, data.ruler) if data.ruler else None
+    ruler = (score_ruler(placed, params, data.ruler, data.tokenizer, data.setup.eos_ids)
+             if data.ruler else None)
     return {"perplexity_by_length": result, "retrieval": retrieval, "ruler": ruler}
 
 
-def ruler_generator(run, params, long_from: int):
+def ruler_generator(placed: ModelOnMesh, params, long_from: int):
     """(prompt ids [P], max_new_tokens, pad_to) -> greedy new ids (pad_to: generate's, one
     compiled function per padded shape, or None). Prompts of >= long_from tokens on
-    a run whose mesh has seq > 1 are prefilled with ring attention over it (generate's
+    a placed whose mesh has seq > 1 are prefilled with ring attention over it (generate's
     mesh=, parameters whole on every device but split over tensor); the others are decoded
     on one device (greedy_generator)."""
-    one_device = greedy_generator(run, params)
-    if run.mesh.shape.get("seq", 1) <= 1 or jax.process_count() > 1:
+    one_device = greedy_generator(placed, params)
+    if placed.mesh.shape.get("seq", 1) <= 1 or jax.process_count() > 1:
         return lambda ids, new, pad_to=None: np.asarray(one_device(ids[None], new, pad_to))[0]
     from flax import nnx
 
     from evaluation.generate import generate
 
-    compute = jax.device_put(params, mesh_lib.compute_shardings(run.state_shardings["params"]))
-    graphdef, _, _ = model_on_mesh.abstract_model(decoding_config(run.model_config), run.mesh)
-    rows = run.mesh.shape.get("data", 1) * run.mesh.shape.get("fsdp", 1)
+    compute = jax.device_put(params, mesh_lib.compute_shardings(placed.param_shardings))
+    graphdef, _, _ = model_on_mesh.abstract_model(decoding_config(placed.model_config), placed.mesh)
+    rows = placed.mesh.shape.get("data", 1) * placed.mesh.shape.get("fsdp", 1)
 
     def generate_fn(ids, new, pad_to=None):
         if len(ids) < long_from:
             return np.asarray(one_device(ids[None], new, pad_to))[0]
-        with mesh_lib.use_mesh(run.mesh):
+        with mesh_lib.use_mesh(placed.mesh):
             model = nnx.merge(graphdef, compute)
             out = generate(model, np.repeat(ids[None], rows, 0), int(new), temperature=0.0,
-                           mesh=run.mesh, pad_to=pad_to)
+                           mesh=placed.mesh, pad_to=pad_to)
         return np.asarray(out)[0]
     return generate_fn
 
 
-def score_ruler(run, params, ruler: dict) -> dict:
+def score_ruler(placed: ModelOnMesh, params, ruler: dict, tokenizer, eos=()) -> dict:
     """Greedy generation of every RULER sample, scored with RULER's metrics: ruler.json's
-    content, with "records" (one per sample) for ruler_samples.jsonl."""
-    generate_fn = ruler_generator(run, params, long_from=run.model_config.l_max)
-    g = run.config.get("generate")
-    eos = tuple(int(i) for i in (g.get("eos_ids", ()) if g is not None else ()) or ())
+    content, with "records" (one per sample) for ruler_samples.jsonl. A generation ends
+    before its first token of `eos`."""
+    generate_fn = ruler_generator(placed, params, long_from=placed.model_config.l_max)
     progress = Progress(len(ruler["samples"]), "ruler")
     # prompts of one length and answer budget are padded to the longest of them, so they
     # share one compiled generation (the tokens are those of the exact prompt); not under
     # the dynamic RoPE scaling, whose frequencies follow the padded length
-    exact = (run.model_config.rope_scaling or {}).get("rope_type") == "dynamic"
+    exact = (placed.model_config.rope_scaling or {}).get("rope_type") == "dynamic"
     bucket = {}
     for sample in ruler["samples"]:
         key = (sample["length"], sample["max_new_tokens"])
@@ -270,7 +296,7 @@ def score_ruler(run, params, ruler: dict) -> dict:
             if token in eos:
                 new = new[:i]
                 break
-        prediction = run.tokenizer.decode(np.asarray(new, np.int32))
+        prediction = tokenizer.decode(np.asarray(new, np.int32))
         records.append({"task": sample["task"], "length": sample["length"],
                         "tokens": sample["tokens"], "prompt": sample["prompt"],
                         "answers": sample["answers"], "prediction": prediction,
@@ -322,28 +348,26 @@ EVAL_DATA_KEYS = ("source", "path", "text_field", "validation_percent")
 CORPUS_FILE = "corpus.json"
 
 
-def evaluation_data(config):
-    """The data section evaluation reads: the run's, or with eval.data.source set, the run's
-    with eval.data's source, path, text_field and validation_percent (-1: the run's) on
-    top: another corpus scored with the run's tokenizer (eval.name must name where)."""
-    other = config.eval.get("data")
-    if other is None or not other.source:
-        return config.data
-    if not config.eval.name:
+def evaluation_data(settings, data):
+    """The data section evaluation reads (typed sections in, typed out): the run's `data`,
+    or with settings.data.source set, `data` with eval.data's source, path, text_field and
+    validation_percent (-1: the run's) on top: another corpus scored with the run's
+    tokenizer (eval.name must name where)."""
+    other = settings.data
+    if not other.source:
+        return data
+    if not settings.name:
         raise ValueError("eval.data.source scores another corpus: set eval.name so that its "
                          "results go to eval/<name>/ beside the run's own")
-    data = config.data.copy_and_resolve_references()
-    for key in EVAL_DATA_KEYS:
-        value = other[key]
-        if key != "validation_percent" or value >= 0:
-            data[key] = value
-    return data
+    changes = {key: getattr(other, key) for key in EVAL_DATA_KEYS
+               if key != "validation_percent" or other.validation_percent >= 0}
+    return dataclasses.replace(data, **changes)
 
 
-def corpus_identity(config) -> dict:
-    """What evaluation results were computed on: the corpus keys and the tokenizer."""
-    data = evaluation_data(config)
-    return {**{key: data[key] for key in EVAL_DATA_KEYS}, "tokenizer": data.tokenizer}
+def corpus_identity(data) -> dict:
+    """What evaluation results were computed on (`data`: EvalSetup.data): the corpus keys
+    and the tokenizer."""
+    return {**{key: getattr(data, key) for key in EVAL_DATA_KEYS}, "tokenizer": data.tokenizer}
 
 
 SETTINGS_FILE = "settings.json"
@@ -353,20 +377,19 @@ SETTING_KEYS = ("lengths", "max_length", "score_tokens", "max_batches", "sliding
                 "retrieval_lengths", "retrieval_samples", "retrieval_scoring")
 
 
-def evaluation_settings(config) -> dict:
-    """The SETTING_KEYS of config.eval as JSON values."""
+def evaluation_settings(settings) -> dict:
+    """The SETTING_KEYS of the typed eval section as JSON values."""
     def plain(value):
-        value = value.to_dict() if hasattr(value, "to_dict") else value
         return json.loads(json.dumps(value, sort_keys=True, default=str))
-    return {key: plain(config.eval.get(key)) for key in SETTING_KEYS}
+    return {key: plain(getattr(settings, key)) for key in SETTING_KEYS}
 
 
-def claim_eval_directory(eval_dir: str, config, is_writer: bool = True) -> None:
+def claim_eval_directory(eval_dir: str, setup: EvalSetup, is_writer: bool = True) -> None:
     """Record in eval_dir which corpus and settings its results are of; one ValueError
     line if it holds results of another corpus or of other settings (lengths, tasks, ...):
     evaluation files never overwrite those; another eval.name writes beside them."""
     path, settings_path = os.path.join(eval_dir, CORPUS_FILE), os.path.join(eval_dir, SETTINGS_FILE)
-    identity, settings = corpus_identity(config), evaluation_settings(config)
+    identity, settings = corpus_identity(setup.data), evaluation_settings(setup.settings)
     if os.path.exists(path):
         with open(path) as f:
             held = json.load(f)

@@ -2,12 +2,13 @@
 
 - `load_config(hf_dir)`: config.json -> (ModelConfig, architecture), or one ValueError line
   naming what was found and what is supported.
-- `load_model(hf_dir, ...)`: config.json + model.safetensors (or a sharded
-  model.safetensors.index.json) -> Transformer, streamed tensor by tensor: every parameter
-  is built with `jax.make_array_from_callback`, and each callback reads from the file only
-  the rows of the checkpoint tensor its device's block needs (positioned reads, no memory
-  map: see _SafetensorsFile), then transposes / reshapes it into our layout. The host never
-  holds the checkpoint besides the model: one block at a time.
+- `load_params(hf_dir, abstract_params, shardings)` (and `load_model(hf_dir, ...)`, the
+  same on one device): config.json + model.safetensors (or a sharded
+  model.safetensors.index.json) -> parameters (a Transformer), streamed tensor by tensor:
+  every parameter is built with `jax.make_array_from_callback`, and each callback reads
+  from the file only the rows of the checkpoint tensor its device's block needs (positioned
+  reads, no memory map: see _SafetensorsFile), then transposes / reshapes it into our
+  layout. The host never holds the checkpoint besides the model: one block at a time.
 - `save_model(model, out_dir, ...)`: the inverse; config.json in the style the installed
   transformers (5.x) writes (`rope_parameters`), model.safetensors sharded above
   `max_shard_bytes` with model.safetensors.index.json, tokenizer.json copied when given,
@@ -617,42 +618,42 @@ def _path_name(path) -> str:
 
 
 def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = None,
-               attention: str = "blockwise", mesh=None, axis_rules=None,
-               attention_fn: Callable | None = None, **overrides) -> Transformer:
-    """A Transformer with the weights of a Hugging Face checkpoint directory.
+               attention: str = "blockwise", attention_fn: Callable | None = None,
+               **overrides) -> Transformer:
+    """A Transformer with the weights of a Hugging Face checkpoint directory, on the first
+    local device (sharded over a mesh: place the model with
+    parallel/model_on_mesh.abstract_model and read the weights with load_params).
 
     Args:
       dtype: the compute dtype. param_dtype: the parameters' dtype (default: the
-        checkpoint's). attention: dense | blockwise | ring (ring needs `attention_fn`,
-        e.g. parallel.ring_attention.make_ring_attention(mesh)).
-      mesh, axis_rules: with a mesh, every parameter is created sharded as the model's
-        logical axis names map onto it under `axis_rules` (parallel.mesh.LOGICAL_RULES;
-        model/ cannot import parallel/), and each process reads only the slices its devices
-        hold. Without a mesh, on the default device.
+        checkpoint's). attention: dense | blockwise | ring (ring needs `attention_fn`).
       overrides: other ModelConfig fields (block_q, block_k, remat, ...).
     """
     config, architecture = load_config(hf_dir)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype or config.param_dtype,
                                  attention=attention, **overrides)
     config.validate()
+    with nnx.use_eager_sharding(False):
+        graphdef, abstract_params = nnx.split(nnx.eval_shape(
+            lambda: Transformer(config, rngs=nnx.Rngs(0), attention_fn=attention_fn)), nnx.Param)
+    model = nnx.merge(graphdef, load_params(hf_dir, abstract_params))
+    model.hf_architecture = architecture
+    return model
 
-    def build():
-        return Transformer(config, rngs=nnx.Rngs(0), attention_fn=attention_fn)
 
-    if mesh is not None:
-        with jax.set_mesh(mesh), nnx.logical_axis_rules(axis_rules or ()):
-            abstract = nnx.eval_shape(build)
-            graphdef, state = nnx.split(abstract)
-            specs = nnx.get_partition_spec(state)
-        shardings = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), specs,
-                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+def load_params(hf_dir: str, abstract_params, shardings=None) -> nnx.State:
+    """The weights of a Hugging Face checkpoint directory as the parameters `abstract_params`
+    describe (an nnx.State of a Transformer of load_config's shape, values ShapeDtypeStructs:
+    their dtypes are kept). `shardings` (the same structure, NamedShardings; e.g.
+    parallel/model_on_mesh.abstract_model's): every parameter is created sharded so, and
+    each process reads only the slices its devices hold. None: on the first local device.
+    A parameter the checkpoint lacks, or of another shape, is one error."""
+    config, architecture = load_config(hf_dir)
+    state = jax.tree.map(lambda x: x, abstract_params)      # filled below, the input kept
+    flat_shardings = None
+    if shardings is not None:
         flat_shardings = {_path_name(p): s.get_value() if isinstance(s, nnx.Variable) else s
                           for p, s in nnx.to_flat_state(shardings)}
-    else:
-        with nnx.use_eager_sharding(False):
-            abstract = nnx.eval_shape(build)
-            graphdef, state = nnx.split(abstract)
-        flat_shardings = None
     device_sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     with _Checkpoint(hf_dir) as checkpoint:
@@ -691,9 +692,7 @@ def load_model(hf_dir: str, dtype: str = "float32", param_dtype: str | None = No
 
             sharding = flat_shardings[name] if flat_shardings else device_sharding
             variable.set_value(jax.make_array_from_callback(shape, sharding, read))
-    model = nnx.merge(graphdef, state)
-    model.hf_architecture = architecture
-    return model
+    return state
 
 
 def _read_block(source: Source, tensor: _Tensor, shape, index) -> np.ndarray:

@@ -14,7 +14,7 @@ from evaluation.perplexity import position_buckets
 from evaluation.scoring import memory_fits, scoring_bytes
 from tests.helpers import read_metrics, small_config
 from train.curriculum import eval_level
-from train.state import abstract_state, build_run, init_state
+from train.state import abstract_state, build_run, eval_setup_from, init_state
 from train.trainer import evaluate_workdir
 from train.validate import validate_config
 
@@ -64,7 +64,7 @@ def test_loss_by_position_averages_in_log2_buckets():
 def build(config):
     plan = validate_config(config)
     run = build_run(config, level=eval_level(config, plan))
-    return run, suite.build_eval_data(config, run.model_config, run.tokenizer)
+    return run, suite.build_eval_data(eval_setup_from(config), run.model_config, run.tokenizer)
 
 
 @pytest.mark.slow
@@ -137,10 +137,14 @@ def test_a_trained_checkpoint_is_evaluated_end_to_end_on_8_devices(trained_workd
 
 # ------------------------------------------------------------------ default lengths
 def test_default_lengths_double_from_half_l_max_to_the_probed_top():
-    config = small_config(**{"eval.lengths": None})           # l_max 64
-    assert evaluation_lengths(config) == (32, 64, 128, 256, 512)
-    assert evaluation_lengths(config, top=2048)[-1] == 2048
-    assert evaluation_lengths(config, top=100)[-1] == 512    # never below 8 l_max
+    l_max = 64
+    assert evaluation_lengths(None, l_max) == (32, 64, 128, 256, 512)
+    assert evaluation_lengths(None, l_max, top=2048)[-1] == 2048
+    assert evaluation_lengths(None, l_max, top=100)[-1] == 512    # never below 8 l_max
+
+
+def test_set_lengths_are_taken_sorted_whatever_the_probe():
+    assert evaluation_lengths((256, 64), 64, top=4096) == (64, 256)
 
 
 def test_default_top_length_is_the_largest_power_of_two_that_fits():
@@ -197,6 +201,6 @@ def test_evaluation_probes_the_default_lengths_and_prints_why_it_stopped(capsys)
     params = abstract_state(run)["params"]
     budget = sum(scoring_bytes(run, params, 8, n) for n in (1024, 2048)) // 2
     config.eval.memory_budget_mib = budget / 2**20
-    data = suite.prepare(config, run, params)
+    data = suite.prepare(eval_setup_from(config), run, run.tokenizer, params)
     assert data.lengths == [32, 64, 128, 256, 512, 1024]
     assert "eval lengths up to 1024 (stopped: scoring [8, 2048] needs" in capsys.readouterr().out

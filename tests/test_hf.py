@@ -4,6 +4,7 @@ Tiny random models are built with `transformers` itself on CPU (nothing is downl
 saved with save_pretrained in float32, and their logits compared with ours: relative error
 (to the largest logit) <= 1e-4 on import, <= 1e-5 after export (same weights, same maths).
 """
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +22,8 @@ from data.tokenizers import ByteTokenizer, HuggingFaceTokenizer, write_byte_toke
 from model import hf  # noqa: E402
 from model.transformer import ModelConfig, Transformer  # noqa: E402
 from parallel import mesh as mesh_lib  # noqa: E402
+from parallel import model_on_mesh  # noqa: E402
+from parallel.ring_attention import make_ring_attention  # noqa: E402
 
 VOCAB, LENGTH = 128, 32
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -206,14 +209,22 @@ def test_parameter_dtype_follows_the_checkpoint_unless_given(tmp_path):
     assert relative_error(our_logits(wide, ids), hf_logits(reference.float(), ids)) <= 1e-4
 
 
+def load_on_mesh(path, mesh, attention, attention_fn=None):
+    """The checkpoint's model placed on `mesh` by the one builder, its weights read into
+    those shardings (what --mode import does)."""
+    config, _ = hf.load_config(path)
+    config = dataclasses.replace(config, dtype="float32", attention=attention)
+    graphdef, abstract, shardings = model_on_mesh.abstract_model(config, mesh, attention_fn)
+    return nnx.merge(graphdef, hf.load_params(path, abstract, shardings))
+
+
 @pytest.mark.slow
 def test_sharded_load_on_a_mesh_gives_the_same_parameters_and_ring_attention_logits(tmp_path):
     path, reference = save_hf(tmp_path, llama_config())
     single = hf.load_model(path, attention="dense")
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "seq": 4, "tensor": 2})
-    from parallel.ring_attention import make_ring_attention
-    model = hf.load_model(path, attention="ring", mesh=mesh, axis_rules=mesh_lib.LOGICAL_RULES,
-                          attention_fn=make_ring_attention(mesh, block_q=8, block_k=8))
+    model = load_on_mesh(path, mesh, attention="ring",
+                         attention_fn=make_ring_attention(mesh, block_q=8, block_k=8))
     wq = model.blocks.attention.wq[...]
     assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated
     single_params = nnx.to_flat_state(nnx.state(single, nnx.Param))
@@ -229,7 +240,7 @@ def test_fsdp_sharded_gpt2_load_reads_slices_of_the_packed_tensors(tmp_path):
     path, _ = save_hf(tmp_path, gpt2_config())
     single = hf.load_model(path, attention="dense")
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 2, "seq": 2, "tensor": 2})
-    model = hf.load_model(path, attention="dense", mesh=mesh, axis_rules=mesh_lib.LOGICAL_RULES)
+    model = load_on_mesh(path, mesh, attention="dense")
     assert not model.blocks.attention.wq[...].sharding.is_fully_replicated
     for (name, a), (_, b) in zip(nnx.to_flat_state(nnx.state(single, nnx.Param)),
                                  nnx.to_flat_state(nnx.state(model, nnx.Param))):

@@ -39,18 +39,64 @@ def test_no_module_edits_sys_path():
     assert hacks == [], "run from the repository root instead (pytest.ini, python -m)"
 
 
-# The rooms that receive typed pieces (ModelConfig, plain arguments), never the raw
-# ml_collections config. evaluation/ still reads config.eval / config.data itself.
-CONFIG_FREE_ROOMS = ("util", "model", "parallel", "data")
-SECTIONS = ("model", "curriculum", "train", "eval", "data", "mesh", "checkpoint", "extend")
+# The rooms that receive typed pieces (ModelConfig, the typed sections of
+# configs/sections.py, plain arguments), never the raw ml_collections config.
+CONFIG_FREE_ROOMS = ("util", "model", "parallel", "data", "evaluation")
+SECTIONS = ("model", "curriculum", "train", "eval", "data", "mesh", "checkpoint", "extend",
+            "generate", "lm_eval", "plan", "seed")
+
+
+def _config_reads(tree) -> list[int]:
+    """Lines reading a section of a config: config.<section>, <x>.config.<section> (a
+    run's config) or config.get("<section>")."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in SECTIONS:
+            owner = node.value
+            if ((isinstance(owner, ast.Name) and owner.id == "config")
+                    or (isinstance(owner, ast.Attribute) and owner.attr == "config")):
+                lines.append(node.lineno)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "get" and node.args
+                and isinstance(node.args[0], ast.Constant) and node.args[0].value in SECTIONS
+                and isinstance(node.func.value, (ast.Name, ast.Attribute))
+                and getattr(node.func.value, "id", getattr(node.func.value, "attr", "")) ==
+                "config"):
+            lines.append(node.lineno)
+    return lines
 
 
 @pytest.mark.parametrize("room", CONFIG_FREE_ROOMS)
 def test_low_rooms_never_read_a_section_of_the_raw_config(room):
     reads = {}
     for path in sorted((ROOT / room).glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Attribute) and node.attr in SECTIONS
-                    and isinstance(node.value, ast.Name) and node.value.id == "config"):
-                reads.setdefault(str(path.relative_to(ROOT)), []).append(node.lineno)
+        if lines := _config_reads(ast.parse(path.read_text())):
+            reads[str(path.relative_to(ROOT))] = lines
     assert not reads, f"config.<section> read at (file: lines) {reads}"
+
+
+@pytest.mark.parametrize("room", CONFIG_FREE_ROOMS)
+def test_low_rooms_never_import_ml_collections(room):
+    importing = [str(path.relative_to(ROOT)) for path in sorted((ROOT / room).glob("*.py"))
+                 if "ml_collections" in _imported_modules(path)]
+    assert not importing, f"these take a ConfigDict: {importing}"
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("x = config.eval.batch_size", [1]),
+    ("x = run.config.data.source", [1]),
+    ("x = config.get('generate')", [1]),
+    ("x = settings.batch_size\ny = config_path", []),
+])
+def test_the_config_read_detector_sees_every_form(source, expected):
+    assert _config_reads(ast.parse(source)) == expected

@@ -1,16 +1,16 @@
-"""Specification of the console progress line (evaluation/progress.py)."""
+"""Specification of the console progress line (util/progress.py)."""
 import io
 import types
 
 import pytest
 
-from evaluation import progress as progress_lib
-from evaluation.progress import Progress, format_duration
+from util import progress as progress_lib
+from util.progress import Progress, format_duration
 
 
 @pytest.fixture
 def clock(monkeypatch):
-    """A fake clock for evaluation/progress.py: set clock.now to move time."""
+    """A fake clock for util/progress.py: set clock.now to move time."""
     fake = types.SimpleNamespace(now=0.0)
     monkeypatch.setattr(progress_lib, "time", types.SimpleNamespace(time=lambda: fake.now))
     return fake

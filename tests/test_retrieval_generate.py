@@ -12,13 +12,14 @@ from flax import nnx
 from data import retrieval_tasks
 from data.windows import batches_of
 from evaluation import retrieval as retrieval_lib
+from configs import sections
 from evaluation import suite
 from evaluation.scoring import Scorer
 from model.transformer import Transformer
 from parallel import mesh as mesh_lib
 from tests.helpers import small_config
 from train.curriculum import eval_level
-from train.state import build_run, init_state
+from train.state import build_run, eval_setup_from, init_state
 from train.validate import validate_config
 
 LENGTHS, DEPTHS = (128, 160), (0.0, 0.5, 1.0)
@@ -113,7 +114,7 @@ def test_unknown_retrieval_scoring_is_one_clear_error():
     with pytest.raises(ValueError, match="eval.retrieval_scoring must be one of"):
         validate_config(config)
     with pytest.raises(ValueError, match="eval.retrieval_scoring must be one of"):
-        suite.retrieval_scoring(config.eval)
+        suite.retrieval_scoring(sections.typed(config, "eval"))
 
 
 @pytest.mark.slow
@@ -129,7 +130,7 @@ def test_evaluate_with_generate_scoring_records_it_and_keeps_the_logprob():
                                  "eval.retrieval_scoring": scoring})
         plan = validate_config(config)
         run = build_run(config, level=eval_level(config, plan))
-        data = suite.build_eval_data(config, run.model_config, run.tokenizer)
+        data = suite.build_eval_data(eval_setup_from(config), run.model_config, run.tokenizer)
         results[scoring] = suite.evaluate(run, init_state(run, seed=0)["params"], data)["retrieval"]
     assert [results[s]["scoring"] for s in results] == ["teacher_forced", "generate"]
     forced, generated = (results[s]["tasks"]["passkey"] for s in results)

@@ -1,5 +1,5 @@
-"""Specification of the one table renderer (evaluation/tables.py)."""
-from evaluation.tables import format_table
+"""Specification of the one table renderer (util/tables.py)."""
+from util.tables import format_table
 from tests.helpers import parse_markdown_table
 
 

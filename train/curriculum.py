@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from evaluation.tables import format_table
+from util.tables import format_table
 from model.attention import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 from parallel.mesh import MESH_AXES, mesh_shape

@@ -12,7 +12,7 @@ import struct
 
 import jax
 
-from evaluation import json_values
+from util import json_values
 
 
 class MetricsWriter:

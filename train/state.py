@@ -15,59 +15,25 @@ import jax
 import optax
 from flax import nnx
 
+from configs import sections
 from data.tokenizers import make_tokenizer
+from evaluation import suite
 from model import positions as pos_lib
 from model import remat as remat_lib
 from model.transformer import ModelConfig, Transformer
-from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
-from parallel import sequence_parallel
 from train.optimizer import make_optimizer
 
 
-@dataclasses.dataclass
-class Run:
-    """What a config resolves to on one mesh: the model's structure and the optimizer."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Run(model_on_mesh.ModelOnMesh):
+    """What a config resolves to on one mesh: the model placed on it (mesh, structure,
+    parameter shardings, attention function, batch layout) and the optimizer."""
     config: Any
-    mesh: jax.sharding.Mesh
-    model_config: ModelConfig
     tokenizer: Any
-    graphdef: Any
     optimizer: optax.GradientTransformation
-    state_shardings: Any
-    layout: str = "zigzag"         # the token order of batches on the seq axis
-    layout_parts: int = 1          # the units the zigzag layout balances
-    attention_fn: Any = None       # the model's attention function (None: its own)
-
-
-def attention_override(model_config: ModelConfig, mesh, config,
-                       rows_in_order: bool = False) -> Callable | None:
-    """The attention function of model.attention on this mesh, when it is not the model's
-    own: a sequence-parallel strategy bound to the mesh (parallel/sequence_parallel.py),
-    or the blockwise kernel replaced by the fused one (model.attention_kernel). The batch
-    layout lets a sliding window shorten the ring when it is contiguous; `rows_in_order`
-    (one document per row, in sequence order: evaluation windows, not packed training
-    rows) is what the fused kernel needs."""
-    attention = model_config.attention
-    if attention == "dense":
-        return None
-    seq = mesh.shape["seq"]
-    layout, _ = sequence_parallel.batch_layout(attention, config.mesh.layout, seq,
-                                               config.model.ulysses_degree)
-    strategy = attention if attention in SEQUENCE_PARALLEL else "none"
-    kernel = sequence_parallel.choose_kernel(
-        config.model.attention_kernel, strategy="none" if seq == 1 else strategy,
-        platform=mesh.devices.flat[0].platform,
-        in_order=rows_in_order and (seq == 1 or layout == "contiguous"))
-    if strategy == "none":
-        if kernel == "blockwise":
-            return None
-        return sequence_parallel.local_kernel_function(kernel, block_q=model_config.block_q,
-                                                       block_k=model_config.block_k)
-    return sequence_parallel.make_sequence_attention(
-        mesh, strategy, ulysses_degree=config.model.ulysses_degree, layout=layout,
-        kernel=kernel, block_q=model_config.block_q, block_k=model_config.block_k)
+    state_shardings: Any           # {"params": ..., "opt_state": ...} NamedShardings
 
 
 def model_config_from(config, vocab_size: int) -> ModelConfig:
@@ -102,6 +68,14 @@ def model_config_from(config, vocab_size: int) -> ModelConfig:
     return model_config
 
 
+def eval_setup_from(config) -> suite.EvalSetup:
+    """What evaluation reads of `config`, as typed sections (evaluation/ never reads the
+    config itself)."""
+    return suite.eval_setup(sections.typed(config, "eval"), sections.typed(config, "data"),
+                            l_max=config.curriculum.l_max, seed=config.seed,
+                            eos_ids=config.generate.eos_ids)
+
+
 def build_run(config, devices=None, level=None, tokenizer=None,
               rows_in_order: bool = False) -> Run:
     """The mesh, model structure, optimizer and state shardings of `config` (already
@@ -124,22 +98,22 @@ def build_run(config, devices=None, level=None, tokenizer=None,
     mesh = mesh_lib.make_mesh(mesh_sizes, devices)
     if model_config.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
-    attention_fn = attention_override(model_config, mesh, config, rows_in_order)
-    graphdef, abstract_params, param_shardings = model_on_mesh.abstract_model(
-        model_config, mesh, attention_fn)
+    placed, abstract_params = model_on_mesh.place_model(
+        model_config, mesh, layout_setting=config.mesh.layout,
+        ulysses_degree=config.model.ulysses_degree,
+        kernel_setting=config.model.attention_kernel, rows_in_order=rows_in_order)
     with mesh_lib.use_mesh(mesh):
         optimizer = make_optimizer(config.train, abstract_params)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract_opt_state, param_shardings,
+        optimizer, lambda _, sharding: sharding, abstract_opt_state, placed.param_shardings,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    state_shardings = {"params": param_shardings, "opt_state": opt_shardings}
-    layout, parts = sequence_parallel.batch_layout(model_config.attention, config.mesh.layout,
-                                                   mesh.shape["seq"], config.model.ulysses_degree)
-    return Run(config, mesh, model_config, tokenizer, graphdef, optimizer, state_shardings,
-               layout, parts, attention_fn)
+    state_shardings = {"params": placed.param_shardings, "opt_state": opt_shardings}
+    return Run(**{f.name: getattr(placed, f.name) for f in dataclasses.fields(placed)},
+               config=config, tokenizer=tokenizer, optimizer=optimizer,
+               state_shardings=state_shardings)
 
 
 def _state_factory(run: Run, seed: int) -> Callable[[], dict]:

@@ -14,10 +14,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from configs import sections
 from data.pipeline import make_train_stream
 from data.tokenizers import make_tokenizer
 from evaluation import report, suite
-from evaluation.progress import Progress
+from util.progress import Progress
 from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
@@ -26,7 +27,7 @@ from train import extend as extend_lib
 from train import schedule, workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
-from train.state import abstract_state, build_run, init_state
+from train.state import abstract_state, build_run, eval_setup_from, init_state
 from train.checkpoint import checkpoint_meta, restore_intact, restore_newest, restore_params_from
 from train.step import make_train_step, put_batch
 from train.stopping import StopSignals
@@ -42,10 +43,10 @@ class Levels:
     def __init__(self, config, plan, tokenizer):
         self.plan = plan
         self.runs = [build_run(config, level=level, tokenizer=tokenizer) for level in plan.levels]
-        self.stream = make_train_stream(config.data, tokenizer,
+        data = sections.typed(config, "data")
+        self.stream = make_train_stream(data, tokenizer,
                                         lengths=[level.seq_len for level in plan.levels],
-                                        seed=config.data.shuffle_seed,
-                                        l_max=config.curriculum.l_max)
+                                        seed=data.shuffle_seed, l_max=config.curriculum.l_max)
 
     def run_at(self, step: int):
         return self.runs[self.plan.level_at(step).index]
@@ -84,9 +85,9 @@ def train(config, workdir: str) -> dict:
     levels = Levels(config, plan, tokenizer)
     eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer,
                          rows_in_order=True)
-    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
-                               is_writer)
-    final_eval = suite.prepare(config, eval_run, abstract_state(eval_run)["params"])
+    setup = eval_setup_from(config)
+    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), setup, is_writer)
+    final_eval = suite.prepare(setup, eval_run, tokenizer, abstract_state(eval_run)["params"])
     _say_beyond_trained(config, plan, final_eval)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
@@ -375,9 +376,10 @@ def evaluate_workdir(config, workdir: str) -> dict:
     plan = validate_config(config)
     run = build_run(config, level=eval_level(config, plan), rows_in_order=True)
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
-    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), config,
+    setup = eval_setup_from(config)
+    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), setup,
                                jax.process_index() == 0)
-    data = suite.prepare(config, run, abstract_state(run)["params"])
+    data = suite.prepare(setup, run, run.tokenizer, abstract_state(run)["params"])
     _say_beyond_trained(config, plan, data)
     writer = MetricsWriter(workdir)
     try:

@@ -55,11 +55,8 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.C
     if config.eval.batch_size % row_groups:
         raise ValueError(f"eval.batch_size: batch of {config.eval.batch_size} rows is not a "
                          f"multiple of mesh data x fsdp = {row_groups}")
-    scoring = config.eval.get("retrieval_scoring", "teacher_forced")
-    if scoring not in ("teacher_forced", "generate"):
-        raise ValueError(f"eval.retrieval_scoring must be one of ('teacher_forced', 'generate'), "
-                         f"got {scoring!r}")
-    for length in evaluation_lengths(config) + tuple(config.eval.retrieval_lengths or ()):
+    lengths = evaluation_lengths(config.eval.lengths, config.curriculum.l_max)
+    for length in lengths + tuple(config.eval.retrieval_lengths or ()):
         check_length(length, config, eval_sizes)
     return plan
 
