@@ -17,10 +17,12 @@ scalings").
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
 from collections.abc import Mapping
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,58 +30,72 @@ import numpy as np
 __all__ = ["normalize_rope_scaling", "rope_frequencies", "apply_rope",
            "interpolate_position_table", "ROPE_TYPES"]
 
-# Parameters each rope_type accepts, with their defaults. `None` means "no default":
-# factor is required; L0 falls back to the caller's `original_max_position_embeddings`;
-# yarn's attention_factor is derived from factor (and mscale / mscale_all_dim) when absent.
-_PARAMETERS = {
-    "linear": {"factor": None},
-    "dynamic": {"factor": None, "original_max_position_embeddings": None},
-    "yarn": {
-        "factor": None,
-        "original_max_position_embeddings": None,
-        "beta_fast": 32.0,
-        "beta_slow": 1.0,
-        "attention_factor": None,
-        "mscale": None,
-        "mscale_all_dim": None,
-        "truncate": True,
-    },
-    "llama3": {
-        "factor": None,
-        "original_max_position_embeddings": None,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-    },
-    # LongRoPE (Ding et al. 2024) as Phi-3 uses it: inv_freq / short_factor for sequences
-    # up to L0, inv_freq / long_factor beyond; cos/sin times attention_factor, by default
-    # sqrt(1 + ln(factor) / ln(L0)).
-    "longrope": {
-        "factor": None,
-        "original_max_position_embeddings": None,
-        "short_factor": None,
-        "long_factor": None,
-        "attention_factor": None,
-    },
-}
-ROPE_TYPES = ("default",) + tuple(_PARAMETERS)
+@dataclasses.dataclass(frozen=True)
+class _Parameter:
+    """One key of a rope_scaling dict: its default, what a value must be (the words of the
+    error line, the test, the normalized form) and whether it may stay None (filled from
+    the caller or derived below, or unused)."""
+    default: Any
+    describe: str
+    accepts: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda value: value
+    optional: bool = False
 
 
 def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _positive_float(rope_type: str, key: str, value) -> float:
-    if not _is_real(value) or value <= 0:
-        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be a positive number, "
-                         f"got {value!r}")
-    return float(value)
+def _positive(default=None) -> _Parameter:
+    return _Parameter(default, "a positive number", lambda v: _is_real(v) and v > 0, float,
+                      optional=default is None)
 
 
-def _positive_int(rope_type: str, key: str, value) -> int:
-    if not _is_real(value) or value < 1 or float(value) != int(value):
-        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be a positive integer, "
-                         f"got {value!r}")
-    return int(value)
+# factor < 1 would shrink the context, not extend it
+_FACTOR = _Parameter(None, "a number >= 1", lambda v: _is_real(v) and v >= 1, float)
+# L0, the length the scaling is relative to: None falls back to the caller's l_max
+_L0 = _Parameter(None, "a positive integer",
+                 lambda v: _is_real(v) and v >= 1 and float(v) == int(v), int, optional=True)
+_NUMBER = _Parameter(None, "a number", _is_real, float, optional=True)
+_FLAG = _Parameter(True, "true or false", lambda v: isinstance(v, bool))
+# LongRoPE's per-frequency factors
+_FACTORS = _Parameter(
+    None, "a non-empty list of positive numbers (one per frequency)",
+    lambda v: (not isinstance(v, (str, bytes)) and hasattr(v, "__len__") and len(v) > 0
+               and all(_is_real(x) and x > 0 for x in v)),
+    lambda v: [float(x) for x in v])
+
+# The keys each rope_type accepts (Hugging Face's names). attention_factor: when absent,
+# yarn derives it from factor (and mscale / mscale_all_dim), longrope from factor and L0.
+_PARAMETERS = {
+    "linear": {"factor": _FACTOR},
+    "dynamic": {"factor": _FACTOR, "original_max_position_embeddings": _L0},
+    "yarn": {"factor": _FACTOR, "original_max_position_embeddings": _L0,
+             "beta_fast": _positive(32.0), "beta_slow": _positive(1.0),
+             "attention_factor": _positive(), "mscale": _NUMBER, "mscale_all_dim": _NUMBER,
+             "truncate": _FLAG},
+    "llama3": {"factor": _FACTOR, "original_max_position_embeddings": _L0,
+               "low_freq_factor": _positive(1.0), "high_freq_factor": _positive(4.0)},
+    # LongRoPE (Ding et al. 2024) as Phi-3 uses it: inv_freq / short_factor for sequences
+    # up to L0, inv_freq / long_factor beyond; cos/sin times attention_factor, by default
+    # sqrt(1 + ln(factor) / ln(L0)).
+    "longrope": {"factor": _FACTOR, "original_max_position_embeddings": _L0,
+                 "short_factor": _FACTORS, "long_factor": _FACTORS,
+                 "attention_factor": _positive()},
+}
+ROPE_TYPES = ("default",) + tuple(_PARAMETERS)
+
+# What ties a type's keys together: (rope_type, holds(params), the error's words)
+_RELATIONS = (
+    ("yarn", lambda p: p["beta_fast"] >= p["beta_slow"],
+     lambda p: f"beta_fast ({p['beta_fast']}) must be >= beta_slow ({p['beta_slow']})"),
+    ("llama3", lambda p: p["high_freq_factor"] > p["low_freq_factor"],
+     lambda p: f"high_freq_factor ({p['high_freq_factor']}) must be > low_freq_factor "
+               f"({p['low_freq_factor']})"),
+    ("longrope", lambda p: len(p["short_factor"]) == len(p["long_factor"]),
+     lambda p: f"short_factor and long_factor differ in length ({len(p['short_factor'])} vs "
+               f"{len(p['long_factor'])})"),
+)
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -87,31 +103,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1.0 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None = None
-                           ) -> dict | None:
-    """Validates a Hugging Face style `rope_scaling` value and fills in its defaults.
-
-    Args:
-      scaling: None; a dict / Mapping / ml_collections ConfigDict such as
-        `{"rope_type": "linear", "factor": 4.0}` (older configs say "type"); or the same as a
-        JSON string (also "", "none", "null" for no scaling).
-      original_max_position_embeddings: fallback L0 for the types that need one (dynamic,
-        yarn, llama3) when the dict has none; the trainer passes its training length l_max.
-        Without either, the result keeps "original_max_position_embeddings": None, and
-        `rope_frequencies` fills it from its own fallback (or raises if it has none).
-
-    Returns:
-      None for no scaling or rope_type "default"; otherwise a new plain dict with
-      "rope_type" and every parameter of that type (see `_PARAMETERS`), defaults filled in.
-      For yarn, "attention_factor" is resolved to a number (given, or from factor and mscale).
-
-    Raises:
-      ValueError (one line) for malformed JSON, an unknown or unsupported rope_type,
-      unknown keys, a missing or invalid factor (factor < 1 is invalid), or an invalid
-      parameter (including a non-positive or non-integer L0).
-    """
-    if scaling is None:
-        return None
+def _as_mapping(scaling):
+    """None, or the rope_scaling value as a plain dict (parsed from JSON; ConfigDict
+    unwrapped)."""
     if isinstance(scaling, (str, bytes)):
         text = scaling.decode() if isinstance(scaling, bytes) else scaling
         if text.strip().lower() in ("", "none", "null"):
@@ -125,119 +119,106 @@ def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None
     if hasattr(scaling, "to_dict") and not isinstance(scaling, Mapping):  # ml_collections
         scaling = scaling.to_dict()
     if not isinstance(scaling, Mapping):
-        raise ValueError(
-            f"rope_scaling must be None, a dict or a JSON object string, "
-            f"got {type(scaling).__name__}"
-        )
-    params = dict(scaling)
+        raise ValueError(f"rope_scaling must be None, a dict or a JSON object string, "
+                         f"got {type(scaling).__name__}")
+    return dict(scaling)
 
-    # Old Hugging Face configs name the type "type"; newer ones "rope_type".
+
+def _rope_type(params: dict) -> str:
+    """The type named by "rope_type" (or the older "type"), popped from `params`."""
     if "type" in params and "rope_type" in params and params["type"] != params["rope_type"]:
-        raise ValueError(
-            f"rope_scaling has conflicting 'type' ({params['type']!r}) and "
-            f"'rope_type' ({params['rope_type']!r})"
-        )
+        raise ValueError(f"rope_scaling has conflicting 'type' ({params['type']!r}) and "
+                         f"'rope_type' ({params['rope_type']!r})")
+    given = dict(params)
     alias = params.pop("type", None)
     rope_type = params.pop("rope_type", alias)
     if rope_type is None:
         raise ValueError(f"rope_scaling needs a 'rope_type' (one of {', '.join(ROPE_TYPES)}): "
-                         f"{dict(scaling)}")
+                         f"{given}")
     if rope_type == "default":
         if params:
             raise ValueError(f"rope_scaling 'default' takes no parameters, got {sorted(params)}")
-        return None
+        return rope_type
     if rope_type not in _PARAMETERS:
-        raise ValueError(
-            f"unknown or unsupported rope_type {rope_type!r}; "
-            f"expected one of {', '.join(ROPE_TYPES)}"
-        )
-
-    allowed = _PARAMETERS[rope_type]
-    unknown = sorted(set(params) - set(allowed))
+        raise ValueError(f"unknown or unsupported rope_type {rope_type!r}; "
+                         f"expected one of {', '.join(ROPE_TYPES)}")
+    unknown = sorted(set(params) - set(_PARAMETERS[rope_type]))
     if unknown:
         hint = " (set the base with model.rope.theta)" if "rope_theta" in unknown else ""
-        raise ValueError(
-            f"rope_scaling {rope_type!r}: unknown keys {unknown}; allowed: {sorted(allowed)}{hint}"
-        )
+        raise ValueError(f"rope_scaling {rope_type!r}: unknown keys {unknown}; allowed: "
+                         f"{sorted(_PARAMETERS[rope_type])}{hint}")
+    return rope_type
+
+
+def _checked(rope_type: str, key: str, value):
+    """`value` of `key` normalized, or one ValueError line."""
+    parameter = _PARAMETERS[rope_type][key]
+    if value is None:
+        if parameter.optional:
+            return None
+        raise ValueError(f"rope_scaling {rope_type!r} needs a {key!r} ({parameter.describe})")
+    if not parameter.accepts(value):
+        raise ValueError(f"rope_scaling {rope_type!r}: {key} must be {parameter.describe}, "
+                         f"got {value!r}")
+    return parameter.convert(value)
+
+
+def _derived_attention_factor(out: dict) -> float | None:
+    """yarn and longrope's attention_factor when the dict gives none."""
+    if out["rope_type"] == "yarn":
+        # YaRN paper: 0.1 ln(s) + 1. Hugging Face (DeepSeek configs) uses the ratio
+        # mscale(s, mscale) / mscale(s, mscale_all_dim) when both are given, nonzero.
+        if out["mscale"] and out["mscale_all_dim"]:
+            return (_yarn_mscale(out["factor"], out["mscale"])
+                    / _yarn_mscale(out["factor"], out["mscale_all_dim"]))
+        return _yarn_mscale(out["factor"])
+    l0 = out["original_max_position_embeddings"]
+    if l0 is None:                        # longrope: left to rope_frequencies' fallback
+        return None
+    return 1.0 if out["factor"] <= 1 else math.sqrt(1 + math.log(out["factor"]) / math.log(l0))
+
+
+def normalize_rope_scaling(scaling, original_max_position_embeddings: int | None = None
+                           ) -> dict | None:
+    """Validates a Hugging Face style `rope_scaling` value and fills in its defaults.
+
+    Args:
+      scaling: None; a dict / Mapping / ml_collections ConfigDict such as
+        `{"rope_type": "linear", "factor": 4.0}` (older configs say "type"); or the same as a
+        JSON string (also "", "none", "null" for no scaling).
+      original_max_position_embeddings: fallback L0 for the types that need one (dynamic,
+        yarn, llama3, longrope) when the dict has none; the trainer passes its l_max.
+        Without either, the result keeps "original_max_position_embeddings": None, and
+        `rope_frequencies` fills it from its own fallback (or raises if it has none).
+
+    Returns:
+      None for no scaling or rope_type "default"; otherwise a new plain dict with
+      "rope_type" and every key of that type (`_PARAMETERS`), defaults filled in; yarn's
+      "attention_factor" is resolved to a number (given, or derived).
+
+    Raises:
+      ValueError (one line) for malformed JSON, an unknown rope_type, unknown keys, a
+      missing required key or a value outside its `_PARAMETERS` entry, or a broken
+      `_RELATIONS` tie.
+    """
+    params = None if scaling is None else _as_mapping(scaling)
+    if params is None:
+        return None
+    rope_type = _rope_type(params)
+    if rope_type == "default":
+        return None
     out = {"rope_type": rope_type}
-    for key, default in allowed.items():
+    for key, parameter in _PARAMETERS[rope_type].items():
         value = params.get(key)
-        out[key] = default if value is None else value
-
-    # factor: required, a real number >= 1 (s < 1 would shrink the context, not extend it).
-    factor = out["factor"]
-    if factor is None:
-        raise ValueError(f"rope_scaling {rope_type!r} needs a 'factor' (a number >= 1)")
-    if not _is_real(factor) or factor < 1:
-        raise ValueError(f"rope_scaling {rope_type!r}: factor must be a number >= 1, "
-                         f"got {factor!r}")
-    out["factor"] = float(factor)
-
-    if "original_max_position_embeddings" in out:
-        l0 = out["original_max_position_embeddings"]
-        if l0 is None:
-            l0 = original_max_position_embeddings
-        if l0 is not None:  # None: left to the fallback of `rope_frequencies`
-            l0 = _positive_int(rope_type, "original_max_position_embeddings", l0)
-        out["original_max_position_embeddings"] = l0
-
-    if rope_type == "yarn":
-        beta_fast = _positive_float(rope_type, "beta_fast", out["beta_fast"])
-        beta_slow = _positive_float(rope_type, "beta_slow", out["beta_slow"])
-        if beta_fast < beta_slow:
-            raise ValueError(
-                f"rope_scaling 'yarn': beta_fast ({beta_fast}) must be >= beta_slow ({beta_slow})"
-            )
-        out["beta_fast"], out["beta_slow"] = beta_fast, beta_slow
-        if not isinstance(out["truncate"], bool):
-            raise ValueError(f"rope_scaling 'yarn': truncate must be true or false, "
-                             f"got {out['truncate']!r}")
-        for key in ("mscale", "mscale_all_dim"):
-            if out[key] is not None:
-                if not _is_real(out[key]):
-                    raise ValueError(f"rope_scaling 'yarn': {key} must be a number, "
-                                     f"got {out[key]!r}")
-                out[key] = float(out[key])
-        if out["attention_factor"] is None:
-            # YaRN paper: 0.1 ln(s) + 1. Hugging Face (DeepSeek configs) uses the
-            # ratio mscale(s, mscale) / mscale(s, mscale_all_dim) when both are given, nonzero.
-            if out["mscale"] and out["mscale_all_dim"]:
-                out["attention_factor"] = _yarn_mscale(out["factor"], out["mscale"]) / _yarn_mscale(
-                    out["factor"], out["mscale_all_dim"]
-                )
-            else:
-                out["attention_factor"] = _yarn_mscale(out["factor"])
-        out["attention_factor"] = _positive_float(rope_type, "attention_factor",
-                                                  out["attention_factor"])
-
-    if rope_type == "longrope":
-        for key in ("short_factor", "long_factor"):
-            factors = out[key]
-            if isinstance(factors, (str, bytes)) or not hasattr(factors, "__len__") or \
-                    len(factors) == 0 or not all(_is_real(x) and x > 0 for x in factors):
-                raise ValueError(f"rope_scaling 'longrope': {key} must be a non-empty list of "
-                                 f"positive numbers (one per frequency), got {factors!r}")
-            out[key] = [float(x) for x in factors]
-        if len(out["short_factor"]) != len(out["long_factor"]):
-            raise ValueError(f"rope_scaling 'longrope': short_factor and long_factor differ in "
-                             f"length ({len(out['short_factor'])} vs {len(out['long_factor'])})")
-        if out["attention_factor"] is None and out["original_max_position_embeddings"]:
-            l0 = out["original_max_position_embeddings"]
-            out["attention_factor"] = 1.0 if out["factor"] <= 1 else math.sqrt(
-                1 + math.log(out["factor"]) / math.log(l0))
-        if out["attention_factor"] is not None:
-            out["attention_factor"] = _positive_float(rope_type, "attention_factor",
-                                                      out["attention_factor"])
-
-    if rope_type == "llama3":
-        low = _positive_float(rope_type, "low_freq_factor", out["low_freq_factor"])
-        high = _positive_float(rope_type, "high_freq_factor", out["high_freq_factor"])
-        if high <= low:
-            raise ValueError(
-                f"rope_scaling 'llama3': high_freq_factor ({high}) must be > "
-                f"low_freq_factor ({low})"
-            )
-        out["low_freq_factor"], out["high_freq_factor"] = low, high
+        if key == "original_max_position_embeddings" and value is None:
+            value = original_max_position_embeddings
+        out[key] = _checked(rope_type, key, parameter.default if value is None else value)
+    if "attention_factor" in out and out["attention_factor"] is None:
+        out["attention_factor"] = _checked(rope_type, "attention_factor",
+                                           _derived_attention_factor(out))
+    for of_type, holds, words in _RELATIONS:
+        if of_type == rope_type and not holds(out):
+            raise ValueError(f"rope_scaling {rope_type!r}: {words(out)}")
     return out
 
 

@@ -278,7 +278,15 @@ def test_normalize_fills_defaults_and_is_idempotent():
 @pytest.mark.parametrize("scaling, message", [
     ({"rope_type": "ntk-by-magic", "factor": 2.0}, "unknown or unsupported rope_type"),
     ({"rope_type": "su", "factor": 2.0}, "unknown or unsupported rope_type"),
-    ({"rope_type": "longrope", "factor": 2.0}, "short_factor must be a non-empty list"),
+    ({"rope_type": "longrope", "factor": 2.0}, "needs a 'short_factor'"),
+    ({"rope_type": "longrope", "factor": 2.0, "short_factor": [], "long_factor": [1.0]},
+     "short_factor must be a non-empty list"),
+    ({"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}, "truncate must be true or false"),
+    ({"rope_type": "yarn", "factor": 2.0, "mscale": "1"}, "mscale must be a number"),
+    ({"rope_type": "yarn", "factor": 2.0, "attention_factor": 0}, "attention_factor must be a "
+     "positive number"),
+    ({"rope_type": "llama3", "factor": 8, "low_freq_factor": -1}, "low_freq_factor must be a "
+     "positive number"),
     ({"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0, 2.0],
       "long_factor": [1.0]}, "differ in length"),
     ({"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0, -2.0],
