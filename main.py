@@ -212,7 +212,8 @@ def main(argv):
         elif mode == "train":
             _exit_on_error(lambda: trainer.train(config, workdir))
         else:
-            _exit_on_error(lambda: trainer.evaluate_workdir(config, workdir))
+            from cli import eval_mode
+            _exit_on_error(lambda: eval_mode.evaluate_workdir(config, workdir))
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ def test_every_key_has_exactly_one_declared_rule():
     assert sorted(leaf_keys(config)) == sorted(base.RULES)
 
 
-NOT_CONFIGS = ("__init__", "rules", "reference", "sections")   # modules of configs/ that hold no config
+# modules of configs/ that hold no config
+NOT_CONFIGS = ("__init__", "rules", "reference", "sections")
 
 
 def shipped_configs():

@@ -15,7 +15,7 @@ from evaluation.scoring import memory_fits, scoring_bytes
 from tests.helpers import read_metrics, small_config
 from train.curriculum import eval_level
 from train.state import abstract_state, build_run, eval_setup_from, init_state
-from train.trainer import evaluate_workdir
+from cli.eval_mode import evaluate_workdir
 from train.validate import validate_config
 
 

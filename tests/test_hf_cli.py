@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from cli import eval_mode  # noqa: E402
 from train import trainer, workdir_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,7 @@ def test_an_imported_workdir_evaluates_like_any_other(imported, tmp_path):
     root, _, _ = imported
     config = workdir_config.load(str(root / "w"), {"eval.lengths": (32, 64),
                                                    "eval.max_batches": 1})
-    result = trainer.evaluate_workdir(config, str(root / "w"))
+    result = eval_mode.evaluate_workdir(config, str(root / "w"))
     assert result["lengths"] == [32, 64]
     assert all(math.isfinite(p) and p > 1 for p in result["perplexity"])
 

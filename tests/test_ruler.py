@@ -290,7 +290,7 @@ def test_ruler_end_to_end_on_the_trained_workdir(trained_workdir, tmp_path, mesh
     import shutil
 
     from tests.helpers import small_config
-    from train.trainer import evaluate_workdir
+    from cli.eval_mode import evaluate_workdir
     work = str(tmp_path / "run")
     shutil.copytree(trained_workdir, work)
     config = small_config(**mesh, **{"eval.name": "ruler"})

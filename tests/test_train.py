@@ -17,6 +17,7 @@ from parallel import mesh as mesh_lib
 from tests.helpers import read_metrics, small_config, train_losses
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
+from cli import eval_mode
 from train import trainer
 from train.optimizer import (learning_rate_at, make_optimizer, weight_decay_mask,
                              with_learning_rate)
@@ -275,11 +276,11 @@ def test_writer_and_checkpointer_are_closed_when_a_step_raises(tmp_path, monkeyp
 def test_eval_mode_scores_the_newest_checkpoint_at_each_length(trained_workdir, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained_workdir, workdir)                  # it writes eval/ and metrics
-    again = trainer.evaluate_workdir(small_config(), workdir)    # the end-of-training protocol
+    again = eval_mode.evaluate_workdir(small_config(), workdir)    # the end-of-training protocol
     assert again["step"] == 8
     assert again["perplexity"][0] == pytest.approx(
         trained_workdir.summary["eval"]["perplexity"][0], rel=1e-5)
-    result = trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64),
+    result = eval_mode.evaluate_workdir(small_config(**{"eval.lengths": (32, 64),
                                                       "eval.name": "short"}), workdir)
     assert result["lengths"] == [32, 64] and len(result["perplexity"]) == 2
 
@@ -291,9 +292,9 @@ def test_eval_with_other_lengths_never_overwrites_the_run_s_eval(trained_workdir
     before = open(os.path.join(workdir, "eval", "perplexity_by_length.json")).read()
     with pytest.raises(ValueError, match=r"holds results for eval.lengths = \[64\], not "
                                          r"\[32, 64\]: set --config.eval.name=NAME"):
-        trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64)}), workdir)
+        eval_mode.evaluate_workdir(small_config(**{"eval.lengths": (32, 64)}), workdir)
     assert open(os.path.join(workdir, "eval", "perplexity_by_length.json")).read() == before
-    trainer.evaluate_workdir(small_config(**{"eval.lengths": (32, 64), "eval.name": "short"}),
+    eval_mode.evaluate_workdir(small_config(**{"eval.lengths": (32, 64), "eval.name": "short"}),
                              workdir)
     assert json.load(open(os.path.join(workdir, "eval", "short",
                                        "perplexity_by_length.json")))["lengths"] == [32, 64]

@@ -1,4 +1,4 @@
-"""The training loop and `--mode eval`.
+"""The training loop (and the evaluation it runs, which `--mode eval` reuses: cli/eval_mode.py).
 
 train() reads top to bottom: set up, restore or init, the loop (step, log, maybe evaluate,
 maybe checkpoint), final evaluation. One step function is compiled per curriculum level
@@ -28,7 +28,7 @@ from train import schedule, workdir_config
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.state import abstract_state, build_run, eval_setup_from, init_state
-from train.checkpoint import checkpoint_meta, restore_intact, restore_newest, restore_params_from
+from train.checkpoint import checkpoint_meta, restore_intact, restore_params_from
 from train.step import make_train_step, put_batch
 from train.stopping import StopSignals
 from train.validate import validate_config
@@ -88,7 +88,7 @@ def train(config, workdir: str) -> dict:
     setup = eval_setup_from(config)
     suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), setup, is_writer)
     final_eval = suite.prepare(setup, eval_run, tokenizer, abstract_state(eval_run)["params"])
-    _say_beyond_trained(config, plan, final_eval)
+    say_beyond_trained(config, plan, final_eval)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
@@ -195,8 +195,9 @@ def train(config, workdir: str) -> dict:
                     if is_writer:
                         print(f"evaluation at step {step} (perplexity by length; sliding "
                               "window and retrieval run at the end)", flush=True)
-                    _evaluate(config, eval_run, state, suite.perplexity_only(final_eval), step,
-                              writer, workdir=None)
+                    evaluate_and_report(config, eval_run, state,
+                                        suite.perplexity_only(final_eval), step, writer,
+                                        workdir=None)
 
                 # maybe checkpoint, maybe stop
                 stopped_by = signals.requested() or (
@@ -220,7 +221,8 @@ def train(config, workdir: str) -> dict:
         # -------------------------------------------------------------- final evaluation
         checkpointer.wait_until_finished()
         _check_saves(checkpointer)
-        outcome = _evaluate(config, eval_run, state, final_eval, step, writer, workdir=workdir)
+        outcome = evaluate_and_report(config, eval_run, state, final_eval, step, writer,
+                                      workdir=workdir)
         return {"step": step, "tokens": tokens, "final_loss": final_loss, "stopped": False,
                 "eval": outcome["perplexity_by_length"], "retrieval": outcome["retrieval"]}
     finally:
@@ -301,7 +303,7 @@ def _all_finite(params):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
-def _say_beyond_trained(config, plan, data) -> None:
+def say_beyond_trained(config, plan, data) -> None:
     """One notice when evaluation runs beyond the longest trained length."""
     lengths = list(data.lengths) + [n for _, by_length in data.retrieval.values()
                                     for n in by_length]
@@ -338,7 +340,8 @@ def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
     return state, 0, 0
 
 
-def _evaluate(config, eval_run, state, data, step: int, writer, *, workdir: str | None) -> dict:
+def evaluate_and_report(config, eval_run, state, data, step: int, writer, *,
+                        workdir: str | None) -> dict:
     """Score the state's parameters on `data`, log the scalars under eval[/<name>]/, print
     the table; with `workdir`, also write workdir/eval[/<name>]/."""
     params = jax.device_put(state["params"], eval_run.state_shardings["params"])
@@ -367,23 +370,3 @@ def _evaluate(config, eval_run, state, data, step: int, writer, *, workdir: str 
 def _layout_name(mesh) -> str:
     return (" x ".join(f"{axis} {size}" for axis, size in mesh.shape.items() if size > 1)
             or "1 device")
-
-
-# ---------------------------------------------------------------------- --mode eval
-def evaluate_workdir(config, workdir: str) -> dict:
-    """Score the newest checkpoint of workdir; write workdir/eval[/<name>]/ and the scalars
-    to its metrics. Returns the perplexity result with "retrieval" added."""
-    plan = validate_config(config)
-    run = build_run(config, level=eval_level(config, plan), rows_in_order=True)
-    state, meta = restore_newest(workdir, run, "--mode eval (train first)")
-    setup = eval_setup_from(config)
-    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), setup,
-                               jax.process_index() == 0)
-    data = suite.prepare(setup, run, run.tokenizer, abstract_state(run)["params"])
-    _say_beyond_trained(config, plan, data)
-    writer = MetricsWriter(workdir)
-    try:
-        outcome = _evaluate(config, run, state, data, int(meta["step"]), writer, workdir=workdir)
-    finally:
-        writer.close()
-    return dict(outcome["perplexity_by_length"], retrieval=outcome["retrieval"])

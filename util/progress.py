@@ -1,5 +1,10 @@
 """Console progress with an ETA, used by training (one line per logged step) and by
-evaluation (one line redrawn in place on a terminal, whole lines elsewhere)."""
+evaluation (one line redrawn in place on a terminal, whole lines elsewhere).
+
+Not tqdm, on purpose: the training log is one record per logged step (loss, lr, tok/s,
+ETA) that files and pipes keep line by line, and a redirected evaluation prints whole lines
+every few seconds; tqdm draws one bar redrawn with carriage returns, which a log file
+keeps as one long line. Only process 0 prints."""
 from __future__ import annotations
 
 import sys
