@@ -232,10 +232,10 @@ def _resolve_config(mode: str):
     """(config, workdir) of this command: the --config file with its --config.KEY
     overrides, or (eval, generate, and train resuming a workdir) the workdir's config.json
     with the overrides; then checked against the workdir's config.json when there is one
-    (train/workdir_config.py, `check_against_workdir`). One ValueError line for an unknown
+    (configs/workdir_config.py, `check_against_workdir`). One ValueError line for an unknown
     key, a config file that does not load, or an override the workdir contradicts."""
     from configs import base
-    from train import workdir_config
+    from configs import workdir_config
     if flags.FLAGS["config"].present:
         # a preset after a colon goes to get_config (configs/llama.py:llama2_7b)
         path, _, preset = flags.FLAGS["config"].config_filename.partition(":")

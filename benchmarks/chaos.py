@@ -75,7 +75,7 @@ def final_parameters(workdir: str) -> dict:
     its config.json, so --set overrides of model keys are honoured)."""
     import jax
 
-    from train import workdir_config
+    from configs import workdir_config
     from train.state import build_run
     from train.checkpoint import restore_newest
     config = workdir_config.load(workdir)

@@ -29,7 +29,7 @@ def ours_and_theirs(workdir: str, hf_dir: str, lengths: list[int], rows: int = 2
     from data.sources import list_documents
     from model.transformer import Transformer
     from parallel import mesh as mesh_lib
-    from train import workdir_config
+    from configs import workdir_config
     from train.state import build_run
     from train.checkpoint import restore_newest
 

@@ -24,7 +24,7 @@ from model import hf
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
 from train import checkpoint as checkpoint_lib
-from train import workdir_config
+from configs import workdir_config
 from train.state import build_run
 from train.checkpoint import checkpoint_meta, restore_newest
 from train.validate import validate_config

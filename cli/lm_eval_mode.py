@@ -137,7 +137,7 @@ class WorkdirLM(BoundlessLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config=None):
         from lm_eval.utils import simple_parse_args_string
-        from train import workdir_config
+        from configs import workdir_config
         args = simple_parse_args_string(arg_string)
         if "workdir" not in args:
             raise ValueError('the "boundless" model needs model_args "workdir=W"')

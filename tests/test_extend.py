@@ -15,7 +15,8 @@ from evaluation.lengths import evaluable
 from model.positions import interpolate_position_table, normalize_rope_scaling
 from tests.helpers import read_metrics, small_config, train_losses
 from train import extend as extend_lib
-from train import trainer, workdir_config
+from configs import workdir_config
+from train import trainer
 from train.state import build_run
 from train.checkpoint import restore_newest, restore_params_from
 

@@ -17,7 +17,7 @@ from model.positions import normalize_rope_scaling
 from model.transformer import ModelConfig, Transformer
 from tests.helpers import small_config
 from cli.generate_mode import check_generate_config
-from train.workdir_config import load as workdir_config
+from configs.workdir_config import load as workdir_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cli import eval_mode  # noqa: E402
-from train import trainer, workdir_config  # noqa: E402
+from configs import workdir_config  # noqa: E402
+from train import trainer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vocab 256 and no tokenizer.json: the import falls back to the byte tokenizer

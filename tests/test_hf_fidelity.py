@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from model import hf  # noqa: E402
 from cli import hf_workdir  # noqa: E402
-from train import workdir_config  # noqa: E402
+from configs import workdir_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vocab 256 and no tokenizer.json: the byte tokenizer, so a prompt's ids are its bytes

@@ -15,7 +15,8 @@ import pytest
 
 from tests.helpers import read_metrics, small_config, train_losses
 from train import checkpoint as checkpoint_lib
-from train import trainer, workdir_config
+from configs import workdir_config
+from train import trainer
 from train.state import build_run
 from train.checkpoint import BrokenCheckpoints, restore_newest
 

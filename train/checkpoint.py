@@ -26,7 +26,7 @@ from flax import nnx
 from model import positions as pos_lib
 from model.transformer import ModelConfig
 from parallel import mesh as mesh_lib
-from train import workdir_config
+from configs import workdir_config
 from train.state import Run, abstract_state
 from util.errors import error_line
 

@@ -14,7 +14,7 @@ import json
 
 from model.attention import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
-from train import workdir_config
+from configs import workdir_config
 
 SCALINGS = ("linear", "yarn")
 # scalings relative to an original length, raised by setting factor = T / that length

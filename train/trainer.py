@@ -24,7 +24,8 @@ from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import curriculum as curriculum_lib
 from train import extend as extend_lib
-from train import schedule, workdir_config
+from configs import workdir_config
+from train import schedule
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.state import abstract_state, build_run, eval_setup_from, init_state

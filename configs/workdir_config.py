@@ -9,7 +9,6 @@ import os
 from ml_collections import config_dict
 
 from configs import base
-from model.remat import policy_name
 
 CONFIG_FILE = "config.json"
 
@@ -125,7 +124,14 @@ def load(workdir: str, overrides: dict | None = None) -> config_dict.ConfigDict:
 
 
 # keys whose saved form changed: the function turns an older value into today's
-_UPGRADES = {"model.remat": policy_name}     # a bool before the remat policies
+def _remat_policy(value):
+    """model.remat was a bool (or None) before the remat policies had names."""
+    if value is True:
+        return "full"
+    return "none" if value is False or value is None else value
+
+
+_UPGRADES = {"model.remat": _remat_policy}
 
 
 def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -> None:
