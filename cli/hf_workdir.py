@@ -18,15 +18,14 @@ import tempfile
 import jax
 from flax import nnx
 
-from configs import base
+from configs import base, workdir_config
 from data.tokenizers import write_byte_tokenizer_json
 from model import hf
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
 from train import checkpoint as checkpoint_lib
-from configs import workdir_config
-from train.state import build_run
 from train.checkpoint import checkpoint_meta, restore_newest
+from train.state import build_run
 from train.validate import validate_config
 
 HF_ARCHITECTURE = "hf_architecture"   # checkpoint metadata: the architecture imported from

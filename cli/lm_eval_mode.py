@@ -24,17 +24,17 @@ import numpy as np
 from flax import nnx
 from lm_eval.api.registry import register_model
 
-from evaluation.generate import generate
-from util import json_values
 from evaluation import lengths as lengths_lib
+from evaluation.generate import generate
 from evaluation.lm_eval_model import BoundlessLM
 from evaluation.scoring import Scorer
 from model.attention import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
 from train import curriculum as curriculum_lib
-from train.state import build_run
 from train.checkpoint import restore_newest
+from train.state import build_run
+from util import json_values
 
 RESULTS_FILE = os.path.join("eval", "lm_eval.json")
 
@@ -137,6 +137,7 @@ class WorkdirLM(BoundlessLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config=None):
         from lm_eval.utils import simple_parse_args_string
+
         from configs import workdir_config
         args = simple_parse_args_string(arg_string)
         if "workdir" not in args:

@@ -22,20 +22,19 @@ import time
 import jax
 import jax.numpy as jnp
 
-from util import json_values
 from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
-from util.tables import format_table
-from model.flops import training_flops_per_step
 from model.attention import SEQUENCE_PARALLEL
-from parallel import collectives
+from model.flops import training_flops_per_step
+from parallel import collectives, sequence_parallel
 from parallel import layout as layout_lib
-from parallel import sequence_parallel
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
 from train.state import abstract_state, build_run
 from train.step import make_train_step
 from train.validate import validate_config
+from util import json_values
+from util.tables import format_table
 
 GIB = 2 ** 30
 PLAN_FILE = "plan.json"

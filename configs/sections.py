@@ -72,6 +72,12 @@ def typed(config, path: str):
     return section_class(path)(**values)
 
 
+def plain(config, path: str) -> dict:
+    """Section `path` of `config` as a plain dict of its typed values (e.g. the mesh sizes
+    that parallel/mesh.py takes)."""
+    return dataclasses.asdict(typed(config, path))
+
+
 def _publish_every_section() -> None:
     """Every section class as a module attribute (DataSection, EvalRulerSection, ...), so
     that instances pickle (e.g. to --mode prepare's worker processes)."""

@@ -11,9 +11,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from model.loss import token_scores
-from parallel.model_on_mesh import ModelOnMesh
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
+from parallel.model_on_mesh import ModelOnMesh
 
 
 def score_function(placed: ModelOnMesh):

@@ -60,3 +60,9 @@ def test_field_types_follow_the_rules():
 def test_an_undeclared_section_is_refused():
     with pytest.raises(KeyError, match="declares no section 'nope'"):
         sections.section_class("nope")
+
+
+def test_plain_gives_the_section_as_a_dict_of_its_typed_values():
+    config = small_config(**{"mesh.seq": 4})
+    assert sections.plain(config, "mesh") == {"data": -1, "fsdp": 1, "seq": 4, "tensor": 1,
+                                              "layout": config.mesh.layout}

@@ -23,10 +23,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from configs import workdir_config
 from model import positions as pos_lib
 from model.transformer import ModelConfig
 from parallel import mesh as mesh_lib
-from configs import workdir_config
 from train.state import Run, abstract_state
 from util.errors import error_line
 

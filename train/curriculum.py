@@ -17,10 +17,10 @@ import math
 import numpy as np
 
 from configs import sections
-from util.tables import format_table
 from model.attention import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 from parallel.mesh import MESH_AXES, mesh_shape
+from util.tables import format_table
 
 UNITS = ("tokens", "sequences")
 ORDERS = ("ascending", "interleaved")
@@ -324,7 +324,7 @@ def make_curriculum(config, device_count: int) -> Curriculum:
     accum = int(t.grad_accum_steps)
     if accum < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {accum}")
-    base = mesh_shape(dataclasses.asdict(sections.typed(config, "mesh")), device_count)
+    base = mesh_shape(sections.plain(config, "mesh"), device_count)
     levels = []
     for k in range(K):
         sizes = dict(base)

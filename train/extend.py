@@ -12,9 +12,9 @@ from __future__ import annotations
 import copy
 import json
 
+from configs import workdir_config
 from model.attention import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
-from configs import workdir_config
 
 SCALINGS = ("linear", "yarn")
 # scalings relative to an original length, raised by setting factor = T / that length

@@ -90,7 +90,7 @@ def build_run(config, devices=None, level=None, tokenizer=None,
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
-    mesh_sizes = dataclasses.asdict(sections.typed(config, "mesh"))
+    mesh_sizes = sections.plain(config, "mesh")
     if level is not None:
         mesh_sizes = level.mesh_dict
         model_config = dataclasses.replace(model_config, rope_theta=level.rope_theta,

@@ -14,25 +14,24 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import sections
+from configs import sections, workdir_config
 from data.pipeline import make_train_stream
 from data.tokenizers import make_tokenizer
 from evaluation import report, suite
-from util.progress import Progress
 from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import curriculum as curriculum_lib
 from train import extend as extend_lib
-from configs import workdir_config
 from train import schedule
+from train.checkpoint import checkpoint_meta, restore_intact, restore_params_from
 from train.curriculum import eval_level
 from train.metrics import MetricsWriter
 from train.state import abstract_state, build_run, eval_setup_from, init_state
-from train.checkpoint import checkpoint_meta, restore_intact, restore_params_from
 from train.step import make_train_step, put_batch
 from train.stopping import StopSignals
 from train.validate import validate_config
+from util.progress import Progress
 
 log = logging.getLogger("boundless")
 

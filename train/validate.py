@@ -6,7 +6,6 @@ the model its own (ModelConfig.validate); this module adds what ties them to a m
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -29,8 +28,7 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.C
                          f"got {config.mesh.layout!r}")
     if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
         raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
-    # the config's own mesh is valid
-    sizes = mesh_lib.mesh_shape(dataclasses.asdict(sections.typed(config, "mesh")), device_count)
+    sizes = mesh_lib.mesh_shape(sections.plain(config, "mesh"), device_count)  # valid itself
     if sizes["seq"] > 1 and config.model.attention not in SEQUENCE_PARALLEL:
         raise ValueError(f"mesh seq={sizes['seq']} splits the sequence: set model.attention "
                          f"to one of {SEQUENCE_PARALLEL}")
