@@ -104,9 +104,26 @@ def test_readme_has_at_most_250_lines():
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; move detail into docs/"
 
 
+# the team's folder beside the repository, which a clone does not have (spelled in two
+# pieces so that this file does not match itself)
+TEAM_FOLDER = "../" + "shared"
+
+
 def test_readme_does_not_mention_shared():
     text = README.read_text(encoding="utf-8")
-    assert "../shared" not in text and "shared/" not in text
+    assert TEAM_FOLDER not in text and "shared" + "/" not in text
+TEXT_SUFFIXES = {".py", ".md", ".toml", ".ini", ".txt", ".sh", ".cfg", ".yaml", ".json"}
+
+
+def test_no_file_of_the_repository_points_to_the_team_folder():
+    skipped = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    files = [path for path in ROOT.rglob("*")
+             if path.is_file() and not skipped & set(path.relative_to(ROOT).parts)
+             and (path.suffix in TEXT_SUFFIXES or path.parent.name == ".ci")]
+    assert len(files) > 50, "the walk found too few files to mean anything"
+    pointing = [str(path.relative_to(ROOT)) for path in files
+                if TEAM_FOLDER in path.read_text(encoding="utf-8", errors="replace")]
+    assert pointing == []
 
 
 def test_readme_links_stay_inside_the_repository():
