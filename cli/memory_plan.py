@@ -120,7 +120,7 @@ def length_step(config, seq: int) -> int:
     length runs; these waste nothing."""
     m = config.model
     parts = [2 * seq, seq * m.block_q, seq * m.block_k]
-    parts += [c for c in (m.get("loss_chunk_tokens", 0), m.get("mlp_chunk_tokens", 0)) if c > 0]
+    parts += [c for c in (m.loss_chunk_tokens, m.mlp_chunk_tokens) if c > 0]
     return math.lcm(*parts)
 
 

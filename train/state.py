@@ -42,9 +42,9 @@ def model_config_from(config, vocab_size: int) -> ModelConfig:
 
     l_max is curriculum.l_max, except for learned positions with
     model.learned_positions_length > 0: then it is that length (the table's rows)."""
-    m = config.model
+    m = sections.typed(config, "model")      # every key present: the defaults are base.py's
     l_max = config.curriculum.l_max
-    if m.position == "learned" and m.get("learned_positions_length", 0) > 0:
+    if m.position == "learned" and m.learned_positions_length > 0:
         l_max = int(m.learned_positions_length)
     scaling = pos_lib.normalize_rope_scaling(
         m.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
@@ -56,14 +56,11 @@ def model_config_from(config, vocab_size: int) -> ModelConfig:
         rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
         block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
         dtype=m.dtype, param_dtype=m.param_dtype, remat=remat_lib.policy_name(m.remat),
-        scan_layers=bool(m.get("scan_layers", True)),
-        loss_chunk_tokens=int(m.get("loss_chunk_tokens", 0)),
-        mlp_chunk_tokens=int(m.get("mlp_chunk_tokens", 0)),
-        remat_group=int(m.get("remat_group", 1)), norm_eps=m.norm_eps,
-        init_std=m.init_std, norm=m.norm, mlp=m.mlp, qkv_bias=m.qkv_bias,
-        attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias,
-        sliding_window=m.get("sliding_window"),
-        layer_types=None if m.get("layer_types") is None else tuple(m.layer_types))
+        scan_layers=bool(m.scan_layers), loss_chunk_tokens=int(m.loss_chunk_tokens),
+        mlp_chunk_tokens=int(m.mlp_chunk_tokens), remat_group=int(m.remat_group),
+        norm_eps=m.norm_eps, init_std=m.init_std, norm=m.norm, mlp=m.mlp,
+        qkv_bias=m.qkv_bias, attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias,
+        sliding_window=m.sliding_window, layer_types=m.layer_types)
     model_config.validate()
     return model_config
 
