@@ -126,9 +126,9 @@ def get_config() -> config_dict.ConfigDict:
     # longest sample in tokens (<= seq_len); 0: the training seq_len
     data.retrieval_max_length = 0, integer(0)
     # loss weight of the answer tokens (others: 1)
-    data.retrieval_answer_weight = 1.0, number(0)
-    # None: tasks uniform
-    data.retrieval_task_weights = None, items(number(above=0), optional=True)
+    data.retrieval_answer_weight = 1.0, number(above=0)
+    # one weight >= 0 per task of retrieval_tasks (0: never drawn; not all 0); None: uniform
+    data.retrieval_task_weights = None, items(number(0), optional=True)
 
     # --- training ---------------------------------------------------------------------
     train = root.section("train")

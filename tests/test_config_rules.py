@@ -99,3 +99,14 @@ def test_optional_keys_take_none_and_the_minus_one_sentinels_pass():
     config.mesh.data = -1
     config.extend.target_length = -1            # configs/extend.py: "give the length"
     base.check(config)
+
+
+def test_the_retrieval_weight_rules_agree_with_what_the_data_layer_accepts():
+    """data/retrieval_mix.py draws a task of weight 0 never and refuses an answer weight of
+    0 (tests/test_stream.py): the rules checked before a run say the same."""
+    config = base.get_config()
+    config.data.retrieval_task_weights = (3.0, 1.0, 0.0)
+    base.check(config)
+    config.data.retrieval_answer_weight = 0.0
+    with pytest.raises(ValueError, match="retrieval_answer_weight must be a finite number > 0"):
+        base.check(config)
