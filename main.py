@@ -67,6 +67,9 @@ def _check_command_line(argv) -> None:
 
 if __name__ == "__main__":
     _check_command_line(sys.argv)
+    # before a config file (or anything else) imports jax: see util/quiet_imports.py
+    from util.quiet_imports import import_jax_quietly
+    import_jax_quietly()
 
 # configs/base.py is the default only so that --config.KEY overrides work without a
 # --config file in the modes that read the workdir's config.json; train requires --config.
@@ -189,8 +192,12 @@ def main(argv):
         _exit_on_error(lambda: prepare_mode.prepare_workdir(config))
         return
     if mode == "plan":
-        if config.plan.devices > 0:        # before JAX is imported anywhere
-            os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+        # before any backend starts: compile-only devices need no backend but the CPU's
+        if config.plan.target != "cpu":
+            jax.config.update("jax_platforms", "cpu")
+        elif config.plan.devices > 0:
+            jax.config.update("jax_platforms", "cpu")
             os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
                                        f"platform_device_count={config.plan.devices}").strip()
         else:

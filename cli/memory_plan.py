@@ -3,12 +3,16 @@
 For every curriculum level the train step is compiled on that level's mesh, and the
 scoring step at the longest evaluation length on the evaluation mesh, with abstract
 parameters, optimizer state and batches (`jax.eval_shape`, `jax.ShapeDtypeStruct`:
-nothing is allocated, so a 7B model plans on a laptop's CPU with N simulated devices).
-XLA's buffer assignment (`compile().memory_analysis()`) gives the bytes per device.
+nothing is allocated, so a 7B model plans on a laptop's CPU). The devices are the
+`plan.target`'s: this machine's (cpu, N simulated with plan.devices=N) or N compile-only
+GPUs or TPU chips (parallel/targets.py), compiled by that accelerator's own compiler.
+XLA's buffer assignment (`compile().memory_analysis()`) gives the bytes per device, on the
+device and in pinned host memory; the compiled HLO gives the collectives.
 
 FLOPs: `flops_per_step` is the model FLOPs count of model/flops.py (what MFU is quoted
-against); `xla_flops` is `compile().cost_analysis()`, which counts the body of each loop
-once (the scanned layers, the blockwise kernel's block loops), so it is a lower bound.
+against); `xla_flops` is `compile().cost_analysis()` where the compiler gives one (XLA:CPU
+and TPU; not a compile-only GPU), which counts the body of each loop once (the scanned
+layers, the blockwise kernel's block loops), so it is a lower bound.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
 from model.attention import SEQUENCE_PARALLEL
 from model.flops import training_flops_per_step
-from parallel import collectives, sequence_parallel
+from parallel import collectives, sequence_parallel, targets
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
 from train import curriculum as curriculum_lib
@@ -67,9 +71,35 @@ def abstract_batch(run, rows: int, length: int) -> dict:
     return batch
 
 
-def _measured(compiled, seconds: float) -> dict:
-    """Memory (memory_analysis), XLA FLOPs, the collectives of the compiled HLO and the
-    compile time of a compiled step."""
+def plan_devices(config) -> tuple[targets.Target, list]:
+    """(the plan.target, the devices the plan compiles for): this process's devices for
+    cpu, plan.devices compile-only devices of an accelerator otherwise."""
+    target = targets.get(config.plan.target)
+    if not target.compile_only:
+        return target, jax.devices()
+    if config.plan.devices < 1:
+        raise ValueError(f"plan.target={target.name} needs plan.devices=N: the number of "
+                         f"{'GPUs' if target.platform == 'gpu' else 'chips'} to plan for")
+    return target, targets.compile_only_devices(target, int(config.plan.devices))
+
+
+def _compile(lowered):
+    """lowered.compile(), with a compiler library that is missing as one ValueError line."""
+    try:
+        return lowered.compile()
+    except Exception as error:     # re-raised unless cuDNN is missing
+        if "cuDNN not found" not in str(error):
+            raise
+        raise ValueError(f"cuDNN attention needs cuDNN, which is not installed: pip install "
+                         f"-r {targets.GPU_REQUIREMENTS} (a GPU host), or for planning only: "
+                         f"pip install --no-deps -r {targets.COMPILE_ONLY_REQUIREMENTS}") \
+            from None
+
+
+def _measured(compiled, seconds: float, mesh) -> dict:
+    """Memory on the device and in pinned host memory (memory_analysis), XLA's FLOPs and
+    bytes where its cost analysis gives them, the collectives of the compiled HLO (those
+    whose groups span hosts apart) and the compile time of a compiled step on `mesh`."""
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
@@ -77,41 +107,70 @@ def _measured(compiled, seconds: float) -> dict:
              "output": memory.output_size_in_bytes, "alias": memory.alias_size_in_bytes}
     # donated inputs that outputs reuse count once
     parts["total"] = parts["arguments"] + parts["temp"] + parts["output"] - parts["alias"]
+    host = {"arguments": memory.host_argument_size_in_bytes,
+            "temp": memory.host_temp_size_in_bytes,
+            "output": memory.host_output_size_in_bytes, "alias": memory.host_alias_size_in_bytes}
+    host["total"] = host["arguments"] + host["temp"] + host["output"] - host["alias"]
+    hosts = [device.process_index for device in mesh.devices.flat]
+    hlo = compiled.as_text()
     return {"bytes_per_device": {k: int(v) for k, v in parts.items()},
-            "xla_flops": float(cost.get("flops", 0.0)), "compile_s": round(seconds, 2),
-            "collective_bytes": collectives.collective_bytes(compiled.as_text())}
+            "host_bytes_per_device": {k: int(v) for k, v in host.items()},
+            "xla_flops": float(cost.get("flops", 0.0)),
+            "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+            "compile_s": round(seconds, 2),
+            "collective_bytes": collectives.collective_bytes(hlo, hosts),
+            "attention_collective_dtypes": collectives.attention_dtypes(hlo),
+            "cudnn_attention_calls": collectives.fused_attention_calls(hlo)}
 
 
-def train_step_entry(config, level) -> dict:
-    """Compiled memory and FLOPs of one train step at `level` (a curriculum Level)."""
-    run = build_run(config, level=level)
+def _with_bound(entry: dict, target: targets.Target, devices: int) -> dict:
+    """`entry` with "bound": a lower bound on its step's seconds on `target`
+    (targets.step_time_bound) from the model FLOPs per device, the bytes the step must move
+    at least once (its arguments read, its outputs and temp buffers written) and the
+    collective bytes within and across hosts. None on the CPU (no published figures)."""
+    if not target.compile_only:
+        return {**entry, "bound": None}
+    b, c = entry["bytes_per_device"], entry["collective_bytes"]
+    bound = targets.step_time_bound(
+        target, flops=entry["flops_per_step"] / devices,
+        min_bytes=b["arguments"] + b["output"] + b["temp"],
+        intra_bytes=c["traffic"] - c["inter_host_traffic"], inter_bytes=c["inter_host_traffic"])
+    return {**entry, "bound": bound}
+
+
+def train_step_entry(config, level, devices=None, target=None) -> dict:
+    """Compiled memory, FLOPs, collectives and kernel of one train step at `level` (a
+    curriculum Level) on `devices` (default: this process's) of `target` (default: cpu)."""
+    run = build_run(config, devices=devices, level=level)
     state = abstract_state(run)
     learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
         step = make_train_step(run, int(config.train.grad_accum_steps), level.seq_len)
-        compiled = step.lower(state, abstract_batch(run, level.batch_size, level.seq_len),
-                              learning_rate).compile()
-    return {"length": level.seq_len, "batch_size": level.batch_size, "mesh": level.mesh_dict,
-            "tokens_per_step": level.tokens_per_step,
-            "flops_per_step": training_flops_per_step(run.model_config, level.seq_len,
-                                                      level.batch_size),
-            **_measured(compiled, time.time() - start)}
+        compiled = _compile(step.lower(state, abstract_batch(run, level.batch_size,
+                                                             level.seq_len), learning_rate))
+    entry = {"length": level.seq_len, "batch_size": level.batch_size, "mesh": level.mesh_dict,
+             "tokens_per_step": level.tokens_per_step, "kernel": run.kernel,
+             "flops_per_step": training_flops_per_step(run.model_config, level.seq_len,
+                                                       level.batch_size),
+             **_measured(compiled, time.time() - start, run.mesh)}
+    return _with_bound(entry, target or targets.get("cpu"), run.mesh.size)
 
 
-def eval_step_entry(config, level, length: int) -> dict:
+def eval_step_entry(config, level, length: int, devices=None, target=None) -> dict:
     """Compiled memory of scoring an [eval.batch_size, length] batch on the eval mesh."""
-    run = build_run(config, level=level)
+    run = build_run(config, devices=devices, level=level, rows_in_order=True)
     params = abstract_state(run)["params"]
     rows = int(config.eval.batch_size)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
-        compiled = score_function(run).lower(params, abstract_batch(run, rows, length),
-                                             length).compile()
-    return {"length": length, "batch_size": rows, "mesh": level.mesh_dict,
-            "tokens_per_step": rows * length,
-            "flops_per_step": training_flops_per_step(run.model_config, length, rows) / 3,
-            **_measured(compiled, time.time() - start)}
+        compiled = _compile(score_function(run).lower(params, abstract_batch(run, rows, length),
+                                                      length))
+    entry = {"length": length, "batch_size": rows, "mesh": level.mesh_dict,
+             "tokens_per_step": rows * length, "kernel": run.kernel,
+             "flops_per_step": training_flops_per_step(run.model_config, length, rows) / 3,
+             **_measured(compiled, time.time() - start, run.mesh)}
+    return _with_bound(entry, target or targets.get("cpu"), run.mesh.size)
 
 
 def length_step(config, seq: int) -> int:
@@ -124,17 +183,19 @@ def length_step(config, seq: int) -> int:
     return math.lcm(*parts)
 
 
-def longest_fit(config, level, budget_bytes: int, log=print) -> dict | None:
+def longest_fit(config, level, budget_bytes: int, log=print, devices=None,
+                target=None) -> dict | None:
     """The longest length whose train step, with `level`'s batch rows and mesh, fits
-    `budget_bytes` per device: level.seq_len x 2^k doubled (or halved) to the last power
-    of two that fits, then refined by bisection in multiples of length_step. None if no
-    candidate down to one step fits."""
+    `budget_bytes` per device (of `devices`, default this process's): level.seq_len x 2^k
+    doubled (or halved) to the last power of two that fits, then refined by bisection in
+    multiples of length_step. None if no candidate down to one step fits."""
     step = length_step(config, level.mesh_dict["seq"])
     tried = {}
 
     def fits(length):
         if length not in tried:
-            result = train_step_entry(config, dataclasses.replace(level, seq_len=length))
+            result = train_step_entry(config, dataclasses.replace(level, seq_len=length),
+                                      devices, target)
             total = result["bytes_per_device"]["total"]
             log(f"  length {length}: {total / GIB:.2f} GiB per device "
                 f"({'fits' if total <= budget_bytes else 'over'} {budget_bytes / GIB:g} GiB)",
@@ -169,11 +230,12 @@ def _fit(result, budget_bytes):
             "batch_size": result["batch_size"]}
 
 
-def strategy_configs(config, seq: int) -> list:
+def strategy_configs(config, seq: int, host_size: int | None = None) -> list:
     """(name, config) for each of plan.strategies that can split this model over `seq`
     devices (heads divisible; the hybrid's degree: model.ulysses_degree, else the largest
-    proper divisor of seq whose all-to-all the heads allow), and (name, why not) for the
-    others."""
+    proper divisor of seq whose all-to-all the heads allow and, with `host_size` (the
+    devices of one host, when the mesh spans hosts), that keeps the all-to-all within a
+    host), and (name, why not) for the others."""
     m = config.model
     out = []
     for strategy in config.plan.strategies:
@@ -182,7 +244,8 @@ def strategy_configs(config, seq: int) -> list:
         degrees = [None]
         if strategy == "hybrid":
             degrees = [m.ulysses_degree] if m.ulysses_degree else \
-                [d for d in range(seq - 1, 1, -1) if seq % d == 0]
+                [d for d in range(seq - 1, 1, -1)
+                 if seq % d == 0 and (host_size is None or host_size % d == 0)]
         reason = None
         for degree in degrees:
             try:
@@ -199,13 +262,24 @@ def strategy_configs(config, seq: int) -> list:
     return out
 
 
-def strategy_entry(config, level, strategy: str, candidate) -> dict:
+def link_gbps(config, target: targets.Target) -> tuple[float, float]:
+    """(within a host, across hosts) GB/s that collective bytes are timed at:
+    plan.intra_host_gbps / plan.inter_host_gbps where set (> 0), else the target's published
+    figures (on the cpu target: the h100's, a common machine to put beside it)."""
+    figures = target if target.compile_only else targets.get("h100")
+    return (config.plan.intra_host_gbps or figures.intra_host_gbps,
+            config.plan.inter_host_gbps or figures.inter_host_gbps)
+
+
+def strategy_entry(config, level, strategy: str, candidate, devices=None,
+                   target=None) -> dict:
     """The train step of `level` compiled with one strategy: memory, the collectives XLA
     kept (bytes sent per device and step), the closed form and their time on the links."""
     if isinstance(candidate, str):
         return {"strategy": strategy, "skipped": candidate}
-    entry = train_step_entry(candidate, level)
-    m, p = candidate.model, candidate.plan
+    target = target or targets.get("cpu")
+    entry = train_step_entry(candidate, level, devices, target)
+    m = candidate.model
     layers = m.n_layers
     closed = collectives.closed_form_bytes(
         strategy, length=level.seq_len, seq=level.mesh_dict["seq"], q_heads=m.q_heads,
@@ -214,12 +288,14 @@ def strategy_entry(config, level, strategy: str, candidate) -> dict:
         forward_passes=1 if m.remat == "none" else 2)
     closed = {**closed, **{k: v * layers for k, v in closed.items() if k != "formula"}}
     sent = entry["collective_bytes"]["traffic"]             # attention and weights
-    seconds = {"intra_host": collectives.transfer_seconds(sent, p.intra_host_gbps),
-               "inter_host": collectives.transfer_seconds(sent, p.inter_host_gbps)}
-    if strategy == "hybrid":          # its all-to-all within a host, its ring across hosts
-        ring = entry["collective_bytes"]["collective-permute"]
-        seconds["placed"] = (collectives.transfer_seconds(sent - ring, p.intra_host_gbps)
-                             + collectives.transfer_seconds(ring, p.inter_host_gbps))
+    across = entry["collective_bytes"]["inter_host_traffic"]
+    intra, inter = link_gbps(config, target)
+    # placed: what crosses hosts in this mesh (the hybrid's ring, not its all-to-all, when
+    # its groups fit in a host) at the inter-host figure, the rest within hosts
+    seconds = {"intra_host": collectives.transfer_seconds(sent, intra),
+               "inter_host": collectives.transfer_seconds(sent, inter),
+               "placed": (collectives.transfer_seconds(sent - across, intra)
+                          + collectives.transfer_seconds(across, inter))}
     return {"strategy": strategy, "ulysses_degree": m.ulysses_degree, **entry,
             "closed_form": closed, "collective_seconds": seconds}
 
@@ -228,58 +304,80 @@ def format_strategies(entries: list, intra: float, inter: float) -> str:
     rows = []
     for e in entries:
         if "skipped" in e:
-            rows.append([e["strategy"], "-", "-", "-", "-", "-", "-", "-", e["skipped"]])
+            rows.append([e["strategy"], *["-"] * 10, e["skipped"]])
             continue
         name = e["strategy"] + (f" (U={e['ulysses_degree']})" if e.get("ulysses_degree") else "")
         c, s = e["collective_bytes"], e["collective_seconds"]
         kinds = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in c.items()
                           if v and k in collectives.KINDS)
-        rows.append([name, f"{e['bytes_per_device']['total'] / GIB:.2f}",
+        bound = e.get("bound")
+        rows.append([name, e["kernel"], f"{e['bytes_per_device']['total'] / GIB:.2f}",
+                     f"{e['host_bytes_per_device']['total'] / GIB:.2f}",
                      f"{c['traffic'] / 1e9:.3g}", f"{c['attention_traffic'] / 1e9:.3g}",
+                     f"{c['inter_host_traffic'] / 1e9:.3g}",
                      f"{e['closed_form']['bytes'] / 1e9:.3g}",
-                     f"{s['intra_host']:.3g}", f"{s['inter_host']:.3g}",
-                     f"{s['placed']:.3g}" if "placed" in s else "", kinds])
-    return format_table(["strategy", "GiB per device", "GB sent per device (HLO)",
-                         "of which attention", "GB closed form (attention)",
-                         f"s at {intra:g} GB/s", f"s at {inter:g} GB/s", "s placed (hybrid)",
+                     f"{s['intra_host']:.3g}", f"{s['placed']:.3g}",
+                     f"{bound['step_s']:.3g}" if bound else "-", kinds])
+    return format_table(["strategy", "kernel", "GiB per device", "host GiB",
+                         "GB sent per device (HLO)", "of which attention", "across hosts",
+                         "GB closed form (attention)", f"s at {intra:g} GB/s",
+                         f"s placed ({inter:g} GB/s across hosts)", "bound s (no overlap)",
                          "operands GB by collective (HLO)"], rows)
 
 
 def plan_workdir(config, workdir: str) -> dict:
     """Compile every level's train step and the longest evaluation's scoring step
-    abstractly; print a table, write workdir/plan.json (process 0) and return its dict."""
-    plan = validate_config(config)
+    abstractly on the plan.target's devices; print a table, write workdir/plan.json
+    (process 0) and return its dict."""
+    target, devices = plan_devices(config)
+    plan = validate_config(config, len(devices), platform=devices[0].platform)
     print(plan.format(), flush=True)
+    print(f"compiling for {len(devices)} x {devices[0].device_kind} ({target.name}"
+          + (f", topology {targets.topology_name(target, len(devices))}, "
+             f"{targets.hosts(devices)} host(s), compile-only" if target.compile_only else "")
+          + ")", flush=True)
     levels = []
     for level in plan.levels:
-        entry = {"level": level.index, **train_step_entry(config, level)}
+        entry = {"level": level.index, **train_step_entry(config, level, devices, target)}
         levels.append(entry)
-        print(f"level {level.index}: compiled in {entry['compile_s']:.1f} s", flush=True)
+        print(f"level {level.index}: {entry['kernel']} attention, compiled in "
+              f"{entry['compile_s']:.1f} s", flush=True)
     strategies = []
     last = plan.levels[-1]
     if last.mesh_dict["seq"] > 1 and config.model.attention in SEQUENCE_PARALLEL and \
             config.plan.strategies:
         print(f"sequence-parallel strategies at level {last.index} (length {last.seq_len}, "
               f"seq {last.mesh_dict['seq']}):", flush=True)
-        for strategy, candidate in strategy_configs(config, last.mesh_dict["seq"]):
-            strategies.append(strategy_entry(config, last, strategy, candidate))
+        hosts = targets.hosts(devices)
+        # a GPU mesh over hosts: the hybrid's all-to-all within a host (NVLink), its ring
+        # across them (a TPU slice is one ICI network: no such split)
+        host_size = len(devices) // hosts if hosts > 1 and target.platform == "gpu" else None
+        for strategy, candidate in strategy_configs(config, last.mesh_dict["seq"], host_size):
+            strategies.append(strategy_entry(config, last, strategy, candidate, devices,
+                                             target))
             print(f"  {strategy}: " + ("skipped: " + strategies[-1]["skipped"]
                                        if "skipped" in strategies[-1] else "compiled"),
                   flush=True)
     eval_level = curriculum_lib.eval_level(config, plan)
     longest = max(evaluation_lengths(config.eval.lengths, config.curriculum.l_max))
-    eval_entry = eval_step_entry(config, eval_level, longest)
-    budget = float(config.plan.memory_budget_gib)
+    eval_entry = eval_step_entry(config, eval_level, longest, devices, target)
+    budget = budget_gib(config, target)
     fit = None
     if budget > 0:
         print(f"longest length within {budget:g} GiB per device (batch "
               f"{plan.levels[-1].batch_size}, mesh of the last level):", flush=True)
-        fit = longest_fit(config, plan.levels[-1], int(budget * GIB))
-    result = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
-              "levels": levels, "eval": eval_entry, "longest_fit": fit, "budget_gib": budget,
-              "strategies": strategies,
-              "link_gbps": {"intra_host": config.plan.intra_host_gbps,
-                            "inter_host": config.plan.inter_host_gbps},
+        fit = longest_fit(config, plan.levels[-1], int(budget * GIB), devices=devices,
+                          target=target)
+    intra, inter = link_gbps(config, target)
+    result = {"target": target.name, "target_description": target.description,
+              "device_kind": devices[0].device_kind, "devices": len(devices),
+              "platform": devices[0].platform, "hosts": targets.hosts(devices),
+              "compile_only": target.compile_only,
+              "topology": targets.topology_name(target, len(devices))
+              if target.compile_only else None,
+              "figures": target_figures(target), "levels": levels, "eval": eval_entry,
+              "longest_fit": fit, "budget_gib": budget, "strategies": strategies,
+              "link_gbps": {"intra_host": intra, "inter_host": inter},
               "host_peak_rss_gib": host_peak_rss_bytes() / GIB}
     print(format_plan(result), flush=True)
     if jax.process_index() == 0:
@@ -289,22 +387,62 @@ def plan_workdir(config, workdir: str) -> dict:
     return result
 
 
+def budget_gib(config, target: targets.Target) -> float:
+    """The memory the longest-fit search fits into, GiB per device: plan.memory_budget_gib
+    when > 0; when 0 the target's memory (none on cpu: no search); -1: no search."""
+    budget = float(config.plan.memory_budget_gib)
+    if budget == 0 and target.compile_only:
+        return float(target.memory_gib)
+    return max(budget, 0.0)
+
+
+def target_figures(target: targets.Target) -> dict | None:
+    """The published figures the bounds use, with their sources (None on cpu)."""
+    if not target.compile_only:
+        return None
+    return {"memory_gib": target.memory_gib, "peak_bf16_tflops": target.peak_bf16_tflops,
+            "memory_gbps": target.memory_gbps, "intra_host_gbps": target.intra_host_gbps,
+            "inter_host_gbps": target.inter_host_gbps,
+            "devices_per_host": target.devices_per_host, "sources": list(target.sources)}
+
+
 def format_plan(result: dict) -> str:
     """The plan as a markdown table (GiB per device) and its closing lines."""
+    compile_only = result.get("compile_only", False)
+
     def row(name, e):
-        b = e["bytes_per_device"]
+        b, h = e["bytes_per_device"], e["host_bytes_per_device"]
         mesh = " x ".join(f"{axis} {size}" for axis, size in e["mesh"].items() if size > 1) or "1"
         gib = [f"{b[key] / GIB:.3g}" for key in ("arguments", "temp", "output", "total")]
-        return [name, e["length"], e["batch_size"], mesh, *gib,
-                f"{e['flops_per_step'] / 1e12:.3g}", e["tokens_per_step"],
-                f"{e['compile_s']:.1f}"]
+        c = e["collective_bytes"]
+        cells = [name, e["length"], e["batch_size"], mesh, e["kernel"], *gib,
+                 f"{h['total'] / GIB:.3g}", f"{c['traffic'] / 1e9:.3g}",
+                 f"{e['flops_per_step'] / 1e12:.3g}", e["tokens_per_step"]]
+        if compile_only:
+            cells.append(f"{e['bound']['step_s']:.3g} / {e['bound']['overlap_s']:.3g}")
+        return cells + [f"{e['compile_s']:.1f}"]
 
     rows = [row(f"level {e['level']}", e) for e in result["levels"]]
     rows.append(row("eval", result["eval"]))
-    lines = [f"per-device memory on {result['devices']} {result['platform']} devices "
-             "(XLA buffer assignment; GiB):",
-             format_table(["step", "length", "batch", "mesh", "arguments", "temp", "output",
-                           "total", "model TFLOPs", "tokens/step", "compile s"], rows)]
+    header = ["step", "length", "batch", "mesh", "kernel", "arguments", "temp", "output",
+              "total", "host GiB", "GB sent", "model TFLOPs", "tokens/step"]
+    if compile_only:
+        header.append("bound s (no overlap / overlap)")
+    where = (f"{result['devices']} x {result['device_kind']} ({result['target']}, "
+             f"compile-only)" if compile_only else
+             f"{result['devices']} {result['platform']} devices")
+    lines = [f"per-device memory on {where} (XLA buffer assignment; GiB; host GiB: pinned "
+             "host memory; GB sent: collective bytes per device per step, from the HLO):",
+             format_table(header + ["compile s"], rows)]
+    if compile_only:
+        figures = result["figures"]
+        lines.append(
+            f"bound: a lower bound on the step time, not a measurement: max(model FLOPs / "
+            f"{figures['peak_bf16_tflops']:g} TFLOP/s, bytes the step must move / "
+            f"{figures['memory_gbps']:g} GB/s) + collective bytes / "
+            f"{figures['intra_host_gbps']:g} GB/s within a host "
+            f"({figures['inter_host_gbps']:g} across hosts); with overlap: the largest of "
+            f"the three. Figures: " + "; ".join(figures["sources"]))
     if result.get("budget_gib"):
         fit = result["longest_fit"]
         lines.append(f"longest fit: length {fit['length']} ({fit['bytes_per_device'] / GIB:.2f} "
@@ -312,8 +450,12 @@ def format_plan(result: dict) -> str:
                      f"longest fit: no length fits {result['budget_gib']:g} GiB per device")
     if result.get("strategies"):
         lines.append("sequence-parallel strategies at the last level (train step; bytes sent "
-                     "per device per step; seconds those take on one link):")
+                     "per device per step; seconds those take on the links):")
         lines.append(format_strategies(result["strategies"], result["link_gbps"]["intra_host"],
                                        result["link_gbps"]["inter_host"]))
+    if not compile_only and result["platform"] == "cpu":
+        lines.append("XLA:CPU figures: it keeps float32 copies of bf16 buffers (collectives "
+                     "included) and ignores host offload; plan.target=h100 (or a100, h200, "
+                     "v5e, v5p, v6e) compiles with the accelerator's own compiler")
     lines.append(f"host peak RSS {result['host_peak_rss_gib']:.2f} GiB")
     return "\n".join(lines)

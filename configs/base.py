@@ -11,6 +11,7 @@ from ml_collections import config_dict
 
 from configs import rules
 from configs.rules import anything, flag, integer, items, number, text
+from parallel.targets import NAMES as TARGETS      # the accelerators a plan compiles for
 
 # key -> Rule and key -> the line of this file declaring it, filled by get_config()
 RULES: dict[str, rules.Rule] = {}
@@ -312,18 +313,23 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- ahead-of-time plan (--mode plan; cli/memory_plan.py) -------------------------------
     plan = root.section("plan")
-    # > 0: plan on this many simulated CPU devices (whatever the machine has); 0: the real
-    # devices of this process
+    # cpu: this machine's devices; h100, a100, h200 (GPUs), v5e, v5p, v6e (TPU chips):
+    # plan.devices compile-only devices of that accelerator, compiled by its own compiler
+    # (parallel/targets.py; needs requirements-plan.txt, or the target's requirements file)
+    plan.target = "cpu", text(TARGETS)
+    # > 0: plan on this many devices: simulated CPU devices (cpu), GPUs or TPU chips (a
+    # target; required there); 0: the real devices of this process
     plan.devices = 0, integer(0)
-    # > 0: also find the longest length whose train step fits this many GiB per device
-    plan.memory_budget_gib = 0.0, number(0)
+    # the longest-fit search: > 0: the longest length whose train step fits this many GiB
+    # per device; 0: the target's memory (on cpu: no search); -1: no search
+    plan.memory_budget_gib = 0.0, number(0, also=(-1,))
     # with mesh.seq > 1 at the last level: compile its step with each of these
     # sequence-parallel strategies and show them side by side (() = no comparison)
     plan.strategies = STRATEGIES, items(text(STRATEGIES))
-    # link bandwidths the collective bytes are timed at, GB/s: within a host (NVLink) and
-    # across hosts (the hybrid's ring crosses hosts, its all-to-all stays within one)
-    plan.intra_host_gbps = 450.0, number(above=0)
-    plan.inter_host_gbps = 50.0, number(above=0)  # across hosts (see intra_host_gbps)
+    # link bandwidths the collective bytes are timed at, GB/s per device and direction:
+    # within a host (NVLink; TPU: ICI); 0: the target's published figure (cpu: the h100's)
+    plan.intra_host_gbps = 0.0, number(0)
+    plan.inter_host_gbps = 0.0, number(0)  # across hosts (InfiniBand); 0: the target's
 
     # --- context extension (configs/extend.py; train/extend.py) -----------------------
     # Position Interpolation: fine-tune the model of train.init_from at a longer length.

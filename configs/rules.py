@@ -61,11 +61,15 @@ def integer(low=None, high=None, *, also=(), optional=False) -> Rule:
     return Rule(int, describe, lambda v: _is_int(v) and (inside(v) or v in also), optional)
 
 
-def number(low=None, high=None, *, above=None, below=None, optional=False) -> Rule:
-    """A finite int or float within the bounds (low/high closed, above/below open)."""
+def number(low=None, high=None, *, above=None, below=None, also=(), optional=False) -> Rule:
+    """A finite int or float within the bounds (low/high closed, above/below open), or one
+    of `also`."""
     words, inside = _bounds(low, high, above, below)
     describe = "a finite number" + (f" {words}" if words else "")
-    return Rule(float, describe, lambda v: _is_number(v) and inside(v), optional)
+    if also:
+        describe += " or " + " or ".join(str(a) for a in also)
+    return Rule(float, describe, lambda v: _is_number(v) and (inside(v) or v in also),
+                optional)
 
 
 def flag() -> Rule:

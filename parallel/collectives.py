@@ -35,22 +35,49 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
-def _group_size(line: str) -> int:
-    """Devices in one replica group of a collective, in each of XLA's spellings."""
-    groups = re.search(r"replica_groups=\{\{([\d,]+)\}", line)         # {{0,1,2,3},...}
-    if groups:
-        return len(groups.group(1).split(","))
-    groups = re.search(r"replica_groups=\[(\d+),(\d+)\]", line)     # iota: [groups,size]
-    if groups:
-        return int(groups.group(2))
+def replica_groups(line: str, device_count: int = 0) -> list[list[int]] | None:
+    """The device groups of one collective, in each of XLA's spellings: explicit
+    ({{0,1},{2,3}}; {} = one group of all `device_count`), iota ([2,4]<=[8], with an
+    optional transpose T(1,0)), mesh (mesh['a'=2,'b'=4] {'b'}: the devices that differ only
+    along the named axes), and a collective-permute's source_target_pairs (each pair a
+    group). The ids are the step's logical device ids (mesh.devices.flat order). None when
+    the line has none of them."""
+    pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
+    if pairs:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1))]
+    explicit = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)*)\}", line)
+    if explicit:
+        groups = [[int(x) for x in g.split(",") if x]
+                  for g in re.findall(r"\{([\d,]*)\}", explicit.group(1))]
+        groups = [g for g in groups if g]
+        return groups or ([list(range(device_count))] if device_count else None)
+    iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+    if iota:
+        dims = [int(d) for d in iota.group(3).split(",")]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if iota.group(4):
+            ids = ids.transpose([int(p) for p in iota.group(4).split(",")])
+        return ids.reshape(int(iota.group(1)), int(iota.group(2))).tolist()
     mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
     if mesh:                            # mesh['axis_0'=1,'axis_1'=8] {'axis_1'}
-        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
-        return int(np.prod([int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2))]))
-    return 1
+        axes = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+        names = [name for name, _ in axes]
+        chosen = [names.index(a) for a in re.findall(r"'([^']+)'", mesh.group(2))]
+        ids = np.arange(int(np.prod([int(n) for _, n in axes]))).reshape(
+            [int(n) for _, n in axes])
+        rest = [i for i in range(len(axes)) if i not in chosen]
+        size = int(np.prod([int(axes[i][1]) for i in chosen]))
+        return ids.transpose(rest + chosen).reshape(-1, size).tolist()
+    return None
 
 
-def _operand_bytes(kind: str, op: str, result: str, line: str) -> int:
+def _group_size(line: str, device_count: int = 0) -> int:
+    """Devices in one replica group of a collective (1 when the line names none)."""
+    groups = replica_groups(line, device_count)
+    return len(groups[0]) if groups else 1
+
+
+def _operand_bytes(kind: str, op: str, result: str, line: str, device_count: int = 0) -> int:
     """Operand bytes of one collective on one device, from its result type: an async
     "-start" op's result tuple begins with the operand; otherwise all-gather's result is
     group x its operand, reduce-scatter's operand is group x its result, the others'
@@ -60,9 +87,9 @@ def _operand_bytes(kind: str, op: str, result: str, line: str) -> int:
         return _shape_bytes(first.group(0)) if first else 0
     size = _shape_bytes(result)
     if kind == "all-gather":
-        return size // _group_size(line)
+        return size // _group_size(line, device_count)
     if kind == "reduce-scatter":
-        return size * _group_size(line)
+        return size * _group_size(line, device_count)
     return size
 
 
@@ -97,15 +124,38 @@ def _traffic(kind: str, operand: int, group: int) -> int:
     return 2 * operand * (group - 1) // max(group, 1)          # all-reduce (ring algorithm)
 
 
-TOTALS = KINDS + ("traffic", "attention_traffic")
+TOTALS = KINDS + ("traffic", "attention_traffic", "inter_host_traffic")
 
 
-def collective_bytes(hlo_text: str) -> dict[str, int]:
+def _device_count(hlo_text: str) -> int:
+    """Devices of the compiled program: num_partitions x replica_count of its header."""
+    header = hlo_text[:hlo_text.find("\n")] if "\n" in hlo_text else hlo_text
+    partitions = re.search(r"num_partitions=(\d+)", header)
+    replicas = re.search(r"replica_count=(\d+)", header)
+    return (int(partitions.group(1)) if partitions else 1) * \
+        (int(replicas.group(1)) if replicas else 1)
+
+
+def _crosses_hosts(line: str, hosts, device_count: int) -> bool:
+    """Whether a collective's groups put devices of two hosts together (`hosts[i]`: the
+    host of logical device i). A line whose groups cannot be read counts as crossing."""
+    if hosts is None or len(set(hosts)) < 2:
+        return False
+    groups = replica_groups(line, device_count)
+    if groups is None:
+        return True
+    return any(len({hosts[i] for i in group}) > 1 for group in groups)
+
+
+def collective_bytes(hlo_text: str, hosts=None) -> dict[str, int]:
     """{kind: operand bytes per device per call of the compiled function} for KINDS,
-    "traffic": the bytes one device sends for all of them, and "attention_traffic": for
-    those inside a shard_map (the sequence-parallel attention; the rest are the weights'
-    FSDP gathers and the gradients' reductions)."""
+    "traffic": the bytes one device sends for all of them, "attention_traffic": for those
+    inside a shard_map (the sequence-parallel attention; the rest are the weights' FSDP
+    gathers and the gradients' reductions), and "inter_host_traffic": for those whose
+    groups span hosts, given `hosts` (the host of each logical device id, i.e. of
+    mesh.devices.flat; None: one host)."""
     computations, entry = _computations(hlo_text)
+    device_count = _device_count(hlo_text)
     memo = {}
 
     def visit(name: str) -> dict[str, int]:
@@ -119,12 +169,14 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
             result, op = match.group(1), match.group(2)
             kind = op[:-len("-start")] if op.endswith("-start") else op
             if kind in KINDS:
-                operand = _operand_bytes(kind, op, result, line)
+                operand = _operand_bytes(kind, op, result, line, device_count)
                 totals[kind] += operand
-                sent = _traffic(kind, operand, _group_size(line))
+                sent = _traffic(kind, operand, _group_size(line, device_count))
                 totals["traffic"] += sent
                 if "/shard_map/" in line:
                     totals["attention_traffic"] += sent
+                if _crosses_hosts(line, hosts, device_count):
+                    totals["inter_host_traffic"] += sent
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
@@ -187,6 +239,26 @@ def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return {"formula": formula + f", {passes} passes", "bytes": per_pass * dtype_bytes * passes}
+
+
+def attention_dtypes(hlo_text: str) -> list[str]:
+    """The element types the sequence-parallel attention's collectives (those inside a
+    shard_map) move, e.g. ["bf16", "f32", "s32"]: what the compiler kept of the compute
+    dtype (XLA:CPU moves float32 copies of bf16 buffers; GPU and TPU compilers keep bf16)."""
+    found = set()
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(re.sub(r"/\*.*?\*/", "", line))
+        if not match or "/shard_map/" not in line:
+            continue
+        op = match.group(2)
+        if (op[:-len("-start")] if op.endswith("-start") else op) in KINDS:
+            found |= {dtype for dtype, _ in _SHAPE.findall(match.group(1))}
+    return sorted(found)
+
+
+def fused_attention_calls(hlo_text: str) -> int:
+    """cuDNN fused attention kernels (forward and backward custom calls) in compiled HLO."""
+    return len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text))
 
 
 def transfer_seconds(nbytes: int, gbytes_per_s: float) -> float:

@@ -29,6 +29,7 @@ class ModelOnMesh:
     attention_fn: Callable | None = None   # the model's attention function (None: its own)
     layout: str = "zigzag"             # the token order of batches on the seq axis
     layout_parts: int = 1              # the units the zigzag layout balances
+    kernel: str = "blockwise"          # what runs attention on each device: attention_kernel
 
 
 def abstract_model(model_config: ModelConfig, mesh: jax.sharding.Mesh, attention_fn=None):
@@ -46,32 +47,49 @@ def abstract_model(model_config: ModelConfig, mesh: jax.sharding.Mesh, attention
     return graphdef, params, shardings
 
 
+def attention_kernel(model_config: ModelConfig, mesh, *, layout_setting: str = "auto",
+                     ulysses_degree: int | None = None, kernel_setting: str = "auto",
+                     rows_in_order: bool = False) -> str:
+    """What computes attention on each device of `mesh`: "dense" (the reference), or the
+    kernel `kernel_setting` (model.attention_kernel) resolves to on the platform of the
+    mesh's devices (a compile-only GPU or TPU too, not the host's): "blockwise" or
+    "cudnn". `rows_in_order` (one document per row, in sequence order: evaluation windows,
+    not packed training rows) is what the fused kernel needs."""
+    if model_config.attention == "dense":
+        return "dense"
+    seq = mesh.shape["seq"]
+    layout, _ = sequence_parallel.batch_layout(model_config.attention, layout_setting, seq,
+                                               ulysses_degree)
+    strategy = model_config.attention if model_config.attention in SEQUENCE_PARALLEL else "none"
+    return sequence_parallel.choose_kernel(
+        kernel_setting, strategy="none" if seq == 1 else strategy,
+        platform=mesh.devices.flat[0].platform,
+        in_order=rows_in_order and (seq == 1 or layout == "contiguous"))
+
+
 def attention_function(model_config: ModelConfig, mesh, *, layout_setting: str = "auto",
                        ulysses_degree: int | None = None, kernel_setting: str = "auto",
                        rows_in_order: bool = False) -> Callable | None:
     """The attention function of model_config.attention on this mesh, when it is not the
     model's own: a sequence-parallel strategy bound to the mesh (parallel/sequence_parallel.py),
-    or the blockwise kernel replaced by the fused one (`kernel_setting`, model.attention_kernel).
+    or the blockwise kernel replaced by the fused one (attention_kernel, same settings).
     The batch layout (`layout_setting`, mesh.layout) lets a sliding window shorten the ring
-    when it is contiguous; `rows_in_order` (one document per row, in sequence order:
-    evaluation windows, not packed training rows) is what the fused kernel needs."""
-    attention = model_config.attention
-    if attention == "dense":
+    when it is contiguous."""
+    kernel = attention_kernel(model_config, mesh, layout_setting=layout_setting,
+                              ulysses_degree=ulysses_degree, kernel_setting=kernel_setting,
+                              rows_in_order=rows_in_order)
+    if kernel == "dense":
         return None
-    seq = mesh.shape["seq"]
-    layout, _ = sequence_parallel.batch_layout(attention, layout_setting, seq, ulysses_degree)
-    strategy = attention if attention in SEQUENCE_PARALLEL else "none"
-    kernel = sequence_parallel.choose_kernel(
-        kernel_setting, strategy="none" if seq == 1 else strategy,
-        platform=mesh.devices.flat[0].platform,
-        in_order=rows_in_order and (seq == 1 or layout == "contiguous"))
-    if strategy == "none":
+    attention = model_config.attention
+    if attention not in SEQUENCE_PARALLEL:
         if kernel == "blockwise":
             return None
         return sequence_parallel.local_kernel_function(kernel, block_q=model_config.block_q,
                                                        block_k=model_config.block_k)
+    layout, _ = sequence_parallel.batch_layout(attention, layout_setting, mesh.shape["seq"],
+                                               ulysses_degree)
     return sequence_parallel.make_sequence_attention(
-        mesh, strategy, ulysses_degree=ulysses_degree, layout=layout, kernel=kernel,
+        mesh, attention, ulysses_degree=ulysses_degree, layout=layout, kernel=kernel,
         block_q=model_config.block_q, block_k=model_config.block_k)
 
 
@@ -86,9 +104,12 @@ def place_model(model_config: ModelConfig, mesh, *, layout_setting: str = "auto"
     graphdef, abstract_params, shardings = abstract_model(model_config, mesh, attention_fn)
     layout, parts = sequence_parallel.batch_layout(model_config.attention, layout_setting,
                                                    mesh.shape["seq"], ulysses_degree)
+    kernel = attention_kernel(model_config, mesh, layout_setting=layout_setting,
+                              ulysses_degree=ulysses_degree, kernel_setting=kernel_setting,
+                              rows_in_order=rows_in_order)
     placed = ModelOnMesh(mesh=mesh, model_config=model_config, graphdef=graphdef,
                          param_shardings=shardings, attention_fn=attention_fn, layout=layout,
-                         layout_parts=parts)
+                         layout_parts=parts, kernel=kernel)
     return placed, abstract_params
 
 

@@ -13,8 +13,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax
 import pytest
+
+from util.quiet_imports import import_jax_quietly
+
+import_jax_quietly()          # the CUDA plugin of the target lane starts quietly (no GPU here)
+import jax  # noqa: E402 - after the quiet import above
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

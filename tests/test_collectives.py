@@ -112,3 +112,39 @@ def test_replica_groups_in_each_spelling_give_the_group_size():
     assert _group_size("all-reduce(%x), replica_groups=mesh['axis_0'=2,'axis_1'=4] "
                        "{'axis_1'}, to_apply=%add") == 4
     assert _group_size("all-reduce(%x), replica_groups=mesh['a'=2,'b'=4] {'a','b'}") == 8
+
+
+def test_replica_groups_are_expanded_in_each_spelling():
+    from parallel.collectives import replica_groups
+    assert replica_groups("x replica_groups={{0,1},{2,3}}, d") == [[0, 1], [2, 3]]
+    assert replica_groups("x replica_groups={}, d", device_count=4) == [[0, 1, 2, 3]]
+    assert replica_groups("x replica_groups=[2,4]<=[8], d") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert replica_groups("x replica_groups=[4,2]<=[2,4]T(1,0), d") == \
+        [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert replica_groups("x replica_groups=mesh['a'=2,'b'=4] {'a'}, d") == \
+        [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert replica_groups("x replica_groups=mesh['a'=2,'b'=4] {'b'}, d") == \
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert replica_groups("x source_target_pairs={{0,4},{4,0}}, d") == [[0, 4], [4, 0]]
+    assert replica_groups("x dimensions={0}") is None
+
+
+HOSTS_HLO = """HloModule two_hosts, num_partitions=8
+
+ENTRY %main (a: bf16[4,8], b: bf16[4,8]) -> bf16[4,8] {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %a2a = bf16[4,8]{1,0} all-to-all(%a), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  ROOT %cp = bf16[4,8]{1,0} collective-permute(%a2a), channel_id=2, source_target_pairs={{0,4},{4,0},{1,5},{5,1},{2,6},{6,2},{3,7},{7,3}}
+}
+"""  # noqa: E501 - HLO instructions one per line, as XLA prints them
+
+
+def test_collectives_whose_groups_span_hosts_are_counted_as_inter_host_traffic():
+    two_hosts = [0, 0, 0, 0, 1, 1, 1, 1]            # logical devices 0-3 on host 0
+    got = collective_bytes(HOSTS_HLO, hosts=two_hosts)
+    assert got["all-to-all"] == got["collective-permute"] == 64
+    assert got["traffic"] == 64 * 3 // 4 + 64
+    assert got["inter_host_traffic"] == 64                      # the permute alone
+    interleaved = [0, 1, 0, 1, 0, 1, 0, 1]          # now each all-to-all group spans both
+    assert collective_bytes(HOSTS_HLO, hosts=interleaved)["inter_host_traffic"] == 64 * 3 // 4
+    assert collective_bytes(HOSTS_HLO)["inter_host_traffic"] == 0          # one host

@@ -18,11 +18,13 @@ from parallel import sequence_parallel
 from train import curriculum as curriculum_lib
 
 
-def validate_config(config, device_count: int | None = None) -> curriculum_lib.Curriculum:
-    """Raise ValueError for any setting that cannot work on `device_count` devices (default:
-    all); return the curriculum plan."""
+def validate_config(config, device_count: int | None = None,
+                    platform: str | None = None) -> curriculum_lib.Curriculum:
+    """Raise ValueError for any setting that cannot work on `device_count` devices of
+    `platform` (default: this process's devices); return the curriculum plan."""
     base.check(config)            # each key's own type and range (configs/base.py)
     device_count = jax.device_count() if device_count is None else device_count
+    platform = jax.devices()[0].platform if platform is None else platform
     if config.mesh.layout not in sequence_parallel.LAYOUT_SETTINGS:
         raise ValueError(f"mesh.layout must be one of {sequence_parallel.LAYOUT_SETTINGS}, "
                          f"got {config.mesh.layout!r}")
@@ -35,7 +37,7 @@ def validate_config(config, device_count: int | None = None) -> curriculum_lib.C
     if config.model.attention_kernel == "cudnn":     # can it run here at all (auto always can)
         sequence_parallel.choose_kernel(
             "cudnn", strategy="none" if sizes["seq"] == 1 else config.model.attention,
-            platform=jax.devices()[0].platform, in_order=True)
+            platform=platform, in_order=True)
     elif config.model.attention_kernel not in sequence_parallel.KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
                          f"got {config.model.attention_kernel!r}")

@@ -1,0 +1,333 @@
+"""Specification of compile-only targets (parallel/targets.py) and of `--mode plan` on them:
+GPU and TPU devices that are not present, compiled for by their own compilers.
+
+The lane (tests marked `slow` below that compile) needs requirements-plan.txt: `pip install
+--no-deps -r requirements-plan.txt`. Without it they are skipped, naming it; in CI (CI set)
+a missing plugin fails them instead, so the lane always runs there."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cli import memory_plan as plan_lib
+from configs import base
+from parallel import collectives, targets
+from tests.helpers import small_config
+from train.state import abstract_state, build_run
+from train.step import make_train_step
+from train.validate import validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2 ** 30
+
+
+def _missing(name: str) -> str | None:
+    try:
+        targets.check_plugin(targets.get(name))
+        return None
+    except ValueError as error:
+        return str(error)
+
+
+def needs_compiler(name: str):
+    """Skip (naming the file to install) when `name`'s compiler is absent, except in CI."""
+    missing = _missing(name)
+    return pytest.mark.skipif(missing is not None and not os.environ.get("CI"),
+                              reason=f"{missing} (CI installs it)")
+
+
+@pytest.fixture(scope="module")
+def h100_8():
+    return targets.compile_only_devices(targets.get("h100"), 8)
+
+
+@pytest.fixture(scope="module")
+def v5p_8():
+    return targets.compile_only_devices(targets.get("v5p"), 8)
+
+
+# ------------------------------------------------------------------ targets and their figures
+
+def test_gpu_counts_are_hosts_of_eight():
+    h100 = targets.get("h100")
+    assert [targets.topology_name(h100, n) for n in (1, 8, 16, 64)] == \
+        ["1x1x1", "1x1x8", "1x2x8", "1x8x8"]
+
+
+def test_a_gpu_count_no_host_layout_has_is_one_line():
+    with pytest.raises(ValueError, match=r"plan.devices=12: h100 hosts hold 8 GPUs") as error:
+        targets.topology_name(targets.get("h100"), 12)
+    assert "\n" not in str(error.value)
+
+
+def test_tpu_chip_counts_map_to_libtpu_slices():
+    assert targets.topology_name(targets.get("v5p"), 8) == "v5p:2x2x2"
+    assert targets.topology_name(targets.get("v5p"), 4) == "v5p:2x2x1"
+    assert targets.topology_name(targets.get("v5p"), 32) == "v5p:2x4x4"
+    assert targets.topology_name(targets.get("v5e"), 8) == "v5e:2x4"
+    assert targets.topology_name(targets.get("v6e"), 256) == "v6e:16x16"
+
+
+def test_a_chip_count_no_slice_has_is_one_line_that_lists_the_slices():
+    with pytest.raises(ValueError, match=r"no v5p slice has 2 chips \(slices: 4, 8, 16"):
+        targets.topology_name(targets.get("v5p"), 2)
+
+
+def _spec_fields(text: str) -> dict:
+    fields = {}
+    for key, value in re.findall(r"^\s*(\w+): ([\d.]+)", text, re.MULTILINE):
+        fields.setdefault(key, float(value))
+    return fields
+
+
+@pytest.mark.parametrize("name", ["h100", "a100", "h200"])
+def test_each_gpu_spec_file_holds_the_targets_figures_and_cites_the_vendor(name):
+    target = targets.get(name)
+    text = targets.gpu_target_config(target)
+    fields = _spec_fields(text)
+    assert fields["memory_bandwidth"] == target.memory_gbps * 1e9
+    assert fields["device_memory_size"] == target.memory_gib * GIB
+    assert fields["core_count"] > 100 and fields["major"] in (8, 9)
+    assert f"https://www.nvidia.com/en-us/data-center/{name}/" in text
+    assert f"https://www.nvidia.com/en-us/data-center/{name}/" in target.sources[0]
+
+
+def test_every_accelerator_has_cited_positive_figures():
+    for target in targets.TARGETS.values():
+        if not target.compile_only:
+            continue
+        assert min(target.memory_gib, target.peak_bf16_tflops, target.memory_gbps,
+                   target.intra_host_gbps, target.inter_host_gbps) > 0, target.name
+        assert target.sources and all("https://" in source for source in target.sources)
+
+
+def test_the_bound_adds_links_to_the_larger_of_compute_and_memory():
+    h100 = targets.get("h100")
+    bound = targets.step_time_bound(h100, flops=989e12, min_bytes=3350e9 / 2,
+                                    intra_bytes=450e9 / 4, inter_bytes=50e9 / 4)
+    assert bound["compute_s"] == pytest.approx(1.0)
+    assert bound["memory_s"] == pytest.approx(0.5)
+    assert bound["collective_s"] == pytest.approx(0.5)
+    assert bound["step_s"] == pytest.approx(1.5)
+    assert bound["overlap_s"] == pytest.approx(1.0)
+
+
+def test_plan_target_names_an_accelerator_and_the_budget_may_be_minus_one():
+    config = base.get_config()
+    config.plan.target = "tpu7"
+    with pytest.raises(ValueError, match=r"plan.target must be one of \('cpu', 'h100'"):
+        base.check(config)
+    config.plan.target, config.plan.memory_budget_gib = "v5p", -1
+    base.check(config)
+    config.plan.memory_budget_gib = -0.5
+    with pytest.raises(ValueError, match="plan.memory_budget_gib"):
+        base.check(config)
+
+
+def test_the_budget_is_the_targets_memory_unless_set():
+    config = base.get_config()
+    h100, cpu = targets.get("h100"), targets.get("cpu")
+    assert plan_lib.budget_gib(config, h100) == 80
+    assert plan_lib.budget_gib(config, cpu) == 0                  # no search on the CPU
+    config.plan.memory_budget_gib = 70
+    assert plan_lib.budget_gib(config, h100) == 70
+    config.plan.memory_budget_gib = -1
+    assert plan_lib.budget_gib(config, h100) == 0
+
+
+def test_a_target_needs_a_device_count():
+    config = base.get_config()
+    config.plan.target = "h100"
+    with pytest.raises(ValueError, match="plan.target=h100 needs plan.devices=N"):
+        plan_lib.plan_devices(config)
+
+
+# A meta-path finder that makes the named modules unimportable, installed before main.py
+# runs: the plugin is absent for this process only.
+_WITHOUT = """
+import runpy, sys
+class Without:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[:2] in ({blocked}):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Without())
+sys.argv = ['main.py'] + {args}
+runpy.run_path('main.py', run_name='__main__')
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,blocked,file", [
+    ("h100", [["jax_plugins", "xla_cuda12"], ["jax_cuda12_plugin"]], "requirements-gpu.txt"),
+    ("v5p", [["libtpu"]], "requirements-tpu.txt")])
+def test_a_target_without_its_compiler_gets_one_line_naming_the_file(tmp_path, name, blocked,
+                                                                     file):
+    args = ["--mode", "plan", "--config", "tests/small_config.py", "--workdir",
+            str(tmp_path), f"--config.plan.target={name}", "--config.plan.devices=8"]
+    code = _WITHOUT.format(blocked=blocked, args=args)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: plan.target={name} compiles with")
+    assert file in lines[0] and "requirements-plan.txt" in lines[0]
+    assert not (tmp_path / "plan.json").exists()
+
+
+# ------------------------------------------------------------------ the lane: compiled
+
+def sequence_config(strategy: str, **overrides):
+    """small_config split over 8 devices of the seq axis with `strategy`, bf16 compute."""
+    return small_config(**{"mesh.seq": 8, "mesh.data": 1, "train.batch_size": 1,
+                           "curriculum.l_max": 256, "model.attention": strategy,
+                           "model.ulysses_degree": 4 if strategy == "hybrid" else None,
+                           "model.dtype": "bfloat16", "model.q_heads": 8,
+                           "model.kv_heads": 8, "model.head_dim": 8, **overrides})
+
+
+def compiled_entry(config, devices, target):
+    level = validate_config(config, len(devices), platform=devices[0].platform).levels[0]
+    return plan_lib.train_step_entry(config, level, devices, target)
+
+
+STRATEGY_COLLECTIVE = {"ring": "collective-permute", "ulysses": "all-to-all",
+                       "allgather": "all-gather", "hybrid": "all-to-all"}
+
+
+def check_plausible(entry, target, strategy):
+    """Memory, host bytes, collectives and the bound of a compiled tiny train step."""
+    b, h, c = entry["bytes_per_device"], entry["host_bytes_per_device"], entry["collective_bytes"]
+    assert b["total"] == b["arguments"] + b["temp"] + b["output"] - b["alias"]
+    assert 0 < b["arguments"] and 0 < b["temp"] and b["total"] < 0.01 * target.memory_bytes
+    assert h["total"] == 0                                   # nothing offloaded
+    assert c[STRATEGY_COLLECTIVE[strategy]] > 0 and 0 < c["attention_traffic"] < c["traffic"]
+    assert "bf16" in entry["attention_collective_dtypes"]   # bf16 stays bf16 on the target
+    assert c["inter_host_traffic"] <= c["traffic"]
+    bound = entry["bound"]
+    assert bound["compute_s"] == pytest.approx(
+        entry["flops_per_step"] / 8 / (target.peak_bf16_tflops * 1e12))
+    assert 0 < bound["overlap_s"] <= bound["step_s"]
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather", "hybrid"])
+def test_tiny_train_step_compiles_for_8_h100s(h100_8, strategy):
+    entry = compiled_entry(sequence_config(strategy), h100_8, targets.get("h100"))
+    check_plausible(entry, targets.get("h100"), strategy)
+    assert entry["kernel"] == "blockwise"                   # packed training rows
+    assert entry["collective_bytes"]["inter_host_traffic"] == 0     # one host of 8
+
+
+@pytest.mark.slow
+@needs_compiler("v5p")
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather", "hybrid"])
+def test_tiny_train_step_compiles_for_8_v5p_chips(v5p_8, strategy):
+    assert v5p_8[0].platform == "tpu" and targets.hosts(v5p_8) == 2      # 4 chips a host
+    entry = compiled_entry(sequence_config(strategy), v5p_8, targets.get("v5p"))
+    check_plausible(entry, targets.get("v5p"), strategy)
+
+
+@pytest.mark.slow
+def test_xla_cpu_moves_float32_copies_of_bf16_attention_buffers():
+    """The contrast the targets exist for: the same step on simulated CPU devices."""
+    entry = compiled_entry(sequence_config("ring"), jax.devices(), targets.get("cpu"))
+    assert "bf16" not in entry["attention_collective_dtypes"]
+    assert entry["bound"] is None
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+@needs_compiler("v5p")
+def test_auto_kernel_resolves_for_the_targets_platform_not_the_hosts(h100_8, v5p_8):
+    config = small_config(**{"model.dtype": "bfloat16", "model.head_dim": 64,
+                             "eval.batch_size": 8})
+    for devices, kernel in ((h100_8, "cudnn"), (v5p_8, "blockwise"),
+                            (jax.devices(), "blockwise")):
+        plan = validate_config(config, len(devices), platform=devices[0].platform)
+        target = targets.get({"gpu": "h100", "tpu": "v5p", "cpu": "cpu"}[devices[0].platform])
+        entry = plan_lib.eval_step_entry(config, plan.levels[0], 64, devices, target)
+        assert entry["kernel"] == kernel                     # rows in order, one device each
+        assert (entry["cudnn_attention_calls"] > 0) == (kernel == "cudnn")   # in the HLO
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_host_offload_shows_as_pinned_host_bytes_on_h100_but_not_on_the_cpu(h100_8):
+    def offloaded_loss(x, w):
+        def layer(x):
+            y = jax.ad_checkpoint.checkpoint_name(jnp.tanh(x @ w), "layer_out")
+            return jnp.tanh(y @ w)
+        policy = jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_out"],
+            offload_src="device", offload_dst="pinned_host")
+        return jax.checkpoint(layer, policy=policy)(x).sum()
+
+    host_temp = {}
+    for name, devices in (("h100", h100_8[:1]), ("cpu", jax.devices()[:1])):
+        sharding = jax.sharding.SingleDeviceSharding(devices[0])
+        x = jax.ShapeDtypeStruct((2048, 2048), jnp.float32, sharding=sharding)
+        compiled = jax.jit(jax.grad(offloaded_loss)).lower(x, x).compile()
+        mesh = jax.sharding.Mesh(devices, ("x",))
+        host_temp[name] = plan_lib._measured(compiled, 0.0, mesh)["host_bytes_per_device"]
+    assert host_temp["h100"]["temp"] >= 2048 * 2048 * 4       # the named [2048, 2048] f32
+    assert host_temp["cpu"]["total"] == 0                      # XLA:CPU ignores offload
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_the_hybrid_over_two_h100_hosts_keeps_its_all_to_all_within_a_host():
+    devices = targets.compile_only_devices(targets.get("h100"), 16)
+    assert targets.hosts(devices) == 2
+    config = sequence_config("hybrid", **{"mesh.seq": 16, "curriculum.l_max": 512,
+                                          "model.ulysses_degree": None})
+    (_, candidate), = [s for s in plan_lib.strategy_configs(config, 16, host_size=8)
+                       if s[0] == "hybrid"]
+    assert candidate.model.ulysses_degree == 8                # a host's worth, not 16 / 2
+    level = validate_config(candidate, 16, platform="gpu").levels[0]
+    run = build_run(candidate, devices=devices, level=level)
+    hosts = [d.process_index for d in run.mesh.devices.flat]
+    with jax.set_mesh(run.mesh):
+        hlo = make_train_step(run, 1, level.seq_len).lower(
+            abstract_state(run), plan_lib.abstract_batch(run, 1, level.seq_len),
+            jax.ShapeDtypeStruct((), jnp.float32)).compile().as_text()
+    lines = [line for line in hlo.splitlines() if "/shard_map/" in line]
+    all_to_all = [line for line in lines if re.search(r" all-to-all(-start)?\(", line)]
+    permutes = [line for line in lines if re.search(r" collective-permute(-start)?\(", line)]
+    assert all_to_all and permutes
+    for line in all_to_all:                                   # each group inside one host
+        assert all(len({hosts[i] for i in g}) == 1 for g in collectives.replica_groups(line))
+    for line in permutes:                                     # the ring crosses hosts
+        assert all(hosts[a] != hosts[b] for a, b in collectives.replica_groups(line))
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_llama2_7b_plans_on_8_h100s_at_32768_tokens(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode", "plan", "--config", "configs/llama2_7b.py",
+         "--workdir", str(tmp_path), "--config.plan.target=h100", "--config.plan.devices=8",
+         "--config.curriculum.l_max=32768", "--config.eval.lengths=(32768,)",
+         "--config.plan.memory_budget_gib=-1", "--config.plan.strategies=()"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert (plan["target"], plan["devices"], plan["hosts"], plan["platform"]) == \
+        ("h100", 8, 1, "gpu")
+    assert "H100" in plan["device_kind"] and plan["topology"] == "1x1x8"
+    assert plan["figures"]["peak_bf16_tflops"] == 989 and plan["figures"]["sources"]
+    step = plan["levels"][0]
+    params = 6.74e9                                  # Llama-2-7B, float32, split over 8
+    assert step["bytes_per_device"]["arguments"] > 3 * 4 * params / 8 * 0.95   # + Adam
+    assert step["bytes_per_device"]["total"] < 80 * GIB
+    assert step["collective_bytes"]["traffic"] > 0 and step["kernel"] == "blockwise"
+    assert step["bound"]["step_s"] > step["bound"]["compute_s"] > 0.1
+    assert "per-device memory on 8 x NVIDIA H100 80GB HBM3 (h100, compile-only)" in \
+        result.stdout
+    assert "a lower bound on the step time, not a measurement" in result.stdout
