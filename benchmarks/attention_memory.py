@@ -4,22 +4,27 @@ Builds the train step of configs/tiny.py (batch 1, mesh of one device) at each l
 reads XLA's buffer assignment: `jax.jit(step).lower(...).compile().memory_analysis()`.
 Inputs are `jax.ShapeDtypeStruct`s with shardings, so nothing is allocated and long
 lengths compile on any machine. Prints a markdown table of temp memory, the growth factor
-per doubling of the length, a one-line verdict, and with --png writes a plot.
+per doubling of the length, a one-line verdict, and with --png writes a plot; for each
+--target (cpu, or one compile-only GPU / TPU chip compiled for by its own compiler), and
+with several targets the temp memory side by side.
 
     python -m benchmarks.attention_memory [--lengths 1024,2048,...] [--png PATH]
+        [--target cpu,h100,v5p]
 """
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")     # compile-only targets need no other backend
 
 import argparse
 import math
 
 import jax
 
-from benchmarks.common import int_list, pyplot, save_figure, train_step_memory
+from benchmarks.common import (describe_devices, int_list, pyplot, save_figure,
+                               target_devices, target_list, train_step_memory)
 from util.tables import format_table
 from util.errors import error_line
 
@@ -91,16 +96,34 @@ def main(argv=None) -> None:
     parser.add_argument("--png", default=None,
                         help="write the plot to this PNG (default: no plot; the README's is "
                              "benchmarks/results/attention_memory.png)")
+    parser.add_argument("--target", type=target_list, default=["cpu"],
+                        help="comma-separated plan.target names to compile for (cpu; h100, "
+                             "v5p, ...: compile-only, requirements-plan.txt)")
     args = parser.parse_args(argv)
     attentions = [a for a in args.attentions.split(",") if a]
+    by_target = {}
+    for index, target in enumerate(args.target):
+        by_target[target] = measure_target(args, attentions, target,
+                                           png=args.png if index == 0 else None)
+    if len(args.target) > 1:
+        print("\nside by side: per-device temp MiB by target")
+        print(format_table(
+            ["length"] + [f"{a}, {t}" for a in attentions for t in args.target],
+            [[str(length)] + [_cell(by_target[t][a][i]) for a in attentions
+                              for t in args.target]
+             for i, length in enumerate(args.lengths)]))
 
-    print(f"# train step memory, configs/tiny.py, batch 1, 1 device "
-          f"({jax.devices()[0].platform}); jax {jax.__version__}", flush=True)
+
+def measure_target(args, attentions, target: str, png: str | None) -> dict:
+    """Tables and verdict of one target; {attention: [temp MiB or error name per length]}."""
+    devices = target_devices(target, 1)
+    print(f"# train step memory, configs/tiny.py, batch 1, {describe_devices(devices)}; "
+          f"jax {jax.__version__}", flush=True)
     results = {a: [] for a in attentions}
     for length in args.lengths:
         for attention in attentions:
             try:
-                m = train_step_memory(attention, length)
+                m = train_step_memory(attention, length, devices=devices)
                 results[attention].append(m["temp"])
                 print(f"  {attention:9s} L={length:6d}: temp {m['temp']:.1f} MiB, arguments "
                       f"{m['argument']:.1f} MiB, outputs {m['output']:.1f} MiB "
@@ -131,12 +154,13 @@ def main(argv=None) -> None:
          + [f"{factors[a][i]:.2f}x" if factors[a][i] is not None else "-" for a in attentions]
          for i in range(len(args.lengths) - 1)]))
 
-    if args.png:
-        plot(args.lengths, results, args.png)
-        print(f"\nwrote {args.png}")
+    if png:
+        plot(args.lengths, results, png)
+        print(f"\nwrote {png}")
     others = [verdict(a, factors[a]) for a in attentions if a != "blockwise"]
     main_verdict = verdict("blockwise", factors["blockwise"]) if "blockwise" in factors else ""
     print("verdict: " + "; ".join([main_verdict] + others if main_verdict else others))
+    return results
 
 
 if __name__ == "__main__":

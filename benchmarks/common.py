@@ -38,20 +38,59 @@ def new_workdir(name: str) -> str:
 
 def memory(compiled, seconds: float) -> dict:
     """Per-device memory of a compiled XLA executable from its buffer assignment:
-    {"temp", "argument", "output", "alias", "total", "compile_s"} in MiB / seconds, with
-    total = temp + argument + output."""
+    {"temp", "argument", "output", "alias", "host", "total", "compile_s"} in MiB / seconds,
+    with total = temp + argument + output (device memory) and host the pinned-host bytes."""
     m = compiled.memory_analysis()
     out = {"temp": m.temp_size_in_bytes / MIB, "argument": m.argument_size_in_bytes / MIB,
            "output": m.output_size_in_bytes / MIB, "alias": m.alias_size_in_bytes / MIB,
+           "host": (m.host_temp_size_in_bytes + m.host_argument_size_in_bytes
+                    + m.host_output_size_in_bytes) / MIB,
            "compile_s": seconds}
     out["total"] = out["temp"] + out["argument"] + out["output"]
     return out
 
 
-def train_step_memory(attention: str, length: int, seq: int = 1) -> dict:
+def target_list(text: str) -> list[str]:
+    """argparse type: "cpu,h100,v5p" -> the plan.target names, checked."""
+    from parallel import targets
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        targets.get(name)
+    return names
+
+
+def target_devices(name: str, count: int) -> list:
+    """The first `count` devices of target `name` (parallel/targets.py): this process's
+    (simulated) CPU devices for cpu, else compile-only GPUs, or the chips of the smallest
+    TPU slice that has `count` (a 2-device mesh on a v5p takes 2 chips of its 4)."""
+    import jax
+
+    from parallel import targets
+    target = targets.get(name)
+    if not target.compile_only:
+        if count > jax.device_count():
+            raise SystemExit(f"{count} devices needed, {jax.device_count()} present (set "
+                             f"XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        return jax.devices()[:count]
+    if target.platform == "tpu":
+        count_of_slice = min(n for n in target.slices if n >= count)
+        return targets.compile_only_devices(target, count_of_slice)[:count]
+    return targets.compile_only_devices(target, count)
+
+
+def describe_devices(devices) -> str:
+    """"8 x NVIDIA H100 80GB HBM3 (compile-only)" or "8 cpu devices"."""
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        return f"{len(devices)} simulated cpu devices"
+    return f"{len(devices)} x {kind} (compile-only)"
+
+
+def train_step_memory(attention: str, length: int, seq: int = 1, devices=None) -> dict:
     """Compiled per-device memory (see `memory`) of one train step of configs/tiny.py at
-    batch 1 with `model.attention = attention`, on a mesh seq x 1 over the first `seq`
-    devices (data = fsdp = tensor = 1). Inputs are abstract: nothing is allocated."""
+    batch 1 with `model.attention = attention`, on a mesh seq x 1 over the first `seq` of
+    `devices` (default: this process's; data = fsdp = tensor = 1). Inputs are abstract:
+    nothing is allocated."""
     import jax
     import jax.numpy as jnp
 
@@ -66,7 +105,7 @@ def train_step_memory(attention: str, length: int, seq: int = 1) -> dict:
     config.eval.lengths = None
     config.train.batch_size = 1
     config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, seq, 1
-    run = state_lib.build_run(config, devices=jax.devices()[:seq])
+    run = state_lib.build_run(config, devices=(devices or jax.devices())[:seq])
     state = state_lib.abstract_state(run)
     rows = mesh_lib.batch_sharding(run.mesh)
     batch = {name: jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=rows)

@@ -1,7 +1,9 @@
 """Per-device compiled memory of ring attention and of the ring train step, by length x seq.
 
 Two measurements, both from `jax.jit(f).lower(...).compile().memory_analysis()` on
-`jax.ShapeDtypeStruct` inputs (nothing is allocated), on 8 simulated devices:
+`jax.ShapeDtypeStruct` inputs (nothing is allocated), on 8 devices of each --target
+(simulated CPU devices, or compile-only GPUs / TPU chips compiled for by their own
+compilers; with several targets the seq = max columns are also printed side by side):
   1. attention alone: jax.grad of ring_attention(q, k, v).sum() w.r.t. q, k, v; float32,
      batch 1, 4 heads (q and kv), head_dim 64, default block sizes, inputs sharded over a
      mesh of the first `seq` devices (seq = 1 is the blockwise kernel). Temp memory.
@@ -11,13 +13,14 @@ Prints markdown tables, the longest length whose train step fits --budget_mib pe
 one-line verdict on the targets, and with --png writes a plot.
 
     python -m benchmarks.ring_memory [--lengths 4096,...] [--seqs 1,2,4,8] [--budget_mib 512]
-                                     [--png PATH]
+                                     [--png PATH] [--target cpu,h100,v5p]
 """
 from __future__ import annotations
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")     # compile-only targets need no other backend
 
 import argparse
 import time
@@ -26,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from benchmarks.common import (int_list, memory, pyplot, save_figure,
-                               train_step_memory)
+from benchmarks.common import (describe_devices, int_list, memory, pyplot, save_figure,
+                               target_devices, target_list, train_step_memory)
 from util.tables import format_table
 from parallel.mesh import make_mesh
 from parallel.ring_attention import ring_attention
@@ -38,9 +41,12 @@ ATTENTION_LIMIT_MIB, ATTENTION_AIM_MIB = 64.0, 48.0
 STEP_TARGET_RATIO = 7.0
 
 
-def attention_memory(length: int, seq: int, heads: int = 4, head_dim: int = 64) -> dict:
-    """Compiled per-device memory of fwd+bwd of ring attention alone (float32, batch 1)."""
-    mesh = make_mesh(dict(data=1, fsdp=1, seq=seq, tensor=1), jax.devices()[:seq])
+def attention_memory(length: int, seq: int, heads: int = 4, head_dim: int = 64,
+                     devices=None) -> dict:
+    """Compiled per-device memory of fwd+bwd of ring attention alone (float32, batch 1) on
+    the first `seq` of `devices` (default: this process's)."""
+    mesh = make_mesh(dict(data=1, fsdp=1, seq=seq, tensor=1),
+                     (devices or jax.devices())[:seq])
     x = jax.ShapeDtypeStruct((1, length, heads, head_dim), jnp.float32,
                              sharding=NamedSharding(mesh, P(None, "seq", None, None)))
     grad = jax.grad(lambda q, k, v: ring_attention(q, k, v, mesh=mesh).sum(),
@@ -153,22 +159,47 @@ def main(argv=None) -> None:
                         help="which measurements to run: attention, step or both")
     parser.add_argument("--png", default=None,
                         help="write the plot to this PNG (default: no plot; the README's is "
-                             "benchmarks/results/ring_memory.png)")
+                             "benchmarks/results/ring_memory.png; the first target's)")
+    parser.add_argument("--target", type=target_list, default=["cpu"],
+                        help="comma-separated plan.target names to compile for (cpu: the "
+                             "simulated devices; h100, v5p, ...: compile-only, "
+                             "requirements-plan.txt)")
     args = parser.parse_args(argv)
+    cells = {}
+    for index, target in enumerate(args.target):
+        cells[target] = measure_target(args, target, png=args.png if index == 0 else None)
+    if len(args.target) > 1:
+        print_side_by_side(cells, sorted(args.lengths), max(args.seqs))
+
+
+def print_side_by_side(cells: dict, lengths, seq: int) -> None:
+    """The seq = `seq` column of each measurement, one column per target."""
+    names = list(cells)
+    for part, key, title in (("attention", "temp", "attention alone, per-device temp MiB"),
+                             ("step", "total", "full train step, per-device total MiB")):
+        if any(cells[n][part] is None for n in names):
+            continue
+        print(f"\nside by side at seq={seq}: {title}")
+        print(format_table(["T"] + names, [[str(length)] + [_fmt(cells[n][part][length, seq], key)
+                                                          for n in names]
+                                         for length in lengths]))
+
+
+def measure_target(args, target: str, png: str | None) -> dict:
+    """The grids, tables and verdicts of one target; {"attention": cells, "step": cells}."""
     lengths, seqs, budget = sorted(args.lengths), sorted(args.seqs), args.budget_mib
     parts = set(args.parts.split(","))
-    if max(seqs) > jax.device_count():
-        raise SystemExit(f"seq={max(seqs)} needs {max(seqs)} devices; {jax.device_count()} "
-                         f"present (set XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-    print(f"# ring memory on {jax.device_count()} simulated {jax.devices()[0].platform} "
-          f"devices; jax {jax.__version__}; budget {budget:.0f} MiB", flush=True)
+    devices = target_devices(target, max(seqs))
+    print(f"# ring memory on {describe_devices(devices)}; jax {jax.__version__}; budget "
+          f"{budget:.0f} MiB", flush=True)
     start = time.time()
     attention_cells = step_cells = None
     verdicts = []
 
     if "attention" in parts:
-        attention_cells = measure_grid("attention", attention_memory, lengths, seqs,
-                                       args.max_compile_seconds)
+        attention_cells = measure_grid(
+            "attention", lambda length, s: attention_memory(length, s, devices=devices),
+            lengths, seqs, args.max_compile_seconds)
         print_table("attention alone, fwd+bwd, float32, batch 1, 4 heads x 64: per-device "
                     "temp MiB", attention_cells, lengths, seqs, "temp")
         cell = attention_cells.get((ATTENTION_TARGET_LENGTH, TARGET_SEQ))
@@ -185,7 +216,8 @@ def main(argv=None) -> None:
 
     if "step" in parts:
         step_cells = measure_grid("train step",
-                                  lambda length, s: train_step_memory("ring", length, s),
+                                  lambda length, s: train_step_memory("ring", length, s,
+                                                                      devices),
                                   lengths, seqs, args.max_compile_seconds)
         print_table("full train step, configs/tiny.py, ring, batch 1: per-device total MiB "
                     "(temp MiB); total = temp + arguments + outputs",
@@ -227,12 +259,13 @@ def main(argv=None) -> None:
                                 f"{lo or 'no length'}, seq={TARGET_SEQ} fits "
                                 f"{hi or 'no length'} of the grid: ratio undefined")
 
-    if args.png and (attention_cells is not None or step_cells is not None):
+    if png and (attention_cells is not None or step_cells is not None):
         empty = {(length, s): "-" for length in lengths for s in seqs}
-        plot(attention_cells or empty, step_cells or empty, lengths, seqs, budget, args.png)
-        print(f"\nwrote {args.png}")
+        plot(attention_cells or empty, step_cells or empty, lengths, seqs, budget, png)
+        print(f"\nwrote {png}")
     print(f"measured in {time.time() - start:.0f}s")
     print("verdict: " + "; ".join(verdicts))
+    return {"attention": attention_cells, "step": step_cells}
 
 
 if __name__ == "__main__":

@@ -164,12 +164,14 @@ def gpu_target_config(target: Target) -> str:
         return f.read()
 
 
-def _quiet_libtpu() -> None:
+def _compile_only_libtpu() -> None:
     """libtpu asks the Cloud TPU metadata server for its host's slice and prints three error
-    lines when there is none; a compile-only topology needs none of it. Set only where
-    unset, so a TPU host keeps its own values."""
+    lines when there is none, and lets one process at a time load it (a lock file in /tmp:
+    two plans, or two test workers, would collide); a compile-only topology needs neither.
+    Set only where unset, so a TPU host keeps its own values."""
     for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"),
-                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0")):
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("TPU_WORKER_ID", "0"),
+                       ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         os.environ.setdefault(key, value)
 
 
@@ -184,7 +186,7 @@ def compile_only_devices(target: Target, count: int) -> list:
         description = topologies.get_topology_desc(
             platform="cuda", target_config=gpu_target_config(target), topology=topology)
     else:
-        _quiet_libtpu()
+        _compile_only_libtpu()
         # one chip, or v5e/v6e's 8 on one host: libtpu's default host is 2x2x1
         bounds = {1: (1, 1, 1), 8: (2, 4, 1)}.get(count) if len(topology.split("x")) == 2 \
             else None

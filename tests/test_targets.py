@@ -182,6 +182,24 @@ def test_a_target_without_its_compiler_gets_one_line_naming_the_file(tmp_path, n
 
 # ------------------------------------------------------------------ the lane: compiled
 
+@pytest.mark.slow
+@needs_compiler("v5p")
+def test_two_processes_compile_for_tpu_chips_at_once():
+    """libtpu lets one process at a time load it unless told otherwise; compile-only
+    plans (and test workers) must not collide."""
+    code = ("import time; from parallel import targets; "
+            "devices = targets.compile_only_devices(targets.get('v5p'), 8); "
+            "time.sleep(5); print(len(devices))")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    first, second = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for _ in range(2)]
+    for process in (first, second):
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        assert out.split() == ["8"]
+
+
 def sequence_config(strategy: str, **overrides):
     """small_config split over 8 devices of the seq axis with `strategy`, bf16 compute."""
     return small_config(**{"mesh.seq": 8, "mesh.data": 1, "train.batch_size": 1,
