@@ -454,6 +454,13 @@ def format_plan(result: dict) -> str:
                      "per device per step; seconds those take on the links):")
         lines.append(format_strategies(result["strategies"], result["link_gbps"]["intra_host"],
                                        result["link_gbps"]["inter_host"]))
+    uncounted = sum(e["collective_bytes"].get("uncounted_loops", 0)
+                    for e in [*result["levels"], result["eval"], *result.get("strategies", [])]
+                    if "collective_bytes" in e)
+    if uncounted:
+        lines.append(f"note: {uncounted} loops of the compiled programs have no trip count "
+                     "the plan could read; their collectives were counted once (the bytes sent "
+                     "are lower bounds)")
     if not compile_only and result["platform"] == "cpu":
         lines.append("XLA:CPU figures: it keeps float32 copies of bf16 buffers (collectives "
                      "included) and ignores host offload; plan.target=h100 (or a100, h200, "

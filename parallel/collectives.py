@@ -4,7 +4,9 @@ forms say it should.
 `collective_bytes(hlo_text)` reads the optimised HLO of a compiled function
 (`compiled.as_text()`): every all-to-all, all-gather, reduce-scatter, all-reduce and
 collective-permute, the bytes of its operand on one device, times how often it runs
-(while loops carry XLA's `known_trip_count`; of a conditional's branches the largest
+(while loops carry XLA's `known_trip_count`, or where a compiler leaves it out, as the TPU
+compiler does, their count is read from the loop's condition and initial value; of a
+conditional's branches the largest
 counts), and the traffic that means on one device's link (what it sends: an all-gather
 sends its operand to the g - 1 others, an all-to-all (g - 1) / g of it, ...).
 `closed_form_bytes` is the textbook volume of one attention layer per device, forward and
@@ -77,14 +79,41 @@ def _group_size(line: str, device_count: int = 0) -> int:
     return len(groups[0]) if groups else 1
 
 
+def _tuple_elements(text: str) -> list[str]:
+    """The top-level elements of an HLO tuple type, "(a, (b, c), d)" -> ["a", "(b, c)", "d"]
+    (dimensions in brackets hold commas, layouts in braces parentheses too:
+    "bf16[1,64]{1,0:T(8,128)}"); a non-tuple type is itself."""
+    text = text.strip()
+    if not text.startswith("("):
+        return [text]
+    elements, depth, brace, start = [], 0, 0, 1
+    for i, char in enumerate(text):
+        if char in "{[":
+            brace += 1
+        elif char in "}]":
+            brace -= 1
+        elif brace == 0 and char == "(":
+            depth += 1
+        elif brace == 0 and char == ")":
+            depth -= 1
+            if depth == 0:
+                elements.append(text[start:i].strip())
+                break
+        elif brace == 0 and char == "," and depth == 1:
+            elements.append(text[start:i].strip())
+            start = i + 1
+    return elements
+
+
 def _operand_bytes(kind: str, op: str, result: str, line: str, device_count: int = 0) -> int:
     """Operand bytes of one collective on one device, from its result type: an async
-    "-start" op's result tuple begins with the operand; otherwise all-gather's result is
-    group x its operand, reduce-scatter's operand is group x its result, the others'
-    operand is their result."""
-    if op.endswith("-start") and result.startswith("("):
-        first = _SHAPE.search(result)
-        return _shape_bytes(first.group(0)) if first else 0
+    collective-permute-start's or all-gather-start's result tuple begins with its operand,
+    or with the tuple of its operands when the compiler combined several (XLA:GPU sends K,
+    V, positions and segment ids of a ring hop as one); an all-reduce's operands are its
+    results; otherwise all-gather's result is group x its operand, reduce-scatter's operand
+    is group x its result, the others' operand is their result."""
+    if op.endswith("-start") and kind != "all-reduce" and result.startswith("("):
+        return _shape_bytes(_tuple_elements(result)[0])
     size = _shape_bytes(result)
     if kind == "all-gather":
         return size // _group_size(line, device_count)
@@ -124,7 +153,68 @@ def _traffic(kind: str, operand: int, group: int) -> int:
     return 2 * operand * (group - 1) // max(group, 1)          # all-reduce (ring algorithm)
 
 
-TOTALS = KINDS + ("traffic", "attention_traffic", "inter_host_traffic")
+TOTALS = KINDS + ("traffic", "attention_traffic", "inter_host_traffic", "uncounted_loops")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+
+
+def _definitions(lines) -> dict[str, str]:
+    """{instruction name: its line} of one computation."""
+    found = {}
+    for line in lines:
+        match = _DEFINITION.match(line)
+        if match:
+            found[match.group(1)] = line
+    return found
+
+
+def _constant(name: str, definitions: dict) -> int | None:
+    """The integer constant `name` holds, through copies (the TPU compiler copies a loop's
+    initial values), or None."""
+    for _ in range(8):
+        line = definitions.get(name, "")
+        value = re.search(r" constant\((-?\d+)\)", line)
+        if value:
+            return int(value.group(1))
+        if " copy(" not in line:
+            return None
+        name = _operands(line, "copy")[0]
+    return None
+
+
+def _operands(line: str, op: str) -> list[str]:
+    """The operand names of an instruction line (`op(%a, %b), ...`)."""
+    inside = line.split(f" {op}(", 1)[1].split(")", 1)[0]
+    return [name.strip().lstrip("%").split(" ")[-1].lstrip("%")
+            for name in inside.split(",") if name.strip()]
+
+
+def trip_count(line: str, definitions: dict, computations: dict) -> int | None:
+    """The iterations of a while loop: XLA's known_trip_count, else read from a condition
+    `i < bound` (or <=) on a tuple element that starts at a constant and steps by 1, the
+    loops JAX writes. None when neither can be read."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+    if known:
+        return int(known.group(1))
+    condition = re.search(r"condition=%?([\w.\-]+)", line)
+    lines = computations.get(condition.group(1), ()) if condition else ()
+    inside = _definitions(lines)
+    root = next((x for x in lines if x.lstrip().startswith("ROOT ")), "")
+    direction = re.search(r"direction=(LT|LE)", root)
+    if " compare(" not in root or not direction:
+        return None
+    counter, bound = _operands(root, "compare")[:2]
+    bound_value = _constant(bound, inside)
+    index = re.search(r"get-tuple-element\(.*?\), index=(\d+)", inside.get(counter, ""))
+    operands = _operands(line, "while")
+    init = definitions.get(operands[0], "") if operands else ""
+    if bound_value is None or not index or " tuple(" not in init:
+        return None
+    elements = _operands(init, "tuple")
+    start = _constant(elements[int(index.group(1))], definitions) \
+        if int(index.group(1)) < len(elements) else None
+    if start is None:
+        return None
+    return max(0, bound_value - start + (direction.group(1) == "LE"))
 
 
 def _device_count(hlo_text: str) -> int:
@@ -151,9 +241,10 @@ def collective_bytes(hlo_text: str, hosts=None) -> dict[str, int]:
     """{kind: operand bytes per device per call of the compiled function} for KINDS,
     "traffic": the bytes one device sends for all of them, "attention_traffic": for those
     inside a shard_map (the sequence-parallel attention; the rest are the weights' FSDP
-    gathers and the gradients' reductions), and "inter_host_traffic": for those whose
-    groups span hosts, given `hosts` (the host of each logical device id, i.e. of
-    mesh.devices.flat; None: one host)."""
+    gathers and the gradients' reductions), "inter_host_traffic": for those whose groups
+    span hosts, given `hosts` (the host of each logical device id, i.e. of
+    mesh.devices.flat; None: one host), and "uncounted_loops": while loops whose trip
+    count could not be read, their bodies counted once (the totals are then lower bounds)."""
     computations, entry = _computations(hlo_text)
     device_count = _device_count(hlo_text)
     memo = {}
@@ -162,6 +253,7 @@ def collective_bytes(hlo_text: str, hosts=None) -> dict[str, int]:
         if name in memo:
             return memo[name]
         totals = dict.fromkeys(TOTALS, 0)
+        definitions = _definitions(computations.get(name, ()))
         for line in computations.get(name, ()):
             match = _INSTRUCTION.match(line)
             if not match:
@@ -179,10 +271,11 @@ def collective_bytes(hlo_text: str, hosts=None) -> dict[str, int]:
                     totals["inter_host_traffic"] += sent
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line).group(1)
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                count = int(trips.group(1)) if trips else 1
+                count = trip_count(line, definitions, computations)
                 for k, v in visit(body).items():
-                    totals[k] += count * v
+                    totals[k] += (count if count is not None else 1) * v
+                if count is None:                        # counted once: a lower bound
+                    totals["uncounted_loops"] += 1
             elif op == "conditional":
                 if "branch_computations" in line:
                     names = re.findall(r"%?([\w.\-]+)",

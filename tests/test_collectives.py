@@ -148,3 +148,51 @@ def test_collectives_whose_groups_span_hosts_are_counted_as_inter_host_traffic()
     interleaved = [0, 1, 0, 1, 0, 1, 0, 1]          # now each all-to-all group spans both
     assert collective_bytes(HOSTS_HLO, hosts=interleaved)["inter_host_traffic"] == 64 * 3 // 4
     assert collective_bytes(HOSTS_HLO)["inter_host_traffic"] == 0          # one host
+
+
+ASYNC_HLO = """HloModule async_and_tpu_loops, num_partitions=8
+
+%cond (p: (s32[], bf16[2,64])) -> pred[] {
+  %p = (s32[]{:T(128)}, bf16[2,64]{1,0:T(8,128)(2,1)}) parameter(0)
+  %bound = s32[]{:T(128)} constant(6)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %bound), direction=LT
+}
+
+%body (p: (s32[], bf16[2,64])) -> (s32[], bf16[2,64]) {
+  %p = (s32[]{:T(128)}, bf16[2,64]{1,0:T(8,128)(2,1)}) parameter(0)
+  %x = bf16[2,64]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %cps = (bf16[2,64]{1,0:T(8,128)(2,1)}, bf16[2,64]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=1, source_target_pairs={{0,1},{1,0}}, metadata={op_name="jit(f)/shard_map/while/body/ppermute"}
+  %cpd = bf16[2,64]{1,0:T(8,128)(2,1)} collective-permute-done(%cps)
+  ROOT %t = (s32[]{:T(128)}, bf16[2,64]{1,0:T(8,128)(2,1)}) tuple(%i, %cpd)
+}
+
+ENTRY %main (a: bf16[2,64], b: s32[4]) -> bf16[2,64] {
+  %a = bf16[2,64]{1,0} parameter(0)
+  %b = s32[4]{0} parameter(1)
+  %zero = s32[]{:T(128)} constant(1)
+  %start = s32[]{:T(128)} copy(%zero)
+  %init = (s32[]{:T(128)}, bf16[2,64]{1,0:T(8,128)(2,1)}) tuple(%start, %a)
+  %w = (s32[]{:T(128)}, bf16[2,64]{1,0:T(8,128)(2,1)}) while(%init), condition=%cond, body=%body
+  %both = ((bf16[2,64]{1,0}, s32[4]{0}), (bf16[2,64]{1,0}, s32[4]{0})) collective-permute-start(%a, %b), channel_id=2, source_target_pairs={{0,1},{1,0}}
+  ROOT %r = bf16[2,64]{1,0} get-tuple-element(%w), index=1
+}
+"""  # noqa: E501 - HLO instructions one per line, as XLA prints them
+
+
+def test_combined_async_permutes_count_every_operand():
+    """XLA:GPU sends a ring hop's K, V, positions and segment ids as one permute whose
+    result tuple starts with the tuple of its operands."""
+    got = collective_bytes(ASYNC_HLO)
+    assert got["collective-permute"] == 5 * 256 + (256 + 16)   # loop: 5 trips of bf16[2,64]
+
+
+def test_a_loop_without_known_trip_count_is_counted_from_its_condition_and_start():
+    """The TPU compiler leaves known_trip_count out: 1 <= i < 6 is 5 trips, the start read
+    through a copy of a constant, layouts with parentheses in braces."""
+    got = collective_bytes(ASYNC_HLO)
+    assert got["attention_traffic"] == 5 * 256 and got["uncounted_loops"] == 0
+    unreadable = ASYNC_HLO.replace("%start = s32[]{:T(128)} copy(%zero)",
+                                   "%start = s32[]{:T(128)} parameter(2)")
+    got = collective_bytes(unreadable)
+    assert got["uncounted_loops"] == 1 and got["attention_traffic"] == 256   # once: a floor
