@@ -38,6 +38,7 @@ from train.state import abstract_state, build_run
 from train.step import make_train_step
 from train.validate import validate_config
 from util import json_values
+from util.errors import first_line
 from util.tables import format_table
 
 GIB = 2 ** 30
@@ -83,17 +84,27 @@ def plan_devices(config) -> tuple[targets.Target, list]:
     return target, targets.compile_only_devices(target, int(config.plan.devices))
 
 
+class DoesNotFit(ValueError):
+    """The target's compiler refused a step for want of device memory (the TPU compiler
+    does, where XLA:CPU and XLA:GPU report the bytes and compile)."""
+
+
 def _compile(lowered):
-    """lowered.compile(), with a compiler library that is missing as one ValueError line."""
+    """lowered.compile(); a compiler library that is missing is one ValueError line, a
+    step the target's compiler refuses for memory a DoesNotFit line."""
     try:
         return lowered.compile()
-    except Exception as error:     # re-raised unless cuDNN is missing
-        if "cuDNN not found" not in str(error):
-            raise
-        raise ValueError(f"cuDNN attention needs cuDNN, which is not installed: pip install "
-                         f"-r {targets.GPU_REQUIREMENTS} (a GPU host), or for planning only: "
-                         f"pip install --no-deps -r {targets.COMPILE_ONLY_REQUIREMENTS}") \
-            from None
+    except Exception as error:     # re-raised unless it is one of the two
+        text = str(error)
+        if "cuDNN not found" in text:
+            raise ValueError(f"cuDNN attention needs cuDNN, which is not installed: pip "
+                             f"install -r {targets.GPU_REQUIREMENTS} (a GPU host), or for "
+                             f"planning only: pip install --no-deps -r "
+                             f"{targets.COMPILE_ONLY_REQUIREMENTS}") from None
+        if "RESOURCE_EXHAUSTED" in text:
+            raise DoesNotFit(first_line(text.split("RESOURCE_EXHAUSTED:", 1)[-1].strip(),
+                                        300)) from None
+        raise
 
 
 def _measured(compiled, seconds: float, mesh) -> dict:
@@ -195,8 +206,13 @@ def longest_fit(config, level, budget_bytes: int, log=print, devices=None,
 
     def fits(length):
         if length not in tried:
-            result = train_step_entry(config, dataclasses.replace(level, seq_len=length),
-                                      devices, target)
+            try:
+                result = train_step_entry(config, dataclasses.replace(level, seq_len=length),
+                                          devices, target)
+            except DoesNotFit as refused:
+                log(f"  length {length}: over: the compiler refused it ({refused})", flush=True)
+                tried[length] = None
+                return None
             total = result["bytes_per_device"]["total"]
             log(f"  length {length}: {total / GIB:.2f} GiB per device "
                 f"({'fits' if total <= budget_bytes else 'over'} {budget_bytes / GIB:g} GiB)",
@@ -279,7 +295,10 @@ def strategy_entry(config, level, strategy: str, candidate, devices=None,
     if isinstance(candidate, str):
         return {"strategy": strategy, "skipped": candidate}
     target = target or targets.get("cpu")
-    entry = train_step_entry(candidate, level, devices, target)
+    try:
+        entry = train_step_entry(candidate, level, devices, target)
+    except DoesNotFit as refused:
+        return {"strategy": strategy, "skipped": f"does not fit: {refused}"}
     m = candidate.model
     layers = m.n_layers
     closed = collectives.closed_form_bytes(
@@ -339,7 +358,11 @@ def plan_workdir(config, workdir: str) -> dict:
           + ")", flush=True)
     levels = []
     for level in plan.levels:
-        entry = {"level": level.index, **train_step_entry(config, level, devices, target)}
+        try:
+            entry = {"level": level.index, **train_step_entry(config, level, devices, target)}
+        except DoesNotFit as refused:
+            raise ValueError(f"level {level.index} (length {level.seq_len}) does not fit "
+                             f"{target.name}: {refused}") from None
         levels.append(entry)
         print(f"level {level.index}: {entry['kernel']} attention, compiled in "
               f"{entry['compile_s']:.1f} s", flush=True)
@@ -361,7 +384,11 @@ def plan_workdir(config, workdir: str) -> dict:
                   flush=True)
     eval_level = curriculum_lib.eval_level(config, plan)
     longest = max(evaluation_lengths(config.eval.lengths, config.curriculum.l_max))
-    eval_entry = eval_step_entry(config, eval_level, longest, devices, target)
+    try:
+        eval_entry = eval_step_entry(config, eval_level, longest, devices, target)
+    except DoesNotFit as refused:
+        raise ValueError(f"the evaluation at length {longest} does not fit {target.name}: "
+                         f"{refused}") from None
     budget = budget_gib(config, target)
     fit = None
     if budget > 0:

@@ -349,3 +349,24 @@ def test_llama2_7b_plans_on_8_h100s_at_32768_tokens(tmp_path):
     assert "per-device memory on 8 x NVIDIA H100 80GB HBM3 (h100, compile-only)" in \
         result.stdout
     assert "a lower bound on the step time, not a measurement" in result.stdout
+
+
+@pytest.mark.slow
+@needs_compiler("v5p")
+def test_a_step_the_tpu_compiler_refuses_is_over_budget_for_the_search(v5p_8):
+    """The TPU compiler refuses a step whose temporaries exceed the chip's HBM (XLA:CPU and
+    XLA:GPU report the bytes instead): one DoesNotFit line for a level, "over" for the
+    longest-fit search."""
+    config = small_config(**{"model.attention": "dense", "mesh.data": 8, "mesh.seq": 1,
+                             "train.batch_size": 8, "curriculum.l_max": 65536,
+                             "eval.lengths": (64,), "model.mlp_chunk_tokens": 16384})
+    level = validate_config(config, 8, platform="tpu").levels[0]
+    v5p = targets.get("v5p")
+    with pytest.raises(plan_lib.DoesNotFit, match="exceeds available HBM") as refused:
+        plan_lib.train_step_entry(config, level, v5p_8, v5p)
+    assert "\n" not in str(refused.value)
+    said = []
+    fit = plan_lib.longest_fit(config, level, 1000 * GIB, log=lambda line, **_: said.append(line),
+                               devices=v5p_8, target=v5p)
+    assert fit["length"] in (32768, 49152)                  # 65536 refused, 32768 compiled
+    assert any("length 65536: over: the compiler refused it" in line for line in said)
