@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from cli import memory_plan as plan_lib
-from configs import base
+from configs import base, tiny
 from parallel import collectives, targets
 from tests.helpers import small_config
 from train.state import abstract_state, build_run
@@ -201,12 +201,17 @@ def test_two_processes_compile_for_tpu_chips_at_once():
 
 
 def sequence_config(strategy: str, **overrides):
-    """small_config split over 8 devices of the seq axis with `strategy`, bf16 compute."""
-    return small_config(**{"mesh.seq": 8, "mesh.data": 1, "train.batch_size": 1,
-                           "curriculum.l_max": 256, "model.attention": strategy,
-                           "model.ulysses_degree": 4 if strategy == "hybrid" else None,
-                           "model.dtype": "bfloat16", "model.q_heads": 8,
-                           "model.kv_heads": 8, "model.head_dim": 8, **overrides})
+    """configs/tiny.py split over 8 devices of the seq axis with `strategy`, bf16 compute
+    (as on an accelerator), one row of its l_max, 256 tokens."""
+    config = tiny.get_config()
+    settings = {"mesh.seq": 8, "mesh.data": 1, "train.batch_size": 1,
+                "model.attention": strategy, "model.dtype": "bfloat16",
+                "model.ulysses_degree": 4 if strategy == "hybrid" else None,
+                "eval.lengths": (256,), **overrides}
+    for key, value in settings.items():
+        section, name = key.split(".")
+        setattr(getattr(config, section), name, value)
+    return config
 
 
 def compiled_entry(config, devices, target):
