@@ -18,6 +18,7 @@ from cli import memory_plan as plan_lib
 from configs import base, tiny
 from parallel import collectives, targets
 from tests.helpers import small_config
+from util.quiet_imports import accelerator_attached
 from train.state import abstract_state, build_run
 from train.step import make_train_step
 from train.validate import validate_config
@@ -178,6 +179,25 @@ def test_a_target_without_its_compiler_gets_one_line_naming_the_file(tmp_path, n
     assert lines[0].startswith(f"error: plan.target={name} compiles with")
     assert file in lines[0] and "requirements-plan.txt" in lines[0]
     assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+@needs_compiler("v5p")
+@pytest.mark.skipif(accelerator_attached(), reason="this machine has a GPU or TPU: the quiet "
+                    "CPU-only start applies to machines without one")
+def test_a_command_on_a_machine_without_accelerators_starts_without_plugin_noise(tmp_path):
+    """With the compile-only plugins installed and no JAX_PLATFORMS set, JAX would start
+    the CUDA plugin (a logged traceback) and libtpu (TPU warnings) on every command."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode", "plan", "--config", "tests/small_config.py",
+         "--workdir", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.strip() == "", result.stderr[-2000:]
+    assert "compiling for 1 x cpu" in result.stdout
 
 
 # ------------------------------------------------------------------ the lane: compiled

@@ -9,6 +9,12 @@ library, before any Python code can set a log level. Every command would begin w
 shared libraries (only loads them: JAX registers the plugin later as ever, and no backend
 starts, so jax.distributed and the platform settings still come first) with file
 descriptor 2 pointed at a temporary file, then writes back every line but those.
+
+On a machine with no GPU or TPU at all, JAX would still try to start each installed
+plugin when its first backend is asked for: the CUDA plugin logs a 20-line traceback
+("Unable to load CUDA") and libtpu five lines of missing TPU settings, on every command.
+There `import_jax_quietly` sets JAX_PLATFORMS=cpu unless the user set it: compile-only
+targets (parallel/targets.py) need no backend of their platform, so nothing is lost.
 """
 from __future__ import annotations
 
@@ -58,10 +64,33 @@ def _cuda_plugin_libraries() -> list[str]:
     return sorted(glob.glob(os.path.join(os.path.dirname(spec.origin), "*.so")))
 
 
+# The device files by which JAX itself (jax/_src/hardware_utils.py) tells that an NVIDIA
+# GPU or a TPU is attached; /dev/kfd is AMD's ROCm driver.
+GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+GOOGLE_PCI_VENDOR = "0x1ae0"        # TPU chips are PCI devices of this vendor
+
+
+def accelerator_attached() -> bool:
+    """Whether this machine shows a GPU or TPU device (not whether a plugin can use it)."""
+    if any(os.path.exists(path) for path in GPU_DEVICE_FILES):
+        return True
+    for vendor_file in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor_file) as vendor:
+                if vendor.read().strip() == GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def import_jax_quietly() -> None:
-    """Import jax (once per process) without the lines NOISE names."""
+    """Import jax (once per process) without the lines NOISE names; on a machine with no
+    accelerator and no JAX_PLATFORMS of the user's, JAX starts its CPU backend only."""
     if "jax" in sys.modules:
         return
+    if not os.environ.get("JAX_PLATFORMS") and not accelerator_attached():
+        os.environ["JAX_PLATFORMS"] = "cpu"
     with stderr_without():
         import jax  # noqa: F401 - imported for its side effect: later imports are free
         if ctypes.util.find_library("cuda") is None:       # no driver: the plugin's noise
