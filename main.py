@@ -94,9 +94,13 @@ _MODE = flags.DEFINE_enum(
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "--mode import: a Hugging Face model directory "
                               "to read; --mode export: the directory to write.")
 _OVERWRITE = flags.DEFINE_boolean(
-    "overwrite", False, "--mode export: replace a non-empty --hf_dir (the export is written "
-    "beside it and swapped in, so none of its old files survive); without it a non-empty "
-    "--hf_dir is refused.")
+    "overwrite", False, "--mode export: replace a non-empty --hf_dir that holds an earlier "
+    "export and nothing else (the export is written beside it and swapped in, so none of its "
+    "old files survive); without it a non-empty --hf_dir is refused.")
+_START_OVER = flags.DEFINE_boolean(
+    "start_over", False, "--mode train: start at step 0 in a workdir whose checkpoints are all "
+    "broken (they stay in broken_checkpoints/; the earlier metrics.jsonl and tensorboard/ are "
+    "renamed, not deleted); without it such a workdir is refused.")
 _WORKDIRS = flags.DEFINE_list("workdirs", [], "--mode compare: the run directories to compare.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "explicit"],
@@ -111,13 +115,58 @@ _PROCESS_ID = flags.DEFINE_integer(
     "This process's index.")
 
 
+def _usage_error(message: str):
+    """A usage mistake: one line and where the flags are listed, exit 2 (absl's UsageError
+    would print the whole usage text, with the message last)."""
+    print(f"error: {message} (python main.py --help lists the flags)", file=sys.stderr)
+    sys.exit(2)
+
+
+# The flags each mode reads besides --mode; any other flag given is refused in that mode
+# (it would be silently ignored). --config covers its --config.KEY overrides.
+_DISTRIBUTED_FLAGS = ("distributed", "coordinator_address", "num_processes", "process_id")
+MODE_FLAGS = {
+    "train": ("config", "workdir", "start_over", *_DISTRIBUTED_FLAGS),
+    "eval": ("config", "workdir", *_DISTRIBUTED_FLAGS),
+    "generate": ("config", "workdir", *_DISTRIBUTED_FLAGS),
+    "lm_eval": ("config", "workdir", *_DISTRIBUTED_FLAGS),
+    "plan": ("config", "workdir", *_DISTRIBUTED_FLAGS),
+    "prepare": ("config",),
+    "compare": ("workdirs", "workdir"),
+    "import": ("hf_dir", "workdir", *_DISTRIBUTED_FLAGS),
+    "export": ("hf_dir", "workdir", "overwrite", *_DISTRIBUTED_FLAGS),
+}
+_OTHER_FLAGS = ("config", "workdir", "workdirs", "hf_dir", "overwrite", "start_over",
+                *_DISTRIBUTED_FLAGS)
+
+
+def check_mode_flags(mode: str) -> None:
+    """Refuse a flag the mode does not read, and an empty --workdir / --hf_dir."""
+    for name in _OTHER_FLAGS:
+        if name not in MODE_FLAGS[mode] and _given(name):
+            _usage_error(f"--mode {mode} does not use --{name}")
+    for name in ("workdir", "hf_dir"):
+        if flags.FLAGS[name].present and not flags.FLAGS[name].value:
+            _usage_error(f"--{name} is empty; give a directory")
+    if flags.FLAGS["workdirs"].present and not all(flags.FLAGS["workdirs"].value):
+        _usage_error("--workdirs has an empty entry; give A,B,... directories")
+
+
+def _given(name: str) -> bool:
+    """Whether the command line sets flag `name` (for --config: the file or an override)."""
+    if name == "config":
+        return flags.FLAGS["config"].present or bool(
+            config_flags.get_override_values(flags.FLAGS["config"]))
+    return bool(flags.FLAGS[name].present)
+
+
 def start_distributed() -> None:
     """Start jax.distributed when asked to; must run before any other JAX call."""
     import jax
     if _COORDINATOR.value or _DISTRIBUTED.value == "explicit":
         if _COORDINATOR.value is None or _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
-            raise app.UsageError("--coordinator_address, --num_processes and --process_id "
-                                 "must be given together")
+            _usage_error("--coordinator_address, --num_processes and --process_id must be "
+                         "given together")
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                    num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
@@ -163,19 +212,26 @@ def main(argv):
         logging.getLogger(name).addFilter(_OneLineLibraryErrors())
     logging.getLogger("boundless").setLevel(logging.INFO)
     mode = _MODE.value
+    check_mode_flags(mode)
     if mode == "compare":
         from evaluation import report
         if not _WORKDIRS.value:
-            raise app.UsageError("--mode compare needs --workdirs A,B,...")
+            _usage_error("--mode compare needs --workdirs A,B,...")
         print(_exit_on_error(lambda: report.compare(_WORKDIRS.value, _WORKDIR.value)))
         if _WORKDIR.value:
             print(f"wrote {_WORKDIR.value}/compare.md and {_WORKDIR.value}/compare_perplexity.png")
         return
     if mode in ("import", "export"):
         if not _WORKDIR.value or not _HF_DIR.value:
-            raise app.UsageError(f"--mode {mode} needs --workdir and --hf_dir")
+            _usage_error(f"--mode {mode} needs --workdir and --hf_dir")
         start_distributed()
         from cli import hf_workdir  # imported after jax.distributed is up
+        # what the command would write over is refused before the lock creates W/.lock
+        if mode == "import":
+            _exit_on_error(lambda: hf_workdir.check_import_paths(_HF_DIR.value, _WORKDIR.value))
+        else:
+            _exit_on_error(lambda: hf_workdir.check_export_target(
+                _WORKDIR.value, _HF_DIR.value, _OVERWRITE.value))
         with _locked(_WORKDIR.value, mode):
             if mode == "import":
                 line = _exit_on_error(lambda: hf_workdir.import_workdir(_HF_DIR.value,
@@ -217,10 +273,24 @@ def main(argv):
             from cli import lm_eval_mode
             _exit_on_error(lambda: lm_eval_mode.lm_eval_workdir(config, workdir))
         elif mode == "train":
-            _exit_on_error(lambda: trainer.train(config, workdir))
+            summary = _exit_on_error(lambda: trainer.train(config, workdir, _START_OVER.value))
+            if not summary["stopped"]:
+                _say_where_results_are(workdir, config.eval.name)
         else:
             from cli import eval_mode
             _exit_on_error(lambda: eval_mode.evaluate_workdir(config, workdir))
+            _say_where_results_are(workdir, config.eval.name)
+
+
+def _say_where_results_are(workdir: str, eval_name: str) -> None:
+    """The last line of a run that evaluated: where its files are."""
+    import jax
+    from evaluation import suite
+    eval_dir = suite.eval_directory(workdir, eval_name)
+    if jax.process_index() == 0:
+        print(f"results: {os.path.join(eval_dir, 'summary.md')} (tables, CSV, JSON and plots "
+              f"in {eval_dir}/; training metrics in {os.path.join(workdir, 'metrics.jsonl')})",
+              flush=True)
 
 
 @contextlib.contextmanager
@@ -262,6 +332,9 @@ def _resolve_config(mode: str):
         workdir = _WORKDIR.value
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         config = workdir_config.load(workdir, overrides)
+    elif mode in WORKDIR_CONFIG_MODES and not _WORKDIR.value:
+        raise ValueError(f"--mode {mode} needs --workdir W, a trained run (or --config with "
+                         f"the default workdir of that config)")
     else:
         raise ValueError("--config is required, e.g. --config configs/tiny.py (with --workdir W "
                          "that holds a run, W's config.json is used)")

@@ -2,7 +2,6 @@
 the command line's eval.* overrides), as the end of training does (train/trainer.py)."""
 from __future__ import annotations
 
-import jax
 
 from evaluation import suite
 from train.checkpoint import restore_newest
@@ -20,8 +19,7 @@ def evaluate_workdir(config, workdir: str) -> dict:
     run = build_run(config, level=eval_level(config, plan), rows_in_order=True)
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
     setup = eval_setup_from(config)
-    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), setup,
-                               jax.process_index() == 0)
+    suite.check_eval_directory(suite.eval_directory(workdir, config.eval.name), setup)
     data = suite.prepare(setup, run, run.tokenizer, abstract_state(run)["params"])
     say_beyond_trained(config, plan, data)
     writer = MetricsWriter(workdir)

@@ -26,6 +26,7 @@ from parallel import model_on_mesh
 from train import curriculum as curriculum_lib
 from train.state import build_run
 from train.checkpoint import restore_newest
+from train.validate import check_generation_memory
 
 
 def check_generate_config(g) -> None:
@@ -72,6 +73,8 @@ def generate_workdir(config, workdir: str) -> dict:
     prompt_ids = np.asarray(run.tokenizer.encode(g.prompt), np.int32)
     if prompt_ids.size == 0:
         raise ValueError("generate.prompt encodes to no tokens")
+    check_generation_memory(config, prompt_ids.size + int(g.max_new_tokens),
+                            jax.devices()[0].platform)
     notice = curriculum_lib.beyond_trained_notice(
         on_mesh, plan, level,
         [prompt_ids.size + int(g.max_new_tokens)], "prompt + new tokens reach")

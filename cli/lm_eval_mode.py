@@ -151,6 +151,31 @@ class WorkdirLM(BoundlessLM):
         return lm
 
 
+def unreadable_task_files(include_path: str, task: str) -> list[tuple[str, str]]:
+    """(path, reason) of the task YAMLs under include_path that do not parse, those that
+    mention `task` first: lm-eval skips such a file, and its task then looks unknown."""
+    import yaml
+
+    class AnyTag(yaml.SafeLoader):        # lm-eval's YAMLs may hold !function tags
+        pass
+    AnyTag.add_multi_constructor("!", lambda loader, suffix, node: None)
+    found = []
+    for root, _, names in sorted(os.walk(include_path)):
+        for name in sorted(names):
+            if not name.endswith((".yaml", ".yml")):
+                continue
+            path, text = os.path.join(root, name), ""
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+                yaml.load(text, Loader=AnyTag)      # a SafeLoader that takes any tag
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+                reason = " ".join(str(error).split())[:200]
+                mentions = task in name or task in text
+                found.append((not mentions, path, reason))
+    return [(path, reason) for _, path, reason in sorted(found)]
+
+
 def lm_eval_workdir(config, workdir: str) -> dict:
     """Run lm_eval.simple_evaluate on config.lm_eval.tasks with the newest checkpoint of
     `workdir`; write <workdir>/eval/lm_eval.json (lm-eval's results, JSON values) and
@@ -164,6 +189,11 @@ def lm_eval_workdir(config, workdir: str) -> dict:
     known = set(task_manager.all_tasks)
     unknown = [t for t in tasks if t not in known and not os.path.isfile(t)]
     if unknown:
+        broken = unreadable_task_files(e.include_path, unknown[0]) if e.include_path else []
+        if broken:
+            path, reason = broken[0]
+            raise ValueError(f"lm_eval.tasks: task {unknown[0]!r} is not known to lm-eval, and "
+                             f"{path} (in lm_eval.include_path) is not valid YAML: {reason}")
         close = difflib.get_close_matches(unknown[0], sorted(known), n=3)
         raise ValueError(f"lm_eval.tasks: lm-eval has no task {unknown[0]!r}"
                          + (f"; did you mean {', '.join(close)}?" if close else "")

@@ -5,6 +5,12 @@ per core, data.prepare_workers to change it), each unit's shards written and ren
 its worker, the manifest updated by this process as units finish, with a progress line and
 ETA. Run again after an interruption, it continues: finished units are kept. Train from
 the result with data.source = "prepared", data.path = the directory.
+
+A refused prepare (a ValueError or OSError: one `error:` line from main.py, exit 2) leaves
+data.prepare_dir as it was before the command, and does not create it: the source is
+checked before anything is written (data/prepare.py check_source), and what only reading
+finds (a truncated or corrupt .gz, malformed JSONL, a corpus without text) is undone
+(data/prepare.py Undo). An interruption (Ctrl-C, a kill) keeps the finished units.
 """
 from __future__ import annotations
 
@@ -22,16 +28,9 @@ def _prepare_unit(job):
     return index, prepare_lib.prepare_unit(data_config, tokenizer_spec, out_dir, index, files)
 
 
-def prepare_workdir(config) -> dict:
-    """Prepare config.data's source into config.data.prepare_dir; returns the manifest."""
-    data = sections.typed(config, "data")
-    out_dir = data.prepare_dir
-    if not out_dir:
-        raise ValueError("--mode prepare needs --config.data.prepare_dir=DIR (where the shards go)")
-    if data.source == "prepared":
-        raise ValueError("data.source is 'prepared': give the source to prepare "
-                         "(stdlib, text, jsonl or parquet)")
-    units = prepare_lib.work_units(data)
+def _prepare(data, out_dir: str, units) -> dict:
+    """The units not done yet, by a pool of workers; the finished manifest (written only
+    when the corpus has text)."""
     manifest = prepare_lib.start_manifest(data, data.tokenizer, out_dir)
     done = {int(name) for name in manifest["units"]}
     pending = [(data, data.tokenizer, out_dir, i, files) for i, files in enumerate(units)
@@ -42,7 +41,6 @@ def prepare_workdir(config) -> dict:
           flush=True)
     progress = Progress(len(units), "unit")
     progress.update(len(done))
-    start = time.time()
     if pending:
         context = multiprocessing.get_context("spawn")   # no JAX state forked into workers
         with context.Pool(min(workers, len(pending))) as pool:
@@ -51,7 +49,29 @@ def prepare_workdir(config) -> dict:
                 prepare_lib.write_manifest(out_dir, manifest)
                 progress.update(len(manifest["units"]))
     manifest = prepare_lib.finish(manifest, len(units))
+    prepare_lib.check_has_text(data, manifest, units)
     prepare_lib.write_manifest(out_dir, manifest)
+    return manifest
+
+
+def prepare_workdir(config) -> dict:
+    """Prepare config.data's source into config.data.prepare_dir; returns the manifest."""
+    data = sections.typed(config, "data")
+    out_dir = data.prepare_dir
+    if not out_dir:
+        raise ValueError("--mode prepare needs --config.data.prepare_dir=DIR (where the shards go)")
+    if data.source == "prepared":
+        raise ValueError("data.source is 'prepared': give the source to prepare "
+                         "(stdlib, text, jsonl or parquet)")
+    units = prepare_lib.work_units(data)
+    prepare_lib.check_source(data, units)          # nothing is written before this
+    undo = prepare_lib.Undo(out_dir)
+    start = time.time()
+    try:
+        manifest = _prepare(data, out_dir, units)
+    except (ValueError, OSError):
+        undo.undo(len(units))
+        raise
     splits = manifest["splits"]
     if manifest["skipped_files"]:
         print(f"prepare: left out {len(manifest['skipped_files'])} file(s) that are not valid "

@@ -10,7 +10,7 @@ import difflib
 from ml_collections import config_dict
 
 from configs import rules
-from configs.rules import anything, flag, integer, items, number, text
+from configs.rules import anything, flag, integer, items, number, plain_name, text
 from parallel.targets import NAMES as TARGETS      # the accelerators a plan compiles for
 
 # key -> Rule and key -> the line of this file declaring it, filled by get_config()
@@ -133,7 +133,9 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- training ---------------------------------------------------------------------
     train = root.section("train")
-    train.steps = 1000, integer(1)  # optimizer steps of the whole run (all levels)
+    # optimizer steps of the whole run (all levels); at most 10 million, 20x Llama 2's 500k
+    # (the curriculum holds its level schedule, one entry a step, in memory)
+    train.steps = 1000, integer(1, 10_000_000)
     train.batch_size = 32, integer(1)  # global rows per step at l_max
     train.learning_rate = 3e-4, number(above=0)  # peak learning rate of AdamW
     # cosine decays to this fraction of the peak
@@ -216,14 +218,14 @@ def get_config() -> config_dict.ConfigDict:
 
     # --- evaluation -------------------------------------------------------------------
     evaluation = root.section("eval")
-    evaluation.name = "", text()  # results go to eval/<name>/ (side by side); "" = eval/
+    evaluation.name = "", plain_name()  # results go to eval/<name>/ (side by side); "" = eval/
     # >0: also evaluate every N steps during training, perplexity by length only (the
     # sliding window and the retrieval grid run at the end); 0: only at the end
     evaluation.every_steps = 0, integer(0)
     # None: powers of two from l_max/2 up to the longest that the eval mesh fits (probed by
     # compiling the scoring step), that eval.batch_size validation documents are long enough
     # for, and that is <= eval.max_length; never below 8 l_max.
-    evaluation.lengths = None, items(integer(1), optional=True)
+    evaluation.lengths = None, items(integer(1), optional=True, nonempty=True)
     evaluation.max_length = 0, integer(0)  # cap on the default lengths (0: none)
     # per device, for that probe (0: the device's memory;
     evaluation.memory_budget_mib = 0.0, number(0)
@@ -243,7 +245,7 @@ def get_config() -> config_dict.ConfigDict:
     # e.g. ("passkey", "kv", "line"); () = no retrieval grid
     evaluation.retrieval_tasks = (), items(text(RETRIEVAL_TASKS))
     # None: the eval lengths
-    evaluation.retrieval_lengths = None, items(integer(1), optional=True)
+    evaluation.retrieval_lengths = None, items(integer(1), optional=True, nonempty=True)
     evaluation.retrieval_samples = 2, integer(1)  # samples per (depth, length) cell
     # k_max: longest length up to which every length has mean accuracy >= this (the
     # Position Interpolation paper's passkey criterion is 20%)
@@ -266,7 +268,7 @@ def get_config() -> config_dict.ConfigDict:
     # ("niah_single_1", "vt"); ("all",) = the 11 synthetic tasks (+ qa_1, qa_2 when qa_path
     # is given); () = off. Essay haystacks are the run's validation documents.
     ruler.tasks = (), items(text(RULER_TASKS + ("all",)))
-    ruler.lengths = None, items(integer(1), optional=True)  # None: the eval lengths
+    ruler.lengths = None, items(integer(1), optional=True, nonempty=True)  # None: the eval lengths
     ruler.samples = 4, integer(1)  # per task and length
     # effective length: longest L with mean score > threshold at L and every shorter length
     ruler.threshold = 85.6, number(0, 100)

@@ -24,11 +24,15 @@ class Rule:
     describe: str                      # "an integer >= 1", as the error line says it
     accepts: Callable[[Any], bool]
     optional: bool = False             # None allowed
+    ceiling: int | None = None         # integers above it are refused with their own line
 
     def check(self, key: str, value) -> None:
         if value is None and self.optional:
             return
         if not self.accepts(value):
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            if self.ceiling is not None and any(_is_int(v) and v > self.ceiling for v in values):
+                raise ValueError(f"{key} must be at most {self.ceiling:,}, got {value!r}")
             also = " or None" if self.optional else ""
             raise ValueError(f"{key} must be {self.describe}{also}, got {value!r}")
 
@@ -52,13 +56,22 @@ def _bounds(low, high, above, below) -> tuple[str, Callable[[Any], bool]]:
     return " and ".join(words), lambda v: all(t(v) for t in tests)
 
 
+# No integer key goes beyond int32: steps, lengths and ids reach JAX arrays, and larger
+# values fail deep inside (an OverflowError) instead of here.
+INT32_MAX = 2**31 - 1
+
+
 def integer(low=None, high=None, *, also=(), optional=False) -> Rule:
-    """An int in [low, high] (either bound may be open), or one of `also`."""
+    """An int in [low, high] (either bound may be open; never above INT32_MAX), or one of
+    `also`."""
     words, inside = _bounds(low, high, None, None)
     describe = "an integer" + (f" {words}" if words else "")
     if also:
         describe += " or " + " or ".join(str(a) for a in also)
-    return Rule(int, describe, lambda v: _is_int(v) and (inside(v) or v in also), optional)
+    ceiling = INT32_MAX if high is None else min(high, INT32_MAX)
+    return Rule(int, describe,
+                lambda v: _is_int(v) and ((inside(v) and v <= ceiling) or v in also),
+                optional, ceiling)
 
 
 def number(low=None, high=None, *, above=None, below=None, also=(), optional=False) -> Rule:
@@ -83,6 +96,17 @@ def text(choices=None, *, optional=False) -> Rule:
     return Rule(str, f"one of {tuple(choices)}", lambda v: v in tuple(choices), optional)
 
 
+def plain_name(*, optional=False) -> Rule:
+    """A name for a file or directory inside the workdir: "" or letters, digits, '.', '_'
+    and '-', not starting with '.' (no path separators, no '..')."""
+    def accepts(value):
+        return isinstance(value, str) and (
+            value == "" or (not value.startswith(".") and
+                            all(c.isalnum() or c in "._-" for c in value)))
+    return Rule(str, "a plain name (letters, digits, '.', '_' and '-', not starting with "
+                     "'.'; no path separators)", accepts, optional)
+
+
 def items(item: Rule, *, optional=False, nonempty=False) -> Rule:
     """A tuple (or list) whose every element satisfies `item` (None elements only when
     `item` is optional)."""
@@ -93,7 +117,7 @@ def items(item: Rule, *, optional=False, nonempty=False) -> Rule:
     each = (f"values each {item.describe}" if item.describe.startswith("one of")
             else _plural(item.describe))
     describe = f"a {'non-empty ' if nonempty else ''}tuple of {each}"
-    return Rule(tuple, describe, accepts, optional)
+    return Rule(tuple, describe, accepts, optional, item.ceiling)
 
 
 def anything(*, optional=True) -> Rule:

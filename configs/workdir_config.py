@@ -18,11 +18,19 @@ def to_json(config) -> str:
 
 
 def write(config, workdir: str) -> None:
-    """config.json, replaced atomically (a reader never sees half of one)."""
+    """config.json, replaced atomically (a reader never sees half of one); left untouched
+    when it already says the same."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, CONFIG_FILE)
+    text = to_json(config)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
     with open(path + ".tmp", "w") as f:
-        f.write(to_json(config))
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
@@ -110,10 +118,22 @@ def load(workdir: str, overrides: dict | None = None) -> config_dict.ConfigDict:
     if not os.path.isfile(path):
         raise ValueError(f"no {path}: give the run's config with --config (or train / "
                          f"--mode import into {workdir!r} first)")
-    with open(path) as f:
-        saved = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): it is not a config.json this "
+                         f"project wrote") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not a run's config "
+                         f"(an object of sections)")
+    _refuse_hf_model(_hf_model_keys(saved), workdir)
     config = base.get_config()
     _update(config, saved, path, "")
+    try:
+        base.check(config)              # the file's own values, before any override
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     for key, value in (overrides or {}).items():
         *sections, name = key.split(".")
         node = config
@@ -121,6 +141,46 @@ def load(workdir: str, overrides: dict | None = None) -> config_dict.ConfigDict:
             node = node[section]
         node[name] = value
     return config
+
+
+# keys of a Hugging Face model's config.json that no run's config.json has
+_HF_MODEL_KEYS = ("architectures", "model_type")
+
+
+def _hf_model_keys(saved) -> str | None:
+    """"architectures [...], model_type '...'" when the parsed config.json `saved` is a
+    Hugging Face model's, else None."""
+    found = [key for key in _HF_MODEL_KEYS if isinstance(saved, dict) and key in saved]
+    return ", ".join(f"{key} {saved[key]!r}" for key in found) or None
+
+
+def _refuse_hf_model(named: str | None, workdir: str) -> None:
+    """One ValueError line when `named` (_hf_model_keys) marks workdir's config.json as a
+    Hugging Face model's."""
+    if named:
+        raise ValueError(f"{workdir} looks like a Hugging Face model directory (its config.json "
+                         f"names {named}), not a Boundless workdir; import it first: python "
+                         f"main.py --mode import --hf_dir {workdir} --workdir W (a new "
+                         "directory), then use --workdir W")
+
+
+def hf_model_keys(workdir: str) -> str | None:
+    """What marks `workdir`'s config.json as a Hugging Face model's ("architectures [...],
+    model_type '...'"), or None (no config.json, or a run's)."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return _hf_model_keys(json.load(f))
+    except (OSError, ValueError):
+        return None              # load() names what is wrong with it
+
+
+def check_not_hf_model(workdir: str) -> None:
+    """The same line as load() for a Hugging Face model directory given as a workdir, for a
+    command that must refuse it before it writes anything (its lock file)."""
+    _refuse_hf_model(hf_model_keys(workdir), workdir)
 
 
 # keys whose saved form changed: the function turns an older value into today's
@@ -140,8 +200,15 @@ def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -
             raise ValueError(f"{path}: unknown key {prefix}{key} (written by another version?)")
         if isinstance(node[key], config_dict.ConfigDict) and isinstance(value, dict):
             _update(node[key], value, path, f"{prefix}{key}.")
+        elif isinstance(node[key], config_dict.ConfigDict):
+            raise ValueError(f"{path}: {prefix}{key} must be a section (a JSON object), got "
+                             f"{value!r}")
         else:
-            node[key] = _UPGRADES.get(prefix + key, _from_json)(value)
+            try:
+                node[key] = _UPGRADES.get(prefix + key, _from_json)(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: {prefix}{key} = {value!r} has the wrong type (the "
+                                 f"default is {node[key]!r})") from None
 
 
 def _from_json(value):
@@ -163,6 +230,11 @@ ADOPTED_MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads"
 def adopt_model(config, workdir: str) -> tuple[config_dict.ConfigDict, list[str]]:
     """A copy of `config` with the parameter-defining model keys, model.rope.theta and
     data.tokenizer of the run in `workdir`; and the "key: old -> new" changes made."""
+    if not os.path.isdir(workdir):
+        raise ValueError(f"train.init_from={workdir}: no such directory")
+    if not exists(workdir) and not hf_model_keys(workdir):
+        raise ValueError(f"train.init_from={workdir} is not a workdir (it has no config.json): "
+                         f"give a run's directory, or one --mode import wrote")
     source = load(workdir)
     config = copy.deepcopy(config)
     changes = []

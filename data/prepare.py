@@ -24,18 +24,27 @@ training stream needs arbitrary slices of documents (pieces at any length), whic
 at an offset serves with no per-record decoding, and the format needs nothing but numpy.
 Training reads the slices with pread (data/corpus.py TokenFile), not through a memory map,
 whose touched pages would stay in the process's resident memory.
+
+A refused prepare leaves nothing behind: what needs no reading is checked before anything
+is written (`check_source`: a .gz that is not gzip, every file empty), and what shows only
+when the files are read (a truncated .gz, malformed JSONL, a corpus without text:
+`check_has_text`) is undone by `Undo`: the directory as it was before the command (not
+there at all when the command made it).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 from typing import Iterator
 
 import numpy as np
 
 from data.corpus import Corpus, Shard, TokenFile, token_dtype
-from data.sources import SPLITS, file_documents, in_validation, source_files
+from data.sources import (SPLITS, check_gzip_signature, describe_files, file_documents,
+                          in_validation, source_files)
 from data.tokenizers import make_tokenizer
 
 FORMAT_VERSION = 2       # 2: the file list in source.json, not in the manifest
@@ -120,25 +129,35 @@ def prepare_unit(data_config, tokenizer_spec: str, out_dir: str, index: int,
                  files) -> dict:
     """Tokenize one unit into its shard files (written under temporary names, then renamed);
     returns {split: {"documents", "tokens"}, "skipped": [undecodable files]} for the
-    manifest. Runs in a worker process."""
+    manifest. Runs in a worker process. A unit that fails (a truncated .gz, malformed
+    JSONL, ...) removes its temporary files and raises."""
     tokenizer = make_tokenizer(tokenizer_spec)
     dtype = token_dtype(tokenizer.vocab_size)
     name = _unit_name(index)
     written, skipped = [], []
     counts = {"skipped": skipped}
-    streams = {split: open(os.path.join(out_dir, split, name + ".tokens.tmp"), "wb")
-               for split in SPLITS}
+    temporaries = {split: os.path.join(out_dir, split, name + ".tokens.tmp") for split in SPLITS}
+    streams = {}
     starts = {split: [0] for split in SPLITS}
     try:
+        for split in SPLITS:
+            streams[split] = open(temporaries[split], "wb")
         for split, text in _split_documents(data_config, files, skipped):
             ids = np.asarray(tokenizer.encode(text), dtype)
             streams[split].write(ids.tobytes())
             starts[split].append(starts[split][-1] + ids.size)
-    finally:
         for stream in streams.values():
             stream.flush()
             os.fsync(stream.fileno())
+    except BaseException:
+        for stream in streams.values():
             stream.close()
+        for path in temporaries.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        raise
+    for stream in streams.values():
+        stream.close()
     for split in SPLITS:
         base = os.path.join(out_dir, split, name)
         np.save(base + ".starts.tmp.npy", np.asarray(starts[split], np.int64))
@@ -148,6 +167,101 @@ def prepare_unit(data_config, tokenizer_spec: str, out_dir: str, index: int,
     for temporary, final in written:
         os.replace(temporary, final)
     return counts
+
+
+def _no_text(data_config, found: str) -> ValueError:
+    return ValueError(f"data: {data_config.source} source {data_config.path!r} has no documents "
+                      f"with text: {found}; nothing to prepare")
+
+
+def check_source(data_config, units) -> None:
+    """What can be refused without reading the files, before anything is written: a .gz
+    file that does not start with the gzip signature, a source whose files are all empty.
+    One ValueError line naming the file or saying what was found."""
+    files = [path for unit in units for path, _ in unit]
+    if data_config.source in ("text", "jsonl"):            # read gunzipped when .gz
+        for path in files:
+            if path.endswith(".gz"):
+                check_gzip_signature(path)
+    if data_config.source != "stdlib" and all(os.path.getsize(p) == 0 for p in files):
+        raise _no_text(data_config, describe_files(len(files), len(files), []))
+
+
+def check_has_text(data_config, manifest: dict, units) -> None:
+    """A finished preparation without a token in either split (every file empty, not
+    UTF-8 or without documents) is refused: one ValueError line saying what the files were."""
+    if any(manifest["splits"][split]["tokens"] for split in SPLITS):
+        return
+    files = [path for unit in units for path, _ in unit]
+    empty = sum(os.path.getsize(path) == 0 for path in files)
+    raise _no_text(data_config, describe_files(len(files), empty, manifest["skipped_files"]))
+
+
+def _read_bytes_or_none(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _outermost_missing(path: str) -> str | None:
+    """The outermost directory of `path` (itself included) that does not exist yet: what a
+    makedirs of `path` creates. None when `path` exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.lexists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+class Undo:
+    """Taken before a prepare writes into `out_dir`; `undo(units)` puts the directory back
+    as it was: removed with every directory the prepare made when it was not there, else the
+    units the prepare started (their shards and temporaries) removed and manifest.json /
+    source.json restored. Finished units of earlier commands are kept."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.created = _outermost_missing(out_dir)
+        self.saved: dict[str, bytes | None] = {}
+        self.splits_existed = {split: os.path.isdir(os.path.join(out_dir, split))
+                               for split in SPLITS}
+        self.done: set[str] = set()
+        if self.created is None:
+            for name in (MANIFEST, SOURCE):
+                self.saved[name] = _read_bytes_or_none(os.path.join(out_dir, name))
+            manifest = read_manifest(out_dir)
+            self.done = set(manifest["units"]) if manifest else set()
+
+    def undo(self, units: int) -> None:
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+            return
+        for split in SPLITS:
+            for index in range(units):
+                if _unit_name(index) in self.done:
+                    continue
+                base = os.path.join(self.out_dir, split, _unit_name(index))
+                for suffix in (".tokens", ".starts.npy", ".tokens.tmp", ".starts.tmp.npy"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(base + suffix)
+            if not self.splits_existed[split]:
+                with contextlib.suppress(OSError):           # only if empty
+                    os.rmdir(os.path.join(self.out_dir, split))
+        for name, data in self.saved.items():
+            path = os.path.join(self.out_dir, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + ".tmp")
+            if data is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+            elif _read_bytes_or_none(path) != data:          # untouched: left as it is
+                with open(path + ".tmp", "wb") as f:
+                    f.write(data)
+                os.replace(path + ".tmp", path)
 
 
 def read_manifest(out_dir: str) -> dict | None:

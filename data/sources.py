@@ -3,7 +3,10 @@
 Sources (`data.source`): "stdlib" (the interpreter's standard-library *.py files), "text"
 (one document per file), "jsonl" (one per line, field `data.text_field`), "parquet" (one per
 row, column `data.text_field`). `data.path` is a file or a glob; .gz files are read
-gunzipped. A document is held out for validation by a stable hash of its identity.
+gunzipped (one that is not gzip, is truncated or is corrupt is a ValueError naming it). A
+document is held out for validation by a stable hash of its identity. Files that are not
+valid UTF-8 are skipped (counted, and a warning); a split without a document with text is
+a ValueError saying what the files were (all empty, all skipped as not UTF-8, ...).
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import json
 import logging
 import os
 import sysconfig
+import zlib
 from typing import Iterator, Sequence
 
 log = logging.getLogger(__name__)
@@ -91,11 +95,43 @@ def _matched_files(pattern: str) -> list[tuple[str, str]]:
                   key=lambda f: f[1])
 
 
+GZIP_SIGNATURE = b"\x1f\x8b"
+
+
+def check_gzip_signature(path: str) -> None:
+    """A ValueError naming `path` (a .gz file) unless it is empty or starts as gzip does:
+    a cheap check, before anything is read or written, that catches a file misnamed .gz
+    (a truncated or corrupt stream shows only when it is read: _read_bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(len(GZIP_SIGNATURE))
+    if head and head != GZIP_SIGNATURE:
+        raise ValueError(f"{path}: not a gzip file: its name ends in .gz but it does not start "
+                         f"with the gzip signature 1f 8b (it starts {head!r})")
+
+
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes, gunzipped if its name ends in .gz: a .gz file that is not gzip, is
+    truncated (a download or copy cut short) or is corrupt is one ValueError line naming it
+    (gzip raises EOFError, BadGzipFile or zlib.error, none of which names the file)."""
+    if not path.endswith(".gz"):
+        with open(path, "rb") as f:
+            return f.read()
+    try:
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    except EOFError:
+        raise ValueError(f"{path}: truncated gzip file: the compressed stream ends before its "
+                         f"end-of-stream marker (a download or copy cut short?)") from None
+    except (gzip.BadGzipFile, zlib.error) as error:
+        check_gzip_signature(path)
+        cause = (": what follows its gzip stream is not gzip"       # gzip reads on: members
+                 if str(error).startswith("Not a gzipped") else "")
+        raise ValueError(f"{path}: corrupt gzip file{cause} ({_first_line(error)})") from None
+
+
 def _read_utf8(path: str) -> str | None:
     """The file's text (gunzipped if it ends in .gz), or None if it is not valid UTF-8."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    data = _read_bytes(path)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -175,6 +211,41 @@ def file_documents(data_config, path: str, name: str) -> Iterator[tuple[str, str
     return iter([(name, text)])
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
+def describe_files(files: int, empty: int, skipped: Sequence[str], elsewhere: int = 0,
+                   validation_percent: int | None = None) -> str:
+    """What the `files` read of a source without text were, for its error line: "3 files,
+    all empty", "2 files, all failed to decode as UTF-8 and were skipped (binary?), e.g.
+    ...", or the mix ("4 files: 1 empty, 2 skipped as not valid UTF-8 (...), 1 with text
+    in the other split only (validation_percent=10)"). `empty`: files of 0 bytes (the
+    other files without text, blank lines or empty fields, are "without text");
+    `elsewhere`: files whose text is all in the other split."""
+    skipped = list(skipped)
+    if files == empty:
+        return _count(files, "file") + (", all empty" if files > 1 else ", empty")
+    if files == len(skipped):
+        were = "were" if files > 1 else "was"
+        return (_count(files, "file") + (", all" if files > 1 else ",") + " failed to decode "
+                f"as UTF-8 and {were} skipped (binary?), e.g. {skipped[0]}")
+    parts = [f"{empty} empty"] if empty else []
+    if skipped:
+        parts.append(f"{len(skipped)} skipped as not valid UTF-8 (failed to decode, e.g. "
+                     f"{skipped[0]})")
+    rest = files - empty - len(skipped) - elsewhere
+    if elsewhere:
+        parts.append(f"{elsewhere} with text in the other split only"
+                     + ("" if validation_percent is None
+                        else f" (validation_percent={validation_percent})"))
+    if rest == files:
+        return _count(files, "file") + (", all" if files > 1 else ",") + " without text"
+    if rest:
+        parts.append(f"{rest} without text")
+    return f"{_count(files, 'file')}: {', '.join(parts)}"
+
+
 def list_documents(data_config, split: str) -> DocumentList:
     """The document texts of `split` ("train" or "validation") of the configured source, in
     a deterministic order (files sorted by relative path, rows in file order).
@@ -184,30 +255,44 @@ def list_documents(data_config, split: str) -> DocumentList:
     data_config.validation_percent. Files that are not valid UTF-8 are left out, counted in
     the result's `skipped_files` and logged as a warning. Raises ValueError or
     FileNotFoundError, with one line naming the problem, for an unknown source, a missing
-    path, a glob that matches nothing, malformed JSONL, a missing column/field, or a split
-    without documents (including one whose every file failed to decode).
+    path, a glob that matches nothing, a .gz file that is not gzip, truncated or corrupt,
+    malformed JSONL, a missing column/field, or a split without a document with text (its
+    files all empty, all failed to decode, ...: the line says what they were).
     """
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     source, percent = data_config.source, data_config.validation_percent
     texts, skipped = [], []
-    for path, name in source_files(data_config):
+    files = source_files(data_config)
+    read = empty = elsewhere = 0
+    for path, name in files:
         if source in ("stdlib", "text") and not _wanted(name, split, percent):
             continue                      # one document per file: skip without reading it
+        read += 1
         documents = file_documents(data_config, path, name)
         if documents is None:
             skipped.append(path)
             continue
-        texts.extend(text for identity, text in documents if _wanted(identity, split, percent))
+        has_text = has_text_here = False
+        for identity, text in documents:
+            has_text = has_text or bool(text)
+            if _wanted(identity, split, percent):
+                texts.append(text)
+                has_text_here = has_text_here or bool(text)
+        empty += not has_text and os.path.getsize(path) == 0
+        elsewhere += has_text and not has_text_here
 
     where = "the standard library" if source == "stdlib" else repr(data_config.path)
     if skipped:
         log.warning("data: skipped %d file(s) of %s (%s split) that are not valid UTF-8, "
                     "e.g. %s", len(skipped), where, split, skipped[0])
-    if not texts:
-        if skipped:
-            raise ValueError(f"data: every file of the {split} split of {where} "
-                             f"({len(skipped)}) failed to decode as UTF-8")
-        raise ValueError(f"data: {source} source {where} has no documents in the {split} "
-                         f"split (validation_percent={percent})")
+    if not any(texts):
+        if not read:
+            found = (f"none of its {_count(len(files), 'file')} falls in it "
+                     f"(validation_percent={percent})")
+        else:
+            found = describe_files(read, empty, skipped, elsewhere, percent)
+        what = "no documents" if not texts else "only empty documents (none with 2 or more tokens)"
+        raise ValueError(f"data: {source} source {where} has {what} in the {split} split: "
+                         f"{found}")
     return DocumentList(texts, skipped)

@@ -384,34 +384,53 @@ def evaluation_settings(settings) -> dict:
     return {key: plain(getattr(settings, key)) for key in SETTING_KEYS}
 
 
-def claim_eval_directory(eval_dir: str, setup: EvalSetup, is_writer: bool = True) -> None:
-    """Record in eval_dir which corpus and settings its results are of; one ValueError
-    line if it holds results of another corpus or of other settings (lengths, tasks, ...):
-    evaluation files never overwrite those; another eval.name writes beside them."""
+def check_eval_directory(eval_dir: str, setup: EvalSetup) -> None:
+    """One ValueError line if eval_dir holds results of another corpus or of other settings
+    (lengths, tasks, ...): evaluation files never overwrite those; another eval.name writes
+    beside them. Writes nothing (record_eval_settings does, with the results)."""
     path, settings_path = os.path.join(eval_dir, CORPUS_FILE), os.path.join(eval_dir, SETTINGS_FILE)
     identity, settings = corpus_identity(setup.data), evaluation_settings(setup.settings)
     if os.path.exists(path):
-        with open(path) as f:
-            held = json.load(f)
+        held = _read_json(path)
         if held != identity:
-            raise ValueError(f"{eval_dir} holds results of another corpus ({held['source']} "
-                             f"{held['path']!r}, tokenizer {held['tokenizer']!r}); set "
+            raise ValueError(f"{eval_dir} holds results of another corpus ({held.get('source')} "
+                             f"{held.get('path')!r}, tokenizer {held.get('tokenizer')!r}); set "
                              f"eval.name to write these elsewhere")
     if os.path.exists(settings_path):
-        with open(settings_path) as f:
-            held = json.load(f)
+        held = _read_json(settings_path)
         for key in SETTING_KEYS:
             if key in held and held[key] != settings[key]:
                 raise ValueError(
                     f"{eval_dir} holds results for eval.{key} = {held[key]!r}, not "
                     f"{settings[key]!r}: set --config.eval.name=NAME to write these to "
                     f"{os.path.join(eval_dir, 'NAME')}/ beside them (or remove {eval_dir})")
-    if is_writer:
-        os.makedirs(eval_dir, exist_ok=True)
-        for target, value in ((path, identity), (settings_path, settings)):
-            with open(target + ".tmp", "w") as f:
-                json.dump(value, f, indent=1, sort_keys=True)
-            os.replace(target + ".tmp", target)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            held = json.load(f)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}): remove it, or set "
+                         f"eval.name to write elsewhere") from None
+    if not isinstance(held, dict):
+        raise ValueError(f"{path} holds {type(held).__name__}, not an object: remove it, or "
+                         f"set eval.name to write elsewhere")
+    return held
+
+
+def record_eval_settings(eval_dir: str, setup: EvalSetup, is_writer: bool = True) -> None:
+    """Write which corpus and settings eval_dir's results are of, beside the results: only
+    an evaluation that produced results records them (a refused one leaves nothing)."""
+    if not is_writer:
+        return
+    os.makedirs(eval_dir, exist_ok=True)
+    for name, value in ((CORPUS_FILE, corpus_identity(setup.data)),
+                        (SETTINGS_FILE, evaluation_settings(setup.settings))):
+        target = os.path.join(eval_dir, name)
+        with open(target + ".tmp", "w") as f:
+            json.dump(value, f, indent=1, sort_keys=True)
+        os.replace(target + ".tmp", target)
 
 
 def eval_directory(workdir: str, name: str = "") -> str:

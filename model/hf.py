@@ -21,9 +21,12 @@ dynamic, yarn with DeepSeek's mscale keys, llama3, longrope), MistralForCausalLM
 sliding window on every layer; 4096 when config.json names none, as transformers says),
 Qwen2ForCausalLM (q/k/v biases; `use_sliding_window` with the window on the layers
 `layer_types` or `max_window_layers` name), GPT2LMHeadModel (learned positions,
-LayerNorm, tanh GELU, biases). q/k weights need no permutation: our RoPE uses Hugging
-Face's rotate-half layout. Refused: any other architecture, an unknown rope type, partial
-rotary embeddings, an activation other than silu (SwiGLU) or tanh GELU (GPT-2).
+LayerNorm, tanh GELU, biases); a config.json without `architectures` is read by its
+model_type (llama, mistral, qwen2, gpt2), as AutoModelForCausalLM does. q/k weights need no
+permutation: our RoPE uses Hugging Face's rotate-half layout. Refused: any other
+architecture, an unknown rope type, partial rotary embeddings, an activation other than silu
+(SwiGLU) or tanh GELU (GPT-2), a width the heads do not divide (without head_dim), a tensor
+no parameter comes from, a NaN / inf weight, a bos/eos/pad id outside the vocabulary.
 
 Length: for RoPE models ModelConfig.l_max is the length the rope scaling is relative to
 (the scaling's original_max_position_embeddings when given, else max_position_embeddings;
@@ -36,6 +39,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -81,13 +85,38 @@ def _read_json(path: str):
 def eos_token_ids(hf_dir: str) -> tuple[int, ...]:
     """The ids that end generation: `eos_token_id` of generation_config.json (what
     transformers' generate uses), else of config.json; an id or a list; () when none."""
-    for name in ("generation_config.json", "config.json"):
+    return _token_id_entries(hf_dir)["eos"][0]
+
+
+_TOKEN_FILES = ("generation_config.json", "config.json")   # the first that names an id wins
+
+
+def _token_id_entries(hf_dir: str) -> dict:
+    """{"bos" / "eos" / "pad": (value, the file it came from or None)}: each from
+    generation_config.json (what transformers' generate uses) when it names one, else from
+    config.json; eos as a tuple of ids (() when none), bos and pad an id or None."""
+    out = {"bos": (None, None), "eos": ((), None), "pad": (None, None)}
+    for name in reversed(_TOKEN_FILES):                    # config.json first, then the winner
         path = os.path.join(hf_dir, name)
-        if os.path.isfile(path):
-            found = _json_object(path).get("eos_token_id")
-            if found is not None:
-                return tuple(int(i) for i in np.atleast_1d(found))
-    return ()
+        if not os.path.isfile(path):
+            continue
+        found = _json_object(path)
+        eos = found.get("eos_token_id")
+        if eos is not None:
+            ids = np.atleast_1d(eos).tolist()
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError(f"{path}: eos_token_id {eos!r} is not supported; supported: "
+                                 "an integer id, a list of them, or null")
+            out["eos"] = (tuple(ids), path)
+        for key in ("bos", "pad"):
+            value = found.get(f"{key}_token_id")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{path}: {key}_token_id {value!r} is not supported; "
+                                 "supported: one integer id or null")
+            out[key] = (value, path)
+    return out
 
 
 def _json_object(path: str) -> dict:
@@ -97,25 +126,24 @@ def _json_object(path: str) -> dict:
     return found
 
 
-def special_token_ids(hf_dir: str) -> dict:
+def special_token_ids(hf_dir: str, vocab_size: int | None = None) -> dict:
     """{"bos": id or None, "eos": (ids...), "pad": id or None} of a checkpoint: each from
     generation_config.json (what transformers' generate uses) when it names one, else from
-    config.json."""
-    out = {"bos": None, "eos": eos_token_ids(hf_dir), "pad": None}
-    for name in ("config.json", "generation_config.json"):     # the latter wins
-        path = os.path.join(hf_dir, name)
-        if not os.path.isfile(path):
-            continue
-        found = _json_object(path)
-        for key in ("bos", "pad"):
-            value = found.get(f"{key}_token_id")
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{path}: {key}_token_id {value!r} is not supported; "
-                                 "supported: one integer id or null")
-            out[key] = value
-    return out
+    config.json. With `vocab_size`, an id outside [0, vocab_size) is one ValueError line
+    naming the file, the key and the vocabulary size."""
+    entries = _token_id_entries(hf_dir)
+    if vocab_size is not None:
+        for key in ("eos", "bos", "pad"):
+            value, path = entries[key]
+            for token in (value if key == "eos" else () if value is None else (value,)):
+                if not 0 <= token < vocab_size:
+                    shown = f"{token}" + (f" (of {list(value)})" if key == "eos" and
+                                          len(value) > 1 else "")
+                    raise ValueError(
+                        f"{path}: {key}_token_id {shown} is outside the vocabulary "
+                        f"(vocab_size {vocab_size}: ids 0 to {vocab_size - 1}); correct it "
+                        "there (or set it to null) and import again")
+    return {key: value for key, (value, _) in entries.items()}
 
 
 # config.json's dtype names (`dtype` in transformers 5, `torch_dtype` before) that we compute in
@@ -134,12 +162,46 @@ def compute_dtype(hf_dir: str) -> tuple[str, str]:
     return _checkpoint_dtype(hf_dir), "the checkpoint's tensors"
 
 
+# config.json's model_type -> the architecture it names when `architectures` is missing
+# (what transformers' AutoModelForCausalLM does with such a config.json)
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
 def _architecture(hf: dict) -> str:
-    found = hf.get("architectures") or []
-    if len(found) != 1 or found[0] not in SUPPORTED:
-        raise ValueError(f"unsupported Hugging Face architecture "
-                         f"{found or hf.get('model_type')!r}; supported: {', '.join(SUPPORTED)}")
+    """The architecture config.json names: its one `architectures` entry, or without
+    `architectures` the one its `model_type` names (as AutoModelForCausalLM reads it)."""
+    found = hf.get("architectures")
+    supported = f"supported: {', '.join(SUPPORTED)}"
+    if not found:
+        model_type = hf.get("model_type")
+        if isinstance(model_type, str) and model_type in _MODEL_TYPES:
+            return _MODEL_TYPES[model_type]
+        types = ", ".join(_MODEL_TYPES)
+        if model_type:
+            raise ValueError(f"config.json has no `architectures`, and its model_type "
+                             f"{model_type!r} is none of {types} (which name an architecture "
+                             f"alone); {supported}")
+        raise ValueError(f"config.json names neither `architectures` nor `model_type`; "
+                         f"{supported} (or model_type {types})")
+    if not isinstance(found, list) or len(found) != 1 or found[0] not in SUPPORTED:
+        raise ValueError(f"unsupported Hugging Face architecture {found!r}; {supported}")
     return found[0]
+
+
+def _head_dim(hf: dict, width_key: str, heads_key: str, has_head_dim: bool = True) -> int:
+    """config.json's head_dim (`has_head_dim`: the architecture has that key), else
+    width // heads when that divides (as transformers does); one ValueError line naming
+    both keys when it does not."""
+    width, heads = int(hf[width_key]), int(hf[heads_key])
+    if has_head_dim and hf.get("head_dim"):
+        return int(hf["head_dim"])
+    if heads < 1 or width % heads:
+        no_head_dim = ("config.json gives no head_dim" if has_head_dim
+                       else "this architecture has no head_dim key")
+        raise ValueError(f"{width_key} {width} is not divisible by {heads_key} {heads}, and "
+                         f"{no_head_dim}: the attention heads do not split the model's width")
+    return width // heads
 
 
 def _rope_settings(hf: dict) -> tuple[float, dict | None]:
@@ -254,9 +316,10 @@ def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
             if hf.get(key, not bad) == bad:
                 raise ValueError(f"GPT-2 {key}={bad} is not supported; supported: {not bad}")
         d_model, heads = int(hf["n_embd"]), int(hf["n_head"])
+        head_dim = _head_dim(hf, "n_embd", "n_head", has_head_dim=False)
         config = ModelConfig(
             d_model=d_model, n_layers=int(hf["n_layer"]), q_heads=heads, kv_heads=heads,
-            head_dim=d_model // heads, mlp_dim=int(hf.get("n_inner") or 4 * d_model),
+            head_dim=head_dim, mlp_dim=int(hf.get("n_inner") or 4 * d_model),
             l_max=int(hf["n_positions"]), position="learned",
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm="layernorm",
@@ -273,7 +336,7 @@ def load_config(hf_dir: str) -> tuple[ModelConfig, str]:
         config = ModelConfig(
             d_model=d_model, n_layers=int(hf["num_hidden_layers"]), q_heads=heads,
             kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or d_model // heads),
+            head_dim=_head_dim(hf, "hidden_size", "num_attention_heads"),
             mlp_dim=int(hf["intermediate_size"]), position="rope",
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm="rmsnorm", mlp="swiglu",
@@ -647,7 +710,9 @@ def load_params(hf_dir: str, abstract_params, shardings=None) -> nnx.State:
     their dtypes are kept). `shardings` (the same structure, NamedShardings; e.g.
     parallel/model_on_mesh.abstract_model's): every parameter is created sharded so, and
     each process reads only the slices its devices hold. None: on the first local device.
-    A parameter the checkpoint lacks, or of another shape, is one error."""
+    A parameter the checkpoint lacks, or of another shape, a checkpoint tensor no parameter
+    comes from (_check_no_unexpected_tensors), or a NaN / inf weight (checked block by block
+    as it is read) is one ValueError line."""
     config, architecture = load_config(hf_dir)
     state = jax.tree.map(lambda x: x, abstract_params)      # filled below, the input kept
     flat_shardings = None
@@ -658,6 +723,7 @@ def load_params(hf_dir: str, abstract_params, shardings=None) -> nnx.State:
 
     with _Checkpoint(hf_dir) as checkpoint:
         sources = _sources(config, architecture, checkpoint.files)
+        _check_no_unexpected_tensors(hf_dir, checkpoint.files, sources, config, architecture)
         flat = nnx.to_flat_state(state)
         names = {_path_name(path) for path, _ in flat}
         if names != set(sources):
@@ -695,10 +761,50 @@ def load_params(hf_dir: str, abstract_params, shardings=None) -> nnx.State:
     return state
 
 
+# Buffers that transformers recomputes rather than loads: a checkpoint may hold them, and
+# they are no weights (older Llamas' rotary frequencies, GPT-2's causal mask).
+_IGNORED_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$|(^|\.)h\.\d+\.attn\.(masked_)?bias$")
+_LISTED = 5     # tensor names an error line lists before "and N more"
+
+
+def _check_no_unexpected_tensors(hf_dir: str, keys, sources: dict, config: ModelConfig,
+                                 architecture: str) -> None:
+    """One ValueError line listing the checkpoint's tensors that no parameter comes from
+    (buffers transformers recomputes excepted): weights the import would silently drop,
+    e.g. a config.json that names fewer layers than the checkpoint holds."""
+    mapped = {one.key for source in sources.values()
+              for one in (source if isinstance(source, tuple) else (source,))}
+    unexpected = sorted((k for k in keys if k not in mapped and not _IGNORED_TENSORS.search(k)),
+                        key=_natural)
+    if not unexpected:
+        return
+    shown = ", ".join(repr(k) for k in unexpected[:_LISTED])
+    more = f" and {len(unexpected) - _LISTED} more" if len(unexpected) > _LISTED else ""
+    hint = (" (config.json ties the embeddings, so lm_head.weight is not read)"
+            if "lm_head.weight" in unexpected and config.tie_embeddings else
+            " (does config.json describe these weights? e.g. its layer count)")
+    raise ValueError(f"{hf_dir}: the checkpoint holds {len(unexpected)} tensor"
+                     f"{'s' if len(unexpected) != 1 else ''} that {architecture} as config.json "
+                     f"describes has no place for: {shown}{more}{hint}")
+
+
+def _natural(key: str):
+    """Sort key: layer 2 before layer 10."""
+    return [int(part) if part.isdigit() else part for part in key.split(".")]
+
+
 def _read_block(source: Source, tensor: _Tensor, shape, index) -> np.ndarray:
-    """Our block `index` (of our parameter `shape`) read from the checkpoint tensor."""
+    """Our block `index` (of our parameter `shape`) read from the checkpoint tensor; one
+    ValueError line naming the tensor when the block holds NaN or inf (checked on what is
+    read anyway, so the weights are read once)."""
     hf_index, rest = _hf_index(source, shape, index)
-    return _to_ours(source, tensor[hf_index])[rest]
+    block = tensor[hf_index]
+    if not np.isfinite(block).all():
+        kinds = " and ".join(kind for kind, found in (("NaN", np.isnan(block).any()),
+                                                      ("inf", np.isinf(block).any())) if found)
+        raise ValueError(f"{tensor.file.path}: tensor {tensor.key!r} holds non-finite values "
+                         f"({kinds}); the checkpoint's weights must be finite")
+    return _to_ours(source, block)[rest]
 
 
 def _expected_hf_shape(source: Source, shape, hf_shape) -> tuple[int, ...]:
@@ -913,14 +1019,16 @@ def save_model(model: Transformer, out_dir: str, tokenizer_path: str | None = No
     if current or not written:
         flush()
     if writer:
-        _finish_shards(out_dir, written, total)
+        files = _finish_shards(out_dir, written, total)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         if any(v is not None for v in generation.values()):
             with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
                 json.dump(generation, f, indent=2, sort_keys=True)
+            files.append("generation_config.json")
         if tokenizer_path:
-            _copy_tokenizer(tokenizer_path, out_dir)
+            files += _copy_tokenizer(tokenizer_path, out_dir)
+        _ordinary_permissions(out_dir, files)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("boundless: hf.save_model done")
@@ -936,29 +1044,58 @@ def _on_host(array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def _finish_shards(out_dir: str, written: list[tuple[str, list[str]]], total: int) -> None:
-    """One file: model.safetensors; several: model-0000i-of-0000n + the index."""
+def _finish_shards(out_dir: str, written: list[tuple[str, list[str]]], total: int) -> list[str]:
+    """One file: model.safetensors; several: model-0000i-of-0000n + the index. Returns
+    the names of the files."""
     if len(written) == 1:
         os.replace(os.path.join(out_dir, written[0][0]), os.path.join(out_dir, "model.safetensors"))
-        return
-    weight_map = {}
+        return ["model.safetensors"]
+    weight_map, files = {}, []
     for i, (file, keys) in enumerate(written):
         final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
         os.replace(os.path.join(out_dir, file), os.path.join(out_dir, final))
         weight_map.update({key: final for key in keys})
+        files.append(final)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return files + ["model.safetensors.index.json"]
 
 
-def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> None:
+def _ordinary_permissions(out_dir: str, files: list[str]) -> None:
+    """Give `files` the permissions config.json got from open(), the umask's: safetensors
+    (0.8) writes its files 0600 whatever the umask, and a copied tokenizer keeps its
+    source's mode; an export's files are alike."""
+    mode = os.stat(os.path.join(out_dir, "config.json")).st_mode & 0o777
+    for name in files:
+        os.chmod(os.path.join(out_dir, name), mode)
+
+
+# the files an export writes (save_model): --mode export --overwrite replaces only a
+# directory that holds nothing else
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors",
+                "model.safetensors.index.json", *TOKENIZER_FILES)
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def is_export_file(name: str) -> bool:
+    """Whether save_model writes a file of this name."""
+    return name in EXPORT_FILES or bool(_SHARD_FILE.fullmatch(name))
+
+
+def _copy_tokenizer(tokenizer_path: str, out_dir: str) -> list[str]:
     """tokenizer.json, and the tokenizer_config.json / special_tokens_map.json beside it;
     without a tokenizer_config.json, one naming PreTrainedTokenizerFast (so AutoTokenizer
-    reads the file as it is, adding no special tokens)."""
+    reads the file as it is, adding no special tokens). Returns the names written."""
     shutil.copy(tokenizer_path, os.path.join(out_dir, "tokenizer.json"))
+    written = ["tokenizer.json"]
     source_dir = os.path.dirname(os.path.abspath(tokenizer_path))
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    for name in TOKENIZER_FILES[1:]:
         if os.path.exists(os.path.join(source_dir, name)):
             shutil.copy(os.path.join(source_dir, name), os.path.join(out_dir, name))
+            written.append(name)
     if not os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+        written.append("tokenizer_config.json")
+    return written

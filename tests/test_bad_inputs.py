@@ -2,6 +2,7 @@
 non-zero exit, and leaves the workdir as it was (main.py, 8 simulated devices)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -118,7 +119,63 @@ CASES = {
                                                   "--hf_dir", str(r / "out")], ["config.json"]),
     "import of no model": lambda r, w: (["--mode", "import", "--hf_dir", str(r / "empty"),
                                          "--workdir", str(r / "imported")], ["config.json"]),
+    # numbers that pass a type check but cannot run
+    "steps beyond any run": lambda r, w: ([*TINY, "--config.train.steps=100000000000000000000"],
+                                          ["train.steps", "at most 10,000,000"]),
+    "a length beyond int32": lambda r, w: ([*TINY, "--config.curriculum.l_max=4294967296"],
+                                           ["curriculum.l_max", "at most 2,147,483,647"]),
+    "a length no host holds": lambda r, w: ([*TINY, "--config.curriculum.l_max=2147483647"],
+                                            ["curriculum level 0", "GiB", "host"]),
+    "a batch no host holds": lambda r, w: ([*TINY, "--config.train.batch_size=1073741824"],
+                                           ["train.batch_size", "host"]),
+    "an evaluation batch no host holds": lambda r, w: (
+        [*TINY, "--config.eval.batch_size=1073741824"], ["eval.batch_size", "host"]),
+    "no evaluation lengths": lambda r, w: ([*TINY, "--config.eval.lengths=()"],
+                                           ["eval.lengths", "non-empty"]),
+    "an evaluation name that climbs out": lambda r, w: ([*TINY, "--config.eval.name=../../x"],
+                                                        ["eval.name", "plain name"]),
+    "an absolute evaluation name": lambda r, w: ([*TINY, f"--config.eval.name={r / 'x'}"],
+                                                 ["eval.name", "plain name"]),
+    "a hybrid degree above seq": lambda r, w: (
+        [*TINY, "--config.mesh.seq=2", "--config.model.attention=hybrid",
+         "--config.model.ulysses_degree=4"], ["model.ulysses_degree=4", "mesh seq (2)"]),
+    "a rope scaling on learned positions": lambda r, w: (
+        [*TINY, "--config.model.position=learned",
+         '--config.model.rope.scaling={"rope_type": "linear", "factor": 2.0}'],
+        ["model.rope.scaling", "'learned'"]),
+    "a ruler qa task without its questions": lambda r, w: (
+        [*TINY, '--config.eval.ruler.tasks=("qa_1",)'], ["qa_1", "eval.ruler.qa_path"]),
+    # flags
+    "an empty workdir": lambda r, w: ([*TINY, "--workdir", ""], ["--workdir is empty"]),
+    "a flag train does not use": lambda r, w: ([*TINY, "--hf_dir", str(r / "out")],
+                                               ["--mode train does not use --hf_dir"]),
+    "overwrite in train": lambda r, w: ([*TINY, "--overwrite"], ["does not use --overwrite"]),
+    "a config for compare": lambda r, w: (["--mode", "compare", "--workdirs", str(w), *TINY],
+                                          ["--mode compare does not use --config"]),
+    # a workdir's config.json that this project did not write
+    "a garbage config.json": lambda r, w: (
+        ["--mode", "eval", "--workdir", str(write_config(w, "{garbage"))],
+        [f"{w / 'config.json'} is not valid JSON"]),
+    "a config.json of a list": lambda r, w: (
+        ["--mode", "eval", "--workdir", str(write_config(w, "[1, 2]"))],
+        ["config.json holds a JSON list"]),
+    "a wrongly typed value in config.json": lambda r, w: (
+        ["--mode", "eval", "--workdir", str(write_config(w, '{"train": {"steps": "abc"}}'))],
+        [f"{w / 'config.json'}: train.steps = 'abc' has the wrong type"]),
+    "a value out of range in config.json": lambda r, w: (
+        ["--workdir", str(write_config(w, '{"train": {"steps": -3}}'))],
+        [f"{w / 'config.json'}: train.steps must be"]),
+    "a missing init_from": lambda r, w: ([*TINY, f"--config.train.init_from={r / 'gone'}"],
+                                         ["train.init_from", "no such directory"]),
+    "an init_from that is no run": lambda r, w: (
+        [*TINY, f"--config.train.init_from={r / 'empty'}"],
+        ["train.init_from", "is not a workdir"]),
 }
+
+
+def write_config(workdir, text):
+    (workdir / "config.json").write_text(text)
+    return workdir
 
 
 @pytest.mark.slow
@@ -134,6 +191,25 @@ def test_a_bad_input_gives_one_line_and_changes_nothing(tmp_path, corpora, name)
     assert (snapshot(workdir), snapshot(corpora)) == before
 
 
+@pytest.mark.parametrize("args, names", [
+    (["--mode", "compare"], ["--mode compare needs --workdirs"]),
+    (["--mode", "export", "--workdir", "W"], ["needs --workdir and --hf_dir"]),
+    (["--config", os.path.join(REPO, "tests", "small_config.py"), "--distributed=explicit"],
+     ["--coordinator_address", "given together"]),
+    (["--mode", "eval"], ["--mode eval needs --workdir"]),
+])
+def test_a_usage_error_is_one_line_that_points_to_help(tmp_path, args, names):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args],
+                            cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    line = assert_one_line(result, *names)
+    if args[:2] != ["--mode", "eval"]:               # a usage error, not a missing run
+        assert "--help" in line
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A workdir trained 2 steps on a small text corpus (its own config.json)."""
@@ -147,7 +223,63 @@ def trained(tmp_path_factory):
                  "--config.eval.lengths=(64,)", "--config.eval.sliding_stride=0",
                  "--config.eval.max_batches=1", "--config.data.validation_percent=40")
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)
     return workdir
+
+
+@pytest.mark.slow
+def test_the_main_job_ends_with_where_its_results_are(trained):
+    last = (trained.parent / "stdout.txt").read_text().strip().splitlines()[-1]
+    summary = trained / "eval" / "summary.md"
+    assert last.startswith(f"results: {summary} ") and summary.is_file()
+    assert str(trained / "metrics.jsonl") in last
+
+
+@pytest.mark.slow
+def test_a_refused_evaluation_leaves_nothing_and_the_corrected_one_runs(trained):
+    before = snapshot(trained)
+    refused = run("--mode", "eval", "--workdir", str(trained), "--config.eval.name=fixed",
+                  "--config.eval.lengths=(2147483647,)")
+    assert_one_line(refused, "eval.batch_size", "host")
+    assert snapshot(trained) == before
+    result = run("--mode", "eval", "--workdir", str(trained), "--config.eval.name=fixed",
+                 "--config.eval.lengths=(64,)")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((trained / "eval" / "fixed" / "settings.json").read_text())["lengths"] == [64]
+
+
+@pytest.mark.slow
+def test_generation_beyond_the_hosts_memory_is_one_line(trained):
+    before = snapshot(trained)
+    result = run("--mode", "generate", "--workdir", str(trained), "--config.generate.prompt=ab",
+                 "--config.generate.max_new_tokens=2147483647")
+    assert_one_line(result, "generate.max_new_tokens", "GiB", "host")
+    assert snapshot(trained) == before
+
+
+@pytest.mark.slow
+def test_a_run_whose_checkpoints_are_all_broken_stops_until_told_to_start_over(trained,
+                                                                              tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    for step in (workdir / "checkpoints").iterdir():
+        shutil.rmtree(step / "state")                  # every checkpoint loses its arrays
+    history = (workdir / "metrics.jsonl").read_bytes()
+    first = run("--workdir", str(workdir))
+    assert_one_line(first, "no intact checkpoint", "--start_over")
+    assert sorted(os.listdir(workdir / "broken_checkpoints"))
+    assert not os.listdir(workdir / "checkpoints")
+    before = snapshot(workdir)
+    again = run("--workdir", str(workdir))             # nothing left to restore: still refused
+    assert_one_line(again, "no intact checkpoint", "broken_checkpoints", "--start_over")
+    assert snapshot(workdir) == before
+    assert (workdir / "metrics.jsonl").read_bytes() == history
+    over = run("--workdir", str(workdir), "--start_over")
+    assert over.returncode == 0, over.stderr[-3000:]
+    [kept] = [name for name in os.listdir(workdir) if name.startswith("metrics.jsonl.before")]
+    assert (workdir / kept).read_bytes() == history
+    assert sorted(os.listdir(workdir / "broken_checkpoints"))
+    assert '"step": 1' in (workdir / "metrics.jsonl").read_text()
 
 
 @pytest.mark.slow
@@ -159,6 +291,9 @@ def trained(tmp_path_factory):
     ([*TINY, "SAME_DATA", "--config.model.d_model=32"], ["model.d_model"]),
     (["--config.train.batch_size=16"], ["train.batch_size"]),
     (["--config.train.grad_clip_norm=0"], ["train.grad_clip_norm"]),
+    # a shorter schedule that ends before the step the run has reached
+    (["--config.train.steps=1", "--config.train.allow_schedule_change=True"],
+     ["train.steps=1", "already is"]),
 ])
 def test_a_command_that_contradicts_the_workdir_is_refused(trained, args, names):
     before = snapshot(trained)

@@ -72,7 +72,7 @@ def test_a_preset_file_without_a_known_preset_fails_with_one_line(tmp_path):
     ("train.min_learning_rate_ratio", 1.5, "<= 1"),
     ("train.steps", 0, "an integer >= 1"),
     ("train.steps", True, "an integer >= 1"),
-    ("eval.lengths", (256, 0), "a tuple of integers >= 1 or None"),
+    ("eval.lengths", (256, 0), "a non-empty tuple of integers >= 1 or None"),
     ("eval.batch_size", 0, "an integer >= 1"),
     ("mesh.seq", 0, "an integer >= 1 or -1"),
     ("data.retrieval_fraction", 1.0, "< 1"),
@@ -80,6 +80,15 @@ def test_a_preset_file_without_a_known_preset_fails_with_one_line(tmp_path):
     ("model.layer_types", ("sliding_attention", "local"), "values each one of"),
     ("generate.top_p", 0.0, "> 0"),
     ("plan.strategies", ("ring", "tree"), "values each one of"),
+    ("train.steps", 10**20, "at most 10,000,000"),
+    ("curriculum.l_max", 2**40, "at most 2,147,483,647"),
+    ("generate.max_new_tokens", 10**10, "at most 2,147,483,647"),
+    ("eval.batch_size", 2**31, "at most 2,147,483,647"),
+    ("eval.lengths", (64, 2**40), "at most 2,147,483,647"),
+    ("eval.lengths", (), "a non-empty tuple"),
+    ("eval.name", "../../x", "a plain name"),
+    ("eval.name", "/tmp/x", "a plain name"),
+    ("eval.name", "a/b", "a plain name"),
 ])
 def test_a_value_outside_its_rule_is_one_line_naming_the_key(key, value, words):
     config = base.get_config()

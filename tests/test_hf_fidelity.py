@@ -64,13 +64,12 @@ def snapshot(directory):
 
 
 def save_other_model(path):
-    """Another model's directory: a GPT-2 in 4 shards with an index and a
-    generation_config.json (eos 7), plus a file of the user's."""
+    """Another model's directory, of only the files an export writes (what --overwrite
+    replaces; tests/test_bad_inputs_hf.py: anything else is refused): a GPT-2 in 4 shards
+    with an index and a generation_config.json (eos 7)."""
     transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=2, vocab_size=300, n_positions=32, bos_token_id=7,
         eos_token_id=7)).save_pretrained(path, max_shard_size="50KB")
-    with open(os.path.join(path, "notes.txt"), "w") as f:
-        f.write("mine")
     assert len([f for f in os.listdir(path) if f.startswith("model-0")]) > 1
 
 
@@ -231,7 +230,7 @@ def test_export_with_overwrite_leaves_exactly_a_fresh_export_and_no_old_file(imp
                      "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
     # the same files, byte for byte, as the export into an empty directory: no old shard,
-    # index, generation_config.json (eos 7) or notes.txt survives
+    # index or generation_config.json (eos 7) survives
     assert snapshot(other) == snapshot(root / "out")
     assert [n for n in os.listdir(root) if n.startswith("other_replaced")] == \
         ["other_replaced"]                  # no staging or old directory left beside it

@@ -168,6 +168,21 @@ class BrokenCheckpoints(ValueError):
     """Every checkpoint of a workdir failed to restore."""
 
 
+START_OVER_HINT = ("To start this run over at step 0, give --start_over (metrics.jsonl and the "
+                   "broken checkpoints are kept), or train in another --workdir")
+
+
+def check_nothing_was_lost(workdir: str) -> None:
+    """A workdir with no checkpoint left but broken ones set aside is a run that would
+    silently start again: one ValueError line instead."""
+    broken = os.path.join(workdir, "broken_checkpoints")
+    if os.path.isdir(broken) and os.listdir(broken):
+        steps = ", ".join(sorted(os.listdir(broken), key=lambda n: (len(n), n)))
+        raise ValueError(f"{workdir} has no intact checkpoint: its broken ones (steps {steps}) "
+                         f"are in {broken}/, and training now would start again at step 0. "
+                         f"{START_OVER_HINT}")
+
+
 def restore_intact(checkpointer, run_at, workdir: str, with_data: bool = False,
                    move_broken: bool = True):
     """(step, state, meta[, data state]) of the newest checkpoint that restores, with

@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import jax
 
@@ -66,6 +67,19 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def keep_history_aside(workdir: str) -> list[str]:
+    """Rename metrics.jsonl and tensorboard/ of an earlier run (a run started over) to
+    <name>.before_start_over_<UTC time>; returns the new names (nothing is deleted)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = []
+    for name in ("metrics.jsonl", "tensorboard"):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            os.replace(path, f"{path}.before_start_over_{stamp}")
+            kept.append(f"{name}.before_start_over_{stamp}")
+    return kept
 
 
 def _keep_records_until(path: str, step: int) -> None:

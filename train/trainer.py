@@ -26,7 +26,7 @@ from train import extend as extend_lib
 from train import schedule
 from train.checkpoint import checkpoint_meta, restore_intact, restore_params_from
 from train.curriculum import eval_level
-from train.metrics import MetricsWriter
+from train.metrics import MetricsWriter, keep_history_aside
 from train.state import abstract_state, build_run, eval_setup_from, init_state
 from train.step import make_train_step, put_batch
 from train.stopping import StopSignals
@@ -59,11 +59,13 @@ class Levels:
                                       row_offset=offset, local_rows=local_rows)
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, start_over: bool = False) -> dict:
     """Train (resuming from the newest checkpoint in workdir/checkpoints if any) and
     evaluate at the end. Returns {"step", "tokens", "final_loss", "stopped", "eval",
     "retrieval"}; "stopped" is True when train.stop_at_step or a preemption ended the run
-    early, and then "eval" and "retrieval" are None."""
+    early, and then "eval" and "retrieval" are None. A workdir whose checkpoints are all
+    broken is refused unless `start_over` (then its metrics are kept under another name
+    and the run starts at step 0)."""
     # ------------------------------------------------------------------ set up
     is_writer = jax.process_index() == 0
     if config.train.init_from:      # the weights come with their model section and tokenizer
@@ -86,7 +88,7 @@ def train(config, workdir: str) -> dict:
     eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer,
                          rows_in_order=True)
     setup = eval_setup_from(config)
-    suite.claim_eval_directory(suite.eval_directory(workdir, config.eval.name), setup, is_writer)
+    suite.check_eval_directory(suite.eval_directory(workdir, config.eval.name), setup)
     final_eval = suite.prepare(setup, eval_run, tokenizer, abstract_state(eval_run)["params"])
     say_beyond_trained(config, plan, final_eval)
     checkpointer = checkpoint_lib.Checkpointer(
@@ -96,12 +98,18 @@ def train(config, workdir: str) -> dict:
     schedule_changes = []
     if saved is not None and checkpointer.steps():       # a resume: the schedule holds
         schedule_changes = schedule.check_resume(config, saved, workdir)
+        reached = checkpointer.steps()[0]
+        if plan.total_steps < reached:
+            raise ValueError(f"train.steps={config.train.steps} ends the run before step "
+                             f"{reached}, where {workdir} already is: give train.steps >= "
+                             f"{reached}, or train in another --workdir")
     if is_writer:
         workdir_config.write(config, workdir)
     writer = None
     try:
         # -------------------------------------------------------------- restore or init
-        state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels)
+        state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels,
+                                               start_over)
         if schedule_changes and step > 0:
             saved_plan = curriculum_lib.make_curriculum(saved, jax.device_count())
             config.train.schedule_bridge = schedule.bridge(config, plan, saved, saved_plan,
@@ -313,13 +321,31 @@ def say_beyond_trained(config, plan, data) -> None:
         print(notice, flush=True)
 
 
-def _restore_or_init(config, workdir: str, checkpointer, levels: Levels):
+def _restore_or_init(config, workdir: str, checkpointer, levels: Levels, start_over: bool):
     """(state, step, tokens): the newest checkpoint's, with the data stream moved to its
-    saved position; else a fresh state (parameters from train.init_from if set)."""
+    saved position; else a fresh state (parameters from train.init_from if set). With no
+    intact checkpoint but broken ones set aside, a fresh start needs `start_over`."""
     plan = levels.plan
     is_writer = jax.process_index() == 0
-    restored = restore_intact(checkpointer, lambda s: levels.run_at(min(s, plan.total_steps - 1)),
-                              workdir, with_data=True)
+    try:
+        restored = restore_intact(checkpointer,
+                                  lambda s: levels.run_at(min(s, plan.total_steps - 1)),
+                                  workdir, with_data=True)
+    except checkpoint_lib.BrokenCheckpoints as error:
+        if not start_over:
+            raise ValueError(f"{error}. {checkpoint_lib.START_OVER_HINT}") from None
+        restored = None
+    if restored is not None and start_over:
+        raise ValueError(f"--start_over: {checkpointer.directory} holds an intact checkpoint "
+                         f"(step {restored[0]}); resume without --start_over, or train in "
+                         f"another --workdir")
+    if restored is None:
+        if not start_over:
+            checkpoint_lib.check_nothing_was_lost(workdir)
+        elif is_writer:
+            kept = keep_history_aside(workdir)
+            print(f"--start_over: starting at step 0; the earlier run's "
+                  f"{' and '.join(kept) or 'history'} kept beside it", flush=True)
     if restored is not None:
         _, state, meta, data_state = restored
         levels.stream.set_state(data_state)
@@ -350,7 +376,9 @@ def evaluate_and_report(config, eval_run, state, data, step: int, writer, *,
     writer.write(step, suite.scalars(outcome), prefix=f"eval/{name}/" if name else "eval/")
     is_writer = jax.process_index() == 0
     if workdir is not None:
-        suite.write_results(outcome, suite.eval_directory(workdir, name), is_writer)
+        eval_dir = suite.eval_directory(workdir, name)
+        suite.record_eval_settings(eval_dir, data.setup, is_writer)
+        suite.write_results(outcome, eval_dir, is_writer)
     if is_writer:
         print(report.perplexity_table(outcome["perplexity_by_length"]), flush=True)
         for task, grid in ((outcome.get("retrieval") or {}).get("tasks") or {}).items():

@@ -60,7 +60,105 @@ def validate_config(config, device_count: int | None = None,
     lengths = evaluation_lengths(config.eval.lengths, config.curriculum.l_max)
     for length in lengths + tuple(config.eval.retrieval_lengths or ()):
         check_length(length, config, eval_sizes)
+    check_hybrid_degree(config, (*plan.levels, curriculum_lib.eval_level(config, plan)))
+    check_position_settings(config)
+    check_ruler_tasks(config)
+    check_host_memory(config, plan, lengths, platform)
     return plan
+
+
+def check_hybrid_degree(config, levels) -> None:
+    """A hybrid's all-to-all group cannot outgrow the seq axis of every level: it would
+    run silently as a smaller one."""
+    degree = config.model.ulysses_degree
+    if config.model.attention != "hybrid" or not degree:
+        return
+    widest = max(level.mesh_dict["seq"] for level in levels)
+    if degree > widest:
+        raise ValueError(f"model.ulysses_degree={degree} is larger than mesh seq ({widest}) at "
+                         f"every level and in evaluation: the hybrid would run with groups of "
+                         f"{widest}; set model.ulysses_degree <= {widest} or raise mesh.seq")
+
+
+# RoPE keys that a model without rotary positions would ignore
+ROPE_KEYS = ("model.rope.scaling", "curriculum.rope_scalings", "curriculum.rope_thetas",
+             "eval.rope_scaling", "eval.rope_theta")
+
+
+def check_position_settings(config) -> None:
+    """RoPE settings on a model with learned or no positions are refused, not ignored."""
+    if config.model.position == "rope":
+        return
+    for key in ROPE_KEYS:
+        section, _, name = key.rpartition(".")
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        if node[name]:
+            raise ValueError(f"{key} is set, but model.position={config.model.position!r} has no "
+                             f"rotary positions to scale: drop it, or use model.position='rope'")
+
+
+QA_TASKS = ("qa_1", "qa_2")
+
+
+def check_ruler_tasks(config) -> None:
+    """A RULER qa task named explicitly needs its question file (with "all" the qa tasks
+    join only when ruler.qa_path is given, as documented)."""
+    named = [task for task in config.eval.ruler.tasks if task in QA_TASKS]
+    if named and not config.eval.ruler.qa_path:
+        raise ValueError(f"eval.ruler.tasks names {', '.join(named)}: the qa tasks take their "
+                         f"questions from eval.ruler.qa_path (a local SQuAD / HotpotQA JSON), "
+                         f"which is not set; set it, or drop the task")
+
+
+BYTES_PER_BATCH_TOKEN = 16   # tokens, targets, positions, segment ids: int32 each
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_host_memory(config, plan, eval_lengths, platform: str,
+                      available: int | None = None) -> None:
+    """Refuse, before anything is read or compiled, a batch or a cache that cannot fit in
+    this host's memory at all (a lower bound: a training batch's input arrays, and on the CPU
+    its residual stream too; an evaluation batch's inputs; generation's key-value cache on
+    the CPU): one line with the figures, not an allocation failure later."""
+    available = host_memory_bytes() if available is None else available
+    share = max(1, jax.process_count())            # each process holds its rows
+    on_host = platform == "cpu"                     # the devices' memory is the host's
+    per_token = BYTES_PER_BATCH_TOKEN + (4 * config.model.d_model if on_host else 0)
+    needs = [(f"curriculum level {level.index}: a batch of {level.batch_size} x "
+              f"{level.seq_len} tokens (train.batch_size, the level's length)",
+              level.batch_size * level.seq_len * per_token // share) for level in plan.levels]
+    longest = max((*eval_lengths, *(config.eval.retrieval_lengths or ())), default=0)
+    needs.append((f"evaluation: a batch of {config.eval.batch_size} x {longest} tokens "
+                  f"(eval.batch_size, eval.lengths)",
+                  config.eval.batch_size * longest * per_token // share))
+    for what, size in needs:
+        _refuse_above(what, size, available)
+    check_generation_memory(config, config.generate.max_new_tokens + 1, platform, available)
+
+
+def check_generation_memory(config, tokens: int, platform: str,
+                            available: int | None = None) -> None:
+    """On the CPU, generation's key-value cache of `tokens` (prompt + generate.max_new_tokens)
+    must fit in the host's memory: one line otherwise."""
+    if platform != "cpu":
+        return
+    m = config.model
+    itemsize = 2 if m.dtype in ("bfloat16", "float16") else 4
+    cache = 2 * m.n_layers * m.kv_heads * m.head_dim * itemsize * tokens    # keys and values
+    _refuse_above(f"generation: a key-value cache of {tokens:,} tokens (the prompt and "
+                  f"generate.max_new_tokens)", cache,
+                  host_memory_bytes() if available is None else available)
+
+
+def _refuse_above(what: str, size: int, available: int) -> None:
+    if size > available:
+        raise ValueError(f"{what} needs at least {size / 2**30:,.1f} GiB, more than this "
+                         f"host's {available / 2**30:,.1f} GiB of memory")
 
 
 def check_learned_positions(config) -> int | None:
