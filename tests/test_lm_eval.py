@@ -274,3 +274,23 @@ def test_main_lm_eval_with_an_unknown_task_is_one_line(trained_workdir, tmp_path
     assert "no task 'boundless_mcq'; did you mean boundless_mc" in result.stderr
     assert not os.path.exists(os.path.join(workdir, "eval", "lm_eval.json"))
 
+
+@pytest.mark.slow
+def test_main_lm_eval_names_a_task_yaml_that_does_not_parse(trained_workdir, tmp_path):
+    """lm-eval skips a task file it cannot read; its task must not then look unknown."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained_workdir, workdir)
+    tasks = write_local_tasks(str(tmp_path / "tasks"))
+    broken = os.path.join(tasks, "boundless_broken.yaml")
+    with open(broken, "w") as f:
+        f.write("task: boundless_broken\noutput_type: [multiple_choice\n")
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode", "lm_eval", "--workdir", workdir,
+         "--config.lm_eval.tasks=boundless_broken", f"--config.lm_eval.include_path={tasks}"],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "'boundless_broken'" in line and broken in line and "not valid YAML" in line
+    assert not os.path.exists(os.path.join(workdir, "eval", "lm_eval.json"))
+
