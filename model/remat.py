@@ -9,6 +9,13 @@
   save_attention_out  the attention kernel's output (named "attention_out" in
                       model/attention.py) is kept, the rest recomputed
                       (jax.checkpoint_policies.save_only_these_names)
+  offload             as full, but each layer's input (named "decoder_layer_input" inside
+                      the layer, where the policy sees it: naming the scan's output does
+                      nothing, jax#23869) is moved to pinned host memory in the forward pass
+                      and back in the backward pass
+                      (jax.checkpoint_policies.save_and_offload_only_these_names). XLA:CPU
+                      ignores the placement (the host is the device); XLA:GPU and the TPU
+                      compiler place it in host memory.
 
 Old configs wrote model.remat as a bool: True means "full", False "none".
 """
@@ -17,10 +24,12 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 
 from model.attention import ATTENTION_OUT
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "offload")
+LAYER_INPUT = "decoder_layer_input"     # checkpoint name of a layer's input (offload)
 
 
 def policy_name(value) -> str:
@@ -40,7 +49,15 @@ def rematerialise(fn: Callable, name: str, *, in_scan: bool) -> Callable:
     prevention is not needed (JAX's advice for checkpoint inside scan)."""
     policies = {"full": jax.checkpoint_policies.nothing_saveable,
                 "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT)}
+                "save_attention_out": jax.checkpoint_policies.save_only_these_names(ATTENTION_OUT),
+                "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+                    names_which_can_be_saved=(), names_which_can_be_offloaded=(LAYER_INPUT,),
+                    offload_src="device", offload_dst="pinned_host")}
     if name == "none":
         return fn
+    if name == "offload":
+        inner = fn
+
+        def fn(carry, xs):
+            return inner(jax.tree.map(lambda x: checkpoint_name(x, LAYER_INPUT), carry), xs)
     return jax.checkpoint(fn, policy=policies[name], prevent_cse=not in_scan)

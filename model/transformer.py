@@ -56,7 +56,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
-    remat: str = "none"            # model/remat.py: none | full | save_dots | save_attention_out
+    remat: str = "none"            # model/remat.py: a policy of REMAT_POLICIES
     loss_chunk_tokens: int = 0     # model/loss.py: LM head + loss in chunks of this many
                                    # tokens per row (0: all logits at once)
     mlp_chunk_tokens: int = 0      # the MLP in chunks of this many tokens per row (0: whole)
@@ -99,7 +99,11 @@ class ModelConfig:
                              f"{self.attention!r}")
         if self.norm not in NORM_KINDS:
             raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {self.norm!r}")
-        remat_lib.policy_name(self.remat)
+        if remat_lib.policy_name(self.remat) == "offload" and not self.scan_layers:
+            # compiled for 8 H100s, tiny's loop of layers kept its inputs on the device as
+            # well (device temp +17%); the scanned layers move them (benchmarks/README.md)
+            raise ValueError("model.remat=offload needs model.scan_layers=True: only the "
+                             "scanned layers move their inputs to host memory")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         for name in ("qkv_bias", "attention_out_bias", "mlp_bias"):
@@ -349,16 +353,20 @@ class Transformer(nnx.Module):
                 params = prepare(params)
             return layer(carry, nnx.merge(graphdef, params), *rest)
 
-        step = remat_lib.rematerialise(step, remat, in_scan=self.cfg.scan_layers)
         group = self.cfg.remat_group
-        if self.cfg.scan_layers and remat != "none" and group > 1:
+        grouped_remat = self.cfg.scan_layers and remat != "none" and group > 1
+        # with groups, only the group's input is offloaded: its layers' inputs live on the
+        # device while the backward pass reruns that group
+        step = remat_lib.rematerialise(step, "full" if grouped_remat and remat == "offload"
+                                       else remat, in_scan=self.cfg.scan_layers)
+        if grouped_remat:
             # only each group's input is kept through the forward pass; the backward pass
             # reruns a group (keeping its layers' inputs), then goes back layer by layer
             grouped = jax.tree.map(lambda a: a.reshape(a.shape[0] // group, group, *a.shape[1:]),
                                    (stacked, *per_layer))
-            run_group = jax.checkpoint(lambda carry, xs: jax.lax.scan(step, carry, xs),
-                                       policy=jax.checkpoint_policies.nothing_saveable,
-                                       prevent_cse=False)
+            run_group = remat_lib.rematerialise(
+                lambda carry, xs: jax.lax.scan(step, carry, xs),
+                "offload" if remat == "offload" else "full", in_scan=True)
             carry, outs = jax.lax.scan(run_group, carry, grouped)
             return carry, jax.tree.map(lambda a: a.reshape(a.shape[0] * group, *a.shape[2:]), outs)
         if self.cfg.scan_layers:

@@ -325,6 +325,24 @@ def test_host_offload_shows_as_pinned_host_bytes_on_h100_but_not_on_the_cpu(h100
 
 @pytest.mark.slow
 @needs_compiler("h100")
+def test_offload_moves_each_layer_input_from_the_device_to_host_memory_on_h100(h100_8):
+    """model.remat=offload on tiny's scanned layers at 8,192 tokens over seq 8: the inputs of
+    its 4 layers (1,024 tokens x 256 x bf16 each per device) show as pinned host bytes, and
+    device temp drops by at least as much as the full-remat step's."""
+    h100 = targets.get("h100")
+    entries = {remat: compiled_entry(sequence_config("ring", **{
+        "model.remat": remat, "curriculum.l_max": 8192, "model.scan_layers": True}), h100_8,
+        h100) for remat in ("full", "offload")}
+    layer_inputs = 4 * 1024 * 256 * 2
+    assert entries["offload"]["host_bytes_per_device"]["temp"] >= layer_inputs
+    assert entries["full"]["host_bytes_per_device"]["total"] == 0
+    dropped = (entries["full"]["bytes_per_device"]["temp"]
+               - entries["offload"]["bytes_per_device"]["temp"])
+    assert dropped >= layer_inputs
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
 def test_the_hybrid_over_two_h100_hosts_keeps_its_all_to_all_within_a_host():
     devices = targets.compile_only_devices(targets.get("h100"), 16)
     assert targets.hosts(devices) == 2
