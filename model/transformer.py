@@ -101,7 +101,7 @@ class ModelConfig:
             raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {self.norm!r}")
         if remat_lib.policy_name(self.remat) == "offload" and not self.scan_layers:
             # compiled for 8 H100s, tiny's loop of layers kept its inputs on the device as
-            # well (device temp +17%); the scanned layers move them (benchmarks/README.md)
+            # well (device temp +17%); the scanned layers move them (tests/test_targets.py)
             raise ValueError("model.remat=offload needs model.scan_layers=True: only the "
                              "scanned layers move their inputs to host memory")
         if self.mlp not in MLP_KINDS:
