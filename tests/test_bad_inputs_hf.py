@@ -32,11 +32,9 @@ transformers = pytest.importorskip("transformers")
 from cli import hf_workdir  # noqa: E402
 from model import hf  # noqa: E402
 
+from tests.test_hf_cli import LLAMA  # noqa: E402 - vocab 256, no tokenizer.json
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# vocab 256 and no tokenizer.json: the byte tokenizer
-LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
-             tie_word_embeddings=False)
 
 
 def main_py(*args):
