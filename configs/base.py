@@ -245,8 +245,8 @@ def get_config() -> config_dict.ConfigDict:
     evaluation.rope_theta = 0.0, number(0)  # 0: the model's own
     # e.g. ("passkey", "kv", "line"); () = no retrieval grid
     evaluation.retrieval_tasks = (), items(text(RETRIEVAL_TASKS))
-    # None: the eval lengths
-    evaluation.retrieval_lengths = None, items(integer(1), optional=True, nonempty=True)
+    # None or (): the eval lengths
+    evaluation.retrieval_lengths = None, items(integer(1), optional=True)
     evaluation.retrieval_samples = 2, integer(1)  # samples per (depth, length) cell
     # k_max: longest length up to which every length has mean accuracy >= this (the
     # Position Interpolation paper's passkey criterion is 20%)
@@ -269,7 +269,7 @@ def get_config() -> config_dict.ConfigDict:
     # ("niah_single_1", "vt"); ("all",) = the 11 synthetic tasks (+ qa_1, qa_2 when qa_path
     # is given); () = off. Essay haystacks are the run's validation documents.
     ruler.tasks = (), items(text(RULER_TASKS + ("all",)))
-    ruler.lengths = None, items(integer(1), optional=True, nonempty=True)  # None: the eval lengths
+    ruler.lengths = None, items(integer(1), optional=True)  # None or (): the eval lengths
     ruler.samples = 4, integer(1)  # per task and length
     # effective length: longest L with mean score > threshold at L and every shorter length
     ruler.threshold = 85.6, number(0, 100)
