@@ -17,18 +17,29 @@ the MLP in chunks of 16384 tokens and the LM head + loss in chunks of 4096, ring
 over every device (mesh.seq = -1), one row per step. Weights come from a Hugging Face
 checkpoint (`--mode import`, then train.init_from). configs/llama2_7b.py and
 configs/llama3_8b.py are these presets under their own file names.
+
+llama2_7b_4m, llama3_8b_4m: the same shapes at 4,194,304 tokens a row on 8 GPUs (mesh.seq =
+8): Ulysses attention, and every layer's input offloaded to pinned host memory
+(model.remat = offload, remat_group = 1). Compiled for 8 H100s (compile-only) a step needs
+79.2 GiB (Llama-2-7B) and 66.4 GiB (Llama-3-8B) per device, with 128 GiB of host memory
+each; with full remat and no offload 124 and 112 GiB (docs/parallelism.md).
 """
 from configs import base
 
 # name -> (vocab, d_model, mlp_dim, n_layers, q_heads, kv_heads, head_dim, rope theta, l_max)
 PRESETS = {"llama2_7b": (32000, 4096, 11008, 32, 32, 32, 128, 10000.0, 4096),
            "llama3_8b": (128256, 4096, 14336, 32, 32, 8, 128, 500000.0, 8192)}
+# the four-million-token recipes: name -> the shape they run
+FOUR_MILLION = {"llama2_7b_4m": "llama2_7b", "llama3_8b_4m": "llama3_8b"}
 
 
 def get_config(preset: str = ""):
+    if preset in FOUR_MILLION:
+        return four_million(get_config(FOUR_MILLION[preset]))
     if preset not in PRESETS:
         raise ValueError(f"configs/llama.py needs a preset after a colon, one of "
-                         f"{sorted(PRESETS)} (e.g. configs/llama.py:llama2_7b), got {preset!r}")
+                         f"{sorted([*PRESETS, *FOUR_MILLION])} (e.g. configs/llama.py:llama2_7b), "
+                         f"got {preset!r}")
     vocab, d_model, mlp_dim, n_layers, q_heads, kv_heads, head_dim, theta, l_max = \
         PRESETS[preset]
     config = base.get_config()
@@ -50,3 +61,14 @@ def get_config(preset: str = ""):
     config.train.batch_size = 1
     config.eval.batch_size = 1
     return config
+
+
+def four_million(config):
+    """A preset's config with the recipe that fits 4,194,304 tokens on 8 H100s."""
+    config.mesh.seq = 8
+    config.model.attention = "ulysses"
+    config.model.remat, config.model.remat_group = "offload", 1
+    config.curriculum.l_max = 4 * 2**20
+    config.eval.lengths = (4 * 2**20,)
+    return config
+

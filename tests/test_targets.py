@@ -413,3 +413,22 @@ def test_a_step_the_tpu_compiler_refuses_is_over_budget_for_the_search(v5p_8):
                                devices=v5p_8, target=v5p)
     assert fit["length"] in (32768, 49152)                  # 65536 refused, 32768 compiled
     assert any("length 65536: over: the compiler refused it" in line for line in said)
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_llama3_8b_4m_fits_4m_tokens_on_8_h100s_with_layer_inputs_in_host_memory(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "main.py", "--mode", "plan", "--config", "configs/llama.py:llama3_8b_4m",
+         "--workdir", str(tmp_path), "--config.plan.target=h100", "--config.plan.devices=8",
+         "--config.plan.memory_budget_gib=-1", '--config.plan.strategies=("ulysses",)'],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    [level] = plan["levels"]
+    assert level["length"] == 4_194_304 and level["batch_size"] == 1
+    assert level["bytes_per_device"]["total"] <= 80 * 2**30
+    # the 32 layer inputs, 524,288 tokens x 4096 x bf16 each per device
+    assert level["host_bytes_per_device"]["total"] >= 32 * 524_288 * 4096 * 2
+    assert level["host_bytes_per_device"]["total"] <= 240 * 2**30
