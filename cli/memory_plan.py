@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
 from model.attention import SEQUENCE_PARALLEL
+from model import remat as remat_lib
 from model.flops import training_flops_per_step
 from parallel import collectives, sequence_parallel, targets
 from parallel import layout as layout_lib
@@ -139,14 +140,16 @@ def _with_bound(entry: dict, target: targets.Target, devices: int) -> dict:
     """`entry` with "bound": a lower bound on its step's seconds on `target`
     (targets.step_time_bound) from the model FLOPs per device, the bytes the step must move
     at least once (its arguments read, its outputs and temp buffers written) and the
-    collective bytes within and across hosts. None on the CPU (no published figures)."""
+    collective bytes within and across hosts, and the offloaded bytes over PCIe. None on the
+    CPU (no published figures)."""
     if not target.compile_only:
         return {**entry, "bound": None}
     b, c = entry["bytes_per_device"], entry["collective_bytes"]
     bound = targets.step_time_bound(
         target, flops=entry["flops_per_step"] / devices,
         min_bytes=b["arguments"] + b["output"] + b["temp"],
-        intra_bytes=c["traffic"] - c["inter_host_traffic"], inter_bytes=c["inter_host_traffic"])
+        intra_bytes=c["traffic"] - c["inter_host_traffic"], inter_bytes=c["inter_host_traffic"],
+        host_bytes=entry["host_bytes_per_device"]["total"])
     return {**entry, "bound": bound}
 
 
@@ -301,11 +304,13 @@ def strategy_entry(config, level, strategy: str, candidate, devices=None,
         return {"strategy": strategy, "skipped": f"does not fit: {refused}"}
     m = candidate.model
     layers = m.n_layers
+    policy, group = remat_lib.policy_name(m.remat), m.remat_group if m.scan_layers else 1
     closed = collectives.closed_form_bytes(
         strategy, length=level.seq_len, seq=level.mesh_dict["seq"], q_heads=m.q_heads,
         kv_heads=m.kv_heads, head_dim=m.head_dim, batch=level.batch_size,
         dtype_bytes=jnp.dtype(m.dtype).itemsize, ulysses_degree=m.ulysses_degree,
-        forward_passes=1 if m.remat == "none" else 2)
+        forward_passes=remat_lib.layer_forward_passes(policy, group),
+        ring_passes=remat_lib.attention_forward_passes(policy, group))
     closed = {**closed, **{k: v * layers for k, v in closed.items() if k != "formula"}}
     sent = entry["collective_bytes"]["traffic"]             # attention and weights
     across = entry["collective_bytes"]["inter_host_traffic"]
@@ -429,9 +434,23 @@ def target_figures(target: targets.Target) -> dict | None:
     if not target.compile_only:
         return None
     return {"memory_gib": target.memory_gib, "peak_bf16_tflops": target.peak_bf16_tflops,
-            "memory_gbps": target.memory_gbps, "intra_host_gbps": target.intra_host_gbps,
+            "memory_gbps": target.memory_gbps, "host_link_gbps": target.host_link_gbps,
+            "intra_host_gbps": target.intra_host_gbps,
             "inter_host_gbps": target.inter_host_gbps,
             "devices_per_host": target.devices_per_host, "sources": list(target.sources)}
+
+
+def format_bound(entry: dict) -> str:
+    """One line: the bound of a step split into compute, memory, links and offload."""
+    bound = entry["bound"]
+    text = (f"bound at length {entry['length']}: compute {bound['compute_s']:.3g} s, memory "
+            f"{bound['memory_s']:.3g} s, links {bound['collective_s']:.3g} s")
+    if bound["offload_s"] is not None:
+        text += (f", offload {bound['offload_s']:.3g} s over PCIe ("
+                 + ("hidden behind compute: each direction's copies take less than the "
+                    "compute of its pass" if bound["offload_hidden"] else
+                    "not hidden: the copies take longer than the compute of their pass") + ")")
+    return text + f"; {bound['step_s']:.3g} s without overlap, {bound['overlap_s']:.3g} s with"
 
 
 def format_plan(result: dict) -> str:
@@ -469,8 +488,11 @@ def format_plan(result: dict) -> str:
             f"{figures['peak_bf16_tflops']:g} TFLOP/s, bytes the step must move / "
             f"{figures['memory_gbps']:g} GB/s) + collective bytes / "
             f"{figures['intra_host_gbps']:g} GB/s within a host "
-            f"({figures['inter_host_gbps']:g} across hosts); with overlap: the largest of "
-            f"the three. Figures: " + "; ".join(figures["sources"]))
+            f"({figures['inter_host_gbps']:g} across hosts) + offloaded bytes out and back "
+            f"over PCIe ({figures.get('host_link_gbps') or 'no published figure, not counted'}"
+            f" GB/s); with overlap: the largest of the four. Figures: "
+            + "; ".join(figures["sources"]))
+        lines.append(format_bound(result["levels"][-1]))
     if result.get("budget_gib"):
         fit = result["longest_fit"]
         lines.append(f"longest fit: length {fit['length']} ({fit['bytes_per_device'] / GIB:.2f} "

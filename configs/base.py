@@ -72,8 +72,10 @@ def get_config() -> config_dict.ConfigDict:
     # dtype the parameters are stored (and optimised) in
     model.param_dtype = "float32", text(("float32", "bfloat16", "float16"))
     # recompute in the backward pass (model/remat.py): none | full | save_dots |
-    # save_attention_out | offload (as full, each layer's input kept in pinned host memory)
-    model.remat = "none", text(("none", "full", "save_dots", "save_attention_out", "offload"))
+    # save_attention_out | offload (as full, each layer's input kept in pinned host memory) |
+    # offload_attention (offload, and the attention's output and log-sum-exp in host memory)
+    model.remat = "none", text(("none", "full", "save_dots", "save_attention_out", "offload",
+                                "offload_attention"))
     model.scan_layers = True, flag()  # lax.scan over the stacked layers (False: a Python loop)
     # > 0: the LM head and loss run in chunks of about this many tokens per row, so
     # [tokens, vocab] logits are never held (a multiple of mesh.seq that divides the

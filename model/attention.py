@@ -15,10 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.ad_checkpoint import checkpoint_name
 
-from model.blockwise import blockwise_attention
+from model.blockwise import ATTENTION_OUT, blockwise_attention
 from model.kv_cache import KVCache
 from model.layers import add_bias, param, zeros
 from model.masking import (MASKED, attention_mask, check_shapes, check_window,
@@ -54,7 +53,9 @@ def masked_attention(q, k, v, mask):
     probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)     # empty rows -> 0
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v,
                      preferred_element_type=jnp.float32)
-    return out.reshape(q.shape).astype(q.dtype)
+    # named like a kernel's output (model/blockwise.py): the dense math has no residual of
+    # its own to name, so save_attention_out keeps only this
+    return checkpoint_name(out.reshape(q.shape).astype(q.dtype), ATTENTION_OUT)
 
 
 def cached_attention(q, k, v, cache: KVCache, layer, window=None):
@@ -87,7 +88,6 @@ AttentionFn = Callable[..., jax.Array]
 # sequence_parallel.py builds them; the model itself only knows the names)
 SEQUENCE_PARALLEL = ("ring", "ulysses", "allgather", "hybrid")
 ATTENTION_KINDS = ("dense", "blockwise") + SEQUENCE_PARALLEL
-ATTENTION_OUT = "attention_out"   # checkpoint name of the attention kernel's output
 
 
 def attention_function(name: str, *, block_q: int = 256, block_k: int = 256) -> AttentionFn:
@@ -170,8 +170,6 @@ class Attention(nnx.Module):
                                     causal=True, sliding_window=window)  # [b, l, hq, head_dim]
             if collect_kv:
                 extra = (k, v)
-        # named for the remat policy that keeps attention results (model/remat.py)
-        out = checkpoint_name(out, ATTENTION_OUT)
         out = jnp.einsum("blhk,hkd->bld", out.astype(self.dtype), self.wo[...].astype(self.dtype))
         out = add_bias(out, self.out_bias, self.dtype)
         return out if extra is None else (out, extra)

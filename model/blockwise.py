@@ -21,6 +21,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from model.masking import (MASKED, attention_mask, check_shapes, check_window,
                            default_positions_and_segments, group_queries, padded_length)
@@ -220,6 +221,20 @@ def blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *
     return jax.lax.fori_loop(0, k_blocks, key_block, (dq, dk, dv))
 
 
+# Checkpoint names of an attention kernel's backward residuals: its output and the per-row
+# log-sum-exp. A remat policy that keeps both (model/remat.py: save_attention_out,
+# offload_attention) spares the backward pass a rerun of the kernel's forward pass, and of
+# a ring's forward transfers (the residuals are named inside the custom VJPs; a name on
+# the kernel's result outside would be a second copy of the same buffer).
+ATTENTION_OUT = "attention_out"
+ATTENTION_LSE = "attention_lse"
+
+
+def name_residuals(out, lse):
+    """(out, lse) under their checkpoint names (identity otherwise)."""
+    return checkpoint_name(out, ATTENTION_OUT), checkpoint_name(lse, ATTENTION_LSE)
+
+
 def opaque(fn):
     """`fn` as one custom_vjp call that has no derivative of its own, for a custom VJP's
     forward pass to run its kernel through.
@@ -251,7 +266,7 @@ def _blockwise_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q,
     kernel = opaque(lambda *args: blockwise_forward(*args[:7], window=args[7], causal=causal,
                                                     block_q=block_q, block_k=block_k))
     out, lse, _ = kernel(q, k, v, q_pos, k_pos, q_seg, k_seg, window)
-    out = out.astype(q.dtype)
+    out, lse = name_residuals(out.astype(q.dtype), lse)
     return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
 
 

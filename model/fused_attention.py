@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
+from model.blockwise import ATTENTION_OUT
 from model.masking import check_shapes
 
 
@@ -28,5 +30,7 @@ def fused_attention(q, k, v, *, causal: bool = True, sliding_window=None,
             raise ValueError("fused attention takes a static sliding window (an int): layers "
                              "with different windows run the blockwise kernel")
         window = (int(sliding_window) - 1, 0 if causal else int(sliding_window) - 1)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window,
-                                        implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=window,
+                                       implementation=implementation)
+    # cuDNN's residuals are its own (unnamed): save_attention_out keeps only the output
+    return checkpoint_name(out, ATTENTION_OUT)

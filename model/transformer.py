@@ -99,11 +99,16 @@ class ModelConfig:
                              f"{self.attention!r}")
         if self.norm not in NORM_KINDS:
             raise ValueError(f"model.norm must be one of {NORM_KINDS}, got {self.norm!r}")
-        if remat_lib.policy_name(self.remat) == "offload" and not self.scan_layers:
+        policy = remat_lib.policy_name(self.remat)
+        if policy in remat_lib.OFFLOAD_POLICIES and not self.scan_layers:
             # compiled for 8 H100s, tiny's loop of layers kept its inputs on the device as
             # well (device temp +17%); the scanned layers move them (tests/test_targets.py)
-            raise ValueError("model.remat=offload needs model.scan_layers=True: only the "
+            raise ValueError(f"model.remat={policy} needs model.scan_layers=True: only the "
                              "scanned layers move their inputs to host memory")
+        if policy == "offload_attention" and self.remat_group != 1:
+            raise ValueError("model.remat=offload_attention keeps every layer's attention "
+                             "residuals in host memory: it takes model.remat_group=1, got "
+                             f"{self.remat_group}")
         if self.mlp not in MLP_KINDS:
             raise ValueError(f"model.mlp must be one of {MLP_KINDS}, got {self.mlp!r}")
         for name in ("qkv_bias", "attention_out_bias", "mlp_bias"):

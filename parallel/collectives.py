@@ -9,10 +9,10 @@ compiler does, their count is read from the loop's condition and initial value; 
 conditional's branches the largest
 counts), and the traffic that means on one device's link (what it sends: an all-gather
 sends its operand to the g - 1 others, an all-to-all (g - 1) / g of it, ...).
-`closed_form_bytes` is the textbook volume of one attention layer per device, forward and
-backward, for each strategy, to put beside it. The two differ by what the textbook leaves
-out (positions and segment ids travel too, the backward ring sends float32 gradients) and,
-on XLA:CPU, by its float32 copies of bf16 buffers (collectives included).
+`closed_form_bytes` is the volume of one attention layer per device, forward and backward,
+for each strategy, as our kernels move it (the ring's float32 dK/dV included), to put beside
+it. The two differ by what the formula leaves out (positions and segment ids travel too)
+and, on XLA:CPU, by its float32 copies of bf16 buffers (collectives included).
 """
 from __future__ import annotations
 
@@ -297,18 +297,26 @@ def collective_bytes(hlo_text: str, hosts=None) -> dict[str, int]:
 
 def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_heads: int,
                       head_dim: int, batch: int = 1, dtype_bytes: int = 2,
-                      ulysses_degree: int | None = None, forward_passes: int = 1) -> dict:
-    """The textbook bytes one device sends for one attention layer: the forward pass (run
-    `forward_passes` times: 2 with rematerialisation) and the backward pass (twice a
-    forward's volume). {"formula": str, "bytes": int}; N = length, P = seq, d = head_dim:
-      ulysses   2 (Hq + Hkv') N d / P per pass (q, k, v in, the output back; Hkv' = KV heads
-                replicated up to P), all-to-all sends (P - 1) / P of it;
-      ring      2 N Hkv d (P - 1) / P per pass (K and V around the ring);
-      allgather 2 N Hkv d (P - 1) / P per pass (K and V gathered; the backward
-                reduce-scatters dK, dV);
+                      ulysses_degree: int | None = None, forward_passes: int = 1,
+                      ring_passes: int | None = None) -> dict:
+    """The bytes one device sends for one attention layer in a train step, as our kernels
+    move them. {"formula": str, "bytes": int}; N = length, P = seq, d = head_dim, B = the
+    compute dtype's bytes; a layer's forward collectives run `forward_passes` times (2 when
+    rematerialised, 3 when its group is rerun first), the ring's `ring_passes` times (its
+    transfers are inside the kernel: once when a remat policy keeps the kernel's residuals;
+    default forward_passes):
+      ulysses   B 2 (Hq + Hkv') N d / P x (P-1)/P per pass (q, k, v in, the output back;
+                Hkv' = KV heads replicated up to P); the backward moves twice a pass;
+      ring      B 2 N Hkv d (P-1)/P per pass (K and V around the ring); the backward sends
+                K, V once more and dK, dV in float32 over P hops (4 x 2 N Hkv d: the
+                accumulators stay float32 so that a gradient is rounded once, and the last
+                hop takes them home). A rerun's first hop sends what the backward ring's
+                first sends, and XLA sends it once: 1/(P-1) of a pass less than counted;
+      allgather B 2 N Hkv d (P-1)/P per pass (K and V gathered); the backward reduce-
+                scatters dK, dV, twice a pass as the textbook counts it;
       hybrid    Ulysses inside groups of U devices + the ring across the P / U groups."""
     n, p, d, b = length, seq, head_dim, batch
-    passes = forward_passes + 2
+    ring_passes = forward_passes if ring_passes is None else ring_passes
     if strategy == "hybrid":
         u = ulysses_degree or 1
         g = p // u
@@ -317,7 +325,7 @@ def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_
                                   dtype_bytes=dtype_bytes, forward_passes=forward_passes)
         ring = closed_form_bytes("ring", length=n // u, seq=g, q_heads=max(q_heads // u, 1),
                                  kv_heads=max(kv_heads, u) // u, head_dim=d, batch=b,
-                                 dtype_bytes=dtype_bytes, forward_passes=forward_passes)
+                                 dtype_bytes=dtype_bytes, ring_passes=ring_passes)
         return {"formula": "Ulysses in groups of U + ring of P/U groups",
                 "bytes": inner["bytes"] + ring["bytes"], "all-to-all": inner["bytes"],
                 "ring": ring["bytes"]}
@@ -325,13 +333,20 @@ def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_
         return {"formula": "one device", "bytes": 0}
     if strategy == "ulysses":
         per_pass = b * 2 * (q_heads + max(kv_heads, p)) * n * d // p * (p - 1) // p
-        formula = "2 (Hq + Hkv') N d / P x (P-1)/P per pass"
-    elif strategy in ("ring", "allgather"):
-        per_pass = b * 2 * n * kv_heads * d * (p - 1) // p
-        formula = "2 N Hkv d (P-1)/P per pass"
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
-    return {"formula": formula + f", {passes} passes", "bytes": per_pass * dtype_bytes * passes}
+        return {"formula": f"B 2 (Hq + Hkv') N d / P x (P-1)/P per pass, "
+                           f"{forward_passes} forward + backward (2 passes)",
+                "bytes": per_pass * dtype_bytes * (forward_passes + 2)}
+    per_pass = b * 2 * n * kv_heads * d * (p - 1) // p
+    if strategy == "allgather":
+        return {"formula": f"B 2 N Hkv d (P-1)/P per pass, {forward_passes} forward + "
+                           "backward (2 passes)",
+                "bytes": per_pass * dtype_bytes * (forward_passes + 2)}
+    if strategy == "ring":
+        gradients = b * 2 * n * kv_heads * d * 4
+        return {"formula": f"B 2 N Hkv d (P-1)/P per pass, {ring_passes} forward + 1 backward"
+                           ", + dK, dV in float32 over P hops (4 x 2 N Hkv d)",
+                "bytes": per_pass * dtype_bytes * (ring_passes + 1) + gradients}
+    raise ValueError(f"unknown strategy {strategy!r}")
 
 
 def attention_dtypes(hlo_text: str) -> list[str]:

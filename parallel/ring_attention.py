@@ -40,8 +40,8 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 from model.blockwise import (block_plan, blockwise_attention, blockwise_backward,
-                             blockwise_forward, merge_partial_attention, opaque,
-                             window_argument)
+                             blockwise_forward, merge_partial_attention, name_residuals,
+                             opaque, window_argument)
 from model.masking import (PAD_SEGMENT, check_shapes, check_window,
                            default_positions_and_segments, pad_axis1, padded_length)
 from parallel.layout import LAYOUTS
@@ -170,7 +170,7 @@ def local_ring(options: dict):
     def ring_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
         kernel = opaque(lambda *args: _ring_forward(*args, **options))  # see model.blockwise
         out, lse, _, _ = kernel(q, k, v, q_pos, q_seg, k_pos, k_seg, window)
-        out = out.astype(q.dtype)
+        out, lse = name_residuals(out.astype(q.dtype), lse)   # see model.blockwise
         return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse)
 
     def ring_bwd(residuals, d_out):

@@ -44,6 +44,7 @@ class Target:
     memory_gbps: float = 0.0        # HBM bandwidth, GB/s
     intra_host_gbps: float = 0.0    # to a device of the same host (NVLink; TPU: ICI)
     inter_host_gbps: float = 0.0    # to a device of another host (InfiniBand; TPU: ICI)
+    host_link_gbps: float = 0.0     # to its host's memory (PCIe; 0: no published figure)
     devices_per_host: int = 0
     sources: tuple = ()
     spec_file: str = ""             # GPU: the GpuTargetConfigProto text in gpu_specs/
@@ -61,7 +62,8 @@ class Target:
 
 _H100_SOURCES = ("NVIDIA H100 datasheet, https://www.nvidia.com/en-us/data-center/h100/: "
                  "H100 SXM 80 GB HBM3 at 3.35 TB/s, BF16 1,979 TFLOPS with sparsity "
-                 "(989 dense), NVLink 900 GB/s (450 each way)",
+                 "(989 dense), NVLink 900 GB/s (450 each way), PCIe Gen5 128 GB/s (64 each way, "
+                 "to host memory)",
                  "NVIDIA DGX H100/H200 user guide, https://docs.nvidia.com/dgx/"
                  "dgxh100-user-guide/: eight ConnectX-7 400 Gb/s InfiniBand ports per 8-GPU "
                  "host, i.e. 50 GB/s per GPU across hosts")
@@ -69,22 +71,24 @@ _H100_SOURCES = ("NVIDIA H100 datasheet, https://www.nvidia.com/en-us/data-cente
 TARGETS = {t.name: t for t in (
     Target("cpu", "cpu", "this machine's CPU devices (simulated with plan.devices=N)"),
     Target("h100", "gpu", "NVIDIA H100 SXM5 80GB", memory_gib=80, peak_bf16_tflops=989,
-           memory_gbps=3350, intra_host_gbps=450, inter_host_gbps=50, devices_per_host=8,
-           sources=_H100_SOURCES, spec_file="h100.txtpb"),
+           memory_gbps=3350, intra_host_gbps=450, inter_host_gbps=50, host_link_gbps=64,
+           devices_per_host=8, sources=_H100_SOURCES, spec_file="h100.txtpb"),
     Target("a100", "gpu", "NVIDIA A100 SXM4 80GB", memory_gib=80, peak_bf16_tflops=312,
-           memory_gbps=2039, intra_host_gbps=300, inter_host_gbps=25, devices_per_host=8,
+           memory_gbps=2039, intra_host_gbps=300, inter_host_gbps=25, host_link_gbps=32,
+           devices_per_host=8,
            sources=("NVIDIA A100 datasheet, https://www.nvidia.com/en-us/data-center/a100/: "
                     "A100 80GB SXM 2,039 GB/s, BF16 312 TFLOPS dense, NVLink 600 GB/s "
-                    "(300 each way)",
+                    "(300 each way), PCIe Gen4 64 GB/s (32 each way, to host memory)",
                     "NVIDIA DGX A100 user guide, https://docs.nvidia.com/dgx/"
                     "dgxa100-user-guide/: eight ConnectX-6 200 Gb/s InfiniBand ports per "
                     "8-GPU host, i.e. 25 GB/s per GPU across hosts"),
            spec_file="a100.txtpb"),
     Target("h200", "gpu", "NVIDIA H200 SXM 141GB", memory_gib=141, peak_bf16_tflops=989,
-           memory_gbps=4800, intra_host_gbps=450, inter_host_gbps=50, devices_per_host=8,
+           memory_gbps=4800, intra_host_gbps=450, inter_host_gbps=50, host_link_gbps=64,
+           devices_per_host=8,
            sources=("NVIDIA H200 datasheet, https://www.nvidia.com/en-us/data-center/h200/: "
                     "141 GB HBM3e at 4.8 TB/s, BF16 1,979 TFLOPS with sparsity (989 dense), "
-                    "NVLink 900 GB/s (450 each way)",
+                    "NVLink 900 GB/s (450 each way), PCIe Gen5 128 GB/s (64 each way)",
                     _H100_SOURCES[1]),
            spec_file="h200.txtpb"),
     Target("v5e", "tpu", "Google TPU v5e", memory_gib=16, peak_bf16_tflops=197,
@@ -205,15 +209,27 @@ def hosts(devices) -> int:
 
 
 def step_time_bound(target: Target, *, flops: float, min_bytes: float, intra_bytes: float,
-                    inter_bytes: float) -> dict:
+                    inter_bytes: float, host_bytes: float = 0.0) -> dict:
     """A lower bound on one step's seconds on one device of `target`, from the published
     peaks: compute = flops / dense bf16 peak, memory = min_bytes / HBM bandwidth, links =
-    intra_bytes / intra-host + inter_bytes / inter-host bandwidth. "step_s" adds the links
-    to the larger of compute and memory (no overlap of communication with compute);
-    "overlap_s" is the larger of the three (perfect overlap), the tighter bound."""
+    intra_bytes / intra-host + inter_bytes / inter-host bandwidth, offload = host_bytes
+    (offloaded in the forward pass) out and back over the host link (PCIe; None where the
+    target has no published figure). "step_s" adds links and offload to the larger of
+    compute and memory (no overlap); "overlap_s" is the largest of the four (perfect
+    overlap), the tighter bound. "offload_hidden": each direction's copies take no longer
+    than the compute they can overlap: the forward pass's third of the model FLOPs going
+    out, the backward's two thirds coming back (layers alike, so totals compare as per
+    layer)."""
     compute = flops / (target.peak_bf16_tflops * 1e12)
     memory = min_bytes / (target.memory_gbps * 1e9)
     links = intra_bytes / (target.intra_host_gbps * 1e9) + \
         inter_bytes / (target.inter_host_gbps * 1e9)
+    offload = None
+    if host_bytes and target.host_link_gbps:
+        offload = 2 * host_bytes / (target.host_link_gbps * 1e9)
+    serial = offload or 0.0
     return {"compute_s": compute, "memory_s": memory, "collective_s": links,
-            "step_s": max(compute, memory) + links, "overlap_s": max(compute, memory, links)}
+            "offload_s": offload,
+            "offload_hidden": None if offload is None else offload / 2 <= compute / 3,
+            "step_s": max(compute, memory) + links + serial,
+            "overlap_s": max(compute, memory, links, serial)}

@@ -80,10 +80,17 @@ def test_compiled_attention_sends_what_a_hand_count_says():
     assert traffic["ulysses"]["attention_traffic"] == 4 * 65536 * 7 // 8 + 2 * 512 * 7
 
 
-def test_closed_forms_are_the_textbook_volumes():
+def test_closed_forms_count_what_the_kernels_send():
     n, p, d = 1 << 20, 8, 128
     ring = closed_form_bytes("ring", length=n, seq=p, q_heads=32, kv_heads=8, head_dim=d)
-    assert ring["bytes"] == 3 * 2 * n * 8 * d * 7 // 8 * 2     # 3 passes, bf16
+    # K, V in bf16 in the forward and the backward pass, dK, dV in float32 over 8 hops
+    assert ring["bytes"] == 2 * 2 * n * 8 * d * 7 // 8 * 2 + 2 * n * 8 * d * 4
+    rerun = closed_form_bytes("ring", length=n, seq=p, q_heads=32, kv_heads=8, head_dim=d,
+                              forward_passes=2, ring_passes=1)
+    assert rerun["bytes"] == ring["bytes"]      # a kept kernel residual: no second ring
+    twice = closed_form_bytes("ring", length=n, seq=p, q_heads=32, kv_heads=8, head_dim=d,
+                              forward_passes=2)
+    assert twice["bytes"] - ring["bytes"] == 2 * n * 8 * d * 7 // 8 * 2
     ulysses = closed_form_bytes("ulysses", length=n, seq=p, q_heads=32, kv_heads=8,
                                 head_dim=d, forward_passes=2)
     assert ulysses["bytes"] == 4 * 2 * (32 + 8) * n * d // 8 * 7 // 8 * 2

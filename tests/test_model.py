@@ -80,7 +80,9 @@ def loss_and_grads(cfg, tokens, seed=0):
 
 
 @pytest.mark.parametrize("policy", ["full", pytest.param("save_dots", marks=pytest.mark.slow),
-                                    pytest.param("save_attention_out", marks=pytest.mark.slow)])
+                                    pytest.param("save_attention_out", marks=pytest.mark.slow),
+                                    pytest.param("offload", marks=pytest.mark.slow),
+                                    pytest.param("offload_attention", marks=pytest.mark.slow)])
 def test_each_remat_policy_gives_the_gradients_of_no_remat(policy):
     tokens = random_tokens(3)
     value, expected = loss_and_grads(SMALL, tokens)

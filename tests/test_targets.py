@@ -16,6 +16,7 @@ import pytest
 
 from cli import memory_plan as plan_lib
 from configs import base, tiny
+from model import remat as remat_lib
 from parallel import collectives, targets
 from tests.helpers import small_config
 from util.quiet_imports import accelerator_attached
@@ -116,6 +117,19 @@ def test_the_bound_adds_links_to_the_larger_of_compute_and_memory():
     assert bound["collective_s"] == pytest.approx(0.5)
     assert bound["step_s"] == pytest.approx(1.5)
     assert bound["overlap_s"] == pytest.approx(1.0)
+    assert bound["offload_s"] is None and bound["offload_hidden"] is None     # none offloaded
+
+
+def test_the_bound_counts_offloaded_bytes_out_and_back_over_pcie():
+    h100 = targets.get("h100")
+    bound = targets.step_time_bound(h100, flops=989e12, min_bytes=0, intra_bytes=0,
+                                    inter_bytes=0, host_bytes=64e9 / 4)
+    assert bound["offload_s"] == pytest.approx(0.5)         # 16 GB out, 16 back at 64 GB/s
+    assert bound["offload_hidden"]                          # 0.25 s against 1/3 s forward
+    assert bound["step_s"] == pytest.approx(1.5) and bound["overlap_s"] == pytest.approx(1.0)
+    slow = targets.step_time_bound(h100, flops=989e12, min_bytes=0, intra_bytes=0,
+                                   inter_bytes=0, host_bytes=64e9 / 2)
+    assert not slow["offload_hidden"]                       # 0.5 s against 1/3 s
 
 
 def test_plan_target_names_an_accelerator_and_the_budget_may_be_minus_one():
@@ -339,6 +353,39 @@ def test_offload_moves_each_layer_input_from_the_device_to_host_memory_on_h100(h
     dropped = (entries["full"]["bytes_per_device"]["temp"]
                - entries["offload"]["bytes_per_device"]["temp"])
     assert dropped >= layer_inputs
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_offload_attention_sends_the_rings_forward_once_and_keeps_its_residuals_on_the_host(
+        h100_8):
+    """tiny's scanned ring step at 8,192 tokens over seq 8 on the h100 target: with the
+    attention's output and log-sum-exp offloaded too, the ring's K/V go round once in the
+    forward pass (as without remat), the host holds the layer inputs and the residuals, and
+    the closed form states what the HLO sends (within 5%: positions and segment ids travel
+    too; a rerun's first hop is shared with the backward's)."""
+    h100 = targets.get("h100")
+    entries, closed = {}, {}
+    for remat in ("none", "offload", "offload_attention"):
+        config = sequence_config("ring", **{"model.remat": remat, "curriculum.l_max": 8192,
+                                            "model.scan_layers": True})
+        entries[remat] = compiled_entry(config, h100_8, h100)
+        m = config.model
+        closed[remat] = m.n_layers * collectives.closed_form_bytes(
+            "ring", length=8192, seq=8, q_heads=m.q_heads, kv_heads=m.kv_heads,
+            head_dim=m.head_dim, forward_passes=remat_lib.layer_forward_passes(remat),
+            ring_passes=remat_lib.attention_forward_passes(remat))["bytes"]
+    sent = {remat: e["collective_bytes"]["attention_traffic"] for remat, e in entries.items()}
+    assert sent["offload_attention"] == sent["none"] < sent["offload"]
+    for remat in entries:
+        assert sent[remat] == pytest.approx(closed[remat], rel=0.05)
+    tokens, width = 1024, 8 * 32                  # per device; tiny: 8 heads of 32 (bf16)
+    layer_inputs = 4 * tokens * 256 * 2
+    attention_outputs = 4 * tokens * width * 2
+    host = {remat: e["host_bytes_per_device"]["total"] for remat, e in entries.items()}
+    assert host["offload_attention"] >= layer_inputs + attention_outputs > host["offload"]
+    assert (entries["offload_attention"]["bytes_per_device"]["temp"]
+            < entries["offload"]["bytes_per_device"]["temp"])
 
 
 @pytest.mark.slow
