@@ -151,6 +151,9 @@ def get_config() -> config_dict.ConfigDict:
     train.beta2 = 0.95, number(0, below=1)  # AdamW's second-moment decay
     train.grad_clip_norm = 1.0, number(0)  # clip the global gradient norm to this (0: no clipping)
     train.grad_accum_steps = 1, integer(1)  # micro-batches per step (batch_size must divide)
+    # where AdamW's state lives between steps: device | host (pinned host memory: the step
+    # copies it in before the update and out after; XLA:CPU's host is its device)
+    train.optimizer_memory = "device", text(("device", "host"))
     # a metrics line (and metrics.jsonl row) every this many steps
     train.log_every_steps = 10, integer(1)
     train.stop_at_step = 0, integer(0)  # >0: checkpoint and exit after this step (resume later)

@@ -306,7 +306,8 @@ def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_
     transfers are inside the kernel: once when a remat policy keeps the kernel's residuals;
     default forward_passes):
       ulysses   B 2 (Hq + Hkv') N d / P x (P-1)/P per pass (q, k, v in, the output back;
-                Hkv' = KV heads replicated up to P); the backward moves twice a pass;
+                Hkv' = KV heads replicated up to P); the backward moves one pass (their
+                transposes: dO in, dq, dk, dv back);
       ring      B 2 N Hkv d (P-1)/P per pass (K and V around the ring); the backward sends
                 K, V once more and dK, dV in float32 over P hops (4 x 2 N Hkv d: the
                 accumulators stay float32 so that a gradient is rounded once, and the last
@@ -334,8 +335,8 @@ def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_
     if strategy == "ulysses":
         per_pass = b * 2 * (q_heads + max(kv_heads, p)) * n * d // p * (p - 1) // p
         return {"formula": f"B 2 (Hq + Hkv') N d / P x (P-1)/P per pass, "
-                           f"{forward_passes} forward + backward (2 passes)",
-                "bytes": per_pass * dtype_bytes * (forward_passes + 2)}
+                           f"{forward_passes} forward + 1 backward",
+                "bytes": per_pass * dtype_bytes * (forward_passes + 1)}
     per_pass = b * 2 * n * kv_heads * d * (p - 1) // p
     if strategy == "allgather":
         return {"formula": f"B 2 N Hkv d (P-1)/P per pass, {forward_passes} forward + "

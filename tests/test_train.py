@@ -163,6 +163,26 @@ def test_stopped_and_resumed_run_has_the_losses_of_an_uninterrupted_run(trained_
 
 
 @pytest.mark.slow
+def test_optimizer_state_in_host_memory_trains_and_resumes_as_on_the_device(trained_workdir,
+                                                                            tmp_path):
+    """train.optimizer_memory=host: AdamW's state lives in pinned host memory between steps
+    (an Orbax checkpoint of it restores there); the losses are those of the device run."""
+    workdir = str(tmp_path / "host")
+    host = {"train.optimizer_memory": "host"}
+    first = trainer.train(small_config(**host, **{"train.stop_at_step": 5}), workdir)
+    assert first["step"] == 5 and first["stopped"]
+    run = one_device(small_config(**host))
+    state, _ = restore_newest(workdir, run, "test")
+    assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(state["opt_state"])} == \
+        {"pinned_host"}
+    trainer.train(small_config(**host), workdir)                # resumes from step 5
+    expected, got = train_losses(trained_workdir), train_losses(workdir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(1, 9):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_train_returns_the_same_keys_stopped_early_or_finished(trained_workdir, stopped_run):
     finished, (_, stopped) = trained_workdir.summary, stopped_run
     assert set(finished) == set(stopped) == SUMMARY_KEYS

@@ -107,6 +107,8 @@ def build_run(config, devices=None, level=None, tokenizer=None,
         optimizer, lambda _, sharding: sharding, abstract_opt_state, placed.param_shardings,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    if config.train.optimizer_memory == "host":
+        opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     state_shardings = {"params": placed.param_shardings, "opt_state": opt_shardings}
     return Run(**{f.name: getattr(placed, f.name) for f in dataclasses.fields(placed)},
                config=config, tokenizer=tokenizer, optimizer=optimizer,

@@ -23,6 +23,10 @@ def make_train_step(run, accum_steps: int, sequence_length: int | None = None):
     (the loss or the gradients were not finite, so nothing was updated).
     """
     gather_outer, gather_layer = mesh_lib.weight_gathers(run.state_shardings["params"])
+    # train.optimizer_memory=host: the optimizer state comes in from pinned host memory for
+    # the update and goes back (out_shardings) after it
+    on_device = jax.tree.map(lambda s: s.with_memory_kind("device"),
+                             run.state_shardings["opt_state"])
 
     def loss_sums(params, batch):          # FSDP: weights gathered for compute, layer by layer
         return token_loss_sums(run.graphdef, gather_outer(params), batch,
@@ -59,6 +63,7 @@ def make_train_step(run, accum_steps: int, sequence_length: int | None = None):
 
         # a non-finite loss or gradient skips the update: parameters and optimizer state
         # stay as they were (lax.cond: the skipped branch passes the donated buffers on)
+        state = {"params": params, "opt_state": jax.device_put(state["opt_state"], on_device)}
         state = jax.lax.cond(finite, update, lambda state: state, state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_weight": count,
                    "skipped": ~finite}
