@@ -64,16 +64,25 @@ def plan(preset: str, gpus: int, recipe: str, workdir: str, reuse: bool) -> dict
         return json.load(f)
 
 
+def host_at_fit(level: dict, fit: dict) -> str:
+    """Host GiB per device at the longest fit: compiled (plans written since this script),
+    else scaled from the compiled length ("~": the offloaded layer inputs grow linearly)."""
+    if "host_bytes_per_device" in fit:
+        return f"{fit['host_bytes_per_device'] / GIB:.0f}"
+    host = level["host_bytes_per_device"]["total"]
+    return f"~{host * fit['length'] / level['length'] / GIB:.0f}" if host else "0"
+
+
 def row(preset: str, gpus: int, recipe: str, result: dict) -> list:
-    """model, GPUs, recipe, the start level's GiB per device (device / host), longest fit."""
+    """model, GPUs, recipe, the start level's GiB per device (device / host), longest fit
+    (device GiB, host GiB)."""
     level = result["levels"][-1]
     fit = result.get("longest_fit")
-    memory = level.get("bytes_per_device")
-    host = level.get("host_bytes_per_device", {}).get("total", 0)
-    at_start = (f"{memory['total'] / GIB:.1f} / {host / GIB:.0f}" if memory
-                else level.get("skipped", "-"))
-    return [preset, gpus, recipe, f"{level['length']:,}", at_start,
-            f"{fit['length']:,} ({fit['bytes_per_device'] / GIB:.1f} GiB)" if fit else "none fits"]
+    memory, host = level["bytes_per_device"], level["host_bytes_per_device"]["total"]
+    at_start = f"{memory['total'] / GIB:.1f} / {host / GIB:.0f}"
+    longest = (f"{fit['length']:,} ({fit['bytes_per_device'] / GIB:.1f} / "
+               f"{host_at_fit(level, fit)})" if fit else "none fits")
+    return [preset, gpus, recipe, f"{level['length']:,}", at_start, longest]
 
 
 def main(argv=None) -> None:
@@ -95,7 +104,7 @@ def main(argv=None) -> None:
           "assignment; budget 80 GiB per device); GiB per device at the first length "
           "compiled: device / pinned host")
     print(format_table(["model", "H100s", "recipe", "length compiled", "GiB device / host",
-                        "longest fit (GiB)"], rows))
+                        "longest fit (GiB device / host)"], rows))
     print("\nPublished, measured on H100s by their authors (other recipes, for comparison)")
     print(format_table(["system", "model", "H100s", "longest context", "source"], PUBLISHED))
     print(f"plans in {workdir}")

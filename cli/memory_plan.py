@@ -246,6 +246,7 @@ def _fit(result, budget_bytes):
     if result is None:
         return None
     return {"length": result["length"], "bytes_per_device": result["bytes_per_device"]["total"],
+            "host_bytes_per_device": result["host_bytes_per_device"]["total"],
             "budget_gib": budget_bytes / GIB, "mesh": result["mesh"],
             "batch_size": result["batch_size"]}
 
@@ -410,6 +411,7 @@ def plan_workdir(config, workdir: str) -> dict:
               if target.compile_only else None,
               "figures": target_figures(target), "levels": levels, "eval": eval_entry,
               "longest_fit": fit, "budget_gib": budget, "strategies": strategies,
+              "optimizer_memory": config.train.optimizer_memory,
               "link_gbps": {"intra_host": intra, "inter_host": inter},
               "host_peak_rss_gib": host_peak_rss_bytes() / GIB}
     print(format_plan(result), flush=True)
@@ -510,6 +512,10 @@ def format_plan(result: dict) -> str:
         lines.append(f"note: {uncounted} loops of the compiled programs have no trip count "
                      "the plan could read; their collectives were counted once (the bytes sent "
                      "are lower bounds)")
+    if compile_only and result.get("optimizer_memory") == "host":
+        lines.append("train.optimizer_memory=host: compile-only devices have no host memory "
+                     "space for a program's arguments, so these figures keep the optimizer "
+                     "state on the device (on a GPU it would leave the device between steps)")
     if not compile_only and result["platform"] == "cpu":
         lines.append("XLA:CPU figures: it keeps float32 copies of bf16 buffers (collectives "
                      "included) and ignores host offload; plan.target=h100 (or a100, h200, "

@@ -324,7 +324,9 @@ def closed_form_bytes(strategy: str, *, length: int, seq: int, q_heads: int, kv_
         inner = closed_form_bytes("ulysses", length=n // g, seq=u, q_heads=q_heads,
                                   kv_heads=kv_heads, head_dim=d, batch=b,
                                   dtype_bytes=dtype_bytes, forward_passes=forward_passes)
-        ring = closed_form_bytes("ring", length=n // u, seq=g, q_heads=max(q_heads // u, 1),
+        # after the all-to-all a device holds its group's N / g tokens for 1/U of the
+        # heads: the ring passes those chunks among the g groups
+        ring = closed_form_bytes("ring", length=n, seq=g, q_heads=max(q_heads // u, 1),
                                  kv_heads=max(kv_heads, u) // u, head_dim=d, batch=b,
                                  dtype_bytes=dtype_bytes, ring_passes=ring_passes)
         return {"formula": "Ulysses in groups of U + ring of P/U groups",

@@ -101,6 +101,9 @@ def test_closed_forms_count_what_the_kernels_send():
     hybrid = closed_form_bytes("hybrid", length=n, seq=p, q_heads=32, kv_heads=8,
                                head_dim=d, ulysses_degree=4)
     assert hybrid["bytes"] == hybrid["all-to-all"] + hybrid["ring"]
+    # the ring runs over the 2 groups with the whole sequence, 2 of the 8 KV heads a device
+    assert hybrid["ring"] == closed_form_bytes("ring", length=n, seq=2, q_heads=8, kv_heads=2,
+                                               head_dim=d)["bytes"]
     assert closed_form_bytes("ring", length=n, seq=1, q_heads=32, kv_heads=8,
                              head_dim=d)["bytes"] == 0
     with pytest.raises(ValueError, match="unknown strategy"):
