@@ -479,3 +479,10 @@ def test_llama3_8b_4m_fits_4m_tokens_on_8_h100s_with_layer_inputs_in_host_memory
     # the 32 layer inputs, 524,288 tokens x 4096 x bf16 each per device
     assert level["host_bytes_per_device"]["total"] >= 32 * 524_288 * 4096 * 2
     assert level["host_bytes_per_device"]["total"] <= 240 * 2**30
+    # the bound splits the step: the offload's 128 GiB out and back over PCIe hide behind
+    # the forward pass's compute
+    bound = level["bound"]
+    assert bound["offload_s"] == pytest.approx(
+        2 * level["host_bytes_per_device"]["total"] / 64e9)
+    assert bound["offload_hidden"] and bound["offload_s"] < bound["compute_s"] / 100
+    assert "offload" in result.stdout and "hidden behind compute" in result.stdout
