@@ -486,3 +486,32 @@ def test_llama3_8b_4m_fits_4m_tokens_on_8_h100s_with_layer_inputs_in_host_memory
         2 * level["host_bytes_per_device"]["total"] / 64e9)
     assert bound["offload_hidden"] and bound["offload_s"] < bound["compute_s"] / 100
     assert "offload" in result.stdout and "hidden behind compute" in result.stdout
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_the_pallas_attention_kernel_compiles_to_triton_calls_for_an_h100():
+    """model/pallas_attention.py, forward and backward, one H100, 8,192 tokens of packed rows
+    (8 query / 2 KV heads of 128, bf16): three Triton calls (forward, dq, dk/dv), and no
+    more temp memory than the blockwise kernel's XLA loop on the same target."""
+    from model.blockwise import blockwise_attention
+    from model.pallas_attention import pallas_attention
+    device = targets.compile_only_devices(targets.get("h100"), 1)[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    length = 8192
+    shapes = [jax.ShapeDtypeStruct((1, length, heads, 128), jnp.bfloat16, sharding=sharding)
+              for heads in (8, 2, 2)]
+    shapes += [jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=sharding)] * 2
+
+    def compiled(attention):
+        def loss(q, k, v, positions, segments):
+            out = attention(q, k, v, positions=positions, segment_ids=segments)
+            return jnp.sum(out.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile()
+
+    fused = compiled(pallas_attention)
+    loop = compiled(lambda *a, **kw: blockwise_attention(*a, **kw, block_q=512, block_k=512))
+    assert fused.as_text().count("__gpu$xla.gpu.triton") == 3
+    assert "__gpu$xla.gpu.triton" not in loop.as_text()
+    assert (fused.memory_analysis().temp_size_in_bytes
+            <= loop.memory_analysis().temp_size_in_bytes)

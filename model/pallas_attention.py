@@ -1,0 +1,303 @@
+"""A Pallas attention kernel with the blockwise contract (model/blockwise.py): one query chunk
+against one key/value chunk, separate query and key segment ids (PAD_SEGMENT included),
+global positions for causal masking and sliding windows, any lengths, GQA, and the per-row
+log-sum-exp in natural log, so that partial results over disjoint key sets merge as the
+blockwise kernel's do (`merge_partial_attention`).
+
+Forward: FlashAttention's online softmax, one program per (row, query head, query block)
+looping over the key blocks. Backward (FlashAttention-2): one kernel for dq (per query
+block, over the key blocks) and one for dk, dv (per key block, over the query heads of its
+group and the query blocks), probabilities recomputed from the saved log-sum-exp.
+
+Written for Pallas' GPU (Triton) lowering; `interpret=True` runs the same kernel code on any
+backend (the CPU tests check its numerics against the float64 reference). Lengths are
+padded to whole blocks inside; padded keys and queries get segment ids no real token has.
+Status: the kernel and its numerics; not yet wired into the model or the sequence-parallel
+strategies (model.attention_kernel does not offer it).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+
+from model.blockwise import name_residuals, window_argument
+from model.masking import (MASKED, PAD_SEGMENT, check_shapes,
+                           default_positions_and_segments)
+
+_PADDED_KEY = PAD_SEGMENT + 1       # segment ids of padding added here: equal to no real one
+_PADDED_QUERY = PAD_SEGMENT + 2
+# Triton, not Mosaic GPU (Pallas' default on GPUs, which would stage each program's whole
+# K/V in shared memory); interpret mode ignores it
+_TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+
+
+def _dot(a, b):
+    """a [m, k] @ b [k, n] in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+    """a [m, k] @ b[n, k].T in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _visible(q_pos, q_seg, k_pos, k_seg, window, causal: bool):
+    """bool [bq, bk]: the blockwise kernel's mask (model.masking.attention_mask) on a tile."""
+    mask = q_seg[:, None] == k_seg[None, :]
+    distance = q_pos[:, None] - k_pos[None, :]
+    if causal:
+        mask &= distance >= 0
+    if window is not None:
+        mask &= distance < window
+        if not causal:
+            mask &= distance > -window
+    return mask
+
+
+def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
+    window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
+    q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, out_ref, lse_ref = refs
+    q = q_ref[...]                                                    # [bq, d]
+    q_pos, q_seg = qp_ref[...], qs_ref[...]                           # [bq]
+    window = window_ref[0] if windowed else None
+    bq, d = q.shape
+
+    def key_block(j, carry):
+        acc, m, total = carry
+        keys = pl.ds(j * block_k, block_k)
+        k, v = k_ref[keys, :], v_ref[keys, :]                         # [bk, d]
+        mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], window, causal)
+        s = jnp.where(mask, _dot_t(q, k) * scale, MASKED)             # [bq, bk]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, total * correction + jnp.sum(p, axis=1)
+
+    init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
+            jnp.zeros((bq,), jnp.float32))
+    acc, m, total = jax.lax.fori_loop(0, k_blocks, key_block, init)
+    seen = total > 0
+    out_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, total, 1.0)[:, None], 0.0)
+    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+
+
+def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
+    window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
+     dq_ref) = refs
+    q, d_out = q_ref[...], do_ref[...]                                # [bq, d]
+    q_pos, q_seg = qp_ref[...], qs_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]                         # [bq]
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)      # rows that saw no key: p = 0 below
+    window = window_ref[0] if windowed else None
+
+    def key_block(j, dq):
+        keys = pl.ds(j * block_k, block_k)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], window, causal)
+        p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse[:, None]), 0.0)
+        ds = p * (_dot_t(d_out, v) - delta[:, None])                  # [bq, bk]
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = jax.lax.fori_loop(0, k_blocks, key_block, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq * scale
+
+
+def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
+    window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
+     dk_ref, dv_ref) = refs
+    k, v = k_ref[...], v_ref[...]                                     # [bk, d]
+    k_pos, k_seg = kp_ref[...], ks_ref[...]
+    window = window_ref[0] if windowed else None
+
+    def query_block(g, i, carry):                     # the group's query head g, block i
+        dk, dv = carry
+        rows = pl.ds(i * block_q, block_q)
+        q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]              # [bq, d]
+        lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        mask = _visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, window, causal).T
+        p = jnp.where(mask, jnp.exp(_dot_t(k, q) * scale - lse[None, :]), 0.0)  # [bk, bq]
+        dv = dv + _dot(p.astype(d_out.dtype), d_out)
+        ds = p * (_dot_t(v, d_out) - delta[None, :])
+        return dk + _dot(ds.astype(q.dtype), q), dv
+
+    def query_head(g, carry):
+        return jax.lax.fori_loop(0, q_blocks, functools.partial(query_block, g), carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(0, groups, query_head, (zeros, zeros))
+    dk_ref[...], dv_ref[...] = dk * scale, dv
+
+
+def _pad(x, length: int, axis: int, value=0):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k):
+    """Head-major, padded to whole blocks: q [b, hq, Lq, d], k/v [b, hk, Lk, d], positions
+    and segment ids [b, L] (int32)."""
+    lq = pl.cdiv(q.shape[1], block_q) * block_q
+    lk = pl.cdiv(k.shape[1], block_k) * block_k
+    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    q = heads_first(_pad(q, lq, 1))
+    k, v = (heads_first(_pad(x, lk, 1)) for x in (k, v))
+    q_pos, k_pos = _pad(q_pos.astype(jnp.int32), lq, 1), _pad(k_pos.astype(jnp.int32), lk, 1)
+    q_seg = _pad(q_seg.astype(jnp.int32), lq, 1, _PADDED_QUERY)
+    k_seg = _pad(k_seg.astype(jnp.int32), lk, 1, _PADDED_KEY)
+    return q, k, v, q_pos, k_pos, q_seg, k_seg
+
+
+def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """Power-of-two blocks (Triton's rule), at least 16 and no larger than the chunk needs."""
+    def size(length, block):
+        return max(16, min(pl.next_power_of_2(block), pl.next_power_of_2(length)))
+    return size(lq, block_q), size(lk, block_k)
+
+
+def _window_args(window):
+    if window is None:
+        return [], []
+    return [jnp.asarray(window, jnp.int32).reshape(1)], [pl.BlockSpec((1,), lambda *_: (0,))]
+
+
+def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
+                   block_k: int = 128, window=None, interpret: bool = False):
+    """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
+    contract (lse -inf and out 0 for rows that see no key here)."""
+    b, lq, hq, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    groups = hq // hk
+    block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
+    qh, kh, vh, qp, kp, qs, ks = _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    padded_q, padded_k = qh.shape[2], kh.shape[2]
+    window_args, window_specs = _window_args(window)
+    kernel = functools.partial(_forward_kernel, causal=causal, block_k=block_k,
+                               k_blocks=padded_k // block_k, scale=1.0 / np.sqrt(d),
+                               windowed=window is not None)
+    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
+    kv_whole = pl.BlockSpec((None, None, padded_k, d),
+                            lambda bi, hi, qi: (bi, hi // groups, 0, 0))
+    q_rows = pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi))
+    k_rows = pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0))
+    out, lse = pl.pallas_call(
+        kernel, grid=(b, hq, padded_q // block_q),
+        in_specs=[*window_specs, q_block, kv_whole, kv_whole, q_rows, q_rows, k_rows, k_rows],
+        out_specs=[q_block, pl.BlockSpec((None, None, block_q),
+                                         lambda bi, hi, qi: (bi, hi, qi))],
+        out_shape=[jax.ShapeDtypeStruct((b, hq, padded_q, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hq, padded_q), jnp.float32)],
+        interpret=interpret, name="boundless_attention_forward", compiler_params=_TRITON,
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks)
+    return jnp.swapaxes(out, 1, 2)[:, :lq], jnp.swapaxes(lse, 1, 2)[:, :lq]
+
+
+def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, causal: bool,
+                    block_q: int = 128, block_k: int = 128, window=None,
+                    interpret: bool = False):
+    """(dq, dk, dv) in float32: `blockwise_backward`'s contract (lse from the forward pass
+    over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq])."""
+    b, lq, hq, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    groups = hq // hk
+    block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
+    qh, kh, vh, qp, kp, qs, ks = _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    padded_q, padded_k = qh.shape[2], kh.shape[2]
+    do = jnp.swapaxes(_pad(d_out.astype(q.dtype), padded_q, 1), 1, 2)
+    lse = jnp.swapaxes(_pad(lse, padded_q, 1, -jnp.inf), 1, 2)      # [b, hq, Lq]
+    delta = jnp.swapaxes(_pad(delta, padded_q, 1), 1, 2)
+    window_args, window_specs = _window_args(window)
+    options = dict(causal=causal, scale=1.0 / np.sqrt(d), windowed=window is not None)
+
+    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
+    kv_whole = pl.BlockSpec((None, None, padded_k, d),
+                            lambda bi, hi, qi: (bi, hi // groups, 0, 0))
+    rows = pl.BlockSpec((None, None, block_q), lambda bi, hi, qi: (bi, hi, qi))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, block_k=block_k, k_blocks=padded_k // block_k,
+                          **options),
+        grid=(b, hq, padded_q // block_q),
+        in_specs=[*window_specs, q_block, kv_whole, kv_whole,
+                  pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi)),
+                  pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi)),
+                  pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
+                  pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
+                  q_block, rows, rows],
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct((b, hq, padded_q, d), jnp.float32),
+        interpret=interpret, name="boundless_attention_dq", compiler_params=_TRITON,
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
+
+    group_whole = pl.BlockSpec((None, groups, padded_q, d), lambda bi, hi, ki: (bi, hi, 0, 0))
+    group_rows = pl.BlockSpec((None, groups, padded_q), lambda bi, hi, ki: (bi, hi, 0))
+    k_block = pl.BlockSpec((None, None, block_k, d), lambda bi, hi, ki: (bi, hi, ki, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=block_q, q_blocks=padded_q // block_q,
+                          groups=groups, **options),
+        grid=(b, hk, padded_k // block_k),
+        in_specs=[*window_specs, group_whole, k_block, k_block,
+                  pl.BlockSpec((None, padded_q), lambda bi, hi, ki: (bi, 0)),
+                  pl.BlockSpec((None, padded_q), lambda bi, hi, ki: (bi, 0)),
+                  pl.BlockSpec((None, block_k), lambda bi, hi, ki: (bi, ki)),
+                  pl.BlockSpec((None, block_k), lambda bi, hi, ki: (bi, ki)),
+                  group_whole, group_rows, group_rows],
+        out_specs=[k_block, k_block],
+        out_shape=[jax.ShapeDtypeStruct((b, hk, padded_k, d), jnp.float32)] * 2,
+        interpret=interpret, name="boundless_attention_dkv", compiler_params=_TRITON,
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
+    unpad = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]            # noqa: E731
+    return unpad(dq, lq), unpad(dk, lk), unpad(dv, lk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q, block_k,
+               interpret):
+    out, _ = pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                            block_q=block_q, block_k=block_k, window=window,
+                            interpret=interpret)
+    return out.astype(q.dtype)
+
+
+def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q, block_k,
+                   interpret):
+    out, lse = pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                              block_q=block_q, block_k=block_k, window=window,
+                              interpret=interpret)
+    out, lse = name_residuals(out.astype(q.dtype), lse)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
+
+
+def _attention_bwd(causal, block_q, block_k, interpret, residuals, d_out):
+    q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse = residuals
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    dq, dk, dv = pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
+                                 causal=causal, block_q=block_q, block_k=block_k,
+                                 window=window, interpret=interpret)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
+            None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def pallas_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
+                     sliding_window=None, block_q: int = 128, block_k: int = 128,
+                     interpret: bool = False):
+    """`blockwise_attention`'s contract (q [b, l, hq, d], k/v [b, l, hk, d] -> [b, l, hq, d])
+    with the Pallas kernels forward and backward."""
+    check_shapes(q, k, v)
+    positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+    window = window_argument(sliding_window)
+    return _attention(q, k, v, positions, positions, segment_ids, segment_ids, window,
+                      bool(causal), block_q, block_k, interpret)

@@ -1,0 +1,119 @@
+"""Specification of the Pallas attention kernel (model/pallas_attention.py), run with
+interpret=True on the CPU: the blockwise contract, checked against a float64 reference for
+the forward pass (out and log-sum-exp) and against the dense kernel's gradients, with
+packed rows (PAD_SEGMENT included), GQA, sliding windows, a query chunk that is not the key
+chunk (a ring hop), and lengths that divide no block."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.attention import masked_attention
+from model.masking import PAD_SEGMENT, attention_mask
+from model.blockwise import blockwise_attention
+from model.pallas_attention import pallas_attention, pallas_backward, pallas_forward
+
+D = 16
+
+
+def chunk(seed, length, heads, start=0, documents=(), pad=0):
+    """(x [1, length, heads, D] float32, positions, segment ids [1, length]): documents of
+    the given lengths packed from position `start`, then `pad` PAD_SEGMENT tokens."""
+    x = jax.random.normal(jax.random.key(seed), (1, length, heads, D), jnp.float32)
+    positions = np.arange(start, start + length, dtype=np.int32)[None]
+    segments = np.zeros((1, length), np.int32)
+    at = 0
+    for i, n in enumerate(documents):
+        segments[0, at:at + n] = i
+        at += n
+    segments[0, at:] = len(documents) - 1 if documents else 0
+    if pad:
+        segments[0, length - pad:] = PAD_SEGMENT
+    return x, jnp.asarray(positions), jnp.asarray(segments)
+
+
+def reference_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, window):
+    """float64 numpy: out [b, lq, hq, d], lse [b, lq, hq] (-inf, out 0 where nothing seen)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    groups = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
+    mask = np.asarray(attention_mask(q_pos, k_pos, q_seg, k_seg, causal, window))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(mask[:, None], s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    total = p.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", p / np.where(total > 0, total, 1), v)
+    lse = np.where(total[..., 0] > 0, np.log(np.maximum(total[..., 0], 1e-300)) + m[..., 0],
+                   -np.inf)
+    return out, np.swapaxes(lse, 1, 2)
+
+
+CASES = {
+    # name: (lq, lk, hq, hk, q_start, documents, pad, causal, window)
+    "one token": (1, 1, 2, 2, 0, (), 0, True, None),
+    "length dividing no block": (37, 37, 2, 2, 0, (), 0, True, None),
+    "packed rows with padding": (50, 50, 4, 2, 0, (20, 25), 5, True, None),
+    "gqa and a window": (70, 70, 4, 1, 0, (), 0, True, 9),
+    "a ring hop: later queries": (24, 40, 2, 2, 40, (), 0, True, None),
+    "bidirectional with a window": (33, 33, 2, 2, 0, (12, 21), 0, False, 5),
+}
+
+
+def case_inputs(name):
+    lq, lk, hq, hk, q_start, documents, pad, causal, window = CASES[name]
+    q, q_pos, q_seg = chunk(1, lq, hq, q_start, documents if lq == lk else (), pad)
+    k, k_pos, k_seg = chunk(2, lk, hk, 0, documents if lq == lk else (), pad)
+    v, _, _ = chunk(3, lk, hk)
+    return (q, k, v, q_pos, k_pos, q_seg, k_seg), causal, window
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_matches_the_float64_reference(name):
+    args, causal, window = case_inputs(name)
+    out, lse = pallas_forward(*args, causal=causal, window=window, block_q=16, block_k=16,
+                              interpret=True)
+    ref_out, ref_lse = reference_forward(*args, causal, window)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def dense_vjp(args, causal, window, d_out):
+    q, k, v, q_pos, k_pos, q_seg, k_seg = args
+    mask = attention_mask(q_pos, k_pos, q_seg, k_seg, causal, window)
+    _, vjp = jax.vjp(lambda q, k, v: masked_attention(q, k, v, mask), q, k, v)
+    return vjp(d_out)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_match_the_dense_kernels(name):
+    args, causal, window = case_inputs(name)
+    q = args[0]
+    d_out = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+    out, lse = pallas_forward(*args, causal=causal, window=window, block_q=16, block_k=16,
+                              interpret=True)
+    delta = jnp.sum(d_out * out, axis=-1)
+    got = pallas_backward(*args, lse, d_out, delta, causal=causal, window=window, block_q=16,
+                          block_k=16, interpret=True)
+    expected = dense_vjp(args, causal, window, d_out)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_attention_function_gives_the_blockwise_kernels_values_and_gradients():
+    q, positions, segments = chunk(4, 45, 4, documents=(30, 15))
+    k, _, _ = chunk(5, 45, 2)
+    v, _, _ = chunk(6, 45, 2)
+
+    def loss(attention):
+        return lambda q, k, v: jnp.sum(attention(q, k, v, positions=positions,
+                                                 segment_ids=segments, sliding_window=11) ** 2)
+
+    fused = jax.value_and_grad(loss(lambda *a, **kw: pallas_attention(
+        *a, **kw, block_q=16, block_k=16, interpret=True)), argnums=(0, 1, 2))(q, k, v)
+    blockwise = jax.value_and_grad(loss(lambda *a, **kw: blockwise_attention(
+        *a, **kw, block_q=16, block_k=16)), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(fused[0], blockwise[0], rtol=1e-5)
+    for a, b in zip(fused[1], blockwise[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
