@@ -133,7 +133,9 @@ def _measured(compiled, seconds: float, mesh) -> dict:
             "compile_s": round(seconds, 2),
             "collective_bytes": collectives.collective_bytes(hlo, hosts),
             "attention_collective_dtypes": collectives.attention_dtypes(hlo),
-            "cudnn_attention_calls": collectives.fused_attention_calls(hlo)}
+            "cudnn_attention_calls": collectives.fused_attention_calls(hlo),
+            "fused_attention_calls": (collectives.fused_attention_calls(hlo)
+                                      + collectives.pallas_attention_calls(hlo))}
 
 
 def _with_bound(entry: dict, target: targets.Target, devices: int) -> dict:
@@ -166,6 +168,7 @@ def train_step_entry(config, level, devices=None, target=None) -> dict:
                                                              level.seq_len), learning_rate))
     entry = {"length": level.seq_len, "batch_size": level.batch_size, "mesh": level.mesh_dict,
              "tokens_per_step": level.tokens_per_step, "kernel": run.kernel,
+             "attention_kernel": run.kernel,
              "flops_per_step": training_flops_per_step(run.model_config, level.seq_len,
                                                        level.batch_size),
              **_measured(compiled, time.time() - start, run.mesh)}
@@ -183,6 +186,7 @@ def eval_step_entry(config, level, length: int, devices=None, target=None) -> di
                                                       length))
     entry = {"length": length, "batch_size": rows, "mesh": level.mesh_dict,
              "tokens_per_step": rows * length, "kernel": run.kernel,
+             "attention_kernel": run.kernel,
              "flops_per_step": training_flops_per_step(run.model_config, length, rows) / 3,
              **_measured(compiled, time.time() - start, run.mesh)}
     return _with_bound(entry, target or targets.get("cpu"), run.mesh.size)

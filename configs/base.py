@@ -53,9 +53,10 @@ def get_config() -> config_dict.ConfigDict:
     # mesh.seq), ring across the groups
     model.ulysses_degree = None, integer(1, optional=True)
     # the per-device kernel: auto | blockwise | cudnn (NVIDIA GPUs, whole-sequence calls on
-    # one device or with ulysses, rows that are one document in order); auto picks cudnn
-    # where it applies and says why not otherwise
-    model.attention_kernel = "auto", text(("auto", "blockwise", "cudnn"))
+    # one device or with ulysses, rows that are one document in order) | pallas (our Pallas
+    # kernel in every strategy and hop: Triton on GPUs, interpreted on the CPU, slow; not on
+    # TPUs yet); auto picks cudnn where it applies and says why not otherwise
+    model.attention_kernel = "auto", text(("auto", "blockwise", "cudnn", "pallas"))
     # largest query / key-value block of the blockwise/ring kernels; any length runs (a
     # sequence is padded internally by less than one block)
     model.block_q = 256, integer(1)

@@ -12,8 +12,9 @@ group and the query blocks), probabilities recomputed from the saved log-sum-exp
 Written for Pallas' GPU (Triton) lowering; `interpret=True` runs the same kernel code on any
 backend (the CPU tests check its numerics against the float64 reference). Lengths are
 padded to whole blocks inside; padded keys and queries get segment ids no real token has.
-Status: the kernel and its numerics; not yet wired into the model or the sequence-parallel
-strategies (model.attention_kernel does not offer it).
+`model.attention_kernel=pallas` runs it on one device and in every sequence-parallel strategy
+(each ring hop, the all-gather's chunk, Ulysses' and the hybrid's calls); `auto` does not
+pick it yet.
 """
 from __future__ import annotations
 
@@ -300,4 +301,15 @@ def pallas_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     window = window_argument(sliding_window)
     return _attention(q, k, v, positions, positions, segment_ids, segment_ids, window,
+                      bool(causal), block_q, block_k, interpret)
+
+
+def pallas_chunk_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True,
+                           sliding_window=None, block_q: int = 128, block_k: int = 128,
+                           interpret: bool = False):
+    """The queries of one chunk over the keys of another (positions and segment ids for
+    each), with the Pallas kernels forward and backward: `blockwise_chunk_attention`'s
+    contract, what the all-gather strategy runs on each device."""
+    check_shapes(q, k, v)
+    return _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window_argument(sliding_window),
                       bool(causal), block_q, block_k, interpret)

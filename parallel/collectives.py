@@ -372,6 +372,13 @@ def fused_attention_calls(hlo_text: str) -> int:
     return len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text))
 
 
+def pallas_attention_calls(hlo_text: str) -> int:
+    """Calls of model/pallas_attention.py's kernels (Triton custom calls named
+    boundless_attention_*) in compiled HLO."""
+    return len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton".*'
+                          r'boundless_attention_', hlo_text))
+
+
 def transfer_seconds(nbytes: int, gbytes_per_s: float) -> float:
     """Seconds `nbytes` take over one link of `gbytes_per_s` GB/s."""
     return nbytes / (gbytes_per_s * 1e9)

@@ -84,8 +84,9 @@ def attention_function(model_config: ModelConfig, mesh, *, layout_setting: str =
     if attention not in SEQUENCE_PARALLEL:
         if kernel == "blockwise":
             return None
-        return sequence_parallel.local_kernel_function(kernel, block_q=model_config.block_q,
-                                                       block_k=model_config.block_k)
+        return sequence_parallel.local_kernel_function(
+            kernel, block_q=model_config.block_q, block_k=model_config.block_k,
+            interpret=sequence_parallel.interpret_kernels(mesh))
     layout, _ = sequence_parallel.batch_layout(attention, layout_setting, mesh.shape["seq"],
                                                ulysses_degree)
     return sequence_parallel.make_sequence_attention(

@@ -44,6 +44,7 @@ from model.blockwise import (block_plan, blockwise_attention, blockwise_backward
                              opaque, window_argument)
 from model.masking import (PAD_SEGMENT, check_shapes, check_window,
                            default_positions_and_segments, pad_axis1, padded_length)
+from model.pallas_attention import pallas_attention, pallas_backward, pallas_forward
 from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 
@@ -89,11 +90,38 @@ def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
     return possible
 
 
+def _hop_forward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, *,
+                 causal, block_q, block_k, window):
+    """One hop's (out float32, lse, tiles) by the per-device kernel ("blockwise" or
+    "pallas", whose tiles are not counted: 0)."""
+    if kernel == "pallas":
+        out, lse = pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                                  block_q=block_q, block_k=block_k, window=window,
+                                  interpret=interpret)
+        return out, lse, jnp.zeros((), jnp.int32)
+    return blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                             block_q=block_q, block_k=block_k, window=window)
+
+
+def _hop_backward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, lse,
+                  d_out, delta, *, causal, block_q, block_k, accumulators, window):
+    """(dq, dk, dv) accumulators plus one hop's gradients."""
+    if kernel == "pallas":
+        grads = pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
+                                causal=causal, block_q=block_q, block_k=block_k,
+                                window=window, interpret=interpret)
+        return tuple(a + g for a, g in zip(accumulators, grads))
+    return blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
+                              causal=causal, block_q=block_q, block_k=block_k,
+                              accumulators=accumulators, window=window)
+
+
 def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axis_size, hops,
-                  causal, block_q, block_k, stride=1):
+                  causal, block_q, block_k, stride=1, kernel="blockwise", interpret=False):
     """Per-device forward over this device's keys and `hops` others: (out float32, lse,
     tiles computed, hops computed). K/V move `stride` devices per hop (1: the plain ring;
-    the hybrid's ring links the devices of the same rank in each group)."""
+    the hybrid's ring links the devices of the same rank in each group). `kernel`: each
+    hop's kernel, "blockwise" or "pallas" (interpret: run it with Pallas' interpreter)."""
     b, lq, hq, d = q.shape
 
     def attend(kv, out, lse, tiles, computed):
@@ -101,9 +129,9 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
 
         def compute(state):
             out, lse, tiles, computed = state
-            out_c, lse_c, tiles_c = blockwise_forward(
-                q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, causal=causal, block_q=block_q,
-                block_k=block_k, window=window)
+            out_c, lse_c, tiles_c = _hop_forward(
+                kernel, interpret, q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, causal=causal,
+                block_q=block_q, block_k=block_k, window=window)
             out, lse = merge_partial_attention(out, lse, out_c, lse_c)
             return out, lse, tiles + tiles_c, computed + 1
 
@@ -125,7 +153,8 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
 
 
 def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out, *,
-                   axis_name, axis_size, hops, causal, block_q, block_k, stride=1):
+                   axis_name, axis_size, hops, causal, block_q, block_k, stride=1,
+                   kernel="blockwise", interpret=False):
     """Per-device backward: dq stays home; dK/dV ride along with K/V and go home at the
     end (one more shift for the full ring, `hops` back for a shortened one)."""
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
@@ -134,9 +163,9 @@ def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out,
         k_c, v_c, kp_c, ks_c = kv
 
         def compute(accumulators):
-            return blockwise_backward(q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, lse, d_out, delta,
-                                      causal=causal, block_q=block_q, block_k=block_k,
-                                      accumulators=accumulators, window=window)
+            return _hop_backward(kernel, interpret, q, k_c, v_c, q_pos, kp_c, q_seg, ks_c,
+                                 lse, d_out, delta, causal=causal, block_q=block_q,
+                                 block_k=block_k, accumulators=accumulators, window=window)
 
         return jax.lax.cond(_may_see(q_pos, q_seg, kp_c, ks_c, causal, window), compute,
                             lambda accumulators: accumulators, accumulators)
@@ -221,8 +250,14 @@ def _validate(q, k, v, mesh: Mesh, axis_name: str, sliding_window, layout):
                          f"{mesh.shape['tensor']}")
 
 
+def interpret_kernels(mesh: Mesh) -> bool:
+    """Whether the Pallas kernel runs in Pallas' interpreter on this mesh (off GPUs: it is
+    written for Triton)."""
+    return mesh.devices.flat[0].platform != "gpu"
+
+
 def _ring_setup(q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout,
-                block_q, block_k):
+                block_q, block_k, kernel="blockwise"):
     """The globally padded positions/segments, the padded length and the ring's static
     options."""
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
@@ -233,13 +268,15 @@ def _ring_setup(q, mesh, axis_name, positions, segment_ids, causal, sliding_wind
     options = dict(axis_name=axis_name, axis_size=n, causal=bool(causal),
                    hops=ring_hops(n, length // n, causal=causal, sliding_window=sliding_window,
                                   layout=layout),
-                   block_q=block_q, block_k=block_k)
+                   block_q=block_q, block_k=block_k, kernel=kernel,
+                   interpret=interpret_kernels(mesh))
     return positions, segment_ids, length, options
 
 
 def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=None,
                    segment_ids=None, causal: bool = True, sliding_window=None,
-                   layout: str | None = None, block_q: int = 256, block_k: int = 256):
+                   layout: str | None = None, block_q: int = 256, block_k: int = 256,
+                   kernel: str = "blockwise"):
     """Attention with the sequence split over `axis_name` of `mesh`.
 
     Same contract as `model.attention.dot_product_attention`: q [batch, length, q_heads,
@@ -248,18 +285,20 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=Non
     split over the mesh's data/fsdp axes and heads over `tensor` (those must divide). With
     an axis of size 1 this is the blockwise kernel. `layout="contiguous"` promises slices
     in sequence order (see the module docstring); a causal sliding window then shortens
-    the ring.
+    the ring. `kernel`: each hop's kernel, "blockwise" or "pallas".
     """
     _validate(q, k, v, mesh, axis_name, sliding_window, layout)
     n = mesh.shape[axis_name]
     if n == 1:
-        return blockwise_attention(q, k, v, positions=positions, segment_ids=segment_ids,
-                                   causal=causal, sliding_window=sliding_window,
-                                   block_q=block_q, block_k=block_k)
+        one_device = blockwise_attention if kernel == "blockwise" else functools.partial(
+            pallas_attention, interpret=interpret_kernels(mesh))
+        return one_device(q, k, v, positions=positions, segment_ids=segment_ids,
+                          causal=causal, sliding_window=sliding_window, block_q=block_q,
+                          block_k=block_k)
     length = q.shape[1]
     positions, segment_ids, padded, options = _ring_setup(
         q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,
-        block_k)
+        block_k, kernel)
     ring = local_ring(options)
     window = window_argument(sliding_window)
 
@@ -318,10 +357,10 @@ def ring_tiles_per_device(q, k, v, **kwargs):
 
 @functools.lru_cache(maxsize=None)
 def make_ring_attention(mesh: Mesh, *, axis_name: str = "seq", layout: str | None = None,
-                        block_q: int = 256, block_k: int = 256):
+                        block_q: int = 256, block_k: int = 256, kernel: str = "blockwise"):
     """`ring_attention` bound to a mesh, with the attention-function signature the model
     layer calls: fn(q, k, v, *, positions, segment_ids, causal, sliding_window). One
     function object per argument set (cached), so models built with it compare equal and
     reuse compilations."""
     return functools.partial(ring_attention, mesh=mesh, axis_name=axis_name, layout=layout,
-                             block_q=block_q, block_k=block_k)
+                             block_q=block_q, block_k=block_k, kernel=kernel)

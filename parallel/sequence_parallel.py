@@ -32,12 +32,13 @@ from model.blockwise import blockwise_attention, blockwise_chunk_attention, wind
 from model.fused_attention import fused_attention
 from model.masking import PAD_SEGMENT, check_shapes, default_positions_and_segments, \
     pad_axis1, padded_length
+from model.pallas_attention import pallas_attention, pallas_chunk_attention
 from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
-from parallel.ring_attention import local_ring, ring_attention, ring_hops
+from parallel.ring_attention import interpret_kernels, local_ring, ring_attention, ring_hops
 
 STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
-KERNELS = ("auto", "blockwise", "cudnn")
+KERNELS = ("auto", "blockwise", "cudnn", "pallas")
 # The layout each strategy wants its tokens in (parallel/layout.py): the ring and the
 # all-gather balance causal work with zigzag; Ulysses sees the whole sequence on each
 # device, where sequence order lets the kernel skip the causal upper triangle by block.
@@ -86,7 +87,10 @@ def say_once(message: str) -> None:
 
 def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: bool,
                   say=say_once) -> str:
-    """The per-device kernel for `requested` (auto | blockwise | cudnn).
+    """The per-device kernel for `requested` (auto | blockwise | cudnn | pallas).
+
+    pallas is model/pallas_attention.py's kernel, in every strategy: Triton on a GPU, Pallas'
+    interpreter on the CPU (slow; there to check numerics); not on a TPU yet (one line).
 
     cudnn needs an NVIDIA GPU and a whole-sequence call on rows that are one document in
     sequence order (`in_order`): one device or Ulysses. "auto" takes it where it applies
@@ -96,6 +100,11 @@ def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: boo
         raise ValueError(f"model.attention_kernel must be one of {KERNELS}, got {requested!r}")
     if requested == "blockwise":
         return "blockwise"
+    if requested == "pallas":
+        if platform == "tpu":
+            raise ValueError("model.attention_kernel=pallas: the Pallas kernel is written for "
+                             "GPUs (Triton); on a TPU use auto or blockwise")
+        return "pallas"
     reason = None
     if platform != "gpu":
         reason = f"cudnn attention needs an NVIDIA GPU (this platform: {platform})"
@@ -115,9 +124,14 @@ def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: boo
 
 
 def local_attention(kernel: str, *, causal: bool, static_window, block_q: int,
-                    block_k: int, implementation: str = "cudnn"):
+                    block_k: int, implementation: str = "cudnn", interpret: bool = False):
     """fn(q, k, v, positions, segment_ids, window) -> out for one device's whole sequence
-    (`window`: the sliding window, None or traced; cudnn takes `static_window`, an int)."""
+    (`window`: the sliding window, None or traced; cudnn takes `static_window`, an int;
+    `interpret`: run the Pallas kernel in Pallas' interpreter)."""
+    if kernel == "pallas":
+        return lambda q, k, v, positions, segments, window: pallas_attention(
+            q, k, v, positions=positions, segment_ids=segments, causal=causal,
+            sliding_window=window, block_q=block_q, block_k=block_k, interpret=interpret)
     if kernel == "cudnn":
         return lambda q, k, v, positions, segments, window: fused_attention(
             q, k, v, causal=causal, sliding_window=static_window,
@@ -127,7 +141,8 @@ def local_attention(kernel: str, *, causal: bool, static_window, block_q: int,
         sliding_window=window, block_q=block_q, block_k=block_k)
 
 
-def local_kernel_function(kernel: str, *, block_q: int = 256, block_k: int = 256):
+def local_kernel_function(kernel: str, *, block_q: int = 256, block_k: int = 256,
+                          interpret: bool = False):
     """The attention-function form (q, k, v, *, positions, segment_ids, causal,
     sliding_window) of `kernel` on one device; the fused kernel assumes rows in order
     (choose_kernel checked that)."""
@@ -135,7 +150,7 @@ def local_kernel_function(kernel: str, *, block_q: int = 256, block_k: int = 256
                   sliding_window=None):
         positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
         return local_attention(kernel, causal=causal, static_window=sliding_window,
-                               block_q=block_q, block_k=block_k)(
+                               block_q=block_q, block_k=block_k, interpret=interpret)(
             q, k, v, positions, segment_ids, sliding_window)
     return attention
 
@@ -228,6 +243,8 @@ def _ulysses_local(options, kernel_fn):
 def _allgather_local(options):
     axis = options["axis_name"]
     causal, block_q, block_k = options["causal"], options["block_q"], options["block_k"]
+    chunk_attention = blockwise_chunk_attention if options["kernel"] != "pallas" else \
+        functools.partial(pallas_chunk_attention, interpret=options["interpret"])
 
     def local(q, k, v, positions, segments, *window):
         window = window[0] if window else None
@@ -235,9 +252,9 @@ def _allgather_local(options):
         k_all, v_all = (jax.lax.all_gather(x, axis, axis=1, tiled=True) for x in (k, v))
         k_pos, k_seg = (jax.lax.all_gather(x, axis, axis=1, tiled=True)
                         for x in (positions, segments))
-        return blockwise_chunk_attention(q, k_all, v_all, positions, k_pos, segments, k_seg,
-                                         causal=causal, sliding_window=window,
-                                         block_q=block_q, block_k=block_k)
+        return chunk_attention(q, k_all, v_all, positions, k_pos, segments, k_seg,
+                               causal=causal, sliding_window=window, block_q=block_q,
+                               block_k=block_k)
     return local
 
 
@@ -246,7 +263,9 @@ def _hybrid_local(options):
     ring = local_ring(dict(axis_name=options["axis_name"], axis_size=options["axis_size"],
                            hops=options["hops"], causal=options["causal"],
                            block_q=options["block_q"], block_k=options["block_k"],
-                           stride=options["degree"]))
+                           stride=options["degree"],
+                           kernel="pallas" if options["kernel"] == "pallas" else "blockwise",
+                           interpret=options["interpret"]))
 
     def ring_kernel(q, k, v, positions, segments, window):
         return ring(q, k, v, positions, segments, positions, segments, window)
@@ -278,7 +297,8 @@ def sequence_attention(q, k, v, *, mesh: Mesh, strategy: str, ulysses_degree=Non
         return ring_attention(q, k, v, mesh=mesh, axis_name=axis_name, positions=positions,
                               segment_ids=segment_ids, causal=causal,
                               sliding_window=sliding_window, layout=layout, block_q=block_q,
-                              block_k=block_k)
+                              block_k=block_k, kernel="pallas" if kernel == "pallas" else
+                              "blockwise")
     check_shapes(q, k, v)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be None or one of {LAYOUTS}, got {layout!r}")
@@ -292,9 +312,10 @@ def sequence_attention(q, k, v, *, mesh: Mesh, strategy: str, ulysses_degree=Non
     if q.shape[0] % rows:
         raise ValueError(f"sequence attention: batch {q.shape[0]} is not divisible by the "
                          f"mesh's data x fsdp = {rows}")
+    interpret = interpret_kernels(mesh)
     kernel_fn = local_attention(kernel, causal=causal, static_window=sliding_window,
                                 block_q=block_q, block_k=block_k,
-                                implementation=fused_implementation)
+                                implementation=fused_implementation, interpret=interpret)
     if seq == 1:
         positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
         return kernel_fn(q, k, v, positions, segment_ids, sliding_window)
@@ -305,7 +326,7 @@ def sequence_attention(q, k, v, *, mesh: Mesh, strategy: str, ulysses_degree=Non
     segment_ids = pad_axis1(segment_ids.astype(jnp.int32), padded, PAD_SEGMENT)
     members = seq // degree
     options = dict(axis_name=axis_name, axis_size=seq, degree=degree, causal=bool(causal),
-                   block_q=block_q, block_k=block_k,
+                   block_q=block_q, block_k=block_k, kernel=kernel, interpret=interpret,
                    hops=ring_hops(members, padded // members, causal=causal,
                                   sliding_window=sliding_window, layout=layout))
     if strategy == "ulysses":

@@ -515,3 +515,17 @@ def test_the_pallas_attention_kernel_compiles_to_triton_calls_for_an_h100():
     assert "__gpu$xla.gpu.triton" not in loop.as_text()
     assert (fused.memory_analysis().temp_size_in_bytes
             <= loop.memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+@pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather", "hybrid"])
+def test_every_strategy_trains_through_the_pallas_kernel_on_8_h100s(h100_8, strategy):
+    """tiny's packed train step in bf16 with heads of 128 on seq 8, attention_kernel=pallas:
+    the compiled step calls the kernel's Triton programs (plan.json's
+    fused_attention_calls)."""
+    config = sequence_config(strategy, **{"model.attention_kernel": "pallas",
+                                          "model.head_dim": 128})
+    entry = compiled_entry(config, h100_8, targets.get("h100"))
+    assert entry["attention_kernel"] == "pallas"
+    assert entry["fused_attention_calls"] >= 3              # forward, dq, dk/dv

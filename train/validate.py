@@ -34,9 +34,10 @@ def validate_config(config, device_count: int | None = None,
     if sizes["seq"] > 1 and config.model.attention not in SEQUENCE_PARALLEL:
         raise ValueError(f"mesh seq={sizes['seq']} splits the sequence: set model.attention "
                          f"to one of {SEQUENCE_PARALLEL}")
-    if config.model.attention_kernel == "cudnn":     # can it run here at all (auto always can)
+    if config.model.attention_kernel in ("cudnn", "pallas"):  # can it run here (auto can)
         sequence_parallel.choose_kernel(
-            "cudnn", strategy="none" if sizes["seq"] == 1 else config.model.attention,
+            config.model.attention_kernel,
+            strategy="none" if sizes["seq"] == 1 else config.model.attention,
             platform=platform, in_order=True)
     elif config.model.attention_kernel not in sequence_parallel.KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
