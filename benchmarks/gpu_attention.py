@@ -1,5 +1,6 @@
 """Per-device attention kernels on one GPU: the blockwise kernel against cuDNN's fused
-flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`).
+flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) and our Pallas
+kernel (model/pallas_attention.py, Triton).
 
 Table 1: causal attention fwd+bwd at each length, bf16, batch 1, Llama-3-8B's heads (32
 query / 8 KV heads of 128): median seconds and TFLOP/s, counting FlashAttention-2's
@@ -58,9 +59,12 @@ def kernel_rows(lengths, heads, repeats, implementation):
                    for h in (hq, hkv, hkv))
         positions = jnp.arange(length, dtype=jnp.int32)[None]
         segments = jnp.zeros((1, length), jnp.int32)
-        for kernel in ("blockwise", "cudnn"):
-            attend = local_attention(kernel, causal=True, static_window=None, block_q=BLOCK,
-                                     block_k=BLOCK, implementation=implementation)
+        for kernel in ("blockwise", "cudnn", "pallas"):
+            attend = local_attention(kernel, causal=True, static_window=None,
+                                     block_q=128 if kernel == "pallas" else BLOCK,
+                                     block_k=128 if kernel == "pallas" else BLOCK,
+                                     implementation=implementation,
+                                     interpret=jax.devices()[0].platform != "gpu")
             grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v, positions, segments, None)
                                     .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
             try:
@@ -86,7 +90,7 @@ def train_step_rows(length, repeats, kernels, smoke):
         m.vocab_size, m.d_model, m.n_layers, m.mlp_dim = 32000, 2048, 16, 5632
         m.q_heads, m.kv_heads, m.head_dim = 32, 8, 64
         m.remat, m.attention, m.attention_kernel = "full", "blockwise", kernel
-        m.block_q = m.block_k = BLOCK
+        m.block_q = m.block_k = 128 if kernel == "pallas" else BLOCK
         m.loss_chunk_tokens = 4096
         if smoke:
             m.vocab_size, m.d_model, m.n_layers, m.mlp_dim = 256, 64, 2, 128
@@ -143,8 +147,8 @@ def main(argv=None):
           f"x {heads[2]}, block {BLOCK}, median of {args.repeats}:")
     print(format_table(["length", "kernel", "ms", "TFLOP/s"],
                        kernel_rows(lengths, heads, args.repeats, implementation)))
-    kernels = ("blockwise",) if args.smoke or device.platform != "gpu" else ("blockwise",
-                                                                             "cudnn")
+    kernels = (("blockwise",) if args.smoke or device.platform != "gpu" else
+               ("blockwise", "cudnn", "pallas"))
     length = 512 if args.smoke else args.train_length
     print(f"train step of a ~1B Llama-shaped model at {length} tokens (one document), "
           f"median of {args.repeats}:")
