@@ -5,7 +5,8 @@ log-sum-exp in natural log, so that partial results over disjoint key sets merge
 blockwise kernel's do (`merge_partial_attention`).
 
 Forward: FlashAttention's online softmax, one program per (row, query head, query block)
-looping over the key blocks. Backward (FlashAttention-2): one kernel for dq (per query
+looping over the key blocks; a tile no query of the block can see (causal, other
+documents, the window) is skipped, in every kernel. Backward (FlashAttention-2): one kernel for dq (per query
 block, over the key blocks) and one for dk, dv (per key block, over the query heads of its
 group and the query blocks), probabilities recomputed from the saved log-sum-exp.
 
@@ -49,6 +50,11 @@ def _dot_t(a, b):
                                preferred_element_type=jnp.float32)
 
 
+def _any(mask):
+    """Whether any entry of a bool tile is set (Triton lowers no reduce_or)."""
+    return jnp.max(jnp.where(mask, 1, 0)) > 0
+
+
 def _visible(q_pos, q_seg, k_pos, k_seg, window, causal: bool):
     """bool [bq, bk]: the blockwise kernel's mask (model.masking.attention_mask) on a tile."""
     mask = q_seg[:, None] == k_seg[None, :]
@@ -71,16 +77,21 @@ def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
     bq, d = q.shape
 
     def key_block(j, carry):
-        acc, m, total = carry
         keys = pl.ds(j * block_k, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]                         # [bk, d]
         mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], window, causal)
-        s = jnp.where(mask, _dot_t(q, k) * scale, MASKED)             # [bq, bk]
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
-        return acc, m_new, total * correction + jnp.sum(p, axis=1)
+
+        def compute(carry):
+            acc, m, total = carry
+            k, v = k_ref[keys, :], v_ref[keys, :]                     # [bk, d]
+            s = jnp.where(mask, _dot_t(q, k) * scale, MASKED)         # [bq, bk]
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+            return acc, m_new, total * correction + jnp.sum(p, axis=1)
+
+        # a tile no query of the block can see (causal, other documents, the window)
+        return jax.lax.cond(_any(mask), compute, lambda carry: carry, carry)
 
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
@@ -102,11 +113,15 @@ def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
 
     def key_block(j, dq):
         keys = pl.ds(j * block_k, block_k)
-        k, v = k_ref[keys, :], v_ref[keys, :]
         mask = _visible(q_pos, q_seg, kp_ref[keys], ks_ref[keys], window, causal)
-        p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse[:, None]), 0.0)
-        ds = p * (_dot_t(d_out, v) - delta[:, None])                  # [bq, bk]
-        return dq + _dot(ds.astype(k.dtype), k)
+
+        def compute(dq):
+            k, v = k_ref[keys, :], v_ref[keys, :]
+            p = jnp.where(mask, jnp.exp(_dot_t(q, k) * scale - lse[:, None]), 0.0)
+            ds = p * (_dot_t(d_out, v) - delta[:, None])              # [bq, bk]
+            return dq + _dot(ds.astype(k.dtype), k)
+
+        return jax.lax.cond(_any(mask), compute, lambda dq: dq, dq)
 
     dq = jax.lax.fori_loop(0, k_blocks, key_block, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq * scale
@@ -121,16 +136,20 @@ def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
     window = window_ref[0] if windowed else None
 
     def query_block(g, i, carry):                     # the group's query head g, block i
-        dk, dv = carry
         rows = pl.ds(i * block_q, block_q)
-        q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]              # [bq, d]
-        lse, delta = lse_ref[g, rows], delta_ref[g, rows]
-        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
         mask = _visible(qp_ref[rows], qs_ref[rows], k_pos, k_seg, window, causal).T
-        p = jnp.where(mask, jnp.exp(_dot_t(k, q) * scale - lse[None, :]), 0.0)  # [bk, bq]
-        dv = dv + _dot(p.astype(d_out.dtype), d_out)
-        ds = p * (_dot_t(v, d_out) - delta[None, :])
-        return dk + _dot(ds.astype(q.dtype), q), dv
+
+        def compute(carry):
+            dk, dv = carry
+            q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]          # [bq, d]
+            lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+            lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+            p = jnp.where(mask, jnp.exp(_dot_t(k, q) * scale - lse[None, :]), 0.0)  # [bk, bq]
+            dv = dv + _dot(p.astype(d_out.dtype), d_out)
+            ds = p * (_dot_t(v, d_out) - delta[None, :])
+            return dk + _dot(ds.astype(q.dtype), q), dv
+
+        return jax.lax.cond(_any(mask), compute, lambda carry: carry, carry)
 
     def query_head(g, carry):
         return jax.lax.fori_loop(0, q_blocks, functools.partial(query_block, g), carry)
