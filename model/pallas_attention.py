@@ -7,8 +7,9 @@ blockwise kernel's do (`merge_partial_attention`).
 Forward: FlashAttention's online softmax, one program per (row, query head, query block)
 looping over the key blocks; a tile no query of the block can see (causal, other
 documents, the window) is skipped, in every kernel. Backward (FlashAttention-2): one
-kernel for dq (per query block, over the key blocks) and one for dk, dv (per key block, over the query heads of its
-group and the query blocks), probabilities recomputed from the saved log-sum-exp.
+kernel for dq (per query block, over the key blocks) and one for dk, dv (per key block,
+over the query heads of its group and the query blocks), probabilities recomputed from the
+saved log-sum-exp.
 
 Written for Pallas' GPU (Triton) lowering; `interpret=True` runs the same kernel code on any
 backend (the CPU tests check its numerics against the float64 reference). Lengths are
