@@ -135,3 +135,11 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def add_plan_reuse_arguments(parser) -> None:
+    """--workdir and --reuse of the scripts that run `--mode plan` per row."""
+    parser.add_argument("--workdir", default=None,
+                        help="where the plans go (default: a new temporary directory)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read a plan.json already in --workdir instead of planning again")

@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from benchmarks.common import int_list, main_py, new_workdir
+from benchmarks.common import add_plan_reuse_arguments, int_list, main_py, new_workdir
 from util.tables import format_table
 
 GIB = 2 ** 30
@@ -91,10 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--presets", default="llama3_8b,llama2_7b",
                         help="comma-separated presets of configs/llama.py with a _4m recipe")
     parser.add_argument("--gpus", type=int_list, default=[8, 64])
-    parser.add_argument("--workdir", default=None,
-                        help="where the plans go (default: a new temporary directory)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="read a plan.json already in --workdir instead of planning again")
+    add_plan_reuse_arguments(parser)
     args = parser.parse_args(argv)
     workdir = args.workdir or new_workdir("longest_fit")
     rows = [row(preset, gpus, recipe, plan(preset, gpus, recipe, workdir, args.reuse))

@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 
-from benchmarks.common import main_py, new_workdir, target_list
+from benchmarks.common import add_plan_reuse_arguments, main_py, new_workdir, target_list
 from util.tables import format_table
 
 GIB = 2 ** 30
@@ -70,10 +70,7 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=1048576)
     parser.add_argument("--target", type=target_list, default=["cpu", "h100", "v5p"])
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--workdir", default=None,
-                        help="where the plans go (default: a new temporary directory)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="read a plan.json already in --workdir instead of planning again")
+    add_plan_reuse_arguments(parser)
     args = parser.parse_args(argv)
     workdir = args.workdir or new_workdir("target_plans")
     for preset in [p for p in args.presets.split(",") if p]:

@@ -41,8 +41,16 @@ def attention_mask(q_pos, k_pos, q_seg, k_seg, causal: bool, window=None):
     `window`: None (no limit) or the sliding window w in tokens (a Python int, or a traced
     int32 scalar when layers differ): the key is at most w - 1 positions before the query
     (and, without causal, at most w - 1 after it)."""
-    mask = q_seg[:, :, None] == k_seg[:, None, :]
-    distance = q_pos[:, :, None] - k_pos[:, None, :]                 # [b, q_len, k_len]
+    return visible_pairs(q_pos[:, :, None], k_pos[:, None, :], q_seg[:, :, None],
+                         k_seg[:, None, :], causal, window)             # [b, q_len, k_len]
+
+
+def visible_pairs(q_pos, k_pos, q_seg, k_seg, causal: bool, window=None):
+    """The masking rule on arrays that broadcast query against key (attention_mask's
+    [b, q, 1] x [b, 1, k], a kernel tile's [q, 1] x [1, k]): same segment, and with
+    `causal` not after the query, and within `window`."""
+    mask = q_seg == k_seg
+    distance = q_pos - k_pos
     if causal:
         mask &= distance >= 0
     if window is not None:

@@ -30,7 +30,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from model.blockwise import name_residuals, window_argument
 from model.masking import (MASKED, PAD_SEGMENT, check_shapes,
-                           default_positions_and_segments)
+                           default_positions_and_segments, visible_pairs)
 
 _PADDED_KEY = PAD_SEGMENT + 1       # segment ids of padding added here: equal to no real one
 _PADDED_QUERY = PAD_SEGMENT + 2
@@ -57,16 +57,9 @@ def _any(mask):
 
 
 def _visible(q_pos, q_seg, k_pos, k_seg, window, causal: bool):
-    """bool [bq, bk]: the blockwise kernel's mask (model.masking.attention_mask) on a tile."""
-    mask = q_seg[:, None] == k_seg[None, :]
-    distance = q_pos[:, None] - k_pos[None, :]
-    if causal:
-        mask &= distance >= 0
-    if window is not None:
-        mask &= distance < window
-        if not causal:
-            mask &= distance > -window
-    return mask
+    """bool [bq, bk]: the masking rule of every kernel on a tile."""
+    return visible_pairs(q_pos[:, None], k_pos[None, :], q_seg[:, None], k_seg[None, :],
+                         causal, window)
 
 
 def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
@@ -187,6 +180,17 @@ def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int
     return size(lq, block_q), size(lk, block_k)
 
 
+def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int):
+    """The shapes, block sizes and padded head-major operands both passes start from:
+    (b, lq, hq, d, lk, groups, block_q, block_k, operands, padded lq, padded lk)."""
+    b, lq, hq, d = q.shape
+    lk, hk = k.shape[1], k.shape[2]
+    block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
+    operands = _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    return (b, lq, hq, d, lk, hq // hk, block_q, block_k, operands, operands[0].shape[2],
+            operands[1].shape[2])
+
+
 def _window_args(window):
     if window is None:
         return [], []
@@ -197,12 +201,8 @@ def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q
                    block_k: int = 128, window=None, interpret: bool = False):
     """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
     contract (lse -inf and out 0 for rows that see no key here)."""
-    b, lq, hq, d = q.shape
-    lk, hk = k.shape[1], k.shape[2]
-    groups = hq // hk
-    block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
-    qh, kh, vh, qp, kp, qs, ks = _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
-    padded_q, padded_k = qh.shape[2], kh.shape[2]
+    (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
+     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
     window_args, window_specs = _window_args(window)
     kernel = functools.partial(_forward_kernel, causal=causal, block_k=block_k,
                                k_blocks=padded_k // block_k, scale=1.0 / np.sqrt(d),
@@ -229,12 +229,9 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                     interpret: bool = False):
     """(dq, dk, dv) in float32: `blockwise_backward`'s contract (lse from the forward pass
     over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq])."""
-    b, lq, hq, d = q.shape
-    lk, hk = k.shape[1], k.shape[2]
-    groups = hq // hk
-    block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
-    qh, kh, vh, qp, kp, qs, ks = _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
-    padded_q, padded_k = qh.shape[2], kh.shape[2]
+    (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
+     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    hk = hq // groups
     do = jnp.swapaxes(_pad(d_out.astype(q.dtype), padded_q, 1), 1, 2)
     lse = jnp.swapaxes(_pad(lse, padded_q, 1, -jnp.inf), 1, 2)      # [b, hq, Lq]
     delta = jnp.swapaxes(_pad(delta, padded_q, 1), 1, 2)

@@ -270,3 +270,32 @@ def assert_drawn_png(path):
     assert height > 100 and width > 100 and channels in (3, 4), pixels.shape
     colours = np.unique(pixels.reshape(-1, channels), axis=0)
     assert len(colours) > 1, f"{path}: a blank image of one colour {colours[0]}"
+
+
+def tiny_losses_on_8(settings: tuple, steps: int, rows: int = 2, length: int = 256):
+    """(losses, kernel): configs/tiny.py with `settings` ((key, value) pairs such as
+    ("model.attention", "ring")) on 8 simulated devices of mesh seq, `steps` train steps on
+    one packed batch of `rows` x `length` (so the loss must fall as it learns it)."""
+    from parallel import mesh as mesh_lib
+    from tests.test_any_length_training import packed_batch
+    from train.state import build_run, init_state
+    from train.step import make_train_step, put_batch
+    from train.validate import validate_config
+
+    config = tiny.get_config()
+    config.mesh.update(dict(data=1, fsdp=1, seq=8, tensor=1))
+    for key, value in settings:
+        section, name = key.split(".")
+        config[section][name] = value
+    validate_config(config, len(jax.devices()), platform="cpu")
+    run = build_run(config)
+    state = init_state(run, seed=0)
+    step = make_train_step(run, 1, length)
+    batch = put_batch(packed_batch(rows=rows, length=length), run.mesh, rows, run.layout,
+                      run.layout_parts)
+    losses = []
+    with mesh_lib.use_mesh(run.mesh):
+        for _ in range(steps):
+            state, metrics = step(state, batch, np.float32(2e-3))
+            losses.append(float(metrics["loss"]))
+    return tuple(losses), run.kernel

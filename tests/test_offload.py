@@ -11,39 +11,21 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from parallel import mesh as mesh_lib
-from tests.test_any_length_training import packed_batch
-from train.state import build_run, init_state
-from train.step import make_train_step, put_batch
+from tests.helpers import tiny_losses_on_8
+from train.state import build_run
 
 STRATEGIES = {"ring": {}, "ulysses": {}, "allgather": {}, "hybrid": {"ulysses_degree": 2}}
 STEPS = 20
-LENGTH = 256                     # configs/tiny.py's l_max
-ROWS = 2                         # rows a step (tiny's shape; fewer rows keep the test quick)
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_losses(strategy: str, remat: str) -> tuple[float, ...]:
     """configs/tiny.py with scanned layers (offload needs them) on mesh seq 8 with
     `strategy`: the losses of 20 steps on one packed batch."""
-    config = tiny.get_config()
-    config.mesh.update(dict(data=1, fsdp=1, seq=8, tensor=1))
-    config.model.attention, config.model.remat = strategy, remat
-    config.model.scan_layers = True
-    for key, value in STRATEGIES[strategy].items():
-        config.model[key] = value
-    run = build_run(config)
-    state = init_state(run, seed=0)
-    step = make_train_step(run, 1, LENGTH)
-    # one batch throughout: the loss must fall as the model learns it
-    batch = put_batch(packed_batch(rows=ROWS, length=LENGTH), run.mesh, ROWS, run.layout,
-                      run.layout_parts)
-    losses = []
-    with mesh_lib.use_mesh(run.mesh):
-        for _ in range(STEPS):
-            state, metrics = step(state, batch, np.float32(2e-3))
-            losses.append(float(metrics["loss"]))
-    return tuple(losses)
+    settings = (("model.attention", strategy), ("model.remat", remat),
+                ("model.scan_layers", True),
+                *((f"model.{key}", value) for key, value in STRATEGIES[strategy].items()))
+    return tiny_losses_on_8(settings, STEPS)[0]
 
 
 @pytest.mark.slow
