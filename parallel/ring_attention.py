@@ -285,12 +285,13 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=Non
     split over the mesh's data/fsdp axes and heads over `tensor` (those must divide). With
     an axis of size 1 this is the blockwise kernel. `layout="contiguous"` promises slices
     in sequence order (see the module docstring); a causal sliding window then shortens
-    the ring. `kernel`: each hop's kernel, "blockwise" or "pallas".
+    the ring. `kernel`: "pallas" runs each hop with the Pallas kernel, anything else with
+    the blockwise one.
     """
     _validate(q, k, v, mesh, axis_name, sliding_window, layout)
     n = mesh.shape[axis_name]
     if n == 1:
-        one_device = blockwise_attention if kernel == "blockwise" else functools.partial(
+        one_device = blockwise_attention if kernel != "pallas" else functools.partial(
             pallas_attention, interpret=interpret_kernels(mesh))
         return one_device(q, k, v, positions=positions, segment_ids=segment_ids,
                           causal=causal, sliding_window=sliding_window, block_q=block_q,

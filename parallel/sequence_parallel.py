@@ -264,8 +264,7 @@ def _hybrid_local(options):
                            hops=options["hops"], causal=options["causal"],
                            block_q=options["block_q"], block_k=options["block_k"],
                            stride=options["degree"],
-                           kernel="pallas" if options["kernel"] == "pallas" else "blockwise",
-                           interpret=options["interpret"]))
+                           kernel=options["kernel"], interpret=options["interpret"]))
 
     def ring_kernel(q, k, v, positions, segments, window):
         return ring(q, k, v, positions, segments, positions, segments, window)
@@ -297,8 +296,7 @@ def sequence_attention(q, k, v, *, mesh: Mesh, strategy: str, ulysses_degree=Non
         return ring_attention(q, k, v, mesh=mesh, axis_name=axis_name, positions=positions,
                               segment_ids=segment_ids, causal=causal,
                               sliding_window=sliding_window, layout=layout, block_q=block_q,
-                              block_k=block_k, kernel="pallas" if kernel == "pallas" else
-                              "blockwise")
+                              block_k=block_k, kernel=kernel)
     check_shapes(q, k, v)
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"layout must be None or one of {LAYOUTS}, got {layout!r}")
