@@ -14,9 +14,10 @@ saved log-sum-exp.
 Written for Pallas' GPU (Triton) lowering; `interpret=True` runs the same kernel code on any
 backend (the CPU tests check its numerics against the float64 reference). Lengths are
 padded to whole blocks inside; padded keys and queries get segment ids no real token has.
-`model.attention_kernel=pallas` runs it on one device and in every sequence-parallel strategy
-(each ring hop, the all-gather's chunk, Ulysses' and the hybrid's calls); `auto` does not
-pick it yet.
+`model.attention_kernel=pallas` runs it (on a TPU: model/pallas_tpu_attention.py's kernel) on
+one device and in every sequence-parallel strategy (each ring hop, the all-gather's chunk,
+Ulysses' and the hybrid's calls); `pallas_attention` and `pallas_chunk_attention` are the
+differentiable entry points for either kernel.
 """
 from __future__ import annotations
 
@@ -29,37 +30,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
 from model.blockwise import name_residuals, window_argument
-from model.masking import (MASKED, PAD_SEGMENT, check_shapes,
-                           default_positions_and_segments, visible_pairs)
+from model.masking import MASKED, check_shapes, default_positions_and_segments
+from model.pallas_tiles import any_set as _any
+from model.pallas_tiles import dot as _dot
+from model.pallas_tiles import dot_t as _dot_t
+from model.pallas_tiles import heads_first, pad, padded_ids
+from model.pallas_tiles import visible as _visible
+from model.pallas_tpu_attention import tpu_backward, tpu_forward
 
-_PADDED_KEY = PAD_SEGMENT + 1       # segment ids of padding added here: equal to no real one
-_PADDED_QUERY = PAD_SEGMENT + 2
+# The Pallas kernels by the name `choose_kernel` resolves `pallas` to, and the platform each
+# is written for (elsewhere it runs in Pallas' interpreter)
+PALLAS_KERNELS = {"pallas": "gpu", "pallas_tpu": "tpu"}
 # Triton, not Mosaic GPU (Pallas' default on GPUs, which would stage each program's whole
 # K/V in shared memory); interpret mode ignores it
 _TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
-
-
-def _dot(a, b):
-    """a [m, k] @ b [k, n] in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
-
-def _dot_t(a, b):
-    """a [m, k] @ b[n, k].T in float32."""
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-
-
-def _any(mask):
-    """Whether any entry of a bool tile is set (Triton lowers no reduce_or)."""
-    return jnp.max(jnp.where(mask, 1, 0)) > 0
-
-
-def _visible(q_pos, q_seg, k_pos, k_seg, window, causal: bool):
-    """bool [bq, bk]: the masking rule of every kernel on a tile."""
-    return visible_pairs(q_pos[:, None], k_pos[None, :], q_seg[:, None], k_seg[None, :],
-                         causal, window)
 
 
 def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
@@ -153,24 +137,14 @@ def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
     dk_ref[...], dv_ref[...] = dk * scale, dv
 
 
-def _pad(x, length: int, axis: int, value=0):
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k):
     """Head-major, padded to whole blocks: q [b, hq, Lq, d], k/v [b, hk, Lk, d], positions
     and segment ids [b, L] (int32)."""
     lq = pl.cdiv(q.shape[1], block_q) * block_q
     lk = pl.cdiv(k.shape[1], block_k) * block_k
-    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
-    q = heads_first(_pad(q, lq, 1))
-    k, v = (heads_first(_pad(x, lk, 1)) for x in (k, v))
-    q_pos, k_pos = _pad(q_pos.astype(jnp.int32), lq, 1), _pad(k_pos.astype(jnp.int32), lk, 1)
-    q_seg = _pad(q_seg.astype(jnp.int32), lq, 1, _PADDED_QUERY)
-    k_seg = _pad(k_seg.astype(jnp.int32), lk, 1, _PADDED_KEY)
-    return q, k, v, q_pos, k_pos, q_seg, k_seg
+    q_pos, k_pos, q_seg, k_seg = padded_ids(q_pos, k_pos, q_seg, k_seg, lq, lk)
+    return (heads_first(q, lq), heads_first(k, lk), heads_first(v, lk), q_pos, k_pos, q_seg,
+            k_seg)
 
 
 def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int]:
@@ -205,7 +179,7 @@ def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q
      padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
     window_args, window_specs = _window_args(window)
     kernel = functools.partial(_forward_kernel, causal=causal, block_k=block_k,
-                               k_blocks=padded_k // block_k, scale=1.0 / np.sqrt(d),
+                               k_blocks=padded_k // block_k, scale=float(1.0 / np.sqrt(d)),
                                windowed=window is not None)
     q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
     kv_whole = pl.BlockSpec((None, None, padded_k, d),
@@ -232,11 +206,11 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
     (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
      padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
     hk = hq // groups
-    do = jnp.swapaxes(_pad(d_out.astype(q.dtype), padded_q, 1), 1, 2)
-    lse = jnp.swapaxes(_pad(lse, padded_q, 1, -jnp.inf), 1, 2)      # [b, hq, Lq]
-    delta = jnp.swapaxes(_pad(delta, padded_q, 1), 1, 2)
+    do = jnp.swapaxes(pad(d_out.astype(q.dtype), padded_q, 1), 1, 2)
+    lse = jnp.swapaxes(pad(lse, padded_q, 1, -jnp.inf), 1, 2)      # [b, hq, Lq]
+    delta = jnp.swapaxes(pad(delta, padded_q, 1), 1, 2)
     window_args, window_specs = _window_args(window)
-    options = dict(causal=causal, scale=1.0 / np.sqrt(d), windowed=window is not None)
+    options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None)
 
     q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
     kv_whole = pl.BlockSpec((None, None, padded_k, d),
@@ -278,30 +252,39 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
     return unpad(dq, lq), unpad(dk, lk), unpad(dv, lk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def pallas_passes(kernel: str):
+    """(forward, backward) of a Pallas kernel by name (PALLAS_KERNELS): the Triton kernel of
+    this module, or Mosaic TPU's (model/pallas_tpu_attention.py); both keep the blockwise
+    contract, so a ring hop takes either."""
+    if kernel not in PALLAS_KERNELS:
+        raise ValueError(f"no Pallas kernel {kernel!r}; expected one of {tuple(PALLAS_KERNELS)}")
+    return (pallas_forward, pallas_backward) if kernel == "pallas" else (tpu_forward,
+                                                                          tpu_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
 def _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q, block_k,
-               interpret):
-    out, _ = pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
-                            block_q=block_q, block_k=block_k, window=window,
-                            interpret=interpret)
-    return out.astype(q.dtype)
+               interpret, kernel):
+    return _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q,
+                          block_k, interpret, kernel)[0]
 
 
 def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q, block_k,
-                   interpret):
-    out, lse = pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
-                              block_q=block_q, block_k=block_k, window=window,
-                              interpret=interpret)
+                   interpret, kernel):
+    forward, _ = pallas_passes(kernel)
+    out, lse = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, block_q=block_q,
+                       block_k=block_k, window=window, interpret=interpret)
     out, lse = name_residuals(out.astype(q.dtype), lse)
     return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
 
 
-def _attention_bwd(causal, block_q, block_k, interpret, residuals, d_out):
+def _attention_bwd(causal, block_q, block_k, interpret, kernel, residuals, d_out):
     q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    dq, dk, dv = pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
-                                 causal=causal, block_q=block_q, block_k=block_k,
-                                 window=window, interpret=interpret)
+    _, backward = pallas_passes(kernel)
+    dq, dk, dv = backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
+                          causal=causal, block_q=block_q, block_k=block_k, window=window,
+                          interpret=interpret)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
             None, None)
 
@@ -311,22 +294,22 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def pallas_attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
                      sliding_window=None, block_q: int = 128, block_k: int = 128,
-                     interpret: bool = False):
+                     interpret: bool = False, kernel: str = "pallas"):
     """`blockwise_attention`'s contract (q [b, l, hq, d], k/v [b, l, hk, d] -> [b, l, hq, d])
-    with the Pallas kernels forward and backward."""
+    with a Pallas kernel (`kernel`: PALLAS_KERNELS) forward and backward."""
     check_shapes(q, k, v)
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
     window = window_argument(sliding_window)
     return _attention(q, k, v, positions, positions, segment_ids, segment_ids, window,
-                      bool(causal), block_q, block_k, interpret)
+                      bool(causal), block_q, block_k, interpret, kernel)
 
 
 def pallas_chunk_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal=True,
                            sliding_window=None, block_q: int = 128, block_k: int = 128,
-                           interpret: bool = False):
+                           interpret: bool = False, kernel: str = "pallas"):
     """The queries of one chunk over the keys of another (positions and segment ids for
-    each), with the Pallas kernels forward and backward: `blockwise_chunk_attention`'s
+    each), with a Pallas kernel forward and backward: `blockwise_chunk_attention`'s
     contract, what the all-gather strategy runs on each device."""
     check_shapes(q, k, v)
     return _attention(q, k, v, q_pos, k_pos, q_seg, k_seg, window_argument(sliding_window),
-                      bool(causal), block_q, block_k, interpret)
+                      bool(causal), block_q, block_k, interpret, kernel)

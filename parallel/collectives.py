@@ -372,11 +372,16 @@ def fused_attention_calls(hlo_text: str) -> int:
     return len(re.findall(r'custom_call_target="__cudnn\$fmha', hlo_text))
 
 
+# The custom-call targets of Pallas kernels: Triton's on a GPU, Mosaic's on a TPU
+PALLAS_CALL_TARGETS = ('custom_call_target="__gpu$xla.gpu.triton"',
+                       'custom_call_target="tpu_custom_call"')
+
+
 def pallas_attention_calls(hlo_text: str) -> int:
-    """Calls of model/pallas_attention.py's kernels (Triton custom calls named
-    boundless_attention_*) in compiled HLO."""
-    return len(re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton".*'
-                          r'boundless_attention_', hlo_text))
+    """Calls of the Pallas attention kernels (custom calls named boundless_attention_*) in
+    compiled HLO, on either platform."""
+    return sum(1 for line in hlo_text.splitlines() if "boundless_attention_" in line
+               and any(target in line for target in PALLAS_CALL_TARGETS))
 
 
 def transfer_seconds(nbytes: int, gbytes_per_s: float) -> float:

@@ -52,9 +52,9 @@ def attention_kernel(model_config: ModelConfig, mesh, *, layout_setting: str = "
                      rows_in_order: bool = False) -> str:
     """What computes attention on each device of `mesh`: "dense" (the reference), or the
     kernel `kernel_setting` (model.attention_kernel) resolves to on the platform of the
-    mesh's devices (a compile-only GPU or TPU too, not the host's): "blockwise" or
-    "cudnn". `rows_in_order` (one document per row, in sequence order: evaluation windows,
-    not packed training rows) is what the fused kernel needs."""
+    mesh's devices (a compile-only GPU or TPU too, not the host's): "blockwise", "cudnn",
+    "pallas" or "pallas_tpu". `rows_in_order` (one document per row, in sequence order:
+    evaluation windows, not packed training rows) is what cuDNN's kernel needs."""
     if model_config.attention == "dense":
         return "dense"
     seq = mesh.shape["seq"]
@@ -64,7 +64,8 @@ def attention_kernel(model_config: ModelConfig, mesh, *, layout_setting: str = "
     return sequence_parallel.choose_kernel(
         kernel_setting, strategy="none" if seq == 1 else strategy,
         platform=mesh.devices.flat[0].platform,
-        in_order=rows_in_order and (seq == 1 or layout == "contiguous"))
+        in_order=rows_in_order and (seq == 1 or layout == "contiguous"),
+        head_dim=model_config.head_dim, dtype=model_config.dtype)
 
 
 def attention_function(model_config: ModelConfig, mesh, *, layout_setting: str = "auto",
@@ -85,8 +86,7 @@ def attention_function(model_config: ModelConfig, mesh, *, layout_setting: str =
         if kernel == "blockwise":
             return None
         return sequence_parallel.local_kernel_function(
-            kernel, block_q=model_config.block_q, block_k=model_config.block_k,
-            interpret=sequence_parallel.interpret_kernels(mesh))
+            kernel, mesh, block_q=model_config.block_q, block_k=model_config.block_k)
     layout, _ = sequence_parallel.batch_layout(attention, layout_setting, mesh.shape["seq"],
                                                ulysses_degree)
     return sequence_parallel.make_sequence_attention(

@@ -44,7 +44,7 @@ from model.blockwise import (block_plan, blockwise_attention, blockwise_backward
                              opaque, window_argument)
 from model.masking import (PAD_SEGMENT, check_shapes, check_window,
                            default_positions_and_segments, pad_axis1, padded_length)
-from model.pallas_attention import pallas_attention, pallas_backward, pallas_forward
+from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_passes
 from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 
@@ -92,12 +92,13 @@ def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
 
 def _hop_forward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, *,
                  causal, block_q, block_k, window):
-    """One hop's (out float32, lse, tiles) by the per-device kernel ("blockwise" or
-    "pallas", whose tiles are not counted: 0)."""
-    if kernel == "pallas":
-        out, lse = pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
-                                  block_q=block_q, block_k=block_k, window=window,
-                                  interpret=interpret)
+    """One hop's (out float32, lse, tiles) by the per-device kernel ("blockwise" or a
+    Pallas one, whose tiles are not counted: 0)."""
+    if kernel in PALLAS_KERNELS:
+        forward, _ = pallas_passes(kernel)
+        out, lse = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                           block_q=block_q, block_k=block_k, window=window,
+                           interpret=interpret)
         return out, lse, jnp.zeros((), jnp.int32)
     return blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
                              block_q=block_q, block_k=block_k, window=window)
@@ -106,10 +107,11 @@ def _hop_forward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_s
 def _hop_backward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, lse,
                   d_out, delta, *, causal, block_q, block_k, accumulators, window):
     """(dq, dk, dv) accumulators plus one hop's gradients."""
-    if kernel == "pallas":
-        grads = pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
-                                causal=causal, block_q=block_q, block_k=block_k,
-                                window=window, interpret=interpret)
+    if kernel in PALLAS_KERNELS:
+        _, backward = pallas_passes(kernel)
+        grads = backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
+                         causal=causal, block_q=block_q, block_k=block_k, window=window,
+                         interpret=interpret)
         return tuple(a + g for a, g in zip(accumulators, grads))
     return blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
                               causal=causal, block_q=block_q, block_k=block_k,
@@ -121,7 +123,8 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
     """Per-device forward over this device's keys and `hops` others: (out float32, lse,
     tiles computed, hops computed). K/V move `stride` devices per hop (1: the plain ring;
     the hybrid's ring links the devices of the same rank in each group). `kernel`: each
-    hop's kernel, "blockwise" or "pallas" (interpret: run it with Pallas' interpreter)."""
+    hop's kernel, "blockwise" or a Pallas one (PALLAS_KERNELS; interpret: run it with
+    Pallas' interpreter)."""
     b, lq, hq, d = q.shape
 
     def attend(kv, out, lse, tiles, computed):
@@ -229,6 +232,27 @@ def _specs(mesh: Mesh, axis_name: str):
     return heads, P(heads[0], axis_name)
 
 
+def on_each_device(kernel_fn, mesh: Mesh):
+    """kernel_fn(q, k, v, positions, segments, window) over whole sequences, run on each
+    device's rows and heads (shard_map over the batch axes and tensor): a Pallas kernel is
+    a custom call the compiler cannot partition itself (Mosaic refuses to)."""
+    heads = heads_spec(mesh)                          # the length whole on every device
+    rows = P(heads[0], None)
+
+    def call(q, k, v, positions, segments, window):
+        window = window_argument(window)
+        windows = () if window is None else (window,)  # a window rides along as an array
+
+        def local(q, k, v, positions, segments, *windows):
+            return kernel_fn(q, k, v, positions, segments, windows[0] if windows else None)
+
+        return jax.shard_map(local, mesh=mesh,
+                             in_specs=(heads, heads, heads, rows, rows) + (P(),) * len(windows),
+                             out_specs=heads, check_vma=False)(q, k, v, positions, segments,
+                                                               *windows)
+    return call
+
+
 def _validate(q, k, v, mesh: Mesh, axis_name: str, sliding_window, layout):
     check_shapes(q, k, v)
     check_window(sliding_window)
@@ -250,10 +274,10 @@ def _validate(q, k, v, mesh: Mesh, axis_name: str, sliding_window, layout):
                          f"{mesh.shape['tensor']}")
 
 
-def interpret_kernels(mesh: Mesh) -> bool:
-    """Whether the Pallas kernel runs in Pallas' interpreter on this mesh (off GPUs: it is
-    written for Triton)."""
-    return mesh.devices.flat[0].platform != "gpu"
+def interpret_kernels(mesh: Mesh, kernel: str) -> bool:
+    """Whether a Pallas `kernel` runs in Pallas' interpreter on this mesh: on any platform
+    but the one it is written for (PALLAS_KERNELS; the CPU runs both that way)."""
+    return mesh.devices.flat[0].platform != PALLAS_KERNELS.get(kernel)
 
 
 def _ring_setup(q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout,
@@ -269,7 +293,7 @@ def _ring_setup(q, mesh, axis_name, positions, segment_ids, causal, sliding_wind
                    hops=ring_hops(n, length // n, causal=causal, sliding_window=sliding_window,
                                   layout=layout),
                    block_q=block_q, block_k=block_k, kernel=kernel,
-                   interpret=interpret_kernels(mesh))
+                   interpret=interpret_kernels(mesh, kernel))
     return positions, segment_ids, length, options
 
 
@@ -285,17 +309,22 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis_name: str = "seq", positions=Non
     split over the mesh's data/fsdp axes and heads over `tensor` (those must divide). With
     an axis of size 1 this is the blockwise kernel. `layout="contiguous"` promises slices
     in sequence order (see the module docstring); a causal sliding window then shortens
-    the ring. `kernel`: "pallas" runs each hop with the Pallas kernel, anything else with
-    the blockwise one.
+    the ring. `kernel`: a Pallas kernel's name (PALLAS_KERNELS) runs each hop with it,
+    anything else with the blockwise one.
     """
     _validate(q, k, v, mesh, axis_name, sliding_window, layout)
     n = mesh.shape[axis_name]
+    if n == 1 and kernel not in PALLAS_KERNELS:
+        return blockwise_attention(q, k, v, positions=positions, segment_ids=segment_ids,
+                                   causal=causal, sliding_window=sliding_window,
+                                   block_q=block_q, block_k=block_k)
     if n == 1:
-        one_device = blockwise_attention if kernel != "pallas" else functools.partial(
-            pallas_attention, interpret=interpret_kernels(mesh))
-        return one_device(q, k, v, positions=positions, segment_ids=segment_ids,
-                          causal=causal, sliding_window=sliding_window, block_q=block_q,
-                          block_k=block_k)
+        interpret = interpret_kernels(mesh, kernel)
+        positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+        return on_each_device(lambda q, k, v, pos, seg, window: pallas_attention(
+            q, k, v, positions=pos, segment_ids=seg, causal=causal, sliding_window=window,
+            block_q=block_q, block_k=block_k, interpret=interpret, kernel=kernel), mesh)(
+            q, k, v, positions, segment_ids, sliding_window)
     length = q.shape[1]
     positions, segment_ids, padded, options = _ring_setup(
         q, mesh, axis_name, positions, segment_ids, causal, sliding_window, layout, block_q,

@@ -32,13 +32,18 @@ from model.blockwise import blockwise_attention, blockwise_chunk_attention, wind
 from model.fused_attention import fused_attention
 from model.masking import PAD_SEGMENT, check_shapes, default_positions_and_segments, \
     pad_axis1, padded_length
-from model.pallas_attention import pallas_attention, pallas_chunk_attention
+from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_chunk_attention
 from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
-from parallel.ring_attention import interpret_kernels, local_ring, ring_attention, ring_hops
+from parallel.ring_attention import (interpret_kernels, local_ring, on_each_device,
+                                     ring_attention, ring_hops)
 
 STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
 KERNELS = ("auto", "blockwise", "cudnn", "pallas")
+# What `auto` gives the fused kernels (their tiles are tuned for, and compiled on the h100
+# and v5p targets with, 16-bit activations and these head widths); else the blockwise loop
+FUSED_DTYPES = ("bfloat16", "float16")
+FUSED_HEAD_DIMS = (64, 128, 256)
 # The layout each strategy wants its tokens in (parallel/layout.py): the ring and the
 # all-gather balance causal work with zigzag; Ulysses sees the whole sequence on each
 # device, where sequence order lets the kernel skip the causal upper triangle by block.
@@ -85,42 +90,52 @@ def say_once(message: str) -> None:
         print(message, flush=True)
 
 
+def _cudnn_reason(strategy: str, platform: str, in_order: bool) -> str | None:
+    """Why cuDNN's kernel cannot run this call (None: it can)."""
+    if platform != "gpu":
+        return f"cudnn attention needs an NVIDIA GPU (this platform: {platform})"
+    if strategy not in ("none", "ulysses"):
+        return (f"model.attention={strategy} has no whole-sequence call per device (cudnn "
+                "applies on one device and with ulysses)")
+    if not in_order:
+        return ("these rows are packed documents or in a permuted layout, masks cudnn "
+                "cannot take (it needs one document per row in sequence order)")
+    return None
+
+
 def choose_kernel(requested: str, *, strategy: str, platform: str, in_order: bool,
-                  say=say_once) -> str:
-    """The per-device kernel for `requested` (auto | blockwise | cudnn | pallas).
+                  head_dim: int, dtype: str, say=say_once) -> str:
+    """The per-device kernel `requested` (auto | blockwise | cudnn | pallas) resolves to:
+    "blockwise", "cudnn", "pallas" (Triton) or "pallas_tpu" (Mosaic TPU).
 
-    pallas is model/pallas_attention.py's kernel, in every strategy: Triton on a GPU, Pallas'
-    interpreter on the CPU (slow; there to check numerics); not on a TPU yet (one line).
-
-    cudnn needs an NVIDIA GPU and a whole-sequence call on rows that are one document in
-    sequence order (`in_order`): one device or Ulysses. "auto" takes it where it applies
-    and otherwise blockwise, on a GPU saying why once (`say`); an explicit "cudnn" where it cannot
-    apply is a ValueError of one line."""
+    pallas: the platform's Pallas kernel, in every strategy: Triton's on a GPU, Mosaic
+    TPU's on a TPU, Triton's in Pallas' interpreter elsewhere (slow; there for numerics).
+    cudnn: an NVIDIA GPU and a whole-sequence call on rows that are one document in
+    sequence order (`in_order`: one device or Ulysses); elsewhere a one-line ValueError.
+    auto: on a GPU cudnn where it applies and pallas otherwise; on a TPU pallas; off
+    accelerators blockwise; and blockwise for heads the fused kernels do not take
+    (FUSED_DTYPES, FUSED_HEAD_DIMS), saying why once (`say`)."""
     if requested not in KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {KERNELS}, got {requested!r}")
     if requested == "blockwise":
         return "blockwise"
     if requested == "pallas":
-        if platform == "tpu":
-            raise ValueError("model.attention_kernel=pallas: the Pallas kernel is written for "
-                             "GPUs (Triton); on a TPU use auto or blockwise")
-        return "pallas"
-    reason = None
-    if platform != "gpu":
-        reason = f"cudnn attention needs an NVIDIA GPU (this platform: {platform})"
-    elif strategy not in ("none", "ulysses"):
-        reason = (f"model.attention={strategy} has no whole-sequence call per device (cudnn "
-                  "applies on one device and with ulysses)")
-    elif not in_order:
-        reason = ("these rows are packed documents or in a permuted layout, masks cudnn "
-                  "cannot take (it needs one document per row in sequence order)")
-    if reason is None:
-        return "cudnn"
+        return "pallas_tpu" if platform == "tpu" else "pallas"
+    reason = _cudnn_reason(strategy, platform, in_order)
     if requested == "cudnn":
-        raise ValueError(f"model.attention_kernel=cudnn: {reason}")
-    if platform == "gpu":          # off GPUs there is no fused kernel to miss: no notice
-        say(f"model.attention_kernel=auto: blockwise, because {reason}")
-    return "blockwise"
+        if reason is not None:
+            raise ValueError(f"model.attention_kernel=cudnn: {reason}")
+        return "cudnn"
+    if platform not in ("gpu", "tpu"):    # no fused kernel to miss: no notice
+        return "blockwise"
+    if dtype not in FUSED_DTYPES or head_dim not in FUSED_HEAD_DIMS:
+        say(f"model.attention_kernel=auto: blockwise, because the fused kernels take "
+            f"{' or '.join(FUSED_DTYPES)} heads of {', '.join(map(str, FUSED_HEAD_DIMS))} "
+            f"(this model: {dtype}, head_dim {head_dim})")
+        return "blockwise"
+    if platform == "tpu":
+        return "pallas_tpu"
+    return "cudnn" if reason is None else "pallas"
 
 
 def local_attention(kernel: str, *, causal: bool, static_window, block_q: int,
@@ -128,10 +143,11 @@ def local_attention(kernel: str, *, causal: bool, static_window, block_q: int,
     """fn(q, k, v, positions, segment_ids, window) -> out for one device's whole sequence
     (`window`: the sliding window, None or traced; cudnn takes `static_window`, an int;
     `interpret`: run the Pallas kernel in Pallas' interpreter)."""
-    if kernel == "pallas":
+    if kernel in PALLAS_KERNELS:
         return lambda q, k, v, positions, segments, window: pallas_attention(
             q, k, v, positions=positions, segment_ids=segments, causal=causal,
-            sliding_window=window, block_q=block_q, block_k=block_k, interpret=interpret)
+            sliding_window=window, block_q=block_q, block_k=block_k, interpret=interpret,
+            kernel=kernel)
     if kernel == "cudnn":
         return lambda q, k, v, positions, segments, window: fused_attention(
             q, k, v, causal=causal, sliding_window=static_window,
@@ -141,17 +157,21 @@ def local_attention(kernel: str, *, causal: bool, static_window, block_q: int,
         sliding_window=window, block_q=block_q, block_k=block_k)
 
 
-def local_kernel_function(kernel: str, *, block_q: int = 256, block_k: int = 256,
-                          interpret: bool = False):
+def local_kernel_function(kernel: str, mesh: Mesh, *, block_q: int = 256,
+                          block_k: int = 256):
     """The attention-function form (q, k, v, *, positions, segment_ids, causal,
-    sliding_window) of `kernel` on one device; the fused kernel assumes rows in order
-    (choose_kernel checked that)."""
+    sliding_window) of `kernel` over whole sequences on `mesh` (no seq axis): cudnn as the
+    compiler partitions it (rows in order: choose_kernel checked that), a Pallas kernel on
+    each device's rows and heads (`on_each_device`)."""
     def attention(q, k, v, *, positions=None, segment_ids=None, causal=True,
                   sliding_window=None):
         positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
-        return local_attention(kernel, causal=causal, static_window=sliding_window,
-                               block_q=block_q, block_k=block_k, interpret=interpret)(
-            q, k, v, positions, segment_ids, sliding_window)
+        call = local_attention(kernel, causal=causal, static_window=sliding_window,
+                               block_q=block_q, block_k=block_k,
+                               interpret=interpret_kernels(mesh, kernel))
+        if kernel in PALLAS_KERNELS:
+            call = on_each_device(call, mesh)
+        return call(q, k, v, positions, segment_ids, sliding_window)
     return attention
 
 
@@ -243,8 +263,10 @@ def _ulysses_local(options, kernel_fn):
 def _allgather_local(options):
     axis = options["axis_name"]
     causal, block_q, block_k = options["causal"], options["block_q"], options["block_k"]
-    chunk_attention = blockwise_chunk_attention if options["kernel"] != "pallas" else \
-        functools.partial(pallas_chunk_attention, interpret=options["interpret"])
+    chunk_attention = blockwise_chunk_attention
+    if options["kernel"] in PALLAS_KERNELS:
+        chunk_attention = functools.partial(pallas_chunk_attention, kernel=options["kernel"],
+                                            interpret=options["interpret"])
 
     def local(q, k, v, positions, segments, *window):
         window = window[0] if window else None
@@ -310,12 +332,14 @@ def sequence_attention(q, k, v, *, mesh: Mesh, strategy: str, ulysses_degree=Non
     if q.shape[0] % rows:
         raise ValueError(f"sequence attention: batch {q.shape[0]} is not divisible by the "
                          f"mesh's data x fsdp = {rows}")
-    interpret = interpret_kernels(mesh)
+    interpret = interpret_kernels(mesh, kernel)
     kernel_fn = local_attention(kernel, causal=causal, static_window=sliding_window,
                                 block_q=block_q, block_k=block_k,
                                 implementation=fused_implementation, interpret=interpret)
     if seq == 1:
         positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)
+        if kernel in PALLAS_KERNELS:
+            kernel_fn = on_each_device(kernel_fn, mesh)
         return kernel_fn(q, k, v, positions, segment_ids, sliding_window)
     length = q.shape[1]
     positions, segment_ids = default_positions_and_segments(q, positions, segment_ids)

@@ -1,8 +1,9 @@
-"""Specification of the Pallas attention kernel (model/pallas_attention.py), run with
-interpret=True on the CPU: the blockwise contract, checked against a float64 reference for
-the forward pass (out and log-sum-exp) and against the dense kernel's gradients, with
-packed rows (PAD_SEGMENT included), GQA, sliding windows, a query chunk that is not the key
-chunk (a ring hop), and lengths that divide no block."""
+"""Specification of the Pallas attention kernels, Triton's (model/pallas_attention.py) and
+Mosaic TPU's (model/pallas_tpu_attention.py), each run with interpret=True on the CPU: the
+blockwise contract, checked against a float64 reference for the forward pass (out and
+log-sum-exp) and against the dense kernel's gradients, with packed rows (PAD_SEGMENT
+included), GQA, sliding windows, a query chunk that is not the key chunk (a ring hop), and
+lengths from 1 to 1000 that divide no block."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from model.attention import masked_attention
 from model.masking import PAD_SEGMENT, attention_mask
 from model.blockwise import blockwise_attention
-from model.pallas_attention import pallas_attention, pallas_backward, pallas_forward
+from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_passes
 
 D = 16
 
@@ -69,14 +70,34 @@ def case_inputs(name):
     return (q, k, v, q_pos, k_pos, q_seg, k_seg), causal, window
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_forward_matches_the_float64_reference(name):
-    args, causal, window = case_inputs(name)
-    out, lse = pallas_forward(*args, causal=causal, window=window, block_q=16, block_k=16,
-                              interpret=True)
+# block sizes each kernel rounds to its own granule (16 for Triton, 128 for Mosaic TPU)
+BLOCKS = dict(block_q=16, block_k=16, interpret=True)
+
+
+def check_forward(kernel, args, causal, window, blocks=BLOCKS):
+    forward, _ = pallas_passes(kernel)
+    out, lse = forward(*args, causal=causal, window=window, **blocks)
     ref_out, ref_lse = reference_forward(*args, causal, window)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    return out, lse
+
+
+def check_gradients(kernel, args, causal, window, out, lse, blocks=BLOCKS):
+    _, backward = pallas_passes(kernel)
+    d_out = jax.random.normal(jax.random.key(9), args[0].shape, jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)
+    got = backward(*args, lse, d_out, delta, causal=causal, window=window, **blocks)
+    expected = dense_vjp(args, causal, window, d_out)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_matches_the_float64_reference(kernel, name):
+    args, causal, window = case_inputs(name)
+    check_forward(kernel, args, causal, window)
 
 
 def dense_vjp(args, causal, window, d_out):
@@ -86,22 +107,39 @@ def dense_vjp(args, causal, window, d_out):
     return vjp(d_out)
 
 
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_gradients_match_the_dense_kernels(name):
+def test_gradients_match_the_dense_kernels(kernel, name):
     args, causal, window = case_inputs(name)
-    q = args[0]
-    d_out = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
-    out, lse = pallas_forward(*args, causal=causal, window=window, block_q=16, block_k=16,
-                              interpret=True)
-    delta = jnp.sum(d_out * out, axis=-1)
-    got = pallas_backward(*args, lse, d_out, delta, causal=causal, window=window, block_q=16,
-                          block_k=16, interpret=True)
-    expected = dense_vjp(args, causal, window, d_out)
-    for a, b in zip(got, expected):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    forward, _ = pallas_passes(kernel)
+    out, lse = forward(*args, causal=causal, window=window, **BLOCKS)
+    check_gradients(kernel, args, causal, window, out, lse)
 
 
-def test_the_attention_function_gives_the_blockwise_kernels_values_and_gradients():
+# lengths 1 to 1000: block edges of both kernels' granules, and lengths that divide nothing
+SWEEP = (1, 2, 15, 16, 17, 127, 128, 129, 300, 511, 640, 999, 1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+@pytest.mark.parametrize("length", SWEEP)
+def test_every_length_to_1000_matches_the_references_packed_windowed_and_grouped(kernel,
+                                                                                length):
+    """Three documents and a padded tail, GQA 4:2, a window of 100: forward against float64,
+    gradients against the dense kernel, with 64-token Triton blocks (Mosaic's 128)."""
+    documents = (length // 2, length // 4) if length >= 4 else ()
+    pad = length // 8
+    q, q_pos, q_seg = chunk(length, length, 4, 0, documents, pad)
+    k, k_pos, k_seg = chunk(length + 1, length, 2, 0, documents, pad)
+    v, _, _ = chunk(length + 2, length, 2)
+    args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
+    blocks = dict(block_q=64, block_k=64, interpret=True)
+    out, lse = check_forward(kernel, args, True, 100, blocks)
+    check_gradients(kernel, args, True, 100, out, lse, blocks)
+
+
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+def test_the_attention_function_gives_the_blockwise_kernels_values_and_gradients(kernel):
     q, positions, segments = chunk(4, 45, 4, documents=(30, 15))
     k, _, _ = chunk(5, 45, 2)
     v, _, _ = chunk(6, 45, 2)
@@ -111,7 +149,8 @@ def test_the_attention_function_gives_the_blockwise_kernels_values_and_gradients
                                                  segment_ids=segments, sliding_window=11) ** 2)
 
     fused = jax.value_and_grad(loss(lambda *a, **kw: pallas_attention(
-        *a, **kw, block_q=16, block_k=16, interpret=True)), argnums=(0, 1, 2))(q, k, v)
+        *a, **kw, block_q=16, block_k=16, interpret=True, kernel=kernel)),
+        argnums=(0, 1, 2))(q, k, v)
     blockwise = jax.value_and_grad(loss(lambda *a, **kw: blockwise_attention(
         *a, **kw, block_q=16, block_k=16)), argnums=(0, 1, 2))(q, k, v)
     np.testing.assert_allclose(fused[0], blockwise[0], rtol=1e-5)

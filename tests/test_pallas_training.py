@@ -6,9 +6,7 @@ import functools
 import numpy as np
 import pytest
 
-from configs import tiny
 from tests.helpers import tiny_losses_on_8
-from train.validate import validate_config
 
 STRATEGIES = {"ring": {}, "ulysses": {}, "allgather": {}, "hybrid": {"ulysses_degree": 2}}
 STEPS = 6
@@ -33,11 +31,3 @@ def test_training_with_the_pallas_kernel_follows_the_blockwise_loss_curve(strate
     blockwise, pallas = tiny_losses(strategy, "blockwise"), tiny_losses(strategy, "pallas")
     np.testing.assert_allclose(pallas, blockwise, rtol=1e-4)
     assert blockwise[-1] < blockwise[0]                  # it learned something
-
-
-def test_pallas_on_a_tpu_is_one_line_before_compiling():
-    config = tiny.get_config()
-    config.model.attention_kernel = "pallas"
-    with pytest.raises(ValueError, match="model.attention_kernel=pallas: the Pallas kernel is "
-                                         "written for GPUs"):
-        validate_config(config, 1, platform="tpu")

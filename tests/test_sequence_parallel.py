@@ -100,37 +100,75 @@ def test_a_hybrid_degree_larger_than_the_seq_axis_makes_one_group():
 # ----------------------------------------------------------------------------- kernels
 
 
-def test_auto_takes_blockwise_off_gpu_without_a_notice():
-    # nothing changed for the user: there is no fused kernel to miss on a CPU or TPU
+HEADS = dict(head_dim=128, dtype="bfloat16")      # what the fused kernels take
+
+
+def test_auto_takes_blockwise_off_accelerators_without_a_notice():
+    # nothing changed for the user: there is no fused kernel to miss on a CPU
     said = []
     assert choose_kernel("auto", strategy="ulysses", platform="cpu", in_order=True,
-                         say=said.append) == "blockwise"
+                         say=said.append, **HEADS) == "blockwise"
     assert said == []
 
 
-@pytest.mark.parametrize("strategy,in_order,reason", [
-    ("ring", True, "no whole-sequence call"), ("allgather", True, "no whole-sequence call"),
-    ("hybrid", True, "no whole-sequence call"), ("ulysses", False, "packed documents")])
-def test_auto_on_a_gpu_falls_back_where_cudnn_cannot_apply(strategy, in_order, reason):
-    said = []
+@pytest.mark.parametrize("strategy,in_order", [
+    ("ring", True), ("allgather", True), ("hybrid", True), ("ulysses", False),
+    ("none", False)])
+def test_auto_on_a_gpu_takes_pallas_where_cudnn_cannot_apply(strategy, in_order):
     assert choose_kernel("auto", strategy=strategy, platform="gpu", in_order=in_order,
-                         say=said.append) == "blockwise"
-    assert reason in said[0]
+                         say=pytest.fail, **HEADS) == "pallas"
 
 
 def test_auto_on_a_gpu_takes_cudnn_for_one_device_and_ulysses_on_rows_in_order():
     for strategy in ("none", "ulysses"):
         assert choose_kernel("auto", strategy=strategy, platform="gpu", in_order=True,
-                             say=pytest.fail) == "cudnn"
+                             say=pytest.fail, **HEADS) == "cudnn"
+
+
+@pytest.mark.parametrize("strategy", ["none", "ring", "ulysses", "allgather", "hybrid"])
+def test_auto_on_a_tpu_takes_the_mosaic_kernel_in_every_strategy(strategy):
+    assert choose_kernel("auto", strategy=strategy, platform="tpu", in_order=False,
+                         say=pytest.fail, **HEADS) == "pallas_tpu"
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("head_dim,dtype", [(16, "bfloat16"), (128, "float32")])
+def test_auto_falls_back_for_heads_the_fused_kernels_do_not_take_saying_why(platform,
+                                                                           head_dim, dtype):
+    said = []
+    assert choose_kernel("auto", strategy="ring", platform=platform, in_order=False,
+                         head_dim=head_dim, dtype=dtype, say=said.append) == "blockwise"
+    assert said == [f"model.attention_kernel=auto: blockwise, because the fused kernels take "
+                    f"bfloat16 or float16 heads of 64, 128, 256 (this model: {dtype}, "
+                    f"head_dim {head_dim})"]
+
+
+@pytest.mark.parametrize("platform,kernel", [("gpu", "pallas"), ("cpu", "pallas"),
+                                             ("tpu", "pallas_tpu")])
+def test_pallas_names_the_platforms_kernel_for_any_heads(platform, kernel):
+    assert choose_kernel("pallas", strategy="ring", platform=platform, in_order=False,
+                         head_dim=16, dtype="float32", say=pytest.fail) == kernel
 
 
 def test_asking_for_cudnn_where_it_cannot_apply_is_one_line():
     with pytest.raises(ValueError, match="cudnn attention needs an NVIDIA GPU"):
-        choose_kernel("cudnn", strategy="none", platform="cpu", in_order=True)
+        choose_kernel("cudnn", strategy="none", platform="cpu", in_order=True, **HEADS)
     with pytest.raises(ValueError, match="packed documents or in a permuted layout"):
-        choose_kernel("cudnn", strategy="ulysses", platform="gpu", in_order=False)
+        choose_kernel("cudnn", strategy="ulysses", platform="gpu", in_order=False, **HEADS)
+    with pytest.raises(ValueError, match="no whole-sequence call"):
+        choose_kernel("cudnn", strategy="ring", platform="gpu", in_order=True, **HEADS)
     with pytest.raises(ValueError, match="attention_kernel must be one of"):
-        choose_kernel("flash", strategy="none", platform="gpu", in_order=True)
+        choose_kernel("flash", strategy="none", platform="gpu", in_order=True, **HEADS)
+
+
+@pytest.mark.parametrize("kernel", ["pallas", "pallas_tpu"])
+@pytest.mark.parametrize("case", CASES[:4], ids=case_id)
+def test_every_strategy_with_a_pallas_kernel_equals_the_reference(kernel, case):
+    """Each Pallas kernel (Triton's, Mosaic TPU's: in Pallas' interpreter here) in every
+    hop and call of the strategy on 8 devices: packed rows, GQA, a window, 333 tokens."""
+    strategy, degree = case
+    fn = strategy_fn("seq8", strategy, degree, kernel=kernel, window=40)
+    check_against_reference(fn, 333, causal=True, seed=11, window=40)
 
 
 @pytest.mark.parametrize("window", [None, 24])

@@ -38,7 +38,8 @@ def validate_config(config, device_count: int | None = None,
         sequence_parallel.choose_kernel(
             config.model.attention_kernel,
             strategy="none" if sizes["seq"] == 1 else config.model.attention,
-            platform=platform, in_order=True)
+            platform=platform, in_order=True, head_dim=config.model.head_dim,
+            dtype=config.model.dtype)
     elif config.model.attention_kernel not in sequence_parallel.KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
                          f"got {config.model.attention_kernel!r}")

@@ -1,0 +1,280 @@
+"""The Pallas attention kernel for TPUs (Mosaic), with the blockwise contract of
+model/blockwise.py, as model/pallas_attention.py's Triton kernel has it: separate query and
+key segment ids (PAD_SEGMENT included), global positions for causal masking and sliding
+windows, any lengths, GQA, and the per-row log-sum-exp in natural log.
+
+Why our own and not splash attention: splash's masks are static (NumPy) arrays, and a ring
+hop's causal offset depends on the device and the hop, a traced value; here the mask comes
+from the position and segment arrays on every tile, as in every other kernel.
+
+Mosaic runs a grid sequentially on a core, so the reductions are grid axes ("arbitrary")
+with VMEM scratch accumulators, where the Triton kernel loops inside a program:
+- forward: grid (row, query head, query block, key block), online softmax;
+- dq: grid (row, query head, query block, key block);
+- dk, dv: grid (row, key head, key block, query head of the group, query block).
+A tile no query of its block can see is skipped (`pl.when`); its DMA still happens.
+
+Layouts Mosaic tiles well: blocks of 128-multiples along the sequence; positions, segment
+ids, the log-sum-exp and delta as lane-dense rows [b, 1, L] / [b, h, 1, L], turned into
+columns inside the kernel by one transpose per block (not stored 128 times over).
+`interpret=True` runs the same kernel in Pallas' interpreter on any backend.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from model.masking import MASKED, visible_pairs
+from model.pallas_tiles import any_set, dot, dot_t, heads_first, pad, padded_ids, visible
+
+LANES = 128                        # a TPU vector register's lanes: the block granule
+
+
+def _column(row):
+    """[1, n] -> [n, 1] (Mosaic transposes whole (8, 128) tiles, hence the broadcast)."""
+    return jnp.broadcast_to(row, (LANES, row.shape[1])).T[:, :1]
+
+
+def _row(column):
+    """[n, 1] -> [1, n]."""
+    return jnp.broadcast_to(column, (column.shape[0], LANES)).T[:1, :]
+
+
+def _group_of(head, groups: int):
+    """The key head of query `head` (lax.div: floor division lowers to a sign op Mosaic
+    resolves against the host's platform)."""
+    return jax.lax.div(head, jnp.asarray(groups, head.dtype))
+
+
+def _window(window_ref):
+    return None if window_ref is None else window_ref[0]
+
+
+def _forward_kernel(*refs, causal, scale, windowed):
+    window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, out_ref, lse_ref,
+     acc_ref, max_ref, total_ref, q_pos_ref, q_seg_ref) = refs
+    key_block = pl.program_id(3)
+
+    @pl.when(key_block == 0)
+    def _start():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        max_ref[...] = jnp.full_like(max_ref, MASKED)
+        total_ref[...] = jnp.zeros_like(total_ref)
+        q_pos_ref[...], q_seg_ref[...] = _column(qp_ref[...]), _column(qs_ref[...])
+
+    mask = visible(q_pos_ref[...], q_seg_ref[...], kp_ref[...], ks_ref[...],
+                   _window(window_ref), causal)                       # [bq, bk]
+
+    @pl.when(any_set(mask))
+    def _tile():
+        v = v_ref[...]
+        s = jnp.where(mask, dot_t(q_ref[...], k_ref[...]) * scale, MASKED)     # [bq, bk]
+        m_old = max_ref[...]                                          # [bq, 1]
+        m_new = jnp.maximum(m_old, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+        correction = jnp.exp(m_old - m_new)
+        acc_ref[...] = acc_ref[...] * correction + dot(p.astype(v.dtype), v)
+        total_ref[...] = total_ref[...] * correction + jnp.sum(p, axis=1, keepdims=True)
+        max_ref[...] = m_new
+
+    @pl.when(key_block == pl.num_programs(3) - 1)
+    def _finish():
+        total = total_ref[...]
+        seen = total > 0
+        safe = jnp.where(seen, total, 1.0)
+        out_ref[...] = jnp.where(seen, acc_ref[...] / safe, 0.0)
+        lse_ref[...] = _row(jnp.where(seen, max_ref[...] + jnp.log(safe), -jnp.inf))
+
+
+def _dq_kernel(*refs, causal, scale, windowed):
+    window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref,
+     acc_ref, q_pos_ref, q_seg_ref, lse_col_ref, delta_col_ref) = refs
+    key_block = pl.program_id(3)
+
+    @pl.when(key_block == 0)
+    def _start():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        q_pos_ref[...], q_seg_ref[...] = _column(qp_ref[...]), _column(qs_ref[...])
+        lse = lse_ref[...]
+        lse_col_ref[...] = _column(jnp.where(jnp.isfinite(lse), lse, 0.0))  # unseen: p = 0
+        delta_col_ref[...] = _column(delta_ref[...])
+
+    mask = visible(q_pos_ref[...], q_seg_ref[...], kp_ref[...], ks_ref[...],
+                   _window(window_ref), causal)                       # [bq, bk]
+
+    @pl.when(any_set(mask))
+    def _tile():
+        q, k = q_ref[...], k_ref[...]
+        p = jnp.where(mask, jnp.exp(dot_t(q, k) * scale - lse_col_ref[...]), 0.0)
+        ds = p * (dot_t(do_ref[...], v_ref[...]) - delta_col_ref[...])          # [bq, bk]
+        acc_ref[...] += dot(ds.astype(k.dtype), k)
+
+    @pl.when(key_block == pl.num_programs(3) - 1)
+    def _finish():
+        dq_ref[...] = acc_ref[...] * scale
+
+
+def _dkv_kernel(*refs, causal, scale, windowed):
+    window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref,
+     dv_ref, dk_acc_ref, dv_acc_ref, k_pos_ref, k_seg_ref) = refs
+    first = (pl.program_id(3) == 0) & (pl.program_id(4) == 0)
+    last = ((pl.program_id(3) == pl.num_programs(3) - 1)
+            & (pl.program_id(4) == pl.num_programs(4) - 1))
+
+    @pl.when(first)
+    def _start():
+        dk_acc_ref[...] = jnp.zeros_like(dk_acc_ref)
+        dv_acc_ref[...] = jnp.zeros_like(dv_acc_ref)
+        k_pos_ref[...], k_seg_ref[...] = _column(kp_ref[...]), _column(ks_ref[...])
+
+    # keys are the tile's rows: query rows [1, bq] against key columns [bk, 1] -> [bk, bq]
+    mask = visible_pairs(qp_ref[...], k_pos_ref[...], qs_ref[...], k_seg_ref[...], causal,
+                         _window(window_ref))
+
+    @pl.when(any_set(mask))
+    def _tile():
+        q, k, d_out = q_ref[...], k_ref[...], do_ref[...]
+        lse = lse_ref[...]                                            # [1, bq]
+        lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        p = jnp.where(mask, jnp.exp(dot_t(k, q) * scale - lse), 0.0)  # [bk, bq]
+        dv_acc_ref[...] += dot(p.astype(d_out.dtype), d_out)
+        ds = p * (dot_t(v_ref[...], d_out) - delta_ref[...])
+        dk_acc_ref[...] += dot(ds.astype(q.dtype), q)
+
+    @pl.when(last)
+    def _finish():
+        dk_ref[...], dv_ref[...] = dk_acc_ref[...] * scale, dv_acc_ref[...]
+
+
+def block_size(length: int, block: int) -> int:
+    """A multiple of 128 near `block`, no larger than the chunk needs."""
+    granule = lambda n: -(-n // LANES) * LANES                        # noqa: E731
+    return min(granule(block), granule(length))
+
+
+def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k):
+    """(block_q, block_k, padded lengths, head-major q/k/v, id rows [b, 1, L])."""
+    block_q, block_k = block_size(q.shape[1], block_q), block_size(k.shape[1], block_k)
+    lq, lk = pl.cdiv(q.shape[1], block_q) * block_q, pl.cdiv(k.shape[1], block_k) * block_k
+    ids = [x[:, None, :] for x in padded_ids(q_pos, k_pos, q_seg, k_seg, lq, lk)]
+    return (block_q, block_k, lq, lk, heads_first(q, lq), heads_first(k, lk),
+            heads_first(v, lk), *ids)
+
+
+def _window_args(window):
+    if window is None:
+        return [], []
+    return ([jnp.asarray(window, jnp.int32).reshape(1)],
+            [pl.BlockSpec(memory_space=pltpu.SMEM)])
+
+
+def _params(*semantics):
+    return pltpu.CompilerParams(dimension_semantics=semantics)
+
+
+def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
+                block_k: int = 128, window=None, interpret: bool = False):
+    """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
+    contract (lse -inf and out 0 for rows that see no key here)."""
+    b, n_q, hq, d = q.shape
+    groups = hq // k.shape[2]
+    block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
+        q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    window_args, window_specs = _window_args(window)
+    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
+    kv_block = pl.BlockSpec((None, None, block_k, d),
+                            lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki, 0))
+    q_row = pl.BlockSpec((None, 1, block_q), lambda bi, hi, qi, ki: (bi, 0, qi))
+    k_row = pl.BlockSpec((None, 1, block_k), lambda bi, hi, qi, ki: (bi, 0, ki))
+    lse_row = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, causal=causal, scale=float(1.0 / np.sqrt(d)),
+                          windowed=window is not None),
+        grid=(b, hq, lq // block_q, lk // block_k),
+        in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row],
+        out_specs=[q_block, lse_row],
+        out_shape=[jax.ShapeDtypeStruct((b, hq, lq, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hq, 1, lq), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.int32),
+                        pltpu.VMEM((block_q, 1), jnp.int32)],
+        compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret, name="boundless_attention_forward",
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks)
+    return jnp.swapaxes(out, 1, 2)[:, :n_q], jnp.swapaxes(lse[:, :, 0], 1, 2)[:, :n_q]
+
+
+def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, causal: bool,
+                 block_q: int = 128, block_k: int = 128, window=None,
+                 interpret: bool = False):
+    """(dq, dk, dv) in float32: `blockwise_backward`'s contract (lse from the forward pass
+    over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq])."""
+    b, n_q, hq, d = q.shape
+    n_k, hk = k.shape[1], k.shape[2]
+    groups = hq // hk
+    block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
+        q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+    do = heads_first(d_out.astype(q.dtype), lq)
+    rows = lambda x, value: jnp.swapaxes(  # noqa: E731
+        pad(x.astype(jnp.float32), lq, 1, value), 1, 2)[:, :, None]
+    lse, delta = rows(lse, -jnp.inf), rows(delta, 0.0)                # [b, hq, 1, Lq]
+    window_args, window_specs = _window_args(window)
+    options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None)
+
+    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
+    kv_block = pl.BlockSpec((None, None, block_k, d),
+                            lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki, 0))
+    q_row = pl.BlockSpec((None, 1, block_q), lambda bi, hi, qi, ki: (bi, 0, qi))
+    k_row = pl.BlockSpec((None, 1, block_k), lambda bi, hi, qi, ki: (bi, 0, ki))
+    head_row = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **options),
+        grid=(b, hq, lq // block_q, lk // block_k),
+        in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row,
+                  q_block, head_row, head_row],
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct((b, hq, lq, d), jnp.float32),
+        scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.int32),
+                        pltpu.VMEM((block_q, 1), jnp.int32),
+                        pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.float32)],
+        compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+        interpret=interpret, name="boundless_attention_dq",
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
+
+    # grid (row, key head, key block, query head of the group, query block)
+    query_head = lambda hi, gi: hi * groups + gi                      # noqa: E731
+    g_block = pl.BlockSpec((None, None, block_q, d),
+                           lambda bi, hi, ki, gi, qi: (bi, query_head(hi, gi), qi, 0))
+    k_block = pl.BlockSpec((None, None, block_k, d), lambda bi, hi, ki, gi, qi: (bi, hi, ki, 0))
+    g_q_row = pl.BlockSpec((None, 1, block_q), lambda bi, hi, ki, gi, qi: (bi, 0, qi))
+    g_k_row = pl.BlockSpec((None, 1, block_k), lambda bi, hi, ki, gi, qi: (bi, 0, ki))
+    g_head_row = pl.BlockSpec((None, None, 1, block_q),
+                              lambda bi, hi, ki, gi, qi: (bi, query_head(hi, gi), 0, qi))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, **options),
+        grid=(b, hk, lk // block_k, groups, lq // block_q),
+        in_specs=[*window_specs, g_block, k_block, k_block, g_q_row, g_q_row, g_k_row,
+                  g_k_row, g_block, g_head_row, g_head_row],
+        out_specs=[k_block, k_block],
+        out_shape=[jax.ShapeDtypeStruct((b, hk, lk, d), jnp.float32)] * 2,
+        scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32),
+                        pltpu.VMEM((block_k, d), jnp.float32),
+                        pltpu.VMEM((block_k, 1), jnp.int32),
+                        pltpu.VMEM((block_k, 1), jnp.int32)],
+        compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+        interpret=interpret, name="boundless_attention_dkv",
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
+    unpad = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]                # noqa: E731
+    return unpad(dq, n_q), unpad(dk, n_k), unpad(dv, n_k)
