@@ -9,6 +9,7 @@ TPU v5p). Per device: the compiled temp memory (MiB) of each, and the fused kern
 custom calls in the compiled HLO (plan.json's fused_attention_calls).
 
     python -m benchmarks.fused_kernels [--target h100,v5p] [--length 32768]
+        [--strategies ring,ulysses,allgather,hybrid]
 """
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def step_entry(strategy: str, kernel: str, length: int, devices, target) -> dict
     return plan_lib.train_step_entry(config, level, devices, target)
 
 
-def rows(target_name: str, length: int) -> list[list]:
+def rows(target_name: str, length: int, strategies) -> list[list]:
     target = targets.get(target_name)
     devices = targets.compile_only_devices(target, 8)
     out = []
-    for strategy in STRATEGIES:
+    for strategy in strategies:
         loop = step_entry(strategy, "blockwise", length, devices, target)
         fused = step_entry(strategy, "auto", length, devices, target)
         loop_mib, fused_mib = (e["bytes_per_device"]["temp"] / MIB for e in (loop, fused))
@@ -67,12 +68,14 @@ def main(argv=None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", type=target_list, default=["h100", "v5p"])
     parser.add_argument("--length", type=int, default=32768)
+    parser.add_argument("--strategies", default=",".join(STRATEGIES))
     args = parser.parse_args(argv)
-    table = [row for name in args.target for row in rows(name, args.length)]
+    strategies = [s for s in args.strategies.split(",") if s]
+    table = [row for name in args.target for row in rows(name, args.length, strategies)]
     print(f"\ntiny (bf16, heads of 128), packed train step, {args.length:,} tokens on seq 8: "
           "temp memory per device, compile-only")
-    print(format_table(table, ["target", "strategy", "blockwise MiB", "fused kernel",
-                               "fused MiB", "fused / blockwise", "fused calls"]))
+    print(format_table(["target", "strategy", "blockwise MiB", "fused kernel", "fused MiB",
+                        "fused / blockwise", "fused calls"], table))
 
 
 if __name__ == "__main__":

@@ -139,8 +139,8 @@ def blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool,
 def merge_partial_attention(out_a, lse_a, out_b, lse_b):
     """Combine attention over two disjoint key sets from their (out, lse) pairs.
 
-    out_* [b, l, h, d] float32 (each normalised over its own keys), lse_* [b, l, h].
-    Rows where both are -inf stay zero.
+    out_* [b, l, h, d] float32 (each normalised over its own keys), lse_* [b, l, h] (or
+    head-major: [b, h, l, d] and [b, h, l]). Rows where both are -inf stay zero.
     """
     lse = jnp.logaddexp(lse_a, lse_b)
     finite = jnp.isfinite(lse)

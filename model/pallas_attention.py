@@ -34,7 +34,7 @@ from model.masking import MASKED, check_shapes, default_positions_and_segments
 from model.pallas_tiles import any_set as _any
 from model.pallas_tiles import dot as _dot
 from model.pallas_tiles import dot_t as _dot_t
-from model.pallas_tiles import heads_first, pad, padded_ids
+from model.pallas_tiles import dims, from_kernel, kernel_accumulators, padded_ids, to_kernel
 from model.pallas_tiles import visible as _visible
 from model.pallas_tpu_attention import tpu_backward, tpu_forward
 
@@ -82,7 +82,7 @@ def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
 def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
-     dq_ref) = refs
+     dq_in_ref, dq_ref) = refs
     q, d_out = q_ref[...], do_ref[...]                                # [bq, d]
     q_pos, q_seg = qp_ref[...], qs_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]                         # [bq]
@@ -102,13 +102,13 @@ def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
         return jax.lax.cond(_any(mask), compute, lambda dq: dq, dq)
 
     dq = jax.lax.fori_loop(0, k_blocks, key_block, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = dq * scale
+    dq_ref[...] = dq_in_ref[...] + dq * scale      # the same buffer: added in place
 
 
 def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
-     dk_ref, dv_ref) = refs
+     dk_in_ref, dv_in_ref, dk_ref, dv_ref) = refs
     k, v = k_ref[...], v_ref[...]                                     # [bk, d]
     k_pos, k_seg = kp_ref[...], ks_ref[...]
     window = window_ref[0] if windowed else None
@@ -134,17 +134,7 @@ def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, groups, query_head, (zeros, zeros))
-    dk_ref[...], dv_ref[...] = dk * scale, dv
-
-
-def _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k):
-    """Head-major, padded to whole blocks: q [b, hq, Lq, d], k/v [b, hk, Lk, d], positions
-    and segment ids [b, L] (int32)."""
-    lq = pl.cdiv(q.shape[1], block_q) * block_q
-    lk = pl.cdiv(k.shape[1], block_k) * block_k
-    q_pos, k_pos, q_seg, k_seg = padded_ids(q_pos, k_pos, q_seg, k_seg, lq, lk)
-    return (heads_first(q, lq), heads_first(k, lk), heads_first(v, lk), q_pos, k_pos, q_seg,
-            k_seg)
+    dk_ref[...], dv_ref[...] = dk_in_ref[...] + dk * scale, dv_in_ref[...] + dv
 
 
 def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int]:
@@ -154,15 +144,20 @@ def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int
     return size(lq, block_q), size(lk, block_k)
 
 
-def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int):
+def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int,
+             heads_major: bool):
     """The shapes, block sizes and padded head-major operands both passes start from:
-    (b, lq, hq, d, lk, groups, block_q, block_k, operands, padded lq, padded lk)."""
-    b, lq, hq, d = q.shape
-    lk, hk = k.shape[1], k.shape[2]
+    (b, lq, hq, d, lk, groups, block_q, block_k, operands, padded lq, padded lk); operands
+    q [b, hq, Lq, d], k/v [b, hk, Lk, d], positions and segment ids [b, L] (int32)."""
+    b, lq, hq, d, lk, hk = dims(q, k, heads_major)
     block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
-    operands = _layout(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
-    return (b, lq, hq, d, lk, hq // hk, block_q, block_k, operands, operands[0].shape[2],
-            operands[1].shape[2])
+    padded_q, padded_k = pl.cdiv(lq, block_q) * block_q, pl.cdiv(lk, block_k) * block_k
+    operands = (to_kernel(q, padded_q, heads_major), to_kernel(k, padded_k, heads_major),
+                to_kernel(v, padded_k, heads_major),
+                *padded_ids(q_pos, k_pos, q_seg, k_seg, padded_q, padded_k))
+    qp, kp, qs, ks = operands[3:]
+    return (b, lq, hq, d, lk, hq // hk, block_q, block_k, (*operands[:3], qp, kp, qs, ks),
+            padded_q, padded_k)
 
 
 def _window_args(window):
@@ -172,11 +167,13 @@ def _window_args(window):
 
 
 def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
-                   block_k: int = 128, window=None, interpret: bool = False):
+                   block_k: int = 128, window=None, interpret: bool = False,
+                   heads_major: bool = False):
     """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
-    contract (lse -inf and out 0 for rows that see no key here)."""
+    contract (lse -inf and out 0 for rows that see no key here). `heads_major`: q/k/v
+    [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
     (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
-     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
     window_args, window_specs = _window_args(window)
     kernel = functools.partial(_forward_kernel, causal=causal, block_k=block_k,
                                k_blocks=padded_k // block_k, scale=float(1.0 / np.sqrt(d)),
@@ -195,20 +192,23 @@ def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q
                    jax.ShapeDtypeStruct((b, hq, padded_q), jnp.float32)],
         interpret=interpret, name="boundless_attention_forward", compiler_params=_TRITON,
     )(*window_args, qh, kh, vh, qp, qs, kp, ks)
-    return jnp.swapaxes(out, 1, 2)[:, :lq], jnp.swapaxes(lse, 1, 2)[:, :lq]
+    return from_kernel(out, lq, heads_major), from_kernel(lse, lq, heads_major)
 
 
 def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, causal: bool,
                     block_q: int = 128, block_k: int = 128, window=None,
-                    interpret: bool = False):
+                    interpret: bool = False, heads_major: bool = False, accumulators=None):
     """(dq, dk, dv) in float32: `blockwise_backward`'s contract (lse from the forward pass
-    over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq])."""
+    over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq]; `accumulators`
+    (dq, dk, dv) float32 that the gradients are added to, in place); `heads_major` as in
+    pallas_forward, for every argument and result."""
     (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
-     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
     hk = hq // groups
-    do = jnp.swapaxes(pad(d_out.astype(q.dtype), padded_q, 1), 1, 2)
-    lse = jnp.swapaxes(pad(lse, padded_q, 1, -jnp.inf), 1, 2)      # [b, hq, Lq]
-    delta = jnp.swapaxes(pad(delta, padded_q, 1), 1, 2)
+    do = to_kernel(d_out.astype(q.dtype), padded_q, heads_major)
+    lse = to_kernel(lse, padded_q, heads_major, -jnp.inf)           # [b, hq, Lq]
+    delta = to_kernel(delta, padded_q, heads_major)
+    dq_in, dk_in, dv_in = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)
     window_args, window_specs = _window_args(window)
     options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None)
 
@@ -225,11 +225,12 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                   pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi)),
                   pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
                   pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
-                  q_block, rows, rows],
+                  q_block, rows, rows, q_block],
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct((b, hq, padded_q, d), jnp.float32),
+        input_output_aliases={len(window_args) + 10: 0},
         interpret=interpret, name="boundless_attention_dq", compiler_params=_TRITON,
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dq_in)
 
     group_whole = pl.BlockSpec((None, groups, padded_q, d), lambda bi, hi, ki: (bi, hi, 0, 0))
     group_rows = pl.BlockSpec((None, groups, padded_q), lambda bi, hi, ki: (bi, hi, 0))
@@ -243,13 +244,14 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                   pl.BlockSpec((None, padded_q), lambda bi, hi, ki: (bi, 0)),
                   pl.BlockSpec((None, block_k), lambda bi, hi, ki: (bi, ki)),
                   pl.BlockSpec((None, block_k), lambda bi, hi, ki: (bi, ki)),
-                  group_whole, group_rows, group_rows],
+                  group_whole, group_rows, group_rows, k_block, k_block],
         out_specs=[k_block, k_block],
+        input_output_aliases={len(window_args) + 10: 0, len(window_args) + 11: 1},
         out_shape=[jax.ShapeDtypeStruct((b, hk, padded_k, d), jnp.float32)] * 2,
         interpret=interpret, name="boundless_attention_dkv", compiler_params=_TRITON,
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
-    unpad = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]            # noqa: E731
-    return unpad(dq, lq), unpad(dk, lk), unpad(dv, lk)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dk_in, dv_in)
+    return (from_kernel(dq, lq, heads_major), from_kernel(dk, lk, heads_major),
+            from_kernel(dv, lk, heads_major))
 
 
 def pallas_passes(kernel: str):

@@ -59,6 +59,36 @@ def padded_ids(q_pos, k_pos, q_seg, k_seg, lq: int, lk: int):
             pad(k_seg.astype(jnp.int32), lk, 1, PADDED_KEY))
 
 
-def heads_first(x, length: int):
-    """x [b, l, h, d] -> [b, h, length, d], padded with zeros."""
-    return jnp.swapaxes(pad(x, length, 1), 1, 2)
+# The kernels work head-major ([b, h, L, d], rows [b, h, L]). Callers hand them [b, l, h, d]
+# (and rows [b, l, h]), transposed here on each call, or, `heads_major`, arrays already
+# head-major, which a ring transposes once for all its hops.
+
+def dims(q, k, heads_major: bool):
+    """(batch, q length, q heads, head dim, k length, k heads)."""
+    if heads_major:
+        (b, hq, lq, d), (hk, lk) = q.shape, k.shape[1:3]
+    else:
+        (b, lq, hq, d), (lk, hk) = q.shape, k.shape[1:3]
+    return b, lq, hq, d, lk, hk
+
+
+def to_kernel(x, length: int, heads_major: bool, value=0):
+    """An activation [b, l, h, d] or rows [b, l, h] (or, `heads_major`, [b, h, l, ...])
+    as the kernels take it: head-major, padded to `length` tokens with `value`."""
+    if heads_major:
+        return pad(x, length, 2, value)
+    return jnp.swapaxes(pad(x, length, 1, value), 1, 2)
+
+
+def from_kernel(x, n: int, heads_major: bool):
+    """A kernel's head-major output, its first `n` tokens, in the caller's layout."""
+    return x[:, :, :n] if heads_major else jnp.swapaxes(x, 1, 2)[:, :n]
+
+
+def kernel_accumulators(accumulators, operands, heads_major: bool):
+    """(dq, dk, dv) float32 for a backward pass to add into (in place: they alias its
+    outputs), head-major and padded like its operands (q, k, v); zeros when None."""
+    if accumulators is None:
+        return tuple(jnp.zeros(x.shape, jnp.float32) for x in operands)
+    return tuple(to_kernel(a.astype(jnp.float32), x.shape[2], heads_major)
+                 for a, x in zip(accumulators, operands))

@@ -30,7 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from model.masking import MASKED, visible_pairs
-from model.pallas_tiles import any_set, dot, dot_t, heads_first, pad, padded_ids, visible
+from model.pallas_tiles import (any_set, dims, dot, dot_t, from_kernel, kernel_accumulators,
+                                padded_ids, to_kernel, visible)
 
 LANES = 128                        # a TPU vector register's lanes: the block granule
 
@@ -94,8 +95,8 @@ def _forward_kernel(*refs, causal, scale, windowed):
 
 def _dq_kernel(*refs, causal, scale, windowed):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref, dq_ref,
-     acc_ref, q_pos_ref, q_seg_ref, lse_col_ref, delta_col_ref) = refs
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
+     dq_in_ref, dq_ref, acc_ref, q_pos_ref, q_seg_ref, lse_col_ref, delta_col_ref) = refs
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
@@ -118,13 +119,13 @@ def _dq_kernel(*refs, causal, scale, windowed):
 
     @pl.when(key_block == pl.num_programs(3) - 1)
     def _finish():
-        dq_ref[...] = acc_ref[...] * scale
+        dq_ref[...] = dq_in_ref[...] + acc_ref[...] * scale     # one buffer: in place
 
 
 def _dkv_kernel(*refs, causal, scale, windowed):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref, dk_ref,
-     dv_ref, dk_acc_ref, dv_acc_ref, k_pos_ref, k_seg_ref) = refs
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
+     dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, k_pos_ref, k_seg_ref) = refs
     first = (pl.program_id(3) == 0) & (pl.program_id(4) == 0)
     last = ((pl.program_id(3) == pl.num_programs(3) - 1)
             & (pl.program_id(4) == pl.num_programs(4) - 1))
@@ -151,7 +152,8 @@ def _dkv_kernel(*refs, causal, scale, windowed):
 
     @pl.when(last)
     def _finish():
-        dk_ref[...], dv_ref[...] = dk_acc_ref[...] * scale, dv_acc_ref[...]
+        dk_ref[...] = dk_in_ref[...] + dk_acc_ref[...] * scale
+        dv_ref[...] = dv_in_ref[...] + dv_acc_ref[...]
 
 
 def block_size(length: int, block: int) -> int:
@@ -160,13 +162,14 @@ def block_size(length: int, block: int) -> int:
     return min(granule(block), granule(length))
 
 
-def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k):
+def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major):
     """(block_q, block_k, padded lengths, head-major q/k/v, id rows [b, 1, L])."""
-    block_q, block_k = block_size(q.shape[1], block_q), block_size(k.shape[1], block_k)
-    lq, lk = pl.cdiv(q.shape[1], block_q) * block_q, pl.cdiv(k.shape[1], block_k) * block_k
+    _, n_q, _, _, n_k, _ = dims(q, k, heads_major)
+    block_q, block_k = block_size(n_q, block_q), block_size(n_k, block_k)
+    lq, lk = pl.cdiv(n_q, block_q) * block_q, pl.cdiv(n_k, block_k) * block_k
     ids = [x[:, None, :] for x in padded_ids(q_pos, k_pos, q_seg, k_seg, lq, lk)]
-    return (block_q, block_k, lq, lk, heads_first(q, lq), heads_first(k, lk),
-            heads_first(v, lk), *ids)
+    return (block_q, block_k, lq, lk, to_kernel(q, lq, heads_major),
+            to_kernel(k, lk, heads_major), to_kernel(v, lk, heads_major), *ids)
 
 
 def _window_args(window):
@@ -181,13 +184,15 @@ def _params(*semantics):
 
 
 def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
-                block_k: int = 128, window=None, interpret: bool = False):
+                block_k: int = 128, window=None, interpret: bool = False,
+                heads_major: bool = False):
     """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
-    contract (lse -inf and out 0 for rows that see no key here)."""
-    b, n_q, hq, d = q.shape
-    groups = hq // k.shape[2]
+    contract (lse -inf and out 0 for rows that see no key here). `heads_major`: q/k/v
+    [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
+    b, n_q, hq, d, _, hk = dims(q, k, heads_major)
+    groups = hq // hk
     block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
-        q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
+        q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
     window_args, window_specs = _window_args(window)
     q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
     kv_block = pl.BlockSpec((None, None, block_k, d),
@@ -211,23 +216,25 @@ def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: i
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret, name="boundless_attention_forward",
     )(*window_args, qh, kh, vh, qp, qs, kp, ks)
-    return jnp.swapaxes(out, 1, 2)[:, :n_q], jnp.swapaxes(lse[:, :, 0], 1, 2)[:, :n_q]
+    return from_kernel(out, n_q, heads_major), from_kernel(lse[:, :, 0], n_q, heads_major)
 
 
 def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, causal: bool,
                  block_q: int = 128, block_k: int = 128, window=None,
-                 interpret: bool = False):
+                 interpret: bool = False, heads_major: bool = False, accumulators=None):
     """(dq, dk, dv) in float32: `blockwise_backward`'s contract (lse from the forward pass
-    over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq])."""
-    b, n_q, hq, d = q.shape
-    n_k, hk = k.shape[1], k.shape[2]
+    over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq]; `accumulators`
+    (dq, dk, dv) float32 that the gradients are added to, in place); `heads_major` as in
+    tpu_forward, for every argument and result."""
+    b, n_q, hq, d, n_k, hk = dims(q, k, heads_major)
     groups = hq // hk
     block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
-        q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k)
-    do = heads_first(d_out.astype(q.dtype), lq)
-    rows = lambda x, value: jnp.swapaxes(  # noqa: E731
-        pad(x.astype(jnp.float32), lq, 1, value), 1, 2)[:, :, None]
+        q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
+    do = to_kernel(d_out.astype(q.dtype), lq, heads_major)
+    rows = lambda x, value: to_kernel(  # noqa: E731
+        x.astype(jnp.float32), lq, heads_major, value)[:, :, None]
     lse, delta = rows(lse, -jnp.inf), rows(delta, 0.0)                # [b, hq, 1, Lq]
+    dq_in, dk_in, dv_in = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)
     window_args, window_specs = _window_args(window)
     options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None)
 
@@ -241,8 +248,9 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
         functools.partial(_dq_kernel, **options),
         grid=(b, hq, lq // block_q, lk // block_k),
         in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row,
-                  q_block, head_row, head_row],
+                  q_block, head_row, head_row, q_block],
         out_specs=q_block,
+        input_output_aliases={len(window_args) + 10: 0},
         out_shape=jax.ShapeDtypeStruct((b, hq, lq, d), jnp.float32),
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
                         pltpu.VMEM((block_q, 1), jnp.int32),
@@ -251,7 +259,7 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                         pltpu.VMEM((block_q, 1), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret, name="boundless_attention_dq",
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dq_in)
 
     # grid (row, key head, key block, query head of the group, query block)
     query_head = lambda hi, gi: hi * groups + gi                      # noqa: E731
@@ -266,8 +274,9 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
         functools.partial(_dkv_kernel, **options),
         grid=(b, hk, lk // block_k, groups, lq // block_q),
         in_specs=[*window_specs, g_block, k_block, k_block, g_q_row, g_q_row, g_k_row,
-                  g_k_row, g_block, g_head_row, g_head_row],
+                  g_k_row, g_block, g_head_row, g_head_row, k_block, k_block],
         out_specs=[k_block, k_block],
+        input_output_aliases={len(window_args) + 10: 0, len(window_args) + 11: 1},
         out_shape=[jax.ShapeDtypeStruct((b, hk, lk, d), jnp.float32)] * 2,
         scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32),
                         pltpu.VMEM((block_k, d), jnp.float32),
@@ -275,6 +284,6 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                         pltpu.VMEM((block_k, 1), jnp.int32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         interpret=interpret, name="boundless_attention_dkv",
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta)
-    unpad = lambda x, n: jnp.swapaxes(x, 1, 2)[:, :n]                # noqa: E731
-    return unpad(dq, n_q), unpad(dk, n_k), unpad(dv, n_k)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dk_in, dv_in)
+    return (from_kernel(dq, n_q, heads_major), from_kernel(dk, n_k, heads_major),
+            from_kernel(dv, n_k, heads_major))

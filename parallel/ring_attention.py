@@ -93,12 +93,13 @@ def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
 def _hop_forward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, *,
                  causal, block_q, block_k, window):
     """One hop's (out float32, lse, tiles) by the per-device kernel ("blockwise" or a
-    Pallas one, whose tiles are not counted: 0)."""
+    Pallas one, whose tiles are not counted: 0, and whose arrays are head-major: the ring
+    transposes them once, not on every hop)."""
     if kernel in PALLAS_KERNELS:
         forward, _ = pallas_passes(kernel)
         out, lse = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
                            block_q=block_q, block_k=block_k, window=window,
-                           interpret=interpret)
+                           interpret=interpret, heads_major=True)
         return out, lse, jnp.zeros((), jnp.int32)
     return blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
                              block_q=block_q, block_k=block_k, window=window)
@@ -109,13 +110,19 @@ def _hop_backward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_
     """(dq, dk, dv) accumulators plus one hop's gradients."""
     if kernel in PALLAS_KERNELS:
         _, backward = pallas_passes(kernel)
-        grads = backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
-                         causal=causal, block_q=block_q, block_k=block_k, window=window,
-                         interpret=interpret)
-        return tuple(a + g for a, g in zip(accumulators, grads))
+        return backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
+                        causal=causal, block_q=block_q, block_k=block_k, window=window,
+                        interpret=interpret, heads_major=True, accumulators=accumulators)
     return blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
                               causal=causal, block_q=block_q, block_k=block_k,
                               accumulators=accumulators, window=window)
+
+
+def _heads_major(*arrays):
+    """Each array with its length and heads axes swapped ([b, l, h, ...] <-> [b, h, l, ...]):
+    the layout of the Pallas kernels, taken once for all of a ring's hops instead of a
+    transposed copy of q, K/V and the outputs inside every hop."""
+    return tuple(jnp.swapaxes(x, 1, 2) for x in arrays)
 
 
 def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axis_size, hops,
@@ -124,8 +131,10 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
     tiles computed, hops computed). K/V move `stride` devices per hop (1: the plain ring;
     the hybrid's ring links the devices of the same rank in each group). `kernel`: each
     hop's kernel, "blockwise" or a Pallas one (PALLAS_KERNELS; interpret: run it with
-    Pallas' interpreter)."""
-    b, lq, hq, d = q.shape
+    Pallas' interpreter; the ring then runs head-major: see _heads_major)."""
+    heads_major = kernel in PALLAS_KERNELS
+    if heads_major:
+        q, k, v = _heads_major(q, k, v)
 
     def attend(kv, out, lse, tiles, computed):
         k_c, v_c, kp_c, ks_c = kv
@@ -147,12 +156,15 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
         out, lse, tiles, computed = attend(kv, out, lse, tiles, computed)
         return (next_kv, out, lse, tiles, computed), None
 
-    out = jnp.zeros((b, lq, hq, d), jnp.float32)
-    lse = jnp.full((b, lq, hq), -jnp.inf, jnp.float32)
+    out = jnp.zeros(q.shape, jnp.float32)                   # [b, lq, hq, d] (or head-major)
+    lse = jnp.full(q.shape[:3], -jnp.inf, jnp.float32)
     zero = jnp.zeros((), jnp.int32)
     carry = ((k, v, k_pos, k_seg), out, lse, zero, zero)
     kv, out, lse, tiles, computed = _run_hops(hop, carry, hops)
-    return attend(kv, out, lse, tiles, computed)            # last hop: nothing left to send
+    out, lse, tiles, computed = attend(kv, out, lse, tiles, computed)  # nothing left to send
+    if heads_major:
+        out, lse = _heads_major(out, lse)                   # back to [b, lq, hq, ...]
+    return out, lse, tiles, computed
 
 
 def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out, *,
@@ -161,6 +173,9 @@ def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out,
     """Per-device backward: dq stays home; dK/dV ride along with K/V and go home at the
     end (one more shift for the full ring, `hops` back for a shortened one)."""
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
+    heads_major = kernel in PALLAS_KERNELS
+    if heads_major:
+        q, k, v, d_out, lse, delta = _heads_major(q, k, v, d_out, lse, delta)
 
     def accumulate(kv, accumulators):
         k_c, v_c, kp_c, ks_c = kv
@@ -187,6 +202,8 @@ def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out,
     # The K/V here came from `hops` members back; after adding our part, dK/dV go there.
     dq, dk, dv = accumulate(kv, (dq, dk, dv))
     dk, dv = _shift((dk, dv), axis_name, axis_size, offset=-hops * stride)
+    if heads_major:
+        dq, dk, dv = _heads_major(dq, dk, dv)
     return dq, dk, dv
 
 

@@ -17,10 +17,10 @@ from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_pass
 D = 16
 
 
-def chunk(seed, length, heads, start=0, documents=(), pad=0):
-    """(x [1, length, heads, D] float32, positions, segment ids [1, length]): documents of
+def chunk(seed, length, heads, start=0, documents=(), pad=0, dim=D):
+    """(x [1, length, heads, dim] float32, positions, segment ids [1, length]): documents of
     the given lengths packed from position `start`, then `pad` PAD_SEGMENT tokens."""
-    x = jax.random.normal(jax.random.key(seed), (1, length, heads, D), jnp.float32)
+    x = jax.random.normal(jax.random.key(seed), (1, length, heads, dim), jnp.float32)
     positions = np.arange(start, start + length, dtype=np.int32)[None]
     segments = np.zeros((1, length), np.int32)
     at = 0
@@ -132,6 +132,38 @@ def test_every_length_to_1000_matches_the_references_packed_windowed_and_grouped
     q, q_pos, q_seg = chunk(length, length, 4, 0, documents, pad)
     k, k_pos, k_seg = chunk(length + 1, length, 2, 0, documents, pad)
     v, _, _ = chunk(length + 2, length, 2)
+    args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
+    blocks = dict(block_q=64, block_k=64, interpret=True)
+    out, lse = check_forward(kernel, args, True, 100, blocks)
+    check_gradients(kernel, args, True, 100, out, lse, blocks)
+
+
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+def test_the_backward_pass_adds_into_given_accumulators_and_takes_heads_major_arrays(kernel):
+    """What a ring hop uses: (dq, dk, dv) added in place into running sums, with q/k/v,
+    d_out, lse and delta already [b, h, l, ...] (transposed once per ring, not per hop)."""
+    args, causal, window = case_inputs("packed rows with padding")
+    forward, backward = pallas_passes(kernel)
+    out, lse = forward(*args, causal=causal, window=window, **BLOCKS)
+    d_out = jax.random.normal(jax.random.key(9), out.shape, jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)
+    plain = backward(*args, lse, d_out, delta, causal=causal, window=window, **BLOCKS)
+    swap = lambda x: jnp.swapaxes(x, 1, 2)                            # noqa: E731
+    sums = [jax.random.normal(jax.random.key(i), swap(g).shape) for i, g in enumerate(plain)]
+    q, k, v, *ids = args
+    added = backward(swap(q), swap(k), swap(v), *ids, swap(lse), swap(d_out), swap(delta),
+                     causal=causal, window=window, heads_major=True, accumulators=sums,
+                     **BLOCKS)
+    for total, start, grad in zip(added, sums, plain):
+        np.testing.assert_allclose(total, start + swap(grad), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+def test_heads_of_128_match_the_references(kernel):
+    """Heads of 128, what the accelerators are given: the same contract."""
+    q, q_pos, q_seg = chunk(21, 300, 4, 0, (150, 100), 20, dim=128)
+    k, k_pos, k_seg = chunk(22, 300, 2, 0, (150, 100), 20, dim=128)
+    v, _, _ = chunk(23, 300, 2, dim=128)
     args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
     blocks = dict(block_q=64, block_k=64, interpret=True)
     out, lse = check_forward(kernel, args, True, 100, blocks)
