@@ -1,6 +1,8 @@
-"""Per-device attention kernels on one GPU: the blockwise kernel against cuDNN's fused
-flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) and our Pallas
-kernel (model/pallas_attention.py, Triton).
+"""Per-device attention kernels on one GPU or TPU chip: the blockwise kernel against the
+platform's fused kernels. On a GPU: cuDNN's flash attention
+(`jax.nn.dot_product_attention(implementation="cudnn")`) and our Pallas kernel
+(model/pallas_attention.py, Triton); on a TPU: our Pallas kernel for Mosaic
+(model/pallas_tpu_attention.py).
 
 Table 1: causal attention fwd+bwd at each length, bf16, batch 1, Llama-3-8B's heads (32
 query / 8 KV heads of 128): median seconds and TFLOP/s, counting FlashAttention-2's
@@ -13,8 +15,10 @@ each (what the fused kernel needs; packed rows run the blockwise kernel).
     python -m benchmarks.gpu_attention [--lengths 8192,32768,131072] [--repeats 5]
     python -m benchmarks.gpu_attention --smoke        # tiny shapes, any platform (tests)
 
-Only a GPU gives figures worth quoting; `--smoke` runs the same code on small shapes with
-XLA's implementation of the fused call, to check the script itself.
+bash benchmarks/gpu_attention.sh and bash benchmarks/tpu_attention.sh install and run it on
+a GPU and a TPU host. Only a GPU or TPU gives figures worth quoting; `--smoke` runs the
+same code on small shapes with XLA's implementation of the fused call, to check the
+script itself.
 """
 from __future__ import annotations
 
@@ -28,11 +32,18 @@ import numpy as np
 
 from benchmarks.throughput import known_peak
 from util.tables import format_table
+from parallel.ring_attention import interpret_kernels
 from parallel.sequence_parallel import local_attention
 from util.errors import first_line
 
 HEADS = (32, 8, 128)                  # Llama-3-8B: query heads, KV heads, head_dim
 BLOCK = 512
+# the per-device kernels timed on each platform (the CPU: --smoke, to check the script)
+KERNELS = {"gpu": ("blockwise", "cudnn", "pallas"), "tpu": ("blockwise", "pallas_tpu"),
+           "cpu": ("blockwise", "cudnn", "pallas")}
+# the config value that resolves to each (model.attention_kernel)
+SETTING = {"blockwise": "blockwise", "cudnn": "cudnn", "pallas": "pallas",
+           "pallas_tpu": "pallas"}
 
 
 def attention_flops(length: int, q_heads: int, head_dim: int) -> float:
@@ -59,12 +70,13 @@ def kernel_rows(lengths, heads, repeats, implementation):
                    for h in (hq, hkv, hkv))
         positions = jnp.arange(length, dtype=jnp.int32)[None]
         segments = jnp.zeros((1, length), jnp.int32)
-        for kernel in ("blockwise", "cudnn", "pallas"):
+        for kernel in KERNELS[jax.devices()[0].platform]:
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
             attend = local_attention(kernel, causal=True, static_window=None,
                                      block_q=128 if kernel == "pallas" else BLOCK,
                                      block_k=128 if kernel == "pallas" else BLOCK,
                                      implementation=implementation,
-                                     interpret=jax.devices()[0].platform != "gpu")
+                                     interpret=interpret_kernels(mesh, kernel))
             grad = jax.jit(jax.grad(lambda q, k, v: attend(q, k, v, positions, segments, None)
                                     .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
             try:
@@ -89,7 +101,7 @@ def train_step_rows(length, repeats, kernels, smoke):
         m = config.model
         m.vocab_size, m.d_model, m.n_layers, m.mlp_dim = 32000, 2048, 16, 5632
         m.q_heads, m.kv_heads, m.head_dim = 32, 8, 64
-        m.remat, m.attention, m.attention_kernel = "full", "blockwise", kernel
+        m.remat, m.attention, m.attention_kernel = "full", "blockwise", SETTING[kernel]
         m.block_q = m.block_k = 128 if kernel == "pallas" else BLOCK
         m.loss_chunk_tokens = 4096
         if smoke:
@@ -147,8 +159,7 @@ def main(argv=None):
           f"x {heads[2]}, block {BLOCK}, median of {args.repeats}:")
     print(format_table(["length", "kernel", "ms", "TFLOP/s"],
                        kernel_rows(lengths, heads, args.repeats, implementation)))
-    kernels = (("blockwise",) if args.smoke or device.platform != "gpu" else
-               ("blockwise", "cudnn", "pallas"))
+    kernels = ("blockwise",) if args.smoke else KERNELS[device.platform]
     length = 512 if args.smoke else args.train_length
     print(f"train step of a ~1B Llama-shaped model at {length} tokens (one document), "
           f"median of {args.repeats}:")

@@ -54,8 +54,9 @@ def get_config() -> config_dict.ConfigDict:
     model.ulysses_degree = None, integer(1, optional=True)
     # the per-device kernel: auto | blockwise | cudnn (NVIDIA GPUs, whole-sequence calls on
     # one device or with ulysses, rows that are one document in order) | pallas (our Pallas
-    # kernel in every strategy and hop: Triton on GPUs, interpreted on the CPU, slow; not on
-    # TPUs yet); auto picks cudnn where it applies and says why not otherwise
+    # kernel in every strategy and hop: Triton on GPUs, Mosaic on TPUs, interpreted on the
+    # CPU, slow); auto: on a GPU cudnn where it applies, else pallas; on a TPU pallas;
+    # blockwise on the CPU and for heads other than bf16/fp16 of 64, 128 or 256 (said once)
     model.attention_kernel = "auto", text(("auto", "blockwise", "cudnn", "pallas"))
     # largest query / key-value block of the blockwise/ring kernels; any length runs (a
     # sequence is padded internally by less than one block)

@@ -79,10 +79,10 @@ def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
 
 
-def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
+def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed, accumulate):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
-     dq_in_ref, dq_ref) = refs
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref) = refs[:10]
+    dq_in_ref, dq_ref = (refs[10], refs[11]) if accumulate else (None, refs[10])
     q, d_out = q_ref[...], do_ref[...]                                # [bq, d]
     q_pos, q_seg = qp_ref[...], qs_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]                         # [bq]
@@ -102,13 +102,14 @@ def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
         return jax.lax.cond(_any(mask), compute, lambda dq: dq, dq)
 
     dq = jax.lax.fori_loop(0, k_blocks, key_block, jnp.zeros(q.shape, jnp.float32))
-    dq_ref[...] = dq_in_ref[...] + dq * scale      # the same buffer: added in place
+    dq = dq * scale
+    dq_ref[...] = dq if dq_in_ref is None else dq_in_ref[...] + dq   # one buffer: in place
 
 
-def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
+def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed, accumulate):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
-     dk_in_ref, dv_in_ref, dk_ref, dv_ref) = refs
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref) = refs[:10]
+    dk_ref, dv_ref = refs[-2:]
     k, v = k_ref[...], v_ref[...]                                     # [bk, d]
     k_pos, k_seg = kp_ref[...], ks_ref[...]
     window = window_ref[0] if windowed else None
@@ -134,7 +135,10 @@ def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed):
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, groups, query_head, (zeros, zeros))
-    dk_ref[...], dv_ref[...] = dk_in_ref[...] + dk * scale, dv_in_ref[...] + dv
+    dk = dk * scale
+    if accumulate:                                  # the same buffers: added in place
+        dk, dv = refs[10][...] + dk, refs[11][...] + dv
+    dk_ref[...], dv_ref[...] = dk, dv
 
 
 def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int]:
@@ -208,9 +212,11 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
     do = to_kernel(d_out.astype(q.dtype), padded_q, heads_major)
     lse = to_kernel(lse, padded_q, heads_major, -jnp.inf)           # [b, hq, Lq]
     delta = to_kernel(delta, padded_q, heads_major)
-    dq_in, dk_in, dv_in = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)
+    sums = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)   # () or 3
     window_args, window_specs = _window_args(window)
-    options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None)
+    options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None,
+                   accumulate=bool(sums))
+    first_sum = len(window_args) + 10                 # the index of dq's (dk's) running sum
 
     q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
     kv_whole = pl.BlockSpec((None, None, padded_k, d),
@@ -225,12 +231,12 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                   pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi)),
                   pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
                   pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
-                  q_block, rows, rows, q_block],
+                  q_block, rows, rows, *[q_block] * bool(sums)],
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct((b, hq, padded_q, d), jnp.float32),
-        input_output_aliases={len(window_args) + 10: 0},
+        input_output_aliases={first_sum: 0} if sums else {},
         interpret=interpret, name="boundless_attention_dq", compiler_params=_TRITON,
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dq_in)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[:1])
 
     group_whole = pl.BlockSpec((None, groups, padded_q, d), lambda bi, hi, ki: (bi, hi, 0, 0))
     group_rows = pl.BlockSpec((None, groups, padded_q), lambda bi, hi, ki: (bi, hi, 0))
@@ -244,12 +250,12 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                   pl.BlockSpec((None, padded_q), lambda bi, hi, ki: (bi, 0)),
                   pl.BlockSpec((None, block_k), lambda bi, hi, ki: (bi, ki)),
                   pl.BlockSpec((None, block_k), lambda bi, hi, ki: (bi, ki)),
-                  group_whole, group_rows, group_rows, k_block, k_block],
+                  group_whole, group_rows, group_rows, *[k_block, k_block] * bool(sums)],
         out_specs=[k_block, k_block],
-        input_output_aliases={len(window_args) + 10: 0, len(window_args) + 11: 1},
+        input_output_aliases={first_sum: 0, first_sum + 1: 1} if sums else {},
         out_shape=[jax.ShapeDtypeStruct((b, hk, padded_k, d), jnp.float32)] * 2,
         interpret=interpret, name="boundless_attention_dkv", compiler_params=_TRITON,
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dk_in, dv_in)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[1:])
     return (from_kernel(dq, lq, heads_major), from_kernel(dk, lk, heads_major),
             from_kernel(dv, lk, heads_major))
 

@@ -87,8 +87,8 @@ def from_kernel(x, n: int, heads_major: bool):
 
 def kernel_accumulators(accumulators, operands, heads_major: bool):
     """(dq, dk, dv) float32 for a backward pass to add into (in place: they alias its
-    outputs), head-major and padded like its operands (q, k, v); zeros when None."""
+    outputs), head-major and padded like its operands (q, k, v); () when None."""
     if accumulators is None:
-        return tuple(jnp.zeros(x.shape, jnp.float32) for x in operands)
+        return ()
     return tuple(to_kernel(a.astype(jnp.float32), x.shape[2], heads_major)
                  for a, x in zip(accumulators, operands))

@@ -93,10 +93,11 @@ def _forward_kernel(*refs, causal, scale, windowed):
         lse_ref[...] = _row(jnp.where(seen, max_ref[...] + jnp.log(safe), -jnp.inf))
 
 
-def _dq_kernel(*refs, causal, scale, windowed):
+def _dq_kernel(*refs, causal, scale, windowed, accumulate):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
-     dq_in_ref, dq_ref, acc_ref, q_pos_ref, q_seg_ref, lse_col_ref, delta_col_ref) = refs
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref) = refs[:10]
+    dq_in_ref, refs = (refs[10], refs[11:]) if accumulate else (None, refs[10:])
+    dq_ref, acc_ref, q_pos_ref, q_seg_ref, lse_col_ref, delta_col_ref = refs
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
@@ -119,13 +120,15 @@ def _dq_kernel(*refs, causal, scale, windowed):
 
     @pl.when(key_block == pl.num_programs(3) - 1)
     def _finish():
-        dq_ref[...] = dq_in_ref[...] + acc_ref[...] * scale     # one buffer: in place
+        dq = acc_ref[...] * scale
+        dq_ref[...] = dq if dq_in_ref is None else dq_in_ref[...] + dq   # one buffer: in place
 
 
-def _dkv_kernel(*refs, causal, scale, windowed):
+def _dkv_kernel(*refs, causal, scale, windowed, accumulate):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref,
-     dk_in_ref, dv_in_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, k_pos_ref, k_seg_ref) = refs
+    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref) = refs[:10]
+    sum_refs, refs = (refs[10:12], refs[12:]) if accumulate else ((), refs[10:])
+    dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, k_pos_ref, k_seg_ref = refs
     first = (pl.program_id(3) == 0) & (pl.program_id(4) == 0)
     last = ((pl.program_id(3) == pl.num_programs(3) - 1)
             & (pl.program_id(4) == pl.num_programs(4) - 1))
@@ -152,8 +155,10 @@ def _dkv_kernel(*refs, causal, scale, windowed):
 
     @pl.when(last)
     def _finish():
-        dk_ref[...] = dk_in_ref[...] + dk_acc_ref[...] * scale
-        dv_ref[...] = dv_in_ref[...] + dv_acc_ref[...]
+        dk, dv = dk_acc_ref[...] * scale, dv_acc_ref[...]
+        if sum_refs:                                  # the same buffers: added in place
+            dk, dv = sum_refs[0][...] + dk, sum_refs[1][...] + dv
+        dk_ref[...], dv_ref[...] = dk, dv
 
 
 def block_size(length: int, block: int) -> int:
@@ -234,9 +239,11 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
     rows = lambda x, value: to_kernel(  # noqa: E731
         x.astype(jnp.float32), lq, heads_major, value)[:, :, None]
     lse, delta = rows(lse, -jnp.inf), rows(delta, 0.0)                # [b, hq, 1, Lq]
-    dq_in, dk_in, dv_in = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)
+    sums = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)   # () or 3
     window_args, window_specs = _window_args(window)
-    options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None)
+    options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None,
+                   accumulate=bool(sums))
+    first_sum = len(window_args) + 10                 # the index of dq's (dk's) running sum
 
     q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
     kv_block = pl.BlockSpec((None, None, block_k, d),
@@ -248,9 +255,9 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
         functools.partial(_dq_kernel, **options),
         grid=(b, hq, lq // block_q, lk // block_k),
         in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row,
-                  q_block, head_row, head_row, q_block],
+                  q_block, head_row, head_row, *[q_block] * bool(sums)],
         out_specs=q_block,
-        input_output_aliases={len(window_args) + 10: 0},
+        input_output_aliases={first_sum: 0} if sums else {},
         out_shape=jax.ShapeDtypeStruct((b, hq, lq, d), jnp.float32),
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
                         pltpu.VMEM((block_q, 1), jnp.int32),
@@ -259,7 +266,7 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                         pltpu.VMEM((block_q, 1), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret, name="boundless_attention_dq",
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dq_in)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[:1])
 
     # grid (row, key head, key block, query head of the group, query block)
     query_head = lambda hi, gi: hi * groups + gi                      # noqa: E731
@@ -274,9 +281,9 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
         functools.partial(_dkv_kernel, **options),
         grid=(b, hk, lk // block_k, groups, lq // block_q),
         in_specs=[*window_specs, g_block, k_block, k_block, g_q_row, g_q_row, g_k_row,
-                  g_k_row, g_block, g_head_row, g_head_row, k_block, k_block],
+                  g_k_row, g_block, g_head_row, g_head_row, *[k_block, k_block] * bool(sums)],
         out_specs=[k_block, k_block],
-        input_output_aliases={len(window_args) + 10: 0, len(window_args) + 11: 1},
+        input_output_aliases={first_sum: 0, first_sum + 1: 1} if sums else {},
         out_shape=[jax.ShapeDtypeStruct((b, hk, lk, d), jnp.float32)] * 2,
         scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32),
                         pltpu.VMEM((block_k, d), jnp.float32),
@@ -284,6 +291,6 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                         pltpu.VMEM((block_k, 1), jnp.int32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         interpret=interpret, name="boundless_attention_dkv",
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, dk_in, dv_in)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[1:])
     return (from_kernel(dq, n_q, heads_major), from_kernel(dk, n_k, heads_major),
             from_kernel(dv, n_k, heads_major))

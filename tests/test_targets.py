@@ -519,6 +519,36 @@ def test_the_pallas_attention_kernel_compiles_to_triton_calls_for_an_h100():
 
 
 @pytest.mark.slow
+@needs_compiler("v5p")
+def test_the_mosaic_attention_kernel_compiles_to_three_tpu_calls_for_a_v5p_chip():
+    """model/pallas_tpu_attention.py through pallas_attention, forward and backward, one v5p
+    chip, 8,192 tokens of packed rows (8 query / 2 KV heads of 128, bf16): three Mosaic
+    calls (forward, dq, dk/dv), and no more temp memory than the blockwise loop's."""
+    from model.blockwise import blockwise_attention
+    from model.pallas_attention import pallas_attention
+    device = targets.compile_only_devices(targets.get("v5p"), 8)[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    length = 8192
+    shapes = [jax.ShapeDtypeStruct((1, length, heads, 128), jnp.bfloat16, sharding=sharding)
+              for heads in (8, 2, 2)]
+    shapes += [jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=sharding)] * 2
+
+    def compiled(attention):
+        def loss(q, k, v, positions, segments):
+            out = attention(q, k, v, positions=positions, segment_ids=segments)
+            return jnp.sum(out.astype(jnp.float32))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile()
+
+    fused = compiled(lambda *a, **kw: pallas_attention(*a, **kw, block_q=512, block_k=512,
+                                                       kernel="pallas_tpu"))
+    loop = compiled(lambda *a, **kw: blockwise_attention(*a, **kw, block_q=512, block_k=512))
+    assert collectives.pallas_attention_calls(fused.as_text()) == 3
+    assert collectives.pallas_attention_calls(loop.as_text()) == 0
+    assert (fused.memory_analysis().temp_size_in_bytes
+            <= loop.memory_analysis().temp_size_in_bytes)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("target_name,kernel", [("h100", "pallas"), ("v5p", "pallas_tpu")])
 @pytest.mark.parametrize("strategy", ["ring", "ulysses", "allgather", "hybrid"])
 def test_every_strategy_trains_through_the_platforms_fused_kernel_on_8_chips(
