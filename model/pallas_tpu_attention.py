@@ -188,6 +188,18 @@ def _params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
+def _query_grid_specs(block_q: int, block_k: int, d: int, groups: int):
+    """BlockSpecs of the grid (row, query head, query block, key block) that the forward
+    and dq passes share: (query block, its head's K/V block, query id row, key id row,
+    the head's row of per-query values: lse, delta)."""
+    return (pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0)),
+            pl.BlockSpec((None, None, block_k, d),
+                         lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki, 0)),
+            pl.BlockSpec((None, 1, block_q), lambda bi, hi, qi, ki: (bi, 0, qi)),
+            pl.BlockSpec((None, 1, block_k), lambda bi, hi, qi, ki: (bi, 0, ki)),
+            pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, qi, ki: (bi, hi, 0, qi)))
+
+
 def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
                 block_k: int = 128, window=None, interpret: bool = False,
                 heads_major: bool = False):
@@ -199,12 +211,7 @@ def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: i
     block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
         q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
     window_args, window_specs = _window_args(window)
-    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
-    kv_block = pl.BlockSpec((None, None, block_k, d),
-                            lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki, 0))
-    q_row = pl.BlockSpec((None, 1, block_q), lambda bi, hi, qi, ki: (bi, 0, qi))
-    k_row = pl.BlockSpec((None, 1, block_k), lambda bi, hi, qi, ki: (bi, 0, ki))
-    lse_row = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
+    q_block, kv_block, q_row, k_row, lse_row = _query_grid_specs(block_q, block_k, d, groups)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, causal=causal, scale=float(1.0 / np.sqrt(d)),
                           windowed=window is not None),
@@ -245,12 +252,7 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                    accumulate=bool(sums))
     first_sum = len(window_args) + 10                 # the index of dq's (dk's) running sum
 
-    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
-    kv_block = pl.BlockSpec((None, None, block_k, d),
-                            lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki, 0))
-    q_row = pl.BlockSpec((None, 1, block_q), lambda bi, hi, qi, ki: (bi, 0, qi))
-    k_row = pl.BlockSpec((None, 1, block_k), lambda bi, hi, qi, ki: (bi, 0, ki))
-    head_row = pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
+    q_block, kv_block, q_row, k_row, head_row = _query_grid_specs(block_q, block_k, d, groups)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **options),
         grid=(b, hq, lq // block_q, lk // block_k),

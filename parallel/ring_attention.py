@@ -118,10 +118,8 @@ def _hop_backward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_
                               accumulators=accumulators, window=window)
 
 
-def _heads_major(*arrays):
-    """Each array with its length and heads axes swapped ([b, l, h, ...] <-> [b, h, l, ...]):
-    the layout of the Pallas kernels, taken once for all of a ring's hops instead of a
-    transposed copy of q, K/V and the outputs inside every hop."""
+def _swap_heads(*arrays):
+    """Each array with its length and heads axes swapped ([b, l, h, ...] <-> [b, h, l, ...])."""
     return tuple(jnp.swapaxes(x, 1, 2) for x in arrays)
 
 
@@ -131,10 +129,8 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
     tiles computed, hops computed). K/V move `stride` devices per hop (1: the plain ring;
     the hybrid's ring links the devices of the same rank in each group). `kernel`: each
     hop's kernel, "blockwise" or a Pallas one (PALLAS_KERNELS; interpret: run it with
-    Pallas' interpreter; the ring then runs head-major: see _heads_major)."""
-    heads_major = kernel in PALLAS_KERNELS
-    if heads_major:
-        q, k, v = _heads_major(q, k, v)
+    Pallas' interpreter). Arrays in the kernel's layout: [b, l, h, ...], or head-major for
+    a Pallas kernel (see local_ring)."""
 
     def attend(kv, out, lse, tiles, computed):
         k_c, v_c, kp_c, ks_c = kv
@@ -161,21 +157,15 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
     zero = jnp.zeros((), jnp.int32)
     carry = ((k, v, k_pos, k_seg), out, lse, zero, zero)
     kv, out, lse, tiles, computed = _run_hops(hop, carry, hops)
-    out, lse, tiles, computed = attend(kv, out, lse, tiles, computed)  # nothing left to send
-    if heads_major:
-        out, lse = _heads_major(out, lse)                   # back to [b, lq, hq, ...]
-    return out, lse, tiles, computed
+    return attend(kv, out, lse, tiles, computed)            # last hop: nothing left to send
 
 
-def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out, *,
+def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, lse, d_out, delta, *,
                    axis_name, axis_size, hops, causal, block_q, block_k, stride=1,
                    kernel="blockwise", interpret=False):
     """Per-device backward: dq stays home; dK/dV ride along with K/V and go home at the
-    end (one more shift for the full ring, `hops` back for a shortened one)."""
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [b, lq, hq]
-    heads_major = kernel in PALLAS_KERNELS
-    if heads_major:
-        q, k, v, d_out, lse, delta = _heads_major(q, k, v, d_out, lse, delta)
+    end (one more shift for the full ring, `hops` back for a shortened one). Arrays in the
+    kernel's layout, as _ring_forward's; delta = sum(d_out * out, -1)."""
 
     def accumulate(kv, accumulators):
         k_c, v_c, kp_c, ks_c = kv
@@ -202,32 +192,44 @@ def _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse, d_out,
     # The K/V here came from `hops` members back; after adding our part, dK/dV go there.
     dq, dk, dv = accumulate(kv, (dq, dk, dv))
     dk, dv = _shift((dk, dv), axis_name, axis_size, offset=-hops * stride)
-    if heads_major:
-        dq, dk, dv = _heads_major(dq, dk, dv)
     return dq, dk, dv
 
 
 def local_ring(options: dict):
     """The per-device ring attention with its custom backward ring: (q, k, v, q_pos,
-    q_seg, k_pos, k_seg, window) -> out (keys start as the device's own tokens)."""
+    q_seg, k_pos, k_seg, window) -> out (keys start as the device's own tokens).
+
+    A Pallas kernel works head-major ([b, h, l, d]): the ring transposes q, K/V once for
+    all its hops, not inside each, and keeps those copies as the backward pass's residuals
+    in place of the originals (which then die), so no hop, and no backward pass, holds both.
+    """
+    to_kernel = _swap_heads if options["kernel"] in PALLAS_KERNELS else (lambda *a: a)
+
+    def forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
+        """(out, lse) in the caller's layout, from q/k/v in the kernel's."""
+        out, lse, _, _ = _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, **options)
+        return to_kernel(out, lse)
 
     @jax.custom_vjp
     def ring(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
-        out, _, _, _ = _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, **options)
+        out, _ = forward(*to_kernel(q, k, v), q_pos, q_seg, k_pos, k_seg, window)
         return out.astype(q.dtype)
 
     def ring_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
-        kernel = opaque(lambda *args: _ring_forward(*args, **options))  # see model.blockwise
-        out, lse, _, _ = kernel(q, k, v, q_pos, q_seg, k_pos, k_seg, window)
-        out, lse = name_residuals(out.astype(q.dtype), lse)   # see model.blockwise
+        dtype = q.dtype
+        q, k, v = to_kernel(q, k, v)
+        out, lse = opaque(forward)(q, k, v, q_pos, q_seg, k_pos, k_seg, window)  # see
+        out, lse = name_residuals(out.astype(dtype), lse)       # model.blockwise
         return out, (q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse)
 
     def ring_bwd(residuals, d_out):
         q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse = residuals
-        dq, dk, dv = _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, out, lse,
-                                    d_out, **options)
-        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None,
-                None, None)
+        delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        d_out, lse, delta = to_kernel(d_out, lse, delta)
+        dq, dk, dv = _ring_backward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, lse, d_out,
+                                    delta, **options)
+        dq, dk, dv = to_kernel(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+        return dq, dk, dv, None, None, None, None, None
 
     ring.defvjp(ring_fwd, ring_bwd)
     return ring

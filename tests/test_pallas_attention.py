@@ -125,13 +125,18 @@ SWEEP = (1, 2, 15, 16, 17, 127, 128, 129, 300, 511, 640, 999, 1000)
 @pytest.mark.parametrize("length", SWEEP)
 def test_every_length_to_1000_matches_the_references_packed_windowed_and_grouped(kernel,
                                                                                 length):
-    """Three documents and a padded tail, GQA 4:2, a window of 100: forward against float64,
-    gradients against the dense kernel, with 64-token Triton blocks (Mosaic's 128)."""
+    """check_packed_grouped_windowed at each length."""
+    check_packed_grouped_windowed(kernel, length, seed=length)
+
+
+def check_packed_grouped_windowed(kernel, length, *, seed, dim=D):
+    """Two documents and a padded tail, GQA 4:2, a window of 100, blocks of 64 tokens
+    (Mosaic's: 128): forward against float64, gradients against the dense kernel."""
     documents = (length // 2, length // 4) if length >= 4 else ()
     pad = length // 8
-    q, q_pos, q_seg = chunk(length, length, 4, 0, documents, pad)
-    k, k_pos, k_seg = chunk(length + 1, length, 2, 0, documents, pad)
-    v, _, _ = chunk(length + 2, length, 2)
+    q, q_pos, q_seg = chunk(seed, length, 4, 0, documents, pad, dim=dim)
+    k, k_pos, k_seg = chunk(seed + 1, length, 2, 0, documents, pad, dim=dim)
+    v, _, _ = chunk(seed + 2, length, 2, dim=dim)
     args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
     blocks = dict(block_q=64, block_k=64, interpret=True)
     out, lse = check_forward(kernel, args, True, 100, blocks)
@@ -161,13 +166,7 @@ def test_the_backward_pass_adds_into_given_accumulators_and_takes_heads_major_ar
 @pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
 def test_heads_of_128_match_the_references(kernel):
     """Heads of 128, what the accelerators are given: the same contract."""
-    q, q_pos, q_seg = chunk(21, 300, 4, 0, (150, 100), 20, dim=128)
-    k, k_pos, k_seg = chunk(22, 300, 2, 0, (150, 100), 20, dim=128)
-    v, _, _ = chunk(23, 300, 2, dim=128)
-    args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
-    blocks = dict(block_q=64, block_k=64, interpret=True)
-    out, lse = check_forward(kernel, args, True, 100, blocks)
-    check_gradients(kernel, args, True, 100, out, lse, blocks)
+    check_packed_grouped_windowed(kernel, 300, seed=21, dim=128)
 
 
 @pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
