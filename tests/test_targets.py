@@ -541,3 +541,17 @@ def test_every_strategy_trains_through_the_platforms_fused_kernel_on_8_chips(
     entry = compiled_entry(config, devices, targets.get(target_name))
     assert entry["attention_kernel"] == kernel
     assert entry["fused_attention_calls"] >= 3              # forward, dq, dk/dv
+
+
+@pytest.mark.slow
+@needs_compiler("h100")
+def test_the_fused_kernels_benchmark_prints_its_table(capsys):
+    """benchmarks/fused_kernels.py on a short ring: one row, the Triton kernel named, its
+    calls counted, and both memory ratios printed."""
+    from benchmarks import fused_kernels
+    fused_kernels.main(["--target", "h100", "--length", "2048", "--strategies", "ring"])
+    (row,) = [line for line in capsys.readouterr().out.splitlines()
+              if line.startswith("| h100")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:3] == ["h100", "ring", "pallas"]
+    assert int(cells[-1]) >= 3 and float(cells[5]) > 0 and float(cells[8]) > 0
