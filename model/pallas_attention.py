@@ -12,7 +12,8 @@ over the query heads of its group and the query blocks), probabilities recompute
 saved log-sum-exp.
 
 Written for Pallas' GPU (Triton) lowering; `interpret=True` runs the same kernel code on any
-backend (the CPU tests check its numerics against the float64 reference). Lengths are
+backend (the CPU tests check its numerics against the float64 reference). It reads the
+caller's [b, L, h, d] in place (`_Layout`: a free reshape to [b, L, h * d]). Lengths are
 padded to whole blocks inside; padded keys and queries get segment ids no real token has.
 `model.attention_kernel=pallas` runs it (on a TPU: model/pallas_tpu_attention.py's kernel) on
 one device and in every sequence-parallel strategy (each ring hop, the all-gather's chunk,
@@ -34,13 +35,16 @@ from model.masking import MASKED, check_shapes, default_positions_and_segments
 from model.pallas_tiles import any_set as _any
 from model.pallas_tiles import dot as _dot
 from model.pallas_tiles import dot_t as _dot_t
-from model.pallas_tiles import dims, from_kernel, kernel_accumulators, padded_ids, to_kernel
+from model.pallas_tiles import dims, from_kernel, pad, padded_ids, to_kernel
 from model.pallas_tiles import visible as _visible
 from model.pallas_tpu_attention import tpu_backward, tpu_forward
 
 # The Pallas kernels by the name `choose_kernel` resolves `pallas` to, and the platform each
 # is written for (elsewhere it runs in Pallas' interpreter)
 PALLAS_KERNELS = {"pallas": "gpu", "pallas_tpu": "tpu"}
+# Those that read head-major blocks ([b, h, L, d]); a ring hands them head-major arrays,
+# transposed once per ring (`heads_major=True`). Triton's reads [b, L, h, d] in place.
+HEADS_MAJOR_KERNELS = ("pallas_tpu",)
 # Triton, not Mosaic GPU (Pallas' default on GPUs, which would stage each program's whole
 # K/V in shared memory); interpret mode ignores it
 _TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
@@ -106,7 +110,8 @@ def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed, accumulate):
     dq_ref[...] = dq if dq_in_ref is None else dq_in_ref[...] + dq   # one buffer: in place
 
 
-def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed, accumulate):
+def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed, accumulate,
+                token_major):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
     (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, do_ref, lse_ref, delta_ref) = refs[:10]
     dk_ref, dv_ref = refs[-2:]
@@ -120,7 +125,11 @@ def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed, accum
 
         def compute(carry):
             dk, dv = carry
-            q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]          # [bq, d]
+            if token_major:                           # [Lq, groups * d]: head g's columns
+                head = pl.ds(g * k.shape[1], k.shape[1])
+                q, d_out = q_ref[rows, head], do_ref[rows, head]       # [bq, d]
+            else:                                     # [groups, Lq, d]
+                q, d_out = q_ref[g, rows, :], do_ref[g, rows, :]
             lse, delta = lse_ref[g, rows], delta_ref[g, rows]
             lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
             p = jnp.where(mask, jnp.exp(_dot_t(k, q) * scale - lse[None, :]), 0.0)  # [bk, bq]
@@ -148,20 +157,68 @@ def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int
     return size(lq, block_q), size(lk, block_k)
 
 
+def _power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+class _Layout:
+    """Where the kernels read and write activations. Token-major, [b, L, h * d]: a free
+    reshape of the caller's [b, L, h, d], each block one head's d columns, when d and the
+    group size are powers of two (Triton's block shapes) and the caller's arrays are not
+    head-major. Otherwise head-major, [b, h, L, d]: the caller's own (`heads_major`) or a
+    transposed copy. Rows of per-query values (lse, delta) are [b, h, L] either way."""
+
+    def __init__(self, d: int, groups: int, heads_major: bool):
+        self.d, self.groups, self.heads_major = d, groups, heads_major
+        self.token_major = not heads_major and _power_of_2(d) and _power_of_2(groups)
+
+    def operand(self, x, length: int):
+        """The caller's activation as the kernels read it, padded to `length` tokens."""
+        if self.token_major:
+            x = pad(x, length, 1)
+            return x.reshape(x.shape[0], length, -1)
+        return to_kernel(x, length, self.heads_major)
+
+    def result(self, x, n: int):
+        """A kernel's activation output, its first `n` tokens, in the caller's layout."""
+        if self.token_major:
+            return x.reshape(x.shape[0], x.shape[1], -1, self.d)[:, :n]
+        return from_kernel(x, n, self.heads_major)
+
+    def shape(self, b: int, heads: int, length: int) -> tuple:
+        return (b, length, heads * self.d) if self.token_major else (b, heads, length, self.d)
+
+    def block(self, rows: int, pick):
+        """BlockSpec of one head's `rows` tokens; pick(*grid) -> (row, head, block)."""
+        if self.token_major:
+            return pl.BlockSpec((None, rows, self.d),
+                                lambda *grid: (lambda b, h, i: (b, i, h))(*pick(*grid)))
+        return pl.BlockSpec((None, None, rows, self.d),
+                            lambda *grid: (lambda b, h, i: (b, h, i, 0))(*pick(*grid)))
+
+    def group(self, length: int):
+        """BlockSpec of every token of the query heads of key head `hi`, grid (b, hi, ki)."""
+        if self.token_major:
+            return pl.BlockSpec((None, length, self.groups * self.d),
+                                lambda bi, hi, ki: (bi, 0, hi))
+        return pl.BlockSpec((None, self.groups, length, self.d),
+                            lambda bi, hi, ki: (bi, hi, 0, 0))
+
+
 def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int,
              heads_major: bool):
-    """The shapes, block sizes and padded head-major operands both passes start from:
-    (b, lq, hq, d, lk, groups, block_q, block_k, operands, padded lq, padded lk); operands
-    q [b, hq, Lq, d], k/v [b, hk, Lk, d], positions and segment ids [b, L] (int32)."""
+    """The shapes, block sizes, layout and padded operands both passes start from:
+    (b, lq, hq, d, lk, groups, block_q, block_k, layout, operands, padded lq, padded lk);
+    operands q, k, v as `layout` reads them, positions and segment ids [b, L] (int32)."""
     b, lq, hq, d, lk, hk = dims(q, k, heads_major)
     block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
     padded_q, padded_k = pl.cdiv(lq, block_q) * block_q, pl.cdiv(lk, block_k) * block_k
-    operands = (to_kernel(q, padded_q, heads_major), to_kernel(k, padded_k, heads_major),
-                to_kernel(v, padded_k, heads_major),
-                *padded_ids(q_pos, k_pos, q_seg, k_seg, padded_q, padded_k))
-    qp, kp, qs, ks = operands[3:]
-    return (b, lq, hq, d, lk, hq // hk, block_q, block_k, (*operands[:3], qp, kp, qs, ks),
-            padded_q, padded_k)
+    layout = _Layout(d, hq // hk, heads_major)
+    qp, kp, qs, ks = padded_ids(q_pos, k_pos, q_seg, k_seg, padded_q, padded_k)
+    operands = (layout.operand(q, padded_q), layout.operand(k, padded_k),
+                layout.operand(v, padded_k), qp, kp, qs, ks)
+    return (b, lq, hq, d, lk, hq // hk, block_q, block_k, layout, operands, padded_q,
+            padded_k)
 
 
 def _window_args(window):
@@ -176,15 +233,15 @@ def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q
     """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
     contract (lse -inf and out 0 for rows that see no key here). `heads_major`: q/k/v
     [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
-    (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
-     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
+    (b, lq, hq, d, lk, groups, block_q, block_k, layout, (qh, kh, vh, qp, kp, qs, ks),
+     padded_q, padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k,
+                                    heads_major)
     window_args, window_specs = _window_args(window)
     kernel = functools.partial(_forward_kernel, causal=causal, block_k=block_k,
                                k_blocks=padded_k // block_k, scale=float(1.0 / np.sqrt(d)),
                                windowed=window is not None)
-    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
-    kv_whole = pl.BlockSpec((None, None, padded_k, d),
-                            lambda bi, hi, qi: (bi, hi // groups, 0, 0))
+    q_block = layout.block(block_q, lambda bi, hi, qi: (bi, hi, qi))
+    kv_whole = layout.block(padded_k, lambda bi, hi, qi: (bi, hi // groups, 0))
     q_rows = pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi))
     k_rows = pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0))
     out, lse = pl.pallas_call(
@@ -192,11 +249,11 @@ def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q
         in_specs=[*window_specs, q_block, kv_whole, kv_whole, q_rows, q_rows, k_rows, k_rows],
         out_specs=[q_block, pl.BlockSpec((None, None, block_q),
                                          lambda bi, hi, qi: (bi, hi, qi))],
-        out_shape=[jax.ShapeDtypeStruct((b, hq, padded_q, d), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hq, padded_q), jnp.float32),
                    jax.ShapeDtypeStruct((b, hq, padded_q), jnp.float32)],
         interpret=interpret, name="boundless_attention_forward", compiler_params=_TRITON,
     )(*window_args, qh, kh, vh, qp, qs, kp, ks)
-    return from_kernel(out, lq, heads_major), from_kernel(lse, lq, heads_major)
+    return layout.result(out, lq), from_kernel(lse, lq, heads_major)
 
 
 def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, causal: bool,
@@ -206,21 +263,23 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
     over the whole key set, delta = sum(d_out * out, -1) [b, lq, hq]; `accumulators`
     (dq, dk, dv) float32 that the gradients are added to, in place); `heads_major` as in
     pallas_forward, for every argument and result."""
-    (b, lq, hq, d, lk, groups, block_q, block_k, (qh, kh, vh, qp, kp, qs, ks), padded_q,
-     padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
+    (b, lq, hq, d, lk, groups, block_q, block_k, layout, (qh, kh, vh, qp, kp, qs, ks),
+     padded_q, padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k,
+                                    heads_major)
     hk = hq // groups
-    do = to_kernel(d_out.astype(q.dtype), padded_q, heads_major)
+    do = layout.operand(d_out.astype(q.dtype), padded_q)
     lse = to_kernel(lse, padded_q, heads_major, -jnp.inf)           # [b, hq, Lq]
     delta = to_kernel(delta, padded_q, heads_major)
-    sums = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)   # () or 3
+    sums = () if accumulators is None else tuple(
+        layout.operand(a.astype(jnp.float32), n)
+        for a, n in zip(accumulators, (padded_q, padded_k, padded_k)))
     window_args, window_specs = _window_args(window)
     options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None,
                    accumulate=bool(sums))
     first_sum = len(window_args) + 10                 # the index of dq's (dk's) running sum
 
-    q_block = pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi: (bi, hi, qi, 0))
-    kv_whole = pl.BlockSpec((None, None, padded_k, d),
-                            lambda bi, hi, qi: (bi, hi // groups, 0, 0))
+    q_block = layout.block(block_q, lambda bi, hi, qi: (bi, hi, qi))
+    kv_whole = layout.block(padded_k, lambda bi, hi, qi: (bi, hi // groups, 0))
     rows = pl.BlockSpec((None, None, block_q), lambda bi, hi, qi: (bi, hi, qi))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=block_k, k_blocks=padded_k // block_k,
@@ -233,17 +292,17 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                   pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0)),
                   q_block, rows, rows, *[q_block] * bool(sums)],
         out_specs=q_block,
-        out_shape=jax.ShapeDtypeStruct((b, hq, padded_q, d), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(layout.shape(b, hq, padded_q), jnp.float32),
         input_output_aliases={first_sum: 0} if sums else {},
         interpret=interpret, name="boundless_attention_dq", compiler_params=_TRITON,
     )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[:1])
 
-    group_whole = pl.BlockSpec((None, groups, padded_q, d), lambda bi, hi, ki: (bi, hi, 0, 0))
+    group_whole = layout.group(padded_q)
     group_rows = pl.BlockSpec((None, groups, padded_q), lambda bi, hi, ki: (bi, hi, 0))
-    k_block = pl.BlockSpec((None, None, block_k, d), lambda bi, hi, ki: (bi, hi, ki, 0))
+    k_block = layout.block(block_k, lambda bi, hi, ki: (bi, hi, ki))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, block_q=block_q, q_blocks=padded_q // block_q,
-                          groups=groups, **options),
+                          groups=groups, token_major=layout.token_major, **options),
         grid=(b, hk, padded_k // block_k),
         in_specs=[*window_specs, group_whole, k_block, k_block,
                   pl.BlockSpec((None, padded_q), lambda bi, hi, ki: (bi, 0)),
@@ -253,11 +312,10 @@ def pallas_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, c
                   group_whole, group_rows, group_rows, *[k_block, k_block] * bool(sums)],
         out_specs=[k_block, k_block],
         input_output_aliases={first_sum: 0, first_sum + 1: 1} if sums else {},
-        out_shape=[jax.ShapeDtypeStruct((b, hk, padded_k, d), jnp.float32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hk, padded_k), jnp.float32)] * 2,
         interpret=interpret, name="boundless_attention_dkv", compiler_params=_TRITON,
     )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[1:])
-    return (from_kernel(dq, lq, heads_major), from_kernel(dk, lk, heads_major),
-            from_kernel(dv, lk, heads_major))
+    return layout.result(dq, lq), layout.result(dk, lk), layout.result(dv, lk)
 
 
 def pallas_passes(kernel: str):

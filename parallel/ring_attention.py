@@ -44,7 +44,8 @@ from model.blockwise import (block_plan, blockwise_attention, blockwise_backward
                              opaque, window_argument)
 from model.masking import (PAD_SEGMENT, check_shapes, check_window,
                            default_positions_and_segments, pad_axis1, padded_length)
-from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_passes
+from model.pallas_attention import (HEADS_MAJOR_KERNELS, PALLAS_KERNELS, pallas_attention,
+                                    pallas_passes)
 from parallel.layout import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 
@@ -93,13 +94,12 @@ def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
 def _hop_forward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, *,
                  causal, block_q, block_k, window):
     """One hop's (out float32, lse, tiles) by the per-device kernel ("blockwise" or a
-    Pallas one, whose tiles are not counted: 0, and whose arrays are head-major: the ring
-    transposes them once, not on every hop)."""
+    Pallas one, whose tiles are not counted: 0; arrays in the kernel's layout)."""
     if kernel in PALLAS_KERNELS:
         forward, _ = pallas_passes(kernel)
         out, lse = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
                            block_q=block_q, block_k=block_k, window=window,
-                           interpret=interpret, heads_major=True)
+                           interpret=interpret, heads_major=kernel in HEADS_MAJOR_KERNELS)
         return out, lse, jnp.zeros((), jnp.int32)
     return blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
                              block_q=block_q, block_k=block_k, window=window)
@@ -112,7 +112,8 @@ def _hop_backward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_
         _, backward = pallas_passes(kernel)
         return backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
                         causal=causal, block_q=block_q, block_k=block_k, window=window,
-                        interpret=interpret, heads_major=True, accumulators=accumulators)
+                        interpret=interpret, heads_major=kernel in HEADS_MAJOR_KERNELS,
+                        accumulators=accumulators)
     return blockwise_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta,
                               causal=causal, block_q=block_q, block_k=block_k,
                               accumulators=accumulators, window=window)
@@ -130,7 +131,7 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
     the hybrid's ring links the devices of the same rank in each group). `kernel`: each
     hop's kernel, "blockwise" or a Pallas one (PALLAS_KERNELS; interpret: run it with
     Pallas' interpreter). Arrays in the kernel's layout: [b, l, h, ...], or head-major for
-    a Pallas kernel (see local_ring)."""
+    a head-major Pallas kernel (see local_ring)."""
 
     def attend(kv, out, lse, tiles, computed):
         k_c, v_c, kp_c, ks_c = kv
@@ -199,11 +200,12 @@ def local_ring(options: dict):
     """The per-device ring attention with its custom backward ring: (q, k, v, q_pos,
     q_seg, k_pos, k_seg, window) -> out (keys start as the device's own tokens).
 
-    A Pallas kernel works head-major ([b, h, l, d]): the ring transposes q, K/V once for
-    all its hops, not inside each, and keeps those copies as the backward pass's residuals
-    in place of the originals (which then die), so no hop, and no backward pass, holds both.
+    A head-major Pallas kernel (HEADS_MAJOR_KERNELS: Mosaic's, [b, h, l, d]) gets q, K/V
+    transposed once for all the ring's hops, not inside each, and those copies are the
+    backward pass's residuals in place of the originals (which then die), so no hop, and no
+    backward pass, holds both.
     """
-    to_kernel = _swap_heads if options["kernel"] in PALLAS_KERNELS else (lambda *a: a)
+    to_kernel = _swap_heads if options["kernel"] in HEADS_MAJOR_KERNELS else (lambda *a: a)
 
     def forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window):
         """(out, lse) in the caller's layout, from q/k/v in the kernel's."""
