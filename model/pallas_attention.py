@@ -48,6 +48,9 @@ HEADS_MAJOR_KERNELS = ("pallas_tpu",)
 # Triton, not Mosaic GPU (Pallas' default on GPUs, which would stage each program's whole
 # K/V in shared memory); interpret mode ignores it
 _TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
+# The largest Triton tile side: with heads of 128 and two pipeline stages, 512-token tiles
+# ask 384 KiB of shared memory, over an H100's 227 KiB (XLA:GPU refused Llama-2-7B's)
+MAX_BLOCK = 128
 
 
 def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
@@ -151,9 +154,10 @@ def _dkv_kernel(*refs, causal, block_q, q_blocks, groups, scale, windowed, accum
 
 
 def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int]:
-    """Power-of-two blocks (Triton's rule), at least 16 and no larger than the chunk needs."""
+    """Power-of-two blocks (Triton's rule), at least 16, at most MAX_BLOCK and no larger
+    than the chunk needs."""
     def size(length, block):
-        return max(16, min(pl.next_power_of_2(block), pl.next_power_of_2(length)))
+        return max(16, min(pl.next_power_of_2(block), pl.next_power_of_2(length), MAX_BLOCK))
     return size(lq, block_q), size(lk, block_k)
 
 

@@ -278,7 +278,7 @@ def check_plausible(entry, target, strategy):
 def test_tiny_train_step_compiles_for_8_h100s(h100_8, strategy):
     entry = compiled_entry(sequence_config(strategy), h100_8, targets.get("h100"))
     check_plausible(entry, targets.get("h100"), strategy)
-    assert entry["kernel"] == "blockwise"                   # packed training rows
+    assert entry["kernel"] == "blockwise"       # heads of 32: fused kernels take 64/128/256
     assert entry["collective_bytes"]["inter_host_traffic"] == 0     # one host of 8
 
 
@@ -435,7 +435,8 @@ def test_llama2_7b_plans_on_8_h100s_at_32768_tokens(tmp_path):
     params = 6.74e9                                  # Llama-2-7B, float32, split over 8
     assert step["bytes_per_device"]["arguments"] > 3 * 4 * params / 8 * 0.95   # + Adam
     assert step["bytes_per_device"]["total"] < 80 * GIB
-    assert step["collective_bytes"]["traffic"] > 0 and step["kernel"] == "blockwise"
+    assert step["collective_bytes"]["traffic"] > 0
+    assert step["kernel"] == "pallas"           # packed rows, bf16 heads of 128: Triton
     assert step["bound"]["step_s"] > step["bound"]["compute_s"] > 0.1
     assert "per-device memory on 8 x NVIDIA H100 80GB HBM3 (h100, compile-only)" in \
         result.stdout
