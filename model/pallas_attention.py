@@ -82,7 +82,8 @@ def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
             jnp.zeros((bq,), jnp.float32))
     acc, m, total = jax.lax.fori_loop(0, k_blocks, key_block, init)
     seen = total > 0
-    out_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, total, 1.0)[:, None], 0.0)
+    out_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, total, 1.0)[:, None],
+                             0.0).astype(out_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
 
 
@@ -233,10 +234,11 @@ def _window_args(window):
 
 def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
                    block_k: int = 128, window=None, interpret: bool = False,
-                   heads_major: bool = False):
-    """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
-    contract (lse -inf and out 0 for rows that see no key here). `heads_major`: q/k/v
-    [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
+                   heads_major: bool = False, out_dtype=jnp.float32):
+    """(out [b, lq, hq, d] out_dtype, lse [b, lq, hq] float32): `blockwise_forward`'s
+    contract (lse -inf and out 0 for rows that see no key here; float32 out for merging
+    hops, the activations' dtype for a single call). `heads_major`: q/k/v [b, h, l, d] in,
+    out [b, hq, lq, d] and lse [b, hq, lq] out."""
     (b, lq, hq, d, lk, groups, block_q, block_k, layout, (qh, kh, vh, qp, kp, qs, ks),
      padded_q, padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k,
                                     heads_major)
@@ -253,7 +255,7 @@ def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q
         in_specs=[*window_specs, q_block, kv_whole, kv_whole, q_rows, q_rows, k_rows, k_rows],
         out_specs=[q_block, pl.BlockSpec((None, None, block_q),
                                          lambda bi, hi, qi: (bi, hi, qi))],
-        out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hq, padded_q), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hq, padded_q), out_dtype),
                    jax.ShapeDtypeStruct((b, hq, padded_q), jnp.float32)],
         interpret=interpret, name="boundless_attention_forward", compiler_params=_TRITON,
     )(*window_args, qh, kh, vh, qp, qs, kp, ks)
@@ -343,8 +345,9 @@ def _attention_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, window, causal, block_q,
                    interpret, kernel):
     forward, _ = pallas_passes(kernel)
     out, lse = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal, block_q=block_q,
-                       block_k=block_k, window=window, interpret=interpret)
-    out, lse = name_residuals(out.astype(q.dtype), lse)
+                       block_k=block_k, window=window, interpret=interpret,
+                       out_dtype=q.dtype)         # one call: no float32 copy to merge
+    out, lse = name_residuals(out, lse)
     return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, window, out, lse)
 
 

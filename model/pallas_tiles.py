@@ -59,9 +59,10 @@ def padded_ids(q_pos, k_pos, q_seg, k_seg, lq: int, lk: int):
             pad(k_seg.astype(jnp.int32), lk, 1, PADDED_KEY))
 
 
-# The kernels work head-major ([b, h, L, d], rows [b, h, L]). Callers hand them [b, l, h, d]
-# (and rows [b, l, h]), transposed here on each call, or, `heads_major`, arrays already
-# head-major, which a ring transposes once for all its hops.
+# Head-major layout ([b, h, L, d], rows [b, h, L]): what the Mosaic kernel reads, and the
+# Triton kernel's fallback. Callers hand [b, l, h, d] (and rows [b, l, h]), transposed here
+# on each call, or, `heads_major`, arrays already head-major (a ring transposes once for
+# all its hops).
 
 def dims(q, k, heads_major: bool):
     """(batch, q length, q heads, head dim, k length, k heads)."""

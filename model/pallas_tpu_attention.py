@@ -89,7 +89,7 @@ def _forward_kernel(*refs, causal, scale, windowed):
         total = total_ref[...]
         seen = total > 0
         safe = jnp.where(seen, total, 1.0)
-        out_ref[...] = jnp.where(seen, acc_ref[...] / safe, 0.0)
+        out_ref[...] = jnp.where(seen, acc_ref[...] / safe, 0.0).astype(out_ref.dtype)
         lse_ref[...] = _row(jnp.where(seen, max_ref[...] + jnp.log(safe), -jnp.inf))
 
 
@@ -202,10 +202,11 @@ def _query_grid_specs(block_q: int, block_k: int, d: int, groups: int):
 
 def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
                 block_k: int = 128, window=None, interpret: bool = False,
-                heads_major: bool = False):
-    """(out [b, lq, hq, d] float32, lse [b, lq, hq] float32): `blockwise_forward`'s
-    contract (lse -inf and out 0 for rows that see no key here). `heads_major`: q/k/v
-    [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
+                heads_major: bool = False, out_dtype=jnp.float32):
+    """(out [b, lq, hq, d] out_dtype, lse [b, lq, hq] float32): `blockwise_forward`'s
+    contract (lse -inf and out 0 for rows that see no key here; float32 out for merging
+    hops, the activations' dtype for a single call). `heads_major`: q/k/v [b, h, l, d] in,
+    out [b, hq, lq, d] and lse [b, hq, lq] out."""
     b, n_q, hq, d, _, hk = dims(q, k, heads_major)
     groups = hq // hk
     block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
@@ -218,7 +219,7 @@ def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: i
         grid=(b, hq, lq // block_q, lk // block_k),
         in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row],
         out_specs=[q_block, lse_row],
-        out_shape=[jax.ShapeDtypeStruct((b, hq, lq, d), jnp.float32),
+        out_shape=[jax.ShapeDtypeStruct((b, hq, lq, d), out_dtype),
                    jax.ShapeDtypeStruct((b, hq, 1, lq), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
                         pltpu.VMEM((block_q, 1), jnp.float32),

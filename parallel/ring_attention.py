@@ -201,9 +201,8 @@ def local_ring(options: dict):
     q_seg, k_pos, k_seg, window) -> out (keys start as the device's own tokens).
 
     A head-major Pallas kernel (HEADS_MAJOR_KERNELS: Mosaic's, [b, h, l, d]) gets q, K/V
-    transposed once for all the ring's hops, not inside each, and those copies are the
-    backward pass's residuals in place of the originals (which then die), so no hop, and no
-    backward pass, holds both.
+    transposed once for all the ring's hops, not inside each; those copies are the
+    backward pass's residuals in place of the originals.
     """
     to_kernel = _swap_heads if options["kernel"] in HEADS_MAJOR_KERNELS else (lambda *a: a)
 
