@@ -13,7 +13,7 @@ saved log-sum-exp.
 
 Written for Pallas' GPU (Triton) lowering; `interpret=True` runs the same kernel code on any
 backend (the CPU tests check its numerics against the float64 reference). It reads the
-caller's [b, L, h, d] in place (`_Layout`: a free reshape to [b, L, h * d]). Lengths are
+caller's [b, L, h, d] in place (`Layout`: a free reshape to [b, L, h * d]). Lengths are
 padded to whole blocks inside; padded keys and queries get segment ids no real token has.
 `model.attention_kernel=pallas` runs it (on a TPU: model/pallas_tpu_attention.py's kernel) on
 one device and in every sequence-parallel strategy (each ring hop, the all-gather's chunk,
@@ -35,7 +35,7 @@ from model.masking import MASKED, check_shapes, default_positions_and_segments
 from model.pallas_tiles import any_set as _any
 from model.pallas_tiles import dot as _dot
 from model.pallas_tiles import dot_t as _dot_t
-from model.pallas_tiles import dims, from_kernel, pad, padded_ids, to_kernel
+from model.pallas_tiles import Layout, dims, from_kernel, padded_ids, to_kernel
 from model.pallas_tiles import visible as _visible
 from model.pallas_tpu_attention import tpu_backward, tpu_forward
 
@@ -162,52 +162,10 @@ def _block_sizes(lq: int, lk: int, block_q: int, block_k: int) -> tuple[int, int
     return size(lq, block_q), size(lk, block_k)
 
 
-def _power_of_2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-class _Layout:
-    """Where the kernels read and write activations. Token-major, [b, L, h * d]: a free
-    reshape of the caller's [b, L, h, d], each block one head's d columns, when d and the
-    group size are powers of two (Triton's block shapes) and the caller's arrays are not
-    head-major. Otherwise head-major, [b, h, L, d]: the caller's own (`heads_major`) or a
-    transposed copy. Rows of per-query values (lse, delta) are [b, h, L] either way."""
-
-    def __init__(self, d: int, groups: int, heads_major: bool):
-        self.d, self.groups, self.heads_major = d, groups, heads_major
-        self.token_major = not heads_major and _power_of_2(d) and _power_of_2(groups)
-
-    def operand(self, x, length: int):
-        """The caller's activation as the kernels read it, padded to `length` tokens."""
-        if self.token_major:
-            x = pad(x, length, 1)
-            return x.reshape(x.shape[0], length, -1)
-        return to_kernel(x, length, self.heads_major)
-
-    def result(self, x, n: int):
-        """A kernel's activation output, its first `n` tokens, in the caller's layout."""
-        if self.token_major:
-            return x.reshape(x.shape[0], x.shape[1], -1, self.d)[:, :n]
-        return from_kernel(x, n, self.heads_major)
-
-    def shape(self, b: int, heads: int, length: int) -> tuple:
-        return (b, length, heads * self.d) if self.token_major else (b, heads, length, self.d)
-
-    def block(self, rows: int, pick):
-        """BlockSpec of one head's `rows` tokens; pick(*grid) -> (row, head, block)."""
-        if self.token_major:
-            return pl.BlockSpec((None, rows, self.d),
-                                lambda *grid: (lambda b, h, i: (b, i, h))(*pick(*grid)))
-        return pl.BlockSpec((None, None, rows, self.d),
-                            lambda *grid: (lambda b, h, i: (b, h, i, 0))(*pick(*grid)))
-
-    def group(self, length: int):
-        """BlockSpec of every token of the query heads of key head `hi`, grid (b, hi, ki)."""
-        if self.token_major:
-            return pl.BlockSpec((None, length, self.groups * self.d),
-                                lambda bi, hi, ki: (bi, 0, hi))
-        return pl.BlockSpec((None, self.groups, length, self.d),
-                            lambda bi, hi, ki: (bi, hi, 0, 0))
+def _reads_token_major(d: int, groups: int, heads_major: bool) -> bool:
+    """Whether the kernel reads the caller's [b, L, h, d] in place: d and the group size
+    powers of two (Triton's block shapes), and the caller's arrays not head-major."""
+    return not heads_major and all(n > 0 and n & (n - 1) == 0 for n in (d, groups))
 
 
 def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int,
@@ -218,7 +176,8 @@ def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q: int, block_k: int,
     b, lq, hq, d, lk, hk = dims(q, k, heads_major)
     block_q, block_k = _block_sizes(lq, lk, block_q, block_k)
     padded_q, padded_k = pl.cdiv(lq, block_q) * block_q, pl.cdiv(lk, block_k) * block_k
-    layout = _Layout(d, hq // hk, heads_major)
+    layout = Layout(d, hq // hk, heads_major,
+                    _reads_token_major(d, hq // hk, heads_major))
     qp, kp, qs, ks = padded_ids(q_pos, k_pos, q_seg, k_seg, padded_q, padded_k)
     operands = (layout.operand(q, padded_q), layout.operand(k, padded_k),
                 layout.operand(v, padded_k), qp, kp, qs, ks)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from model.masking import PAD_SEGMENT, visible_pairs
 
@@ -86,10 +87,45 @@ def from_kernel(x, n: int, heads_major: bool):
     return x[:, :, :n] if heads_major else jnp.swapaxes(x, 1, 2)[:, :n]
 
 
-def kernel_accumulators(accumulators, operands, heads_major: bool):
-    """(dq, dk, dv) float32 for a backward pass to add into (in place: they alias its
-    outputs), head-major and padded like its operands (q, k, v); () when None."""
-    if accumulators is None:
-        return ()
-    return tuple(to_kernel(a.astype(jnp.float32), x.shape[2], heads_major)
-                 for a, x in zip(accumulators, operands))
+class Layout:
+    """Where a kernel reads and writes activations. Token-major, [b, L, h * d]: a free
+    reshape of the caller's [b, L, h, d], each block one head's d columns (`token_major`:
+    the kernel's rule for when its block shapes allow it). Otherwise head-major,
+    [b, h, L, d]: the caller's own (`heads_major`) or a transposed copy. Rows of per-query
+    values (lse, delta) are head-major, [b, h, L], either way."""
+
+    def __init__(self, d: int, groups: int, heads_major: bool, token_major: bool):
+        self.d, self.groups, self.heads_major = d, groups, heads_major
+        self.token_major = token_major and not heads_major
+
+    def operand(self, x, length: int):
+        """The caller's activation as the kernel reads it, padded to `length` tokens."""
+        if self.token_major:
+            x = pad(x, length, 1)
+            return x.reshape(x.shape[0], length, -1)
+        return to_kernel(x, length, self.heads_major)
+
+    def result(self, x, n: int):
+        """A kernel's activation output, its first `n` tokens, in the caller's layout."""
+        if self.token_major:
+            return x.reshape(x.shape[0], x.shape[1], -1, self.d)[:, :n]
+        return from_kernel(x, n, self.heads_major)
+
+    def shape(self, b: int, heads: int, length: int) -> tuple:
+        return (b, length, heads * self.d) if self.token_major else (b, heads, length, self.d)
+
+    def block(self, rows: int, pick):
+        """BlockSpec of one head's `rows` tokens; pick(*grid) -> (row, head, block)."""
+        if self.token_major:
+            return pl.BlockSpec((None, rows, self.d),
+                                lambda *grid: (lambda b, h, i: (b, i, h))(*pick(*grid)))
+        return pl.BlockSpec((None, None, rows, self.d),
+                            lambda *grid: (lambda b, h, i: (b, h, i, 0))(*pick(*grid)))
+
+    def group(self, length: int):
+        """BlockSpec of every token of the query heads of key head `hi`, grid (b, hi, ki)."""
+        if self.token_major:
+            return pl.BlockSpec((None, length, self.groups * self.d),
+                                lambda bi, hi, ki: (bi, 0, hi))
+        return pl.BlockSpec((None, self.groups, length, self.d),
+                            lambda bi, hi, ki: (bi, hi, 0, 0))

@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from model.masking import MASKED, visible_pairs
-from model.pallas_tiles import (any_set, dims, dot, dot_t, from_kernel, kernel_accumulators,
-                                padded_ids, to_kernel, visible)
+from model.pallas_tiles import (Layout, any_set, dims, dot, dot_t, from_kernel, padded_ids,
+                                to_kernel, visible)
 
 LANES = 128                        # a TPU vector register's lanes: the block granule
 
@@ -168,13 +168,18 @@ def block_size(length: int, block: int) -> int:
 
 
 def _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major):
-    """(block_q, block_k, padded lengths, head-major q/k/v, id rows [b, 1, L])."""
-    _, n_q, _, _, n_k, _ = dims(q, k, heads_major)
+    """(block_q, block_k, padded lengths, layout, q/k/v as it reads them, id rows
+    [b, 1, L]). Always head-major: XLA:TPU already lays [b, L, h, d] out head-major
+    (minor-to-major {3,1,2,0}), so the transposes are bitcasts, and a token-major
+    [b, L, h * d] view would be a relayout copy (tried: ring attention, 32k tokens on
+    v5p seq 8, 98.3 -> 129.6 MiB of temp)."""
+    _, n_q, hq, d, n_k, hk = dims(q, k, heads_major)
     block_q, block_k = block_size(n_q, block_q), block_size(n_k, block_k)
     lq, lk = pl.cdiv(n_q, block_q) * block_q, pl.cdiv(n_k, block_k) * block_k
+    layout = Layout(d, hq // hk, heads_major, token_major=False)
     ids = [x[:, None, :] for x in padded_ids(q_pos, k_pos, q_seg, k_seg, lq, lk)]
-    return (block_q, block_k, lq, lk, to_kernel(q, lq, heads_major),
-            to_kernel(k, lk, heads_major), to_kernel(v, lk, heads_major), *ids)
+    return (block_q, block_k, lq, lk, layout, layout.operand(q, lq), layout.operand(k, lk),
+            layout.operand(v, lk), *ids)
 
 
 def _window_args(window):
@@ -188,13 +193,13 @@ def _params(*semantics):
     return pltpu.CompilerParams(dimension_semantics=semantics)
 
 
-def _query_grid_specs(block_q: int, block_k: int, d: int, groups: int):
+def _query_grid_specs(layout: Layout, block_q: int, block_k: int):
     """BlockSpecs of the grid (row, query head, query block, key block) that the forward
     and dq passes share: (query block, its head's K/V block, query id row, key id row,
     the head's row of per-query values: lse, delta)."""
-    return (pl.BlockSpec((None, None, block_q, d), lambda bi, hi, qi, ki: (bi, hi, qi, 0)),
-            pl.BlockSpec((None, None, block_k, d),
-                         lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki, 0)),
+    groups = layout.groups
+    return (layout.block(block_q, lambda bi, hi, qi, ki: (bi, hi, qi)),
+            layout.block(block_k, lambda bi, hi, qi, ki: (bi, _group_of(hi, groups), ki)),
             pl.BlockSpec((None, 1, block_q), lambda bi, hi, qi, ki: (bi, 0, qi)),
             pl.BlockSpec((None, 1, block_k), lambda bi, hi, qi, ki: (bi, 0, ki)),
             pl.BlockSpec((None, None, 1, block_q), lambda bi, hi, qi, ki: (bi, hi, 0, qi)))
@@ -207,19 +212,18 @@ def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: i
     contract (lse -inf and out 0 for rows that see no key here; float32 out for merging
     hops, the activations' dtype for a single call). `heads_major`: q/k/v [b, h, l, d] in,
     out [b, hq, lq, d] and lse [b, hq, lq] out."""
-    b, n_q, hq, d, _, hk = dims(q, k, heads_major)
-    groups = hq // hk
-    block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
+    b, n_q, hq, d, _, _ = dims(q, k, heads_major)
+    block_q, block_k, lq, lk, layout, qh, kh, vh, qp, kp, qs, ks = _prepare(
         q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
     window_args, window_specs = _window_args(window)
-    q_block, kv_block, q_row, k_row, lse_row = _query_grid_specs(block_q, block_k, d, groups)
+    q_block, kv_block, q_row, k_row, lse_row = _query_grid_specs(layout, block_q, block_k)
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, causal=causal, scale=float(1.0 / np.sqrt(d)),
                           windowed=window is not None),
         grid=(b, hq, lq // block_q, lk // block_k),
         in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row],
         out_specs=[q_block, lse_row],
-        out_shape=[jax.ShapeDtypeStruct((b, hq, lq, d), out_dtype),
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hq, lq), out_dtype),
                    jax.ShapeDtypeStruct((b, hq, 1, lq), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
                         pltpu.VMEM((block_q, 1), jnp.float32),
@@ -229,7 +233,7 @@ def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: i
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret, name="boundless_attention_forward",
     )(*window_args, qh, kh, vh, qp, qs, kp, ks)
-    return from_kernel(out, n_q, heads_major), from_kernel(lse[:, :, 0], n_q, heads_major)
+    return layout.result(out, n_q), from_kernel(lse[:, :, 0], n_q, heads_major)
 
 
 def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, causal: bool,
@@ -241,19 +245,21 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
     tpu_forward, for every argument and result."""
     b, n_q, hq, d, n_k, hk = dims(q, k, heads_major)
     groups = hq // hk
-    block_q, block_k, lq, lk, qh, kh, vh, qp, kp, qs, ks = _prepare(
+    block_q, block_k, lq, lk, layout, qh, kh, vh, qp, kp, qs, ks = _prepare(
         q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
-    do = to_kernel(d_out.astype(q.dtype), lq, heads_major)
+    do = layout.operand(d_out.astype(q.dtype), lq)
     rows = lambda x, value: to_kernel(  # noqa: E731
         x.astype(jnp.float32), lq, heads_major, value)[:, :, None]
     lse, delta = rows(lse, -jnp.inf), rows(delta, 0.0)                # [b, hq, 1, Lq]
-    sums = kernel_accumulators(accumulators, (qh, kh, vh), heads_major)   # () or 3
+    sums = () if accumulators is None else tuple(     # added to in place: they alias
+        layout.operand(a.astype(jnp.float32), n)      # the outputs
+        for a, n in zip(accumulators, (lq, lk, lk)))
     window_args, window_specs = _window_args(window)
     options = dict(causal=causal, scale=float(1.0 / np.sqrt(d)), windowed=window is not None,
                    accumulate=bool(sums))
     first_sum = len(window_args) + 10                 # the index of dq's (dk's) running sum
 
-    q_block, kv_block, q_row, k_row, head_row = _query_grid_specs(block_q, block_k, d, groups)
+    q_block, kv_block, q_row, k_row, head_row = _query_grid_specs(layout, block_q, block_k)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **options),
         grid=(b, hq, lq // block_q, lk // block_k),
@@ -261,7 +267,7 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                   q_block, head_row, head_row, *[q_block] * bool(sums)],
         out_specs=q_block,
         input_output_aliases={first_sum: 0} if sums else {},
-        out_shape=jax.ShapeDtypeStruct((b, hq, lq, d), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(layout.shape(b, hq, lq), jnp.float32),
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
                         pltpu.VMEM((block_q, 1), jnp.int32),
                         pltpu.VMEM((block_q, 1), jnp.int32),
@@ -273,9 +279,8 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
 
     # grid (row, key head, key block, query head of the group, query block)
     query_head = lambda hi, gi: hi * groups + gi                      # noqa: E731
-    g_block = pl.BlockSpec((None, None, block_q, d),
-                           lambda bi, hi, ki, gi, qi: (bi, query_head(hi, gi), qi, 0))
-    k_block = pl.BlockSpec((None, None, block_k, d), lambda bi, hi, ki, gi, qi: (bi, hi, ki, 0))
+    g_block = layout.block(block_q, lambda bi, hi, ki, gi, qi: (bi, query_head(hi, gi), qi))
+    k_block = layout.block(block_k, lambda bi, hi, ki, gi, qi: (bi, hi, ki))
     g_q_row = pl.BlockSpec((None, 1, block_q), lambda bi, hi, ki, gi, qi: (bi, 0, qi))
     g_k_row = pl.BlockSpec((None, 1, block_k), lambda bi, hi, ki, gi, qi: (bi, 0, ki))
     g_head_row = pl.BlockSpec((None, None, 1, block_q),
@@ -287,7 +292,7 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
                   g_k_row, g_block, g_head_row, g_head_row, *[k_block, k_block] * bool(sums)],
         out_specs=[k_block, k_block],
         input_output_aliases={first_sum: 0, first_sum + 1: 1} if sums else {},
-        out_shape=[jax.ShapeDtypeStruct((b, hk, lk, d), jnp.float32)] * 2,
+        out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hk, lk), jnp.float32)] * 2,
         scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32),
                         pltpu.VMEM((block_k, d), jnp.float32),
                         pltpu.VMEM((block_k, 1), jnp.int32),
@@ -295,5 +300,4 @@ def tpu_backward(q, k, v, q_pos, k_pos, q_seg, k_seg, lse, d_out, delta, *, caus
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
         interpret=interpret, name="boundless_attention_dkv",
     )(*window_args, qh, kh, vh, qp, qs, kp, ks, do, lse, delta, *sums[1:])
-    return (from_kernel(dq, n_q, heads_major), from_kernel(dk, n_k, heads_major),
-            from_kernel(dv, n_k, heads_major))
+    return layout.result(dq, n_q), layout.result(dk, n_k), layout.result(dv, n_k)

@@ -164,6 +164,26 @@ def test_the_backward_pass_adds_into_given_accumulators_and_takes_heads_major_ar
 
 
 @pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+def test_the_backward_pass_adds_into_accumulators_in_the_callers_layout(kernel):
+    """Heads of 128, which both kernels read in place ([b, l, h * d], no transposed copy):
+    the running sums of a ring hop are added to in that layout too."""
+    q, q_pos, q_seg = chunk(11, 150, 4, documents=(90, 60), dim=128)
+    k, k_pos, k_seg = chunk(12, 150, 2, documents=(90, 60), dim=128)
+    v, _, _ = chunk(13, 150, 2, dim=128)
+    args = (q, k, v, q_pos, k_pos, q_seg, k_seg)
+    forward, backward = pallas_passes(kernel)
+    out, lse = forward(*args, causal=True, window=None, **BLOCKS)
+    d_out = jax.random.normal(jax.random.key(9), out.shape, jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)
+    plain = backward(*args, lse, d_out, delta, causal=True, window=None, **BLOCKS)
+    sums = [jax.random.normal(jax.random.key(i), g.shape) for i, g in enumerate(plain)]
+    added = backward(*args, lse, d_out, delta, causal=True, window=None, accumulators=sums,
+                     **BLOCKS)
+    for total, start, grad in zip(added, sums, plain):
+        np.testing.assert_allclose(total, start + grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
 def test_heads_of_128_match_the_references(kernel):
     """Heads of 128, what the accelerators are given: the same contract."""
     check_packed_grouped_windowed(kernel, 300, seed=21, dim=128)
