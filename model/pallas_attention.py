@@ -35,6 +35,7 @@ from model.masking import MASKED, check_shapes, default_positions_and_segments
 from model.pallas_tiles import any_set as _any
 from model.pallas_tiles import dot as _dot
 from model.pallas_tiles import dot_t as _dot_t
+from model.pallas_tiles import finish_rows as _finish_rows
 from model.pallas_tiles import Layout, dims, from_kernel, padded_ids, to_kernel
 from model.pallas_tiles import visible as _visible
 from model.pallas_tpu_attention import tpu_backward, tpu_forward
@@ -53,9 +54,10 @@ _TRITON = pl_triton.CompilerParams(num_warps=4, num_stages=2)
 MAX_BLOCK = 128
 
 
-def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
+def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed, accumulate):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, out_ref, lse_ref = refs
+    q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref = refs[:7]
+    running_refs, (out_ref, lse_ref) = (refs[7:9], refs[9:]) if accumulate else ((), refs[7:])
     q = q_ref[...]                                                    # [bq, d]
     q_pos, q_seg = qp_ref[...], qs_ref[...]                           # [bq]
     window = window_ref[0] if windowed else None
@@ -81,10 +83,12 @@ def _forward_kernel(*refs, causal, block_k, k_blocks, scale, windowed):
     init = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), MASKED, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
     acc, m, total = jax.lax.fori_loop(0, k_blocks, key_block, init)
-    seen = total > 0
-    out_ref[...] = jnp.where(seen[:, None], acc / jnp.where(seen, total, 1.0)[:, None],
-                             0.0).astype(out_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    running = None
+    if running_refs:                                  # the same buffers: merged in place
+        running = (running_refs[0][...], running_refs[1][...][:, None])
+    out, lse = _finish_rows(acc, m[:, None], total[:, None], running)
+    out_ref[...] = out.astype(out_ref.dtype)
+    lse_ref[...] = lse[:, 0]
 
 
 def _dq_kernel(*refs, causal, block_k, k_blocks, scale, windowed, accumulate):
@@ -193,31 +197,38 @@ def _window_args(window):
 
 def pallas_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
                    block_k: int = 128, window=None, interpret: bool = False,
-                   heads_major: bool = False, out_dtype=jnp.float32):
+                   heads_major: bool = False, out_dtype=jnp.float32, accumulators=None):
     """(out [b, lq, hq, d] out_dtype, lse [b, lq, hq] float32): `blockwise_forward`'s
     contract (lse -inf and out 0 for rows that see no key here; float32 out for merging
-    hops, the activations' dtype for a single call). `heads_major`: q/k/v [b, h, l, d] in,
-    out [b, hq, lq, d] and lse [b, hq, lq] out."""
+    hops, the activations' dtype for a single call). `accumulators` (out, lse) float32 of
+    other key sets: returned merged with this one's (`merge_partial_attention`), in place.
+    `heads_major`: q/k/v [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
     (b, lq, hq, d, lk, groups, block_q, block_k, layout, (qh, kh, vh, qp, kp, qs, ks),
      padded_q, padded_k) = _prepare(q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k,
                                     heads_major)
     window_args, window_specs = _window_args(window)
+    running = () if accumulators is None else (
+        layout.operand(accumulators[0].astype(jnp.float32), padded_q),
+        to_kernel(accumulators[1].astype(jnp.float32), padded_q, heads_major, -jnp.inf))
+    first_running = len(window_args) + 7
     kernel = functools.partial(_forward_kernel, causal=causal, block_k=block_k,
                                k_blocks=padded_k // block_k, scale=float(1.0 / np.sqrt(d)),
-                               windowed=window is not None)
+                               windowed=window is not None, accumulate=bool(running))
     q_block = layout.block(block_q, lambda bi, hi, qi: (bi, hi, qi))
     kv_whole = layout.block(padded_k, lambda bi, hi, qi: (bi, hi // groups, 0))
     q_rows = pl.BlockSpec((None, block_q), lambda bi, hi, qi: (bi, qi))
     k_rows = pl.BlockSpec((None, padded_k), lambda bi, hi, qi: (bi, 0))
+    lse_rows = pl.BlockSpec((None, None, block_q), lambda bi, hi, qi: (bi, hi, qi))
     out, lse = pl.pallas_call(
         kernel, grid=(b, hq, padded_q // block_q),
-        in_specs=[*window_specs, q_block, kv_whole, kv_whole, q_rows, q_rows, k_rows, k_rows],
-        out_specs=[q_block, pl.BlockSpec((None, None, block_q),
-                                         lambda bi, hi, qi: (bi, hi, qi))],
+        in_specs=[*window_specs, q_block, kv_whole, kv_whole, q_rows, q_rows, k_rows, k_rows,
+                  *[q_block, lse_rows] * bool(running)],
+        out_specs=[q_block, lse_rows],
+        input_output_aliases={first_running: 0, first_running + 1: 1} if running else {},
         out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hq, padded_q), out_dtype),
                    jax.ShapeDtypeStruct((b, hq, padded_q), jnp.float32)],
         interpret=interpret, name="boundless_attention_forward", compiler_params=_TRITON,
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, *running)
     return layout.result(out, lq), from_kernel(lse, lq, heads_major)
 
 

@@ -45,6 +45,27 @@ def visible(q_pos, q_seg, k_pos, k_seg, window, causal: bool):
     return visible_pairs(q_pos, k_pos, q_seg, k_seg, causal, window)
 
 
+def finish_rows(acc, m, total, running=None):
+    """(out [bq, d] float32, lse [bq, 1]) of a query block from its online-softmax state
+    (acc [bq, d], running max m and sum total [bq, 1]): out 0 and lse -inf for rows that saw
+    no key. With `running` (out, lse) from other key sets, merged with it by
+    `merge_partial_attention`'s rule (what a ring hop does in place)."""
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    out = jnp.where(seen, acc / safe, 0.0)
+    lse = jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+    if running is None:
+        return out, lse
+    old_out, old_lse = running
+    top = jnp.maximum(old_lse, lse)
+    finite = top > -jnp.inf                          # rows neither key set reached stay 0
+    top = jnp.where(finite, top, 0.0)
+    old_weight, new_weight = jnp.exp(old_lse - top), jnp.exp(lse - top)   # one of them 1
+    norm = jnp.where(finite, old_weight + new_weight, 1.0)
+    merged = (old_out * old_weight + out * new_weight) / norm
+    return merged, jnp.where(finite, top + jnp.log(norm), -jnp.inf)
+
+
 def pad(x, length: int, axis: int, value=0):
     """x padded with `value` along `axis` to `length`."""
     widths = [(0, 0)] * x.ndim

@@ -30,8 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from model.masking import MASKED, visible_pairs
-from model.pallas_tiles import (Layout, any_set, dims, dot, dot_t, from_kernel, padded_ids,
-                                to_kernel, visible)
+from model.pallas_tiles import (Layout, any_set, dims, dot, dot_t, finish_rows, from_kernel,
+                                padded_ids, to_kernel, visible)
 
 LANES = 128                        # a TPU vector register's lanes: the block granule
 
@@ -56,10 +56,11 @@ def _window(window_ref):
     return None if window_ref is None else window_ref[0]
 
 
-def _forward_kernel(*refs, causal, scale, windowed):
+def _forward_kernel(*refs, causal, scale, windowed, accumulate):
     window_ref, refs = (refs[0], refs[1:]) if windowed else (None, refs)
-    (q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref, out_ref, lse_ref,
-     acc_ref, max_ref, total_ref, q_pos_ref, q_seg_ref) = refs
+    q_ref, k_ref, v_ref, qp_ref, qs_ref, kp_ref, ks_ref = refs[:7]
+    running_refs, refs = (refs[7:9], refs[9:]) if accumulate else ((), refs[7:])
+    out_ref, lse_ref, acc_ref, max_ref, total_ref, q_pos_ref, q_seg_ref = refs
     key_block = pl.program_id(3)
 
     @pl.when(key_block == 0)
@@ -86,11 +87,12 @@ def _forward_kernel(*refs, causal, scale, windowed):
 
     @pl.when(key_block == pl.num_programs(3) - 1)
     def _finish():
-        total = total_ref[...]
-        seen = total > 0
-        safe = jnp.where(seen, total, 1.0)
-        out_ref[...] = jnp.where(seen, acc_ref[...] / safe, 0.0).astype(out_ref.dtype)
-        lse_ref[...] = _row(jnp.where(seen, max_ref[...] + jnp.log(safe), -jnp.inf))
+        running = None
+        if running_refs:                              # the same buffers: merged in place
+            running = (running_refs[0][...], _column(running_refs[1][...]))
+        out, lse = finish_rows(acc_ref[...], max_ref[...], total_ref[...], running)
+        out_ref[...] = out.astype(out_ref.dtype)
+        lse_ref[...] = _row(lse)
 
 
 def _dq_kernel(*refs, causal, scale, windowed, accumulate):
@@ -207,22 +209,29 @@ def _query_grid_specs(layout: Layout, block_q: int, block_k: int):
 
 def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: int = 128,
                 block_k: int = 128, window=None, interpret: bool = False,
-                heads_major: bool = False, out_dtype=jnp.float32):
+                heads_major: bool = False, out_dtype=jnp.float32, accumulators=None):
     """(out [b, lq, hq, d] out_dtype, lse [b, lq, hq] float32): `blockwise_forward`'s
     contract (lse -inf and out 0 for rows that see no key here; float32 out for merging
-    hops, the activations' dtype for a single call). `heads_major`: q/k/v [b, h, l, d] in,
-    out [b, hq, lq, d] and lse [b, hq, lq] out."""
+    hops, the activations' dtype for a single call). `accumulators` (out, lse) float32 of
+    other key sets: returned merged with this one's (`merge_partial_attention`), in place.
+    `heads_major`: q/k/v [b, h, l, d] in, out [b, hq, lq, d] and lse [b, hq, lq] out."""
     b, n_q, hq, d, _, _ = dims(q, k, heads_major)
     block_q, block_k, lq, lk, layout, qh, kh, vh, qp, kp, qs, ks = _prepare(
         q, k, v, q_pos, k_pos, q_seg, k_seg, block_q, block_k, heads_major)
     window_args, window_specs = _window_args(window)
     q_block, kv_block, q_row, k_row, lse_row = _query_grid_specs(layout, block_q, block_k)
+    running = () if accumulators is None else (
+        layout.operand(accumulators[0].astype(jnp.float32), lq),
+        to_kernel(accumulators[1].astype(jnp.float32), lq, heads_major, -jnp.inf)[:, :, None])
+    first_running = len(window_args) + 7
     out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, causal=causal, scale=float(1.0 / np.sqrt(d)),
-                          windowed=window is not None),
+                          windowed=window is not None, accumulate=bool(running)),
         grid=(b, hq, lq // block_q, lk // block_k),
-        in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row],
+        in_specs=[*window_specs, q_block, kv_block, kv_block, q_row, q_row, k_row, k_row,
+                  *[q_block, lse_row] * bool(running)],
         out_specs=[q_block, lse_row],
+        input_output_aliases={first_running: 0, first_running + 1: 1} if running else {},
         out_shape=[jax.ShapeDtypeStruct(layout.shape(b, hq, lq), out_dtype),
                    jax.ShapeDtypeStruct((b, hq, 1, lq), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32),
@@ -232,7 +241,7 @@ def tpu_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, *, causal: bool, block_q: i
                         pltpu.VMEM((block_q, 1), jnp.int32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
         interpret=interpret, name="boundless_attention_forward",
-    )(*window_args, qh, kh, vh, qp, qs, kp, ks)
+    )(*window_args, qh, kh, vh, qp, qs, kp, ks, *running)
     return layout.result(out, n_q), from_kernel(lse[:, :, 0], n_q, heads_major)
 
 

@@ -92,17 +92,20 @@ def _may_see(q_pos, q_seg, k_pos, k_seg, causal: bool, window):
 
 
 def _hop_forward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, *,
-                 causal, block_q, block_k, window):
-    """One hop's (out float32, lse, tiles) by the per-device kernel ("blockwise" or a
-    Pallas one, whose tiles are not counted: 0; arrays in the kernel's layout)."""
+                 causal, block_q, block_k, window, running):
+    """(out float32, lse) of the hops so far (`running`) merged with this hop's, and the
+    tiles this hop computed, by the per-device kernel: "blockwise", or a Pallas one, which
+    merges in place and whose tiles are not counted (0). Arrays in the kernel's layout."""
     if kernel in PALLAS_KERNELS:
         forward, _ = pallas_passes(kernel)
         out, lse = forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
                            block_q=block_q, block_k=block_k, window=window,
-                           interpret=interpret, heads_major=kernel in HEADS_MAJOR_KERNELS)
+                           interpret=interpret, heads_major=kernel in HEADS_MAJOR_KERNELS,
+                           accumulators=running)
         return out, lse, jnp.zeros((), jnp.int32)
-    return blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
-                             block_q=block_q, block_k=block_k, window=window)
+    out, lse, tiles = blockwise_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal=causal,
+                                        block_q=block_q, block_k=block_k, window=window)
+    return *merge_partial_attention(*running, out, lse), tiles
 
 
 def _hop_backward(kernel: str, interpret: bool, q, k, v, q_pos, k_pos, q_seg, k_seg, lse,
@@ -138,10 +141,9 @@ def _ring_forward(q, k, v, q_pos, q_seg, k_pos, k_seg, window, *, axis_name, axi
 
         def compute(state):
             out, lse, tiles, computed = state
-            out_c, lse_c, tiles_c = _hop_forward(
+            out, lse, tiles_c = _hop_forward(
                 kernel, interpret, q, k_c, v_c, q_pos, kp_c, q_seg, ks_c, causal=causal,
-                block_q=block_q, block_k=block_k, window=window)
-            out, lse = merge_partial_attention(out, lse, out_c, lse_c)
+                block_q=block_q, block_k=block_k, window=window, running=(out, lse))
             return out, lse, tiles + tiles_c, computed + 1
 
         return jax.lax.cond(_may_see(q_pos, q_seg, kp_c, ks_c, causal, window), compute,

@@ -11,7 +11,7 @@ import pytest
 
 from model.attention import masked_attention
 from model.masking import PAD_SEGMENT, attention_mask
-from model.blockwise import blockwise_attention
+from model.blockwise import blockwise_attention, merge_partial_attention
 from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_passes
 
 D = 16
@@ -181,6 +181,33 @@ def test_the_backward_pass_adds_into_accumulators_in_the_callers_layout(kernel):
                      **BLOCKS)
     for total, start, grad in zip(added, sums, plain):
         np.testing.assert_allclose(total, start + grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_the_forward_pass_merges_into_given_accumulators(kernel, heads_major):
+    """What a ring hop uses: (out, lse) over earlier key chunks merged in place with this
+    chunk's, as merge_partial_attention merges them; padding rows see no key in either."""
+    q, q_pos, q_seg = chunk(14, 60, 4, start=60, documents=(10, 45), pad=5)
+    first = chunk(15, 60, 2, documents=(30, 30))
+    second = chunk(16, 60, 2, start=60, documents=(10, 50))
+    values = [chunk(17 + i, 60, 2)[0] for i in range(2)]
+    forward, _ = pallas_passes(kernel)
+    swap = (lambda x: jnp.swapaxes(x, 1, 2)) if heads_major else (lambda x: x)
+
+    def attend(keys, v, accumulators=None):
+        k, k_pos, k_seg = keys
+        return forward(swap(q), swap(k), swap(v), q_pos, k_pos, q_seg, k_seg, causal=True,
+                       window=None, heads_major=heads_major, accumulators=accumulators,
+                       **BLOCKS)
+
+    out_a, lse_a = attend(first, values[0])
+    out_b, lse_b = attend(second, values[1])
+    merged = attend(second, values[1], accumulators=(out_a, lse_a))
+    expected = merge_partial_attention(swap(out_a), swap(lse_a), swap(out_b), swap(lse_b))
+    assert np.isneginf(np.asarray(expected[1])[0, -5:]).all()         # the padding rows
+    for got, want in zip(merged, expected):
+        np.testing.assert_allclose(swap(got), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kernel", sorted(PALLAS_KERNELS))
