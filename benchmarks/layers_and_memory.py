@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import MIB
-from model.remat import REMAT_POLICIES
+from model.choices import REMAT_POLICIES
 from configs import tiny
 from util.tables import format_table
 from parallel import mesh as mesh_lib

@@ -15,13 +15,13 @@ from train.validate import validate_config
 def evaluate_workdir(config, workdir: str) -> dict:
     """Score the newest checkpoint of workdir; write workdir/eval[/<name>]/ and the scalars
     to its metrics. Returns the perplexity result with "retrieval" added."""
-    plan = validate_config(config)
-    run = build_run(config, level=eval_level(config, plan), rows_in_order=True)
+    curriculum = validate_config(config)
+    run = build_run(config, level=eval_level(config, curriculum), rows_in_order=True)
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
     setup = eval_setup_from(config)
     suite.check_eval_directory(suite.eval_directory(workdir, config.eval.name), setup)
     data = suite.prepare(setup, run, run.tokenizer, abstract_state(run)["params"])
-    say_beyond_trained(config, plan, data)
+    say_beyond_trained(config, curriculum, data)
     writer = MetricsWriter(workdir)
     try:
         outcome = evaluate_and_report(config, run, state, data, int(meta["step"]), writer,

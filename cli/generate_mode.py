@@ -47,21 +47,21 @@ def generate_workdir(config, workdir: str) -> dict:
     """Continue config.generate.prompt with the newest checkpoint of `workdir`; print the
     new text; with generate.output write {"prompt_ids", "output_ids" (the new tokens only),
     "text" (their decoding)} there. Returns that dict."""
-    g = config.generate
-    check_generate_config(g)
+    generate_settings = config.generate
+    check_generate_config(generate_settings)
     if jax.process_count() > 1:
         raise ValueError("--mode generate runs in a single process")
-    if g.seq > len(jax.local_devices()):
-        raise ValueError(f"generate.seq = {g.seq} but this process has "
+    if generate_settings.seq > len(jax.local_devices()):
+        raise ValueError(f"generate.seq = {generate_settings.seq} but this process has "
                          f"{len(jax.local_devices())} devices")
     on_mesh = config.copy_and_resolve_references()
     for axis in ("data", "fsdp", "seq", "tensor"):
         on_mesh.mesh[axis] = 1
     # the RoPE settings of the last level (a plan on one device: the mesh plays no part)
-    plan = curriculum_lib.make_curriculum(on_mesh, 1)
-    level = curriculum_lib.eval_level(on_mesh, plan)
-    on_mesh.mesh.seq = int(g.seq)
-    run = build_run(on_mesh, devices=jax.local_devices()[:g.seq])
+    curriculum = curriculum_lib.make_curriculum(on_mesh, 1)
+    level = curriculum_lib.eval_level(on_mesh, curriculum)
+    on_mesh.mesh.seq = int(generate_settings.seq)
+    run = build_run(on_mesh, devices=jax.local_devices()[:generate_settings.seq])
     state, _ = restore_newest(workdir, run, "--mode generate (train first)")
     # generate() puts ring attention over the mesh itself when seq > 1; on one device the
     # cache's own attention serves every step
@@ -70,29 +70,31 @@ def generate_workdir(config, workdir: str) -> dict:
     # weights whole on every device (split over `tensor` only): no gather per decoding step
     params = jax.device_put(state["params"],
                             mesh_lib.compute_shardings(run.state_shardings["params"]))
-    prompt_ids = np.asarray(run.tokenizer.encode(g.prompt), np.int32)
+    prompt_ids = np.asarray(run.tokenizer.encode(generate_settings.prompt), np.int32)
     if prompt_ids.size == 0:
         raise ValueError("generate.prompt encodes to no tokens")
-    check_generation_memory(config, prompt_ids.size + int(g.max_new_tokens),
+    check_generation_memory(config, prompt_ids.size + int(generate_settings.max_new_tokens),
                             jax.devices()[0].platform)
     notice = curriculum_lib.beyond_trained_notice(
-        on_mesh, plan, level,
-        [prompt_ids.size + int(g.max_new_tokens)], "prompt + new tokens reach")
+        on_mesh, curriculum, level,
+        [prompt_ids.size + int(generate_settings.max_new_tokens)], "prompt + new tokens reach")
     if notice:
         print(notice, flush=True)
     graphdef, _, _ = model_on_mesh.abstract_model(model_config, run.mesh)
     with mesh_lib.use_mesh(run.mesh):
         model = nnx.merge(graphdef, params)
-        output_ids = generate(model, prompt_ids, int(g.max_new_tokens),
-                              temperature=float(g.temperature), top_p=float(g.top_p),
-                              seed=int(g.seed), eos_id=tuple(g.eos_ids) or None,
+        output_ids = generate(model, prompt_ids, int(generate_settings.max_new_tokens),
+                              temperature=float(generate_settings.temperature),
+                              top_p=float(generate_settings.top_p),
+                              seed=int(generate_settings.seed),
+                              eos_id=tuple(generate_settings.eos_ids) or None,
                               mesh=run.mesh)
     result = {"prompt_ids": prompt_ids.tolist(), "output_ids": output_ids.tolist(),
               "text": run.tokenizer.decode(output_ids)}
     print(result["text"], flush=True)
-    if g.output:
-        directory = os.path.dirname(os.path.abspath(g.output))
+    if generate_settings.output:
+        directory = os.path.dirname(os.path.abspath(generate_settings.output))
         os.makedirs(directory, exist_ok=True)
-        with open(g.output, "w") as f:
+        with open(generate_settings.output, "w") as f:
             json.dump(result, f, indent=1)
     return result

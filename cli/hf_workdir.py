@@ -41,14 +41,11 @@ METRICS = "metrics.jsonl"
 def config_for(model_config, tokenizer: str):
     """configs/base.py's config with the model section of `model_config` (a ModelConfig)."""
     config = base.get_config()
-    m = config.model
-    for key in ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
-                "mlp_dim", "position", "tie_embeddings", "norm_eps", "norm", "mlp", "qkv_bias",
-                "attention_out_bias", "mlp_bias", "sliding_window"):
-        m[key] = getattr(model_config, key)
-    m.layer_types = model_config.layer_types
-    m.rope.theta = float(model_config.rope_theta)
-    m.rope.scaling = model_config.rope_scaling
+    model_settings = config.model
+    for key in workdir_config.ADOPTED_MODEL_KEYS:
+        model_settings[key] = getattr(model_config, key)
+    model_settings.rope.theta = float(model_config.rope_theta)
+    model_settings.rope.scaling = model_config.rope_scaling
     config.curriculum.l_max = model_config.l_max
     config.data.tokenizer = tokenizer
     return config

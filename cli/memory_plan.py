@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
-from model.attention import SEQUENCE_PARALLEL
+from model.choices import SEQUENCE_PARALLEL, policy_name
 from model import remat as remat_lib
 from model.flops import training_flops_per_step
 from parallel import collectives, sequence_parallel, targets
@@ -196,9 +196,10 @@ def length_step(config, seq: int) -> int:
     """The granularity of the longest-fit search on `seq` devices: lengths that need no
     padding (whole zigzag chunks, attention blocks per device, loss / MLP chunks). Any
     length runs; these waste nothing."""
-    m = config.model
-    parts = [2 * seq, seq * m.block_q, seq * m.block_k]
-    parts += [c for c in (m.loss_chunk_tokens, m.mlp_chunk_tokens) if c > 0]
+    model_settings = config.model
+    parts = [2 * seq, seq * model_settings.block_q, seq * model_settings.block_k]
+    parts += [chunk for chunk in (model_settings.loss_chunk_tokens,
+                                  model_settings.mlp_chunk_tokens) if chunk > 0]
     return math.lcm(*parts)
 
 
@@ -261,21 +262,22 @@ def strategy_configs(config, seq: int, host_size: int | None = None) -> list:
     proper divisor of seq whose all-to-all the heads allow and, with `host_size` (the
     devices of one host, when the mesh spans hosts), that keeps the all-to-all within a
     host), and (name, why not) for the others."""
-    m = config.model
+    model_settings = config.model
     out = []
     for strategy in config.plan.strategies:
         candidate = copy.deepcopy(config)
         candidate.model.attention = strategy
         degrees = [None]
         if strategy == "hybrid":
-            degrees = [m.ulysses_degree] if m.ulysses_degree else \
+            degrees = [model_settings.ulysses_degree] if model_settings.ulysses_degree else \
                 [d for d in range(seq - 1, 1, -1)
                  if seq % d == 0 and (host_size is None or host_size % d == 0)]
         reason = None
         for degree in degrees:
             try:
                 d = sequence_parallel.check_degree(strategy, seq, degree)
-                sequence_parallel.check_heads(strategy, m.q_heads, m.kv_heads, d)
+                sequence_parallel.check_heads(strategy, model_settings.q_heads,
+                                              model_settings.kv_heads, d)
                 candidate.model.ulysses_degree = degree
                 reason = None
                 break
@@ -307,13 +309,16 @@ def strategy_entry(config, level, strategy: str, candidate, devices=None,
         entry = train_step_entry(candidate, level, devices, target)
     except DoesNotFit as refused:
         return {"strategy": strategy, "skipped": f"does not fit: {refused}"}
-    m = candidate.model
-    layers = m.n_layers
-    policy, group = remat_lib.policy_name(m.remat), m.remat_group if m.scan_layers else 1
+    model_settings = candidate.model
+    layers = model_settings.n_layers
+    policy = policy_name(model_settings.remat)
+    group = model_settings.remat_group if model_settings.scan_layers else 1
     closed = collectives.closed_form_bytes(
-        strategy, length=level.seq_len, seq=level.mesh_dict["seq"], q_heads=m.q_heads,
-        kv_heads=m.kv_heads, head_dim=m.head_dim, batch=level.batch_size,
-        dtype_bytes=jnp.dtype(m.dtype).itemsize, ulysses_degree=m.ulysses_degree,
+        strategy, length=level.seq_len, seq=level.mesh_dict["seq"],
+        q_heads=model_settings.q_heads, kv_heads=model_settings.kv_heads,
+        head_dim=model_settings.head_dim, batch=level.batch_size,
+        dtype_bytes=jnp.dtype(model_settings.dtype).itemsize,
+        ulysses_degree=model_settings.ulysses_degree,
         forward_passes=remat_lib.layer_forward_passes(policy, group),
         ring_passes=remat_lib.attention_forward_passes(policy, group))
     closed = {**closed, **{k: v * layers for k, v in closed.items() if k != "formula"}}
@@ -326,7 +331,7 @@ def strategy_entry(config, level, strategy: str, candidate, devices=None,
                "inter_host": collectives.transfer_seconds(sent, inter),
                "placed": (collectives.transfer_seconds(sent - across, intra)
                           + collectives.transfer_seconds(across, inter))}
-    return {"strategy": strategy, "ulysses_degree": m.ulysses_degree, **entry,
+    return {"strategy": strategy, "ulysses_degree": model_settings.ulysses_degree, **entry,
             "closed_form": closed, "collective_seconds": seconds}
 
 
@@ -360,14 +365,14 @@ def plan_workdir(config, workdir: str) -> dict:
     abstractly on the plan.target's devices; print a table, write workdir/plan.json
     (process 0) and return its dict."""
     target, devices = plan_devices(config)
-    plan = validate_config(config, len(devices), platform=devices[0].platform)
-    print(plan.format(), flush=True)
+    curriculum = validate_config(config, len(devices), platform=devices[0].platform)
+    print(curriculum.format(), flush=True)
     print(f"compiling for {len(devices)} x {devices[0].device_kind} ({target.name}"
           + (f", topology {targets.topology_name(target, len(devices))}, "
              f"{targets.hosts(devices)} host(s), compile-only" if target.compile_only else "")
           + ")", flush=True)
     levels = []
-    for level in plan.levels:
+    for level in curriculum.levels:
         try:
             entry = {"level": level.index, **train_step_entry(config, level, devices, target)}
         except DoesNotFit as refused:
@@ -377,7 +382,7 @@ def plan_workdir(config, workdir: str) -> dict:
         print(f"level {level.index}: {entry['kernel']} attention, compiled in "
               f"{entry['compile_s']:.1f} s", flush=True)
     strategies = []
-    last = plan.levels[-1]
+    last = curriculum.levels[-1]
     if last.mesh_dict["seq"] > 1 and config.model.attention in SEQUENCE_PARALLEL and \
             config.plan.strategies:
         print(f"sequence-parallel strategies at level {last.index} (length {last.seq_len}, "
@@ -392,7 +397,7 @@ def plan_workdir(config, workdir: str) -> dict:
             print(f"  {strategy}: " + ("skipped: " + strategies[-1]["skipped"]
                                        if "skipped" in strategies[-1] else "compiled"),
                   flush=True)
-    eval_level = curriculum_lib.eval_level(config, plan)
+    eval_level = curriculum_lib.eval_level(config, curriculum)
     longest = max(evaluation_lengths(config.eval.lengths, config.curriculum.l_max))
     try:
         eval_entry = eval_step_entry(config, eval_level, longest, devices, target)
@@ -403,8 +408,8 @@ def plan_workdir(config, workdir: str) -> dict:
     fit = None
     if budget > 0:
         print(f"longest length within {budget:g} GiB per device (batch "
-              f"{plan.levels[-1].batch_size}, mesh of the last level):", flush=True)
-        fit = longest_fit(config, plan.levels[-1], int(budget * GIB), devices=devices,
+              f"{curriculum.levels[-1].batch_size}, mesh of the last level):", flush=True)
+        fit = longest_fit(config, curriculum.levels[-1], int(budget * GIB), devices=devices,
                           target=target)
     intra, inter = link_gbps(config, target)
     result = {"target": target.name, "target_description": target.description,

@@ -11,19 +11,29 @@ from ml_collections import config_dict
 
 from configs import rules
 from configs.rules import anything, flag, integer, items, number, plain_name, text
+# Each set of allowed values is the owning room's own tuple, from modules that import no jax
+# (the command line is checked against this file before jax is imported quietly: main.py)
+from data.sources import PREPARED
+from data.sources import SOURCES as TEXT_SOURCES
+from data.retrieval_tasks import TASKS as RETRIEVAL_TASKS
+from evaluation.retrieval import SCORING_MODES
+from evaluation.ruler import ALL_TASKS as RULER_TASKS
+from model.choices import (ATTENTION_KINDS, DTYPES, LAYER_TYPES, MLP_KINDS, NORM_KINDS,
+                           POSITION_KINDS, REMAT_POLICIES, SEQUENCE_PARALLEL)
+from model.model_config import defaults as model_defaults
+from parallel.choices import KERNELS, LAYOUTS
 from parallel.targets import NAMES as TARGETS      # the accelerators a plan compiles for
 
 # key -> Rule and key -> the line of this file declaring it, filled by get_config()
 RULES: dict[str, rules.Rule] = {}
 LINES: dict[str, int] = {}
-SOURCES = ("stdlib", "text", "jsonl", "parquet", "prepared")
-ATTENTIONS = ("dense", "blockwise", "ring", "ulysses", "allgather", "hybrid")
-STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
-RETRIEVAL_TASKS = ("passkey", "kv", "line")
-# evaluation/ruler.py ALL_TASKS (kept literal here: configs import nothing of evaluation/)
-RULER_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1",
-               "niah_multikey_2", "niah_multikey_3", "niah_multivalue", "niah_multiquery",
-               "vt", "cwe", "fwe", "qa_1", "qa_2")
+SOURCES = TEXT_SOURCES + (PREPARED,)
+MODEL = model_defaults()        # ModelConfig's defaults: the model keys' defaults, stated once
+# The sets train/ owns are stated here, and train/ imports them (train/ reads the config)
+CURRICULUM_UNITS = ("tokens", "sequences")
+CURRICULUM_ORDERS = ("ascending", "interleaved")
+EXTEND_SCALINGS = ("linear", "yarn")
+OPTIMIZER_MEMORIES = ("device", "host")
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -40,15 +50,15 @@ def get_config() -> config_dict.ConfigDict:
     model.kv_heads = 8, integer(1)  # grouped-query attention when < q_heads
     model.head_dim = 64, integer(1)  # width of each attention head
     model.mlp_dim = 1408, integer(1)  # MLP hidden width
-    model.position = "rope", text(("rope", "learned", "none"))  # rope | learned | none
+    model.position = MODEL["position"], text(POSITION_KINDS)  # rope | learned | none
     rope = model.section("rope")
-    rope.theta = 10000.0, number(above=0)  # RoPE base: frequencies theta^(-2i/head_dim)
+    rope.theta = MODEL["rope_theta"], number(above=0)  # RoPE base: frequencies theta^(-2i/head_dim)
     # None, or a Hugging Face `rope_scaling` dict, e.g. {"rope_type": "linear", "factor": 4.0}.
     # On the command line give it as JSON: --config.model.rope.scaling='{"rope_type": ...}'.
     rope.scaling = None, anything()
     # dense | blockwise | ring | ulysses | allgather | hybrid (the last four split the
     # sequence over mesh.seq: parallel/sequence_parallel.py)
-    model.attention = "blockwise", text(ATTENTIONS)
+    model.attention = MODEL["attention"], text(ATTENTION_KINDS)
     # hybrid: all-to-all inside groups of this many neighbouring devices (a divisor of
     # mesh.seq), ring across the groups
     model.ulysses_degree = None, integer(1, optional=True)
@@ -57,49 +67,52 @@ def get_config() -> config_dict.ConfigDict:
     # kernel in every strategy and hop: Triton on GPUs, Mosaic on TPUs, interpreted on the
     # CPU, slow); auto: on a GPU cudnn where it applies, else pallas; on a TPU pallas;
     # blockwise on the CPU and for heads other than bf16/fp16 of 64, 128 or 256 (said once)
-    model.attention_kernel = "auto", text(("auto", "blockwise", "cudnn", "pallas"))
+    model.attention_kernel = "auto", text(KERNELS)
     # largest query / key-value block of the blockwise/ring kernels; any length runs (a
     # sequence is padded internally by less than one block)
-    model.block_q = 256, integer(1)
-    model.block_k = 256, integer(1)  # key-value block (see block_q)
+    model.block_q = MODEL["block_q"], integer(1)
+    model.block_k = MODEL["block_k"], integer(1)  # key-value block (see block_q)
     # None, or w: each token attends to itself and the w - 1 tokens before it (Mistral's
     # and Qwen2's sliding window); model.layer_types picks the layers that have it
-    model.sliding_window = None, integer(1, optional=True)
+    model.sliding_window = MODEL["sliding_window"], integer(1, optional=True)
     # None (with a window: every layer), or per layer "sliding_attention" | "full_attention"
     # as in Hugging Face configs, e.g. --config.model.layer_types='("full_attention", ...)'
-    model.layer_types = None, items(text(("sliding_attention", "full_attention")), optional=True)
-    model.tie_embeddings = True, flag()  # the LM head is the token embedding transposed
+    model.layer_types = MODEL["layer_types"], items(text(LAYER_TYPES), optional=True)
+    # the LM head is the token embedding transposed
+    model.tie_embeddings = MODEL["tie_embeddings"], flag()
     # compute dtype of activations and matmuls
-    model.dtype = "bfloat16", text(("float32", "bfloat16", "float16"))
+    model.dtype = MODEL["dtype"], text(DTYPES)
     # dtype the parameters are stored (and optimised) in
-    model.param_dtype = "float32", text(("float32", "bfloat16", "float16"))
+    model.param_dtype = MODEL["param_dtype"], text(DTYPES)
     # recompute in the backward pass (model/remat.py): none | full | save_dots |
     # save_attention_out | offload (as full, each layer's input kept in pinned host memory) |
     # offload_attention (offload, and the attention's output and log-sum-exp in host memory)
-    model.remat = "none", text(("none", "full", "save_dots", "save_attention_out", "offload",
-                                "offload_attention"))
-    model.scan_layers = True, flag()  # lax.scan over the stacked layers (False: a Python loop)
+    model.remat = MODEL["remat"], text(REMAT_POLICIES)
+    # lax.scan over the stacked layers (False: a Python loop)
+    model.scan_layers = MODEL["scan_layers"], flag()
     # > 0: the LM head and loss run in chunks of about this many tokens per row, so
     # [tokens, vocab] logits are never held (a multiple of mesh.seq that divides the
     # lengths keeps every chunk on its devices); 0: all logits at once
-    model.loss_chunk_tokens = 0, integer(0)
+    model.loss_chunk_tokens = MODEL["loss_chunk_tokens"], integer(0)
     # > 0: the MLP (and its norm) runs in chunks of this many tokens per row, each
     # rematerialised (the feed-forward half of a blockwise transformer); 0: whole
-    model.mlp_chunk_tokens = 0, integer(0)
+    model.mlp_chunk_tokens = MODEL["mlp_chunk_tokens"], integer(0)
     # with model.remat != "none" and scanned layers: rematerialise this many layers as a
     # group too, keeping n_layers / remat_group layer inputs (must divide n_layers)
-    model.remat_group = 1, integer(1)
-    model.norm_eps = 1e-5, number(above=0)  # epsilon of RMSNorm / LayerNorm
-    model.init_std = 0.02, number(above=0)  # std of the normal initialisation of the weights
+    model.remat_group = MODEL["remat_group"], integer(1)
+    model.norm_eps = MODEL["norm_eps"], number(above=0)  # epsilon of RMSNorm / LayerNorm
+    # std of the normal initialisation of the weights
+    model.init_std = MODEL["init_std"], number(above=0)
     # Architecture options (defaults: Llama/Mistral; Qwen2 adds qkv_bias; GPT-2 is layernorm,
     # gelu_tanh, every bias, position="learned"). No separate norm-bias key: layernorm always
     # has scale and bias (as GPT-2's does), rmsnorm only a scale.
-    model.norm = "rmsnorm", text(("rmsnorm", "layernorm"))  # rmsnorm | layernorm
+    model.norm = MODEL["norm"], text(NORM_KINDS)  # rmsnorm | layernorm
     # swiglu (gate/up/down) | gelu_tanh (in -> tanh-GELU -> out)
-    model.mlp = "swiglu", text(("swiglu", "gelu_tanh"))
-    model.qkv_bias = False, flag()  # biases on the q, k, v projections
-    model.attention_out_bias = False, flag()  # bias on the attention output projection
-    model.mlp_bias = False, flag()  # biases on the MLP's matrices
+    model.mlp = MODEL["mlp"], text(MLP_KINDS)
+    model.qkv_bias = MODEL["qkv_bias"], flag()  # biases on the q, k, v projections
+    # bias on the attention output projection
+    model.attention_out_bias = MODEL["attention_out_bias"], flag()
+    model.mlp_bias = MODEL["mlp_bias"], flag()  # biases on the MLP's matrices
     # position="learned" only: rows of the position table (the longest length the model
     # can run; ModelConfig.l_max). 0: curriculum.l_max rows. When it differs from the table
     # of the train.init_from checkpoint, that table is resized to it by linear interpolation
@@ -155,7 +168,7 @@ def get_config() -> config_dict.ConfigDict:
     train.grad_accum_steps = 1, integer(1)  # micro-batches per step (batch_size must divide)
     # where AdamW's state lives between steps: device | host (pinned host memory: the step
     # copies it in before the update and out after; XLA:CPU's host is its device)
-    train.optimizer_memory = "device", text(("device", "host"))
+    train.optimizer_memory = "device", text(OPTIMIZER_MEMORIES)
     # a metrics line (and metrics.jsonl row) every this many steps
     train.log_every_steps = 10, integer(1)
     train.stop_at_step = 0, integer(0)  # >0: checkpoint and exit after this step (resume later)
@@ -181,11 +194,11 @@ def get_config() -> config_dict.ConfigDict:
     # "tokens": every step has batch_size x l_max tokens (the batch halves when the length
     #   doubles), so token-driven lr schedules and the loss scale match across levels;
     # "sequences": every level keeps batch_size rows, so tokens per step grow with length.
-    curriculum.unit = "tokens", text(("tokens", "sequences"))  # tokens | sequences
+    curriculum.unit = "tokens", text(CURRICULUM_UNITS)  # tokens | sequences
     # ascending: stages short to long; interleaved: levels mixed step by step in an order
     # drawn from config.seed (each level keeps its share of the steps).
     # ascending | interleaved
-    curriculum.order = "ascending", text(("ascending", "interleaved"))
+    curriculum.order = "ascending", text(CURRICULUM_ORDERS)
     # move devices from mesh.data to mesh.seq as the length grows (and the batch shrinks),
     # so every device keeps the same rows and local length; needs a sequence-parallel
     # model.attention (ring, ulysses, allgather, hybrid).
@@ -214,7 +227,7 @@ def get_config() -> config_dict.ConfigDict:
     # token order along the seq axis: zigzag balances causal work (ring, allgather; the
     # hybrid's groups), contiguous keeps sequence order (ulysses; a sliding window's
     # shorter ring); auto: what model.attention needs
-    mesh.layout = "auto", text(("auto", "zigzag", "contiguous"))  # auto | zigzag | contiguous
+    mesh.layout = "auto", text(("auto",) + LAYOUTS)  # auto | zigzag | contiguous
 
     # --- checkpoints ------------------------------------------------------------------
     checkpoint = root.section("checkpoint")
@@ -261,7 +274,7 @@ def get_config() -> config_dict.ConfigDict:
     # Retrieval exact match: "teacher_forced" (every answer token is the argmax given the
     # true prefix) or "generate" (greedy decoding of the prompt, on one device, yields the
     # answer ids); the answer log-probability is teacher-forced either way.
-    evaluation.retrieval_scoring = "teacher_forced", text(("teacher_forced", "generate"))
+    evaluation.retrieval_scoring = "teacher_forced", text(SCORING_MODES)
     eval_data = evaluation.section("data")
     # Score another corpus than the run's (with the run's tokenizer): set source (and path,
     # text_field; validation_percent -1 = the run's) and eval.name; its results go to
@@ -335,7 +348,7 @@ def get_config() -> config_dict.ConfigDict:
     plan.memory_budget_gib = 0.0, number(0, also=(-1,))
     # with mesh.seq > 1 at the last level: compile its step with each of these
     # sequence-parallel strategies and show them side by side (() = no comparison)
-    plan.strategies = STRATEGIES, items(text(STRATEGIES))
+    plan.strategies = SEQUENCE_PARALLEL, items(text(SEQUENCE_PARALLEL))
     # link bandwidths the collective bytes are timed at, GB/s per device and direction:
     # within a host (NVLink; TPU: ICI); 0: the target's published figure (cpu: the h100's)
     plan.intra_host_gbps = 0.0, number(0)
@@ -351,7 +364,7 @@ def get_config() -> config_dict.ConfigDict:
     extend = root.section("extend")
     extend.target_length = 0, integer(0, also=(-1,))  # the new context length; 0: no extension
     # linear (Position Interpolation) | yarn
-    extend.scaling = "linear", text(("linear", "yarn"))
+    extend.scaling = "linear", text(EXTEND_SCALINGS)
     # > 0: train.warmup_fraction = warmup_steps / train.steps
     extend.warmup_steps = 20, integer(0)
     extend.original_length = 0, integer(0)  # written by the trainer: L0 (leave 0)

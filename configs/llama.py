@@ -43,19 +43,21 @@ def get_config(preset: str = ""):
     vocab, d_model, mlp_dim, n_layers, q_heads, kv_heads, head_dim, theta, l_max = \
         PRESETS[preset]
     config = base.get_config()
-    m = config.model
-    m.vocab_size, m.d_model, m.mlp_dim, m.n_layers = vocab, d_model, mlp_dim, n_layers
-    m.q_heads, m.kv_heads, m.head_dim = q_heads, kv_heads, head_dim
-    m.rope.theta = theta
-    m.tie_embeddings = False
-    m.norm_eps = 1e-5
-    m.dtype, m.param_dtype = "bfloat16", "float32"
-    m.remat = "full"
-    m.remat_group = 4
-    m.mlp_chunk_tokens = 16384
-    m.loss_chunk_tokens = 4096
-    m.attention = "ring"
-    m.block_q = m.block_k = 512
+    model_settings = config.model
+    model_settings.vocab_size, model_settings.d_model = vocab, d_model
+    model_settings.mlp_dim, model_settings.n_layers = mlp_dim, n_layers
+    model_settings.q_heads, model_settings.kv_heads = q_heads, kv_heads
+    model_settings.head_dim = head_dim
+    model_settings.rope.theta = theta
+    model_settings.tie_embeddings = False
+    model_settings.norm_eps = 1e-5
+    model_settings.dtype, model_settings.param_dtype = "bfloat16", "float32"
+    model_settings.remat = "full"
+    model_settings.remat_group = 4
+    model_settings.mlp_chunk_tokens = 16384
+    model_settings.loss_chunk_tokens = 4096
+    model_settings.attention = "ring"
+    model_settings.block_q = model_settings.block_k = 512
     config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, -1, 1
     config.curriculum.l_max = l_max
     config.train.batch_size = 1

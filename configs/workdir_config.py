@@ -9,6 +9,7 @@ import os
 from ml_collections import config_dict
 
 from configs import base
+from model.model_config import COMPUTE_FIELDS, PARAMETER_FIELDS
 
 CONFIG_FILE = "config.json"
 
@@ -60,10 +61,7 @@ _FIXED_BY_WORKDIR = (
        ("shuffle_seed", "retrieval_fraction", "retrieval_tasks", "retrieval_min_length",
         "retrieval_max_length", "retrieval_answer_weight", "retrieval_task_weights")]
     + [(f"model.{k}", ("train", "eval", "generate", "lm_eval"), "the model's parameters")
-       for k in
-       ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim", "mlp_dim",
-        "position", "tie_embeddings", "norm", "mlp", "qkv_bias", "attention_out_bias",
-        "mlp_bias", "learned_positions_length")]
+       for k in PARAMETER_FIELDS + ("learned_positions_length",)]
     + [(k, ("train",), "the global batch and the curriculum the checkpoints continue") for k in
        ("train.batch_size", "curriculum.l_max", "curriculum.levels", "curriculum.lengths",
         "curriculum.unit", "curriculum.order", "seed")])
@@ -221,10 +219,7 @@ def _from_json(value):
 # The model keys that fix the parameters and what the model computes with them (its sliding
 # window; and the RoPE base the weights were trained with):
 # a run that starts from another workdir's weights (train.init_from) takes them from it.
-ADOPTED_MODEL_KEYS = ("vocab_size", "d_model", "n_layers", "q_heads", "kv_heads", "head_dim",
-                      "mlp_dim", "position", "tie_embeddings", "norm_eps", "norm", "mlp",
-                      "qkv_bias", "attention_out_bias", "mlp_bias", "sliding_window",
-                      "layer_types")
+ADOPTED_MODEL_KEYS = PARAMETER_FIELDS + COMPUTE_FIELDS
 
 
 def adopt_model(config, workdir: str) -> tuple[config_dict.ConfigDict, list[str]]:

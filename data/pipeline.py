@@ -17,13 +17,13 @@ from __future__ import annotations
 from data.corpus import Corpus, corpus_from_texts
 from data.prepare import open_prepared
 from data.retrieval_mix import SyntheticDocuments, retrieval_mix
-from data.sources import list_documents
+from data.sources import PREPARED, list_documents
 from data.stream import Documents, TrainStream
 
 
 def load_corpus(data_config, tokenizer, split: str) -> Corpus:
     """The `split` of the configured source as a Corpus."""
-    if data_config.source == "prepared":
+    if data_config.source == PREPARED:
         return open_prepared(data_config.path, split, data_config.tokenizer)
     return corpus_from_texts(list_documents(data_config, split), tokenizer)
 

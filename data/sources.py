@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 
 
-SOURCES = ("stdlib", "text", "jsonl", "parquet")   # read as texts; "prepared": data/prepare.py
+SOURCES = ("stdlib", "text", "jsonl", "parquet")   # read as texts
+PREPARED = "prepared"          # tokens data/prepare.py wrote (data.source's other value)
 
 
 class DocumentList(list):

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from model.blockwise import ATTENTION_OUT, blockwise_attention
+from model.choices import ATTENTION_KINDS
 from model.kv_cache import KVCache
 from model.layers import add_bias, param, zeros
 from model.masking import (MASKED, attention_mask, check_shapes, check_window,
@@ -84,10 +85,6 @@ def cached_attention(q, k, v, cache: KVCache, layer, window=None):
 
 
 AttentionFn = Callable[..., jax.Array]
-# model.attention names whose function splits the sequence over a mesh (parallel/
-# sequence_parallel.py builds them; the model itself only knows the names)
-SEQUENCE_PARALLEL = ("ring", "ulysses", "allgather", "hybrid")
-ATTENTION_KINDS = ("dense", "blockwise") + SEQUENCE_PARALLEL
 
 
 def attention_function(name: str, *, block_q: int = 256, block_k: int = 256) -> AttentionFn:

@@ -51,6 +51,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from model import positions as pos_lib
+from model.choices import DTYPES
 from model.transformer import ModelConfig, Transformer
 from util.errors import first_line
 
@@ -147,7 +148,7 @@ def special_token_ids(hf_dir: str, vocab_size: int | None = None) -> dict:
 
 
 # config.json's dtype names (`dtype` in transformers 5, `torch_dtype` before) that we compute in
-_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_COMPUTE_DTYPES = DTYPES
 
 
 def compute_dtype(hf_dir: str) -> tuple[str, str]:

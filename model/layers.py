@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-NORM_KINDS = ("rmsnorm", "layernorm")
-MLP_KINDS = ("swiglu", "gelu_tanh")
+from model.choices import MLP_KINDS, NORM_KINDS
+
 
 
 def param(rngs: nnx.Rngs, shape, names, init, dtype) -> nnx.Param:

@@ -34,22 +34,9 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 
 from model.blockwise import ATTENTION_LSE, ATTENTION_OUT
+from model.choices import OFFLOAD_POLICIES
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attention_out", "offload",
-                  "offload_attention")
-OFFLOAD_POLICIES = ("offload", "offload_attention")   # these need scanned layers
 LAYER_INPUT = "decoder_layer_input"     # checkpoint name of a layer's input (offload)
-
-
-def policy_name(value) -> str:
-    """The policy a model.remat value names (bools from older configs accepted)."""
-    if value is True:
-        return "full"
-    if value is False or value is None:
-        return "none"
-    if value not in REMAT_POLICIES:
-        raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {value!r}")
-    return value
 
 
 def _offloading(*names: str):

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.masking import PAD_SEGMENT
+from parallel.choices import LAYOUTS
 
-LAYOUTS = ("zigzag", "contiguous")
 # what padding holds, per batch key (0 for any other key: token 0, position 0, no loss)
 PAD_VALUES = {"segment_ids": PAD_SEGMENT}
 

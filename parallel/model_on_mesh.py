@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
-from model.attention import SEQUENCE_PARALLEL
+from model.choices import SEQUENCE_PARALLEL
 from model.transformer import ModelConfig, Transformer
 from parallel import mesh as mesh_lib
 from parallel import sequence_parallel

@@ -46,7 +46,7 @@ from model.masking import (PAD_SEGMENT, check_shapes, check_window,
                            default_positions_and_segments, pad_axis1, padded_length)
 from model.pallas_attention import (HEADS_MAJOR_KERNELS, PALLAS_KERNELS, pallas_attention,
                                     pallas_passes)
-from parallel.layout import LAYOUTS
+from parallel.choices import LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 
 

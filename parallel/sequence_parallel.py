@@ -33,13 +33,13 @@ from model.fused_attention import fused_attention
 from model.masking import PAD_SEGMENT, check_shapes, default_positions_and_segments, \
     pad_axis1, padded_length
 from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_chunk_attention
-from parallel.layout import LAYOUTS
+from model.choices import SEQUENCE_PARALLEL
+from parallel.choices import KERNELS, LAYOUTS
 from parallel.mesh import BATCH_AXES, heads_spec
 from parallel.ring_attention import (interpret_kernels, local_ring, on_each_device,
                                      ring_attention, ring_hops)
 
-STRATEGIES = ("ring", "ulysses", "allgather", "hybrid")
-KERNELS = ("auto", "blockwise", "cudnn", "pallas")
+STRATEGIES = SEQUENCE_PARALLEL
 # What `auto` gives the fused kernels (their tiles are tuned for, and compiled on the h100
 # and v5p targets with, 16-bit activations and these head widths); else the blockwise loop
 FUSED_DTYPES = ("bfloat16", "float16")

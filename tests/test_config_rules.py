@@ -1,9 +1,12 @@
 """Specification of configs/rules.py and the rules of configs/base.py: every key has its
 type and range declared beside its default, every shipped config satisfies them, and a
 value outside them is one line naming the key."""
+import ast
 import glob
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 from ml_collections import config_dict
@@ -80,6 +83,11 @@ def test_a_preset_file_without_a_known_preset_fails_with_one_line(tmp_path):
     ("model.layer_types", ("sliding_attention", "local"), "values each one of"),
     ("generate.top_p", 0.0, "> 0"),
     ("plan.strategies", ("ring", "tree"), "values each one of"),
+    ("curriculum.unit", "bytes", "one of ('tokens', 'sequences')"),
+    ("curriculum.order", "random", "one of ('ascending', 'interleaved')"),
+    ("extend.scaling", "cubic", "one of ('linear', 'yarn')"),
+    ("model.norm", "batchnorm", "one of ('rmsnorm', 'layernorm')"),
+    ("mesh.layout", "spiral", "one of ('auto', 'zigzag', 'contiguous')"),
     ("train.steps", 10**20, "at most 10,000,000"),
     ("curriculum.l_max", 2**40, "at most 2,147,483,647"),
     ("generate.max_new_tokens", 10**10, "at most 2,147,483,647"),
@@ -119,3 +127,46 @@ def test_the_retrieval_weight_rules_agree_with_what_the_data_layer_accepts():
     config.data.retrieval_answer_weight = 0.0
     with pytest.raises(ValueError, match="retrieval_answer_weight must be a finite number > 0"):
         base.check(config)
+
+
+def test_each_set_of_allowed_values_is_the_owning_rooms_tuple():
+    """No rule in configs/base.py spells out its choices: each names the tuple of the room
+    that owns them (model/choices.py, parallel/choices.py, data/, evaluation/), or one that
+    train/ imports from base.py, so a value added there is allowed here."""
+    tree = ast.parse(open(os.path.join(REPO, "configs", "base.py")).read())
+    literal = [node.lineno for node in ast.walk(tree)
+               if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "text"
+               and node.args and isinstance(node.args[0], ast.Tuple)]
+    assert literal == [], f"configs/base.py lines with literal choices: {literal}"
+
+
+def test_the_rooms_choices_are_what_the_rules_allow():
+    from data import sources
+    from evaluation import retrieval, ruler
+    from model import choices
+    from parallel import choices as parallel_choices
+    config = base.get_config()
+    for key, allowed in [("model.norm", choices.NORM_KINDS), ("model.mlp", choices.MLP_KINDS),
+                         ("model.position", choices.POSITION_KINDS),
+                         ("model.remat", choices.REMAT_POLICIES),
+                         ("model.attention", choices.ATTENTION_KINDS),
+                         ("model.attention_kernel", parallel_choices.KERNELS),
+                         ("data.source", sources.SOURCES + (sources.PREPARED,)),
+                         ("eval.retrieval_scoring", retrieval.SCORING_MODES),
+                         ("curriculum.unit", base.CURRICULUM_UNITS),
+                         ("extend.scaling", base.EXTEND_SCALINGS)]:
+        for value in allowed:
+            base.RULES[key].check(key, value)                 # each one is accepted
+        with pytest.raises(ValueError):
+            base.RULES[key].check(key, "not-a-choice")
+    assert base.RULES["eval.ruler.tasks"].accepts(ruler.ALL_TASKS)
+    assert config.plan.strategies == choices.SEQUENCE_PARALLEL
+
+
+def test_the_config_rules_load_without_jax():
+    """main.py checks the command line against configs/base.py before it imports jax
+    quietly: the rooms' choices come from modules that import no jax."""
+    code = "import sys, configs.base; print('jax' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.strip() == "False", result.stderr

@@ -71,17 +71,17 @@ def test_the_plan_is_printed_as_a_table_before_training(tmp_path, capsys):
     out = capsys.readouterr().out
     plan_start = out.index("length curriculum: 3 level(s), order ascending, budget in tokens")
     assert out.index("compiled the step") > plan_start
-    plan = validate_config(config)
+    curriculum = validate_config(config)
     rows = plan_table(out)
-    assert len(rows) == len(plan.levels) == 3
-    for row, level in zip(rows, plan.levels):
+    assert len(rows) == len(curriculum.levels) == 3
+    for row, level in zip(rows, curriculum.levels):
         assert (row["level"], row["length"], row["batch"], row["steps"], row["mesh"]) == (
             str(level.index), str(level.seq_len), str(level.batch_size), str(level.steps),
             format_mesh(level.mesh))
     assert [(r["length"], r["batch"], r["steps"], r["mesh"]) for r in rows] == [
         ("64", "8", "4", "data 8 x seq 1"), ("128", "4", "2", "data 4 x seq 2"),
         ("256", "2", "2", "data 2 x seq 4")]
-    assert f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens" in out
+    assert f"total: {curriculum.total_steps} steps, {curriculum.total_tokens:,} tokens" in out
 
 
 @pytest.mark.slow

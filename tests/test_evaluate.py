@@ -62,8 +62,8 @@ def test_loss_by_position_averages_in_log2_buckets():
 
 
 def build(config):
-    plan = validate_config(config)
-    run = build_run(config, level=eval_level(config, plan))
+    curriculum = validate_config(config)
+    run = build_run(config, level=eval_level(config, curriculum))
     return run, suite.build_eval_data(eval_setup_from(config), run.model_config, run.tokenizer)
 
 
@@ -196,8 +196,8 @@ def test_memory_budget_comes_from_the_config_first():
 def test_evaluation_probes_the_default_lengths_and_prints_why_it_stopped(capsys):
     # 8 validation documents of 1025+ tokens exist, and a budget that fits 1024 but not 2048
     config = small_config(**{"eval.lengths": None, "eval.max_batches": 1})
-    plan = validate_config(config)
-    run = build_run(config, level=eval_level(config, plan))
+    curriculum = validate_config(config)
+    run = build_run(config, level=eval_level(config, curriculum))
     params = abstract_state(run)["params"]
     budget = sum(scoring_bytes(run, params, 8, n) for n in (1024, 2048)) // 2
     config.eval.memory_budget_mib = budget / 2**20

@@ -152,7 +152,6 @@ def test_resolve_with_learned_positions_sets_the_table_length(tmp_path):
     (lambda c: setattr(c.train, "init_from", ""), "needs train.init_from"),
     (lambda c: setattr(c.extend, "target_length", 64), "must exceed"),
     (lambda c: setattr(c.extend, "target_length", -1), "give the new context length"),
-    (lambda c: setattr(c.extend, "scaling", "dynamic"), "extend.scaling"),
     (lambda c: setattr(c.model.rope, "scaling", '{"rope_type": "linear", "factor": 8}'),
      "leave model.rope.scaling unset"),
     (lambda c: setattr(c.model.rope, "scaling", '{"rope_type": "yarn", "factor": 4}'),

@@ -8,9 +8,9 @@ from cli.generate_mode import generate_workdir
 
 
 def notice(config, lengths):
-    plan = curriculum_lib.make_curriculum(config, 8)
-    level = curriculum_lib.eval_level(config, plan)
-    return curriculum_lib.beyond_trained_notice(config, plan, level, lengths, "evaluating at")
+    curriculum = curriculum_lib.make_curriculum(config, 8)
+    level = curriculum_lib.eval_level(config, curriculum)
+    return curriculum_lib.beyond_trained_notice(config, curriculum, level, lengths, "evaluating at")
 
 
 def test_no_notice_within_the_trained_length():

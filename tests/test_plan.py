@@ -59,8 +59,8 @@ def test_plan_prints_a_row_per_level_and_writes_plan_json(tmp_path):
 @pytest.mark.slow
 def test_planned_memory_equals_what_the_real_train_step_compiles_to():
     config = curriculum_config()
-    plan = validate_config(config)
-    level = plan.levels[1]
+    curriculum = validate_config(config)
+    level = curriculum.levels[1]
     planned = plan_lib.train_step_entry(config, level)["bytes_per_device"]
     run = build_run(config, level=level)
     state = init_state(run, seed=0)                        # real arrays this time

@@ -34,8 +34,8 @@ class NoProgress:
 def setup():
     """A random small model on the 8-device eval mesh (data 8) and a passkey grid."""
     config = small_config(**{"eval.retrieval_tasks": ("passkey",)})
-    plan = validate_config(config)
-    run = build_run(config, level=eval_level(config, plan))
+    curriculum = validate_config(config)
+    run = build_run(config, level=eval_level(config, curriculum))
     params = init_state(run, seed=0)["params"]
     samples = retrieval_tasks.make_grid("passkey", run.tokenizer, lengths=LENGTHS,
                                         depths=DEPTHS, samples_per_cell=1, seed=0)
@@ -128,8 +128,8 @@ def test_evaluate_with_generate_scoring_records_it_and_keeps_the_logprob():
                                  "eval.retrieval_samples": 1,
                                  "eval.sliding_stride": 0,
                                  "eval.retrieval_scoring": scoring})
-        plan = validate_config(config)
-        run = build_run(config, level=eval_level(config, plan))
+        curriculum = validate_config(config)
+        run = build_run(config, level=eval_level(config, curriculum))
         data = suite.build_eval_data(eval_setup_from(config), run.model_config, run.tokenizer)
         results[scoring] = suite.evaluate(run, init_state(run, seed=0)["params"], data)["retrieval"]
     assert [results[s]["scoring"] for s in results] == ["teacher_forced", "generate"]

@@ -307,9 +307,9 @@ def test_auto_kernel_resolves_for_the_targets_platform_not_the_hosts(h100_8, v5p
                              "eval.batch_size": 8})
     for devices, kernel in ((h100_8, "cudnn"), (v5p_8, "pallas_tpu"),
                             (jax.devices(), "blockwise")):
-        plan = validate_config(config, len(devices), platform=devices[0].platform)
+        curriculum = validate_config(config, len(devices), platform=devices[0].platform)
         target = targets.get({"gpu": "h100", "tpu": "v5p", "cpu": "cpu"}[devices[0].platform])
-        entry = plan_lib.eval_step_entry(config, plan.levels[0], 64, devices, target)
+        entry = plan_lib.eval_step_entry(config, curriculum.levels[0], 64, devices, target)
         assert entry["kernel"] == kernel                     # rows in order, one device each
         assert (entry["cudnn_attention_calls"] > 0) == (kernel == "cudnn")   # in the HLO
         assert (entry["fused_attention_calls"] > 0) == (kernel != "blockwise")

@@ -17,13 +17,11 @@ import math
 import numpy as np
 
 from configs import sections
-from model.attention import SEQUENCE_PARALLEL
+from model.choices import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 from parallel.mesh import MESH_AXES, mesh_shape
 from util.tables import format_table
 
-UNITS = ("tokens", "sequences")
-ORDERS = ("ascending", "interleaved")
 SHARE_TOLERANCE = 1e-6
 
 
@@ -228,7 +226,8 @@ def make_curriculum(config, device_count: int) -> Curriculum:
     `config.mesh`, `config.model.position / attention / rope`, `config.seed`.
     `levels == 1` gives one level equal to the plain run (l_max, batch_size, steps, mesh).
 
-    Raises ValueError (one line, naming the key or level) for: an unknown unit or order;
+    Raises ValueError (one line, naming the key or level; each key's own range is
+    base.check's, already run) for:
     shares that are not positive, not one per level or do not sum to 1 (within 1e-6);
     lengths that are not positive increasing integers, one per level, starting at l_max;
     overrides without one entry per level, non-positive thetas / multipliers, invalid
@@ -236,24 +235,14 @@ def make_curriculum(config, device_count: int) -> Curriculum:
     batch does not split over its data x fsdp devices and grad_accum_steps; learned
     positions with lengths beyond l_max; a relayout onto seq > 1 without ring attention.
     """
-    c, t = config.curriculum, config.train
-    K = int(c.levels)
-    l_max = int(c.l_max)
-    S, B = int(t.steps), int(t.batch_size)
-    if K < 1:
-        raise ValueError(f"curriculum.levels must be >= 1, got {K}")
-    if l_max <= 0:
-        raise ValueError(f"curriculum.l_max must be positive, got {l_max}")
-    if S <= 0 or B <= 0:
-        raise ValueError("train.steps and train.batch_size must be positive")
-    unit, order = c.unit, c.order
-    if unit not in UNITS:
-        raise ValueError(f"curriculum.unit must be one of {UNITS}, got {unit!r}")
-    if order not in ORDERS:
-        raise ValueError(f"curriculum.order must be one of {ORDERS}, got {order!r}")
+    settings, train = config.curriculum, config.train
+    K = int(settings.levels)
+    l_max = int(settings.l_max)
+    S, B = int(train.steps), int(train.batch_size)
+    unit, order = settings.unit, settings.order    # each key's own range: base.check, run
 
     # shares
-    shares = _per_level(c.shares, K, "shares")
+    shares = _per_level(settings.shares, K, "shares")
     if shares is None:
         shares = default_shares(K)
     else:
@@ -263,7 +252,7 @@ def make_curriculum(config, device_count: int) -> Curriculum:
                              f"from {list(shares)}")
 
     # lengths
-    lengths = _per_level(c.lengths, K, "lengths")
+    lengths = _per_level(settings.lengths, K, "lengths")
     if lengths is None:
         lengths = tuple(l_max * 2 ** k for k in range(K))
     else:
@@ -281,10 +270,10 @@ def make_curriculum(config, device_count: int) -> Curriculum:
                          f"curriculum goes to {lengths[-1]}: use model.position='rope'")
 
     # per-level overrides
-    thetas = _positive_floats(c.rope_thetas, K, "rope_thetas")
+    thetas = _positive_floats(settings.rope_thetas, K, "rope_thetas")
     if thetas is None:
         thetas = (float(config.model.rope.theta),) * K
-    scalings = _per_level(c.rope_scalings, K, "rope_scalings")
+    scalings = _per_level(settings.rope_scalings, K, "rope_scalings")
     names = [f"curriculum.rope_scalings[{k}]" for k in range(K)]
     if scalings is None:                  # the model's own at every level
         scalings, names = (config.model.rope.scaling,) * K, ["model.rope.scaling"] * K
@@ -295,7 +284,7 @@ def make_curriculum(config, device_count: int) -> Curriculum:
         except ValueError as e:
             raise ValueError(f"{names[k]}: {e}") from None
         scaling_json.append(json.dumps(normal, sort_keys=True))
-    multipliers = _positive_floats(c.lr_multipliers, K, "lr_multipliers")
+    multipliers = _positive_floats(settings.lr_multipliers, K, "lr_multipliers")
     if multipliers is None:
         multipliers = (1.0,) * K
 
@@ -321,14 +310,14 @@ def make_curriculum(config, device_count: int) -> Curriculum:
                              f"train.steps (or its share)")
 
     # meshes
-    accum = int(t.grad_accum_steps)
+    accum = int(train.grad_accum_steps)
     if accum < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {accum}")
     base = mesh_shape(sections.plain(config, "mesh"), device_count)
     levels = []
     for k in range(K):
         sizes = dict(base)
-        if c.relayout:
+        if settings.relayout:
             m = _relayout_factor(lengths[k], l_max, sizes["data"])
             sizes["data"] //= m
             sizes["seq"] *= m
@@ -342,7 +331,8 @@ def make_curriculum(config, device_count: int) -> Curriculum:
             raise ValueError(
                 f"curriculum level {k} (length {lengths[k]}): batch {batches[k]} does not split "
                 f"over data x fsdp = {sizes['data']} x {sizes['fsdp']} devices; raise "
-                f"train.batch_size" + ("" if c.relayout else " or set curriculum.relayout=True"))
+                f"train.batch_size"
+                + ("" if settings.relayout else " or set curriculum.relayout=True"))
         if (batches[k] // row_groups) % accum:
             raise ValueError(f"curriculum level {k} (length {lengths[k]}): train.grad_accum_steps "
                              f"({accum}) does not divide its {batches[k] // row_groups} rows "
@@ -360,10 +350,11 @@ def make_curriculum(config, device_count: int) -> Curriculum:
                 schedule=tuple(int(x) for x in schedule))
 
 
-def beyond_trained_notice(config, plan: Curriculum, level: Level, lengths, what: str) -> str | None:
+def beyond_trained_notice(config, curriculum: Curriculum, level: Level, lengths,
+                          what: str) -> str | None:
     """One notice line when any of `lengths` exceeds the longest length the run trained at
     (its last level), naming the positions in effect at `level`; None otherwise."""
-    trained = plan.levels[-1].seq_len
+    trained = curriculum.levels[-1].seq_len
     beyond = sorted({int(n) for n in lengths if int(n) > trained})
     if not beyond:
         return None
@@ -376,18 +367,18 @@ def beyond_trained_notice(config, plan: Curriculum, level: Level, lengths, what:
             f"{trained} ({positions})")
 
 
-def eval_level(config, plan: Curriculum) -> Level:
+def eval_level(config, curriculum: Curriculum) -> Level:
     """The level evaluation runs on: the last (most sequence-parallel) one, with the RoPE
     overrides of eval.rope_scaling / eval.rope_theta applied."""
-    level = plan.levels[-1]
-    e = config.eval
-    if e.rope_scaling is not None:
+    level = curriculum.levels[-1]
+    evaluation = config.eval
+    if evaluation.rope_scaling is not None:
         try:
-            scaling = normalize_rope_scaling(e.rope_scaling,
+            scaling = normalize_rope_scaling(evaluation.rope_scaling,
                                              original_max_position_embeddings=config.curriculum.l_max)
         except ValueError as error:
             raise ValueError(f"eval.rope_scaling: {error}") from None
         level = dataclasses.replace(level, rope_scaling_json=json.dumps(scaling, sort_keys=True))
-    if e.rope_theta:
-        level = dataclasses.replace(level, rope_theta=float(e.rope_theta))
+    if evaluation.rope_theta:
+        level = dataclasses.replace(level, rope_theta=float(evaluation.rope_theta))
     return level

@@ -13,10 +13,9 @@ import copy
 import json
 
 from configs import workdir_config
-from model.attention import SEQUENCE_PARALLEL
+from model.choices import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 
-SCALINGS = ("linear", "yarn")
 # scalings relative to an original length, raised by setting factor = T / that length
 SCALED_FROM_ORIGINAL = ("yarn", "llama3", "longrope")
 
@@ -61,8 +60,6 @@ def resolve(config) -> tuple:
     if not config.train.init_from:
         raise ValueError("extend.target_length needs train.init_from: the workdir whose model "
                          "is extended")
-    if config.extend.scaling not in SCALINGS:
-        raise ValueError(f"extend.scaling must be one of {SCALINGS}, got {config.extend.scaling!r}")
     source = workdir_config.load(config.train.init_from)
     original = trained_length(source)
     reach = covered_length(source)

@@ -19,15 +19,16 @@ SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.warmup_fraction",
                  "curriculum.lr_multipliers")
 
 
-def rate(config, plan: curriculum_lib.Curriculum, step: int, tokens: int) -> float:
+def rate(config, curriculum: curriculum_lib.Curriculum, step: int, tokens: int) -> float:
     """The learning rate of step `step` (0-based), after `tokens` tokens."""
-    t = config.train
-    step = min(step, plan.total_steps - 1)
-    value = plan.level_at(step).lr_multiplier * learning_rate_at(
-        tokens, plan.total_tokens, t.learning_rate, t.warmup_fraction, t.min_learning_rate_ratio)
-    if t.schedule_bridge:
-        start, difference = t.schedule_bridge
-        remaining = max(plan.total_tokens - start, 1)
+    train = config.train
+    step = min(step, curriculum.total_steps - 1)
+    value = curriculum.level_at(step).lr_multiplier * learning_rate_at(
+        tokens, curriculum.total_tokens, train.learning_rate, train.warmup_fraction,
+        train.min_learning_rate_ratio)
+    if train.schedule_bridge:
+        start, difference = train.schedule_bridge
+        remaining = max(curriculum.total_tokens - start, 1)
         value += difference * max(0.0, 1.0 - (tokens - start) / remaining)
     return value
 
@@ -61,9 +62,11 @@ def check_resume(config, saved, workdir: str) -> list[str]:
     return changed
 
 
-def bridge(config, plan, saved, saved_plan, step: int, tokens: int) -> tuple[int, float]:
+def bridge(config, curriculum, saved, saved_curriculum, step: int,
+           tokens: int) -> tuple[int, float]:
     """(tokens, difference) that makes the new schedule start at the rate the `saved`
     schedule had reached at (step, tokens)."""
     fresh = copy.deepcopy(config)
     fresh.train.schedule_bridge = None
-    return (int(tokens), rate(saved, saved_plan, step, tokens) - rate(fresh, plan, step, tokens))
+    return (int(tokens), rate(saved, saved_curriculum, step, tokens)
+            - rate(fresh, curriculum, step, tokens))

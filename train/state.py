@@ -19,7 +19,7 @@ from configs import sections
 from data.tokenizers import make_tokenizer
 from evaluation import suite
 from model import positions as pos_lib
-from model import remat as remat_lib
+from model.choices import policy_name
 from model.transformer import ModelConfig, Transformer
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
@@ -42,25 +42,21 @@ def model_config_from(config, vocab_size: int) -> ModelConfig:
 
     l_max is curriculum.l_max, except for learned positions with
     model.learned_positions_length > 0: then it is that length (the table's rows)."""
-    m = sections.typed(config, "model")      # every key present: the defaults are base.py's
+    section = sections.typed(config, "model")      # every key present: base.py's defaults
     l_max = config.curriculum.l_max
-    if m.position == "learned" and m.learned_positions_length > 0:
-        l_max = int(m.learned_positions_length)
+    if section.position == "learned" and section.learned_positions_length > 0:
+        l_max = int(section.learned_positions_length)
     scaling = pos_lib.normalize_rope_scaling(
-        m.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
-    model_config = ModelConfig(
-        vocab_size=int(m.vocab_size or vocab_size), d_model=m.d_model,
-        n_layers=m.n_layers, q_heads=m.q_heads, kv_heads=m.kv_heads,
-        head_dim=m.head_dim, mlp_dim=m.mlp_dim, l_max=l_max,
-        position=m.position, rope_theta=float(m.rope.theta),
-        rope_scaling_json=json.dumps(scaling, sort_keys=True), attention=m.attention,
-        block_q=m.block_q, block_k=m.block_k, tie_embeddings=m.tie_embeddings,
-        dtype=m.dtype, param_dtype=m.param_dtype, remat=remat_lib.policy_name(m.remat),
-        scan_layers=bool(m.scan_layers), loss_chunk_tokens=int(m.loss_chunk_tokens),
-        mlp_chunk_tokens=int(m.mlp_chunk_tokens), remat_group=int(m.remat_group),
-        norm_eps=m.norm_eps, init_std=m.init_std, norm=m.norm, mlp=m.mlp,
-        qkv_bias=m.qkv_bias, attention_out_bias=m.attention_out_bias, mlp_bias=m.mlp_bias,
-        sliding_window=m.sliding_window, layer_types=m.layer_types)
+        section.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
+    derived = dict(vocab_size=int(section.vocab_size or vocab_size), l_max=l_max,
+                   rope_theta=float(section.rope.theta),
+                   rope_scaling_json=json.dumps(scaling, sort_keys=True),
+                   remat=policy_name(section.remat))
+    # every other ModelConfig field is the model key of the same name (ModelConfig's fields
+    # are the list: a field without its key fails here, and in tests/test_model_fields.py)
+    model_config = ModelConfig(**derived, **{
+        field.name: getattr(section, field.name) for field in dataclasses.fields(ModelConfig)
+        if field.name not in derived})
     model_config.validate()
     return model_config
 

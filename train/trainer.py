@@ -40,16 +40,17 @@ class Levels:
     """Per curriculum level its Run (mesh + model variant); and the one data stream every
     level draws its rows from (data/stream.py)."""
 
-    def __init__(self, config, plan, tokenizer):
-        self.plan = plan
-        self.runs = [build_run(config, level=level, tokenizer=tokenizer) for level in plan.levels]
+    def __init__(self, config, curriculum, tokenizer):
+        self.curriculum = curriculum
+        self.runs = [build_run(config, level=level, tokenizer=tokenizer)
+                     for level in curriculum.levels]
         data = sections.typed(config, "data")
         self.stream = make_train_stream(data, tokenizer,
-                                        lengths=[level.seq_len for level in plan.levels],
+                                        lengths=[level.seq_len for level in curriculum.levels],
                                         seed=data.shuffle_seed, l_max=config.curriculum.l_max)
 
     def run_at(self, step: int):
-        return self.runs[self.plan.level_at(step).index]
+        return self.runs[self.curriculum.level_at(step).index]
 
     def next_batch(self, level):
         """This process's rows of the level's next global batch."""
@@ -80,17 +81,17 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
     workdir_config.check_against_workdir(config, workdir, "train")   # resuming: what it fixes
     if is_writer:
         workdir_config.check_writable(workdir)
-    plan = validate_config(config)
+    curriculum = validate_config(config)
     if is_writer:
-        print(plan.format(), flush=True)
+        print(curriculum.format(), flush=True)
     tokenizer = make_tokenizer(config.data.tokenizer)
-    levels = Levels(config, plan, tokenizer)
-    eval_run = build_run(config, level=eval_level(config, plan), tokenizer=tokenizer,
+    levels = Levels(config, curriculum, tokenizer)
+    eval_run = build_run(config, level=eval_level(config, curriculum), tokenizer=tokenizer,
                          rows_in_order=True)
     setup = eval_setup_from(config)
     suite.check_eval_directory(suite.eval_directory(workdir, config.eval.name), setup)
     final_eval = suite.prepare(setup, eval_run, tokenizer, abstract_state(eval_run)["params"])
-    say_beyond_trained(config, plan, final_eval)
+    say_beyond_trained(config, curriculum, final_eval)
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save)
@@ -99,7 +100,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
     if saved is not None and checkpointer.steps():       # a resume: the schedule holds
         schedule_changes = schedule.check_resume(config, saved, workdir)
         reached = checkpointer.steps()[0]
-        if plan.total_steps < reached:
+        if curriculum.total_steps < reached:
             raise ValueError(f"train.steps={config.train.steps} ends the run before step "
                              f"{reached}, where {workdir} already is: give train.steps >= "
                              f"{reached}, or train in another --workdir")
@@ -111,31 +112,32 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
         state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels,
                                                start_over)
         if schedule_changes and step > 0:
-            saved_plan = curriculum_lib.make_curriculum(saved, jax.device_count())
-            config.train.schedule_bridge = schedule.bridge(config, plan, saved, saved_plan,
-                                                           step, tokens)
+            saved_curriculum = curriculum_lib.make_curriculum(saved, jax.device_count())
+            config.train.schedule_bridge = schedule.bridge(config, curriculum, saved,
+                                                           saved_curriculum, step, tokens)
             if is_writer:
                 workdir_config.write(config, workdir)
                 print(f"schedule changed ({', '.join(schedule_changes)}): the learning rate "
-                      f"continues from {schedule.rate(saved, saved_plan, step, tokens):.3g} "
-                      f"and joins the new schedule by step {plan.total_steps}", flush=True)
+                      f"continues from {schedule.rate(saved, saved_curriculum, step, tokens):.3g} "
+                      f"and joins the new schedule by step {curriculum.total_steps}", flush=True)
         writer = MetricsWriter(workdir, resume_step=step)   # the steps after it are redone
         if is_writer:
             print(f"model: {count_parameters(state['params']) / 1e6:.2f}M parameters; "
-                  f"{plan.total_steps} steps, {plan.total_tokens} tokens; workdir {workdir}",
+                  f"{curriculum.total_steps} steps, {curriculum.total_tokens} tokens; "
+                  f"workdir {workdir}",
                   flush=True)
 
         # -------------------------------------------------------------- the loop
-        progress = Progress(plan.total_steps, "step", every_line=True)
+        progress = Progress(curriculum.total_steps, "step", every_line=True)
         compiled = {}
-        current_run = levels.run_at(min(step, plan.total_steps - 1))
+        current_run = levels.run_at(min(step, curriculum.total_steps - 1))
         last_log_time, last_log_step = time.time(), step
         compile_seconds = None        # of the step compiled since the last record
         final_loss = None
         skips = SkipCounter(config.train.max_skipped_steps)
         with StopSignals() as signals:
-            while step < plan.total_steps:
-                level = plan.level_at(step)
+            while step < curriculum.total_steps:
+                level = curriculum.level_at(step)
                 run = levels.runs[level.index]
                 if run is not current_run:
                     # relayout: the same parameters, resharded device-to-device for this level
@@ -143,7 +145,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                     current_run = run
                 batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
                                   run.layout, run.layout_parts)
-                learning_rate = schedule.rate(config, plan, step, tokens)
+                learning_rate = schedule.rate(config, curriculum, step, tokens)
                 with mesh_lib.use_mesh(run.mesh):
                     if level.index not in compiled:
                         compile_start = time.time()
@@ -171,7 +173,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                 _check_saves(checkpointer)
 
                 # log
-                if step % config.train.log_every_steps == 0 or step == plan.total_steps:
+                if step % config.train.log_every_steps == 0 or step == curriculum.total_steps:
                     values = jax.device_get(metrics)
                     now = time.time()
                     record = {"tokens": tokens, "loss": float(values["loss"]),
@@ -193,13 +195,14 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                     writer.write(step, record)
                     progress.update(step, f"loss {record['loss']:.4f} | lr {learning_rate:.2e}"
                                     + speed
-                                    + (f" | L={level.seq_len}" if len(plan.levels) > 1 else "")
+                                    + (f" | L={level.seq_len}"
+                                       if len(curriculum.levels) > 1 else "")
                                     + (f" | skipped {skips.total()}" if skips.total() else ""))
                     skips.check(checkpointer)
 
                 # maybe evaluate (perplexity only: the final evaluation runs everything)
                 if (config.eval.every_steps and step % config.eval.every_steps == 0
-                        and step < plan.total_steps):
+                        and step < curriculum.total_steps):
                     if is_writer:
                         print(f"evaluation at step {step} (perplexity by length; sliding "
                               "window and retrieval run at the end)", flush=True)
@@ -211,12 +214,12 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                 stopped_by = signals.requested() or (
                     "a preemption notice" if checkpointer.reached_preemption(step) else None)
                 stopping = stopped_by is not None or step == config.train.stop_at_step
-                if (step % config.checkpoint.every_steps == 0 or step == plan.total_steps
+                if (step % config.checkpoint.every_steps == 0 or step == curriculum.total_steps
                         or stopping):
                     skips.check(checkpointer)
                     _save(checkpointer, step, state, levels.stream.state(),
                           checkpoint_meta(current_run, config, step, tokens))
-                if stopping and step < plan.total_steps:
+                if stopping and step < curriculum.total_steps:
                     checkpointer.wait_until_finished()
                     _check_saves(checkpointer)
                     if is_writer:
@@ -311,12 +314,12 @@ def _all_finite(params):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
-def say_beyond_trained(config, plan, data) -> None:
+def say_beyond_trained(config, curriculum, data) -> None:
     """One notice when evaluation runs beyond the longest trained length."""
     lengths = list(data.lengths) + [n for _, by_length in data.retrieval.values()
                                     for n in by_length]
-    notice = curriculum_lib.beyond_trained_notice(config, plan, eval_level(config, plan),
-                                                  lengths, "evaluating at")
+    notice = curriculum_lib.beyond_trained_notice(
+        config, curriculum, eval_level(config, curriculum), lengths, "evaluating at")
     if notice and jax.process_index() == 0:
         print(notice, flush=True)
 
@@ -325,11 +328,11 @@ def _restore_or_init(config, workdir: str, checkpointer, levels: Levels, start_o
     """(state, step, tokens): the newest checkpoint's, with the data stream moved to its
     saved position; else a fresh state (parameters from train.init_from if set). With no
     intact checkpoint but broken ones set aside, a fresh start needs `start_over`."""
-    plan = levels.plan
+    curriculum = levels.curriculum
     is_writer = jax.process_index() == 0
     try:
         restored = restore_intact(checkpointer,
-                                  lambda s: levels.run_at(min(s, plan.total_steps - 1)),
+                                  lambda s: levels.run_at(min(s, curriculum.total_steps - 1)),
                                   workdir, with_data=True)
     except checkpoint_lib.BrokenCheckpoints as error:
         if not start_over:

@@ -12,7 +12,7 @@ import jax
 
 from configs import base, sections
 from evaluation.lengths import evaluation_lengths
-from model.attention import SEQUENCE_PARALLEL
+from model.choices import SEQUENCE_PARALLEL
 from parallel import mesh as mesh_lib
 from parallel import sequence_parallel
 from train import curriculum as curriculum_lib
@@ -43,18 +43,18 @@ def validate_config(config, device_count: int | None = None,
     elif config.model.attention_kernel not in sequence_parallel.KERNELS:
         raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
                          f"got {config.model.attention_kernel!r}")
-    plan = curriculum_lib.make_curriculum(config, device_count)
+    curriculum = curriculum_lib.make_curriculum(config, device_count)
     rows = check_learned_positions(config)
-    for level in (*plan.levels, curriculum_lib.eval_level(config, plan)):
+    for level in (*curriculum.levels, curriculum_lib.eval_level(config, curriculum)):
         check_sequence_split(config, level.mesh_dict)
-    for level in plan.levels:
+    for level in curriculum.levels:
         check_weight_split(config.model, level.mesh_dict, f"curriculum level {level.index}")
         check_length(level.seq_len, config, level.mesh_dict)
         if rows is not None and level.seq_len > rows:
             raise ValueError(f"curriculum level {level.index} trains at length {level.seq_len}, "
                              f"beyond the {rows} rows of the learned-position table: set "
                              f"model.learned_positions_length >= {level.seq_len}")
-    eval_sizes = curriculum_lib.eval_level(config, plan).mesh_dict   # evaluation's layout
+    eval_sizes = curriculum_lib.eval_level(config, curriculum).mesh_dict   # evaluation's layout
     row_groups = eval_sizes["data"] * eval_sizes["fsdp"]
     if config.eval.batch_size % row_groups:
         raise ValueError(f"eval.batch_size: batch of {config.eval.batch_size} rows is not a "
@@ -62,11 +62,11 @@ def validate_config(config, device_count: int | None = None,
     lengths = evaluation_lengths(config.eval.lengths, config.curriculum.l_max)
     for length in lengths + tuple(config.eval.retrieval_lengths or ()):
         check_length(length, config, eval_sizes)
-    check_hybrid_degree(config, (*plan.levels, curriculum_lib.eval_level(config, plan)))
+    check_hybrid_degree(config, (*curriculum.levels, curriculum_lib.eval_level(config, curriculum)))
     check_position_settings(config)
     check_ruler_tasks(config)
-    check_host_memory(config, plan, lengths, platform)
-    return plan
+    check_host_memory(config, curriculum, lengths, platform)
+    return curriculum
 
 
 def check_hybrid_degree(config, levels) -> None:
@@ -121,7 +121,7 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_host_memory(config, plan, eval_lengths, platform: str,
+def check_host_memory(config, curriculum, eval_lengths, platform: str,
                       available: int | None = None) -> None:
     """Refuse, before anything is read or compiled, a batch or a cache that cannot fit in
     this host's memory at all (a lower bound: a training batch's input arrays, and on the CPU
@@ -133,7 +133,7 @@ def check_host_memory(config, plan, eval_lengths, platform: str,
     per_token = BYTES_PER_BATCH_TOKEN + (4 * config.model.d_model if on_host else 0)
     needs = [(f"curriculum level {level.index}: a batch of {level.batch_size} x "
               f"{level.seq_len} tokens (train.batch_size, the level's length)",
-              level.batch_size * level.seq_len * per_token // share) for level in plan.levels]
+              level.batch_size * level.seq_len * per_token // share) for level in curriculum.levels]
     longest = max((*eval_lengths, *(config.eval.retrieval_lengths or ())), default=0)
     needs.append((f"evaluation: a batch of {config.eval.batch_size} x {longest} tokens "
                   f"(eval.batch_size, eval.lengths)",
@@ -149,9 +149,10 @@ def check_generation_memory(config, tokens: int, platform: str,
     must fit in the host's memory: one line otherwise."""
     if platform != "cpu":
         return
-    m = config.model
-    itemsize = 2 if m.dtype in ("bfloat16", "float16") else 4
-    cache = 2 * m.n_layers * m.kv_heads * m.head_dim * itemsize * tokens    # keys and values
+    model_settings = config.model
+    itemsize = 2 if model_settings.dtype in ("bfloat16", "float16") else 4
+    cache = (2 * model_settings.n_layers * model_settings.kv_heads * model_settings.head_dim
+             * itemsize * tokens)                                     # keys and values
     _refuse_above(f"generation: a key-value cache of {tokens:,} tokens (the prompt and "
                   f"generate.max_new_tokens)", cache,
                   host_memory_bytes() if available is None else available)
@@ -179,11 +180,13 @@ def check_sequence_split(config, sizes: dict) -> None:
     """The strategy's all-to-all must split the heads over the mesh `sizes` (Ulysses over
     seq, the hybrid over model.ulysses_degree, which must divide seq); an explicit cudnn
     kernel must be able to run on these devices."""
-    m = config.model
-    if m.attention not in SEQUENCE_PARALLEL or sizes["seq"] == 1:
+    model_settings = config.model
+    if model_settings.attention not in SEQUENCE_PARALLEL or sizes["seq"] == 1:
         return
-    degree = sequence_parallel.check_degree(m.attention, sizes["seq"], m.ulysses_degree)
-    sequence_parallel.check_heads(m.attention, m.q_heads, m.kv_heads, degree, sizes["tensor"])
+    degree = sequence_parallel.check_degree(model_settings.attention, sizes["seq"],
+                                            model_settings.ulysses_degree)
+    sequence_parallel.check_heads(model_settings.attention, model_settings.q_heads,
+                                  model_settings.kv_heads, degree, sizes["tensor"])
 
 
 def check_weight_split(model, sizes: dict, what: str) -> None:
