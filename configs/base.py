@@ -21,7 +21,7 @@ from evaluation.ruler import ALL_TASKS as RULER_TASKS
 from model.choices import (ATTENTION_KINDS, DTYPES, LAYER_TYPES, MLP_KINDS, NORM_KINDS,
                            POSITION_KINDS, REMAT_POLICIES, SEQUENCE_PARALLEL)
 from model.model_config import defaults as model_defaults
-from parallel.choices import KERNELS, LAYOUTS
+from parallel.choices import KERNELS, LAYOUT_SETTINGS
 from parallel.targets import NAMES as TARGETS      # the accelerators a plan compiles for
 
 # key -> Rule and key -> the line of this file declaring it, filled by get_config()
@@ -227,7 +227,7 @@ def get_config() -> config_dict.ConfigDict:
     # token order along the seq axis: zigzag balances causal work (ring, allgather; the
     # hybrid's groups), contiguous keeps sequence order (ulysses; a sliding window's
     # shorter ring); auto: what model.attention needs
-    mesh.layout = "auto", text(("auto",) + LAYOUTS)  # auto | zigzag | contiguous
+    mesh.layout = "auto", text(LAYOUT_SETTINGS)  # auto | zigzag | contiguous
 
     # --- checkpoints ------------------------------------------------------------------
     checkpoint = root.section("checkpoint")

@@ -2,4 +2,5 @@
 configs/base.py states its rules with these very tuples before jax is imported."""
 
 LAYOUTS = ("zigzag", "contiguous")                      # token layouts of the seq axis
+LAYOUT_SETTINGS = ("auto",) + LAYOUTS                   # mesh.layout
 KERNELS = ("auto", "blockwise", "cudnn", "pallas")      # model.attention_kernel

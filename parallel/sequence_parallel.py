@@ -34,7 +34,8 @@ from model.masking import PAD_SEGMENT, check_shapes, default_positions_and_segme
     pad_axis1, padded_length
 from model.pallas_attention import PALLAS_KERNELS, pallas_attention, pallas_chunk_attention
 from model.choices import SEQUENCE_PARALLEL
-from parallel.choices import KERNELS, LAYOUTS
+from parallel.choices import KERNELS, LAYOUT_SETTINGS, LAYOUTS
+from util.notices import say_once
 from parallel.mesh import BATCH_AXES, heads_spec
 from parallel.ring_attention import (interpret_kernels, local_ring, on_each_device,
                                      ring_attention, ring_hops)
@@ -51,7 +52,6 @@ STRATEGY_LAYOUTS = {"ring": "zigzag", "allgather": "zigzag", "ulysses": "contigu
                     "hybrid": "zigzag"}
 
 
-LAYOUT_SETTINGS = ("auto",) + LAYOUTS       # mesh.layout
 
 
 def batch_layout(attention: str, setting: str, seq: int, ulysses_degree=None
@@ -78,16 +78,6 @@ def zigzag_devices(strategy: str, seq: int, ulysses_degree: int | None) -> int:
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-_SAID: set[str] = set()
-
-
-def say_once(message: str) -> None:
-    """Print `message` the first time this process is told it."""
-    if message not in _SAID:
-        _SAID.add(message)
-        print(message, flush=True)
 
 
 def _cudnn_reason(strategy: str, platform: str, in_order: bool) -> str | None:

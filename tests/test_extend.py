@@ -270,7 +270,7 @@ def test_learned_positions_extended_by_interpolation_train_and_evaluate_at_the_n
 
     # what train.init_from loaded: the source's parameters, its table interpolated
     run = build_run(config)
-    loaded, resized = restore_params_from(learned_source, run, "test")
+    loaded, resized = restore_params_from(learned_source, run, "test", table_rows_set=True)
     assert resized == (64, 128)
     source = restore_newest(learned_source, build_run(small_config(
         **{"model.position": "learned"})), "test")[0]["params"]

@@ -100,3 +100,13 @@ def _imported_modules(path: pathlib.Path) -> set[str]:
 ])
 def test_the_config_read_detector_sees_every_form(source, expected):
     assert _config_reads(ast.parse(source)) == expected
+
+
+def test_a_run_carries_typed_parts_not_the_raw_config():
+    """Evaluation and generation take a Run: its fields are typed (ModelConfig, the mesh,
+    the tokenizer, ...), so the ConfigDict cannot reach the rooms below train/ through it."""
+    import dataclasses
+
+    from train.state import Run
+    fields = {field.name: field.type for field in dataclasses.fields(Run)}
+    assert "config" not in fields and "model_config" in fields

@@ -247,14 +247,14 @@ def _newest_checkpoint(workdir: str, what: str):
         yield checkpointer, latest
 
 
-def restore_params_from(workdir: str, run: Run, what: str):
+def restore_params_from(workdir: str, run: Run, what: str, table_rows_set: bool = False):
     """(params, resized) from the newest checkpoint of `workdir`, in `run`'s shardings
-    (train.init_from). With learned positions and model.learned_positions_length > 0, a
-    checkpoint whose table has another number of rows is accepted and its table is
-    interpolated to `run`'s rows (positions.interpolate_position_table); `resized` is then
-    (old rows, new rows), else None."""
-    resize = (run.model_config.position == "learned"
-              and run.config.model.learned_positions_length > 0)
+    (train.init_from). With learned positions and `table_rows_set`
+    (model.learned_positions_length > 0), a checkpoint whose table has another number of
+    rows is accepted and its table is interpolated to `run`'s rows
+    (positions.interpolate_position_table); `resized` is then (old rows, new rows), else
+    None."""
+    resize = run.model_config.position == "learned" and table_rows_set
     with _newest_checkpoint(workdir, what) as (checkpointer, latest):
         meta = checkpointer.restore_meta(latest)
         check_same_model(meta, run, workdir, resize_positions=resize)

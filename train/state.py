@@ -30,7 +30,6 @@ from train.optimizer import make_optimizer
 class Run(model_on_mesh.ModelOnMesh):
     """What a config resolves to on one mesh: the model placed on it (mesh, structure,
     parameter shardings, attention function, batch layout) and the optimizer."""
-    config: Any
     tokenizer: Any
     optimizer: optax.GradientTransformation
     state_shardings: Any           # {"params": ..., "opt_state": ...} NamedShardings
@@ -107,7 +106,7 @@ def build_run(config, devices=None, level=None, tokenizer=None,
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     state_shardings = {"params": placed.param_shardings, "opt_state": opt_shardings}
     return Run(**{f.name: getattr(placed, f.name) for f in dataclasses.fields(placed)},
-               config=config, tokenizer=tokenizer, optimizer=optimizer,
+               tokenizer=tokenizer, optimizer=optimizer,
                state_shardings=state_shardings)
 
 

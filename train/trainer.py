@@ -360,8 +360,9 @@ def _restore_or_init(config, workdir: str, checkpointer, levels: Levels, start_o
     run = levels.run_at(0)
     state = init_state(run, config.seed)
     if config.train.init_from:
-        state["params"], resized = restore_params_from(config.train.init_from, run,
-                                                       "train.init_from")
+        state["params"], resized = restore_params_from(
+            config.train.init_from, run, "train.init_from",
+            table_rows_set=config.model.learned_positions_length > 0)
         if is_writer:
             print(f"initialised the parameters from {config.train.init_from}"
                   + (f" (learned-position table interpolated from {resized[0]} to {resized[1]} "

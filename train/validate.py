@@ -1,8 +1,10 @@
 """Every check of a config that can fail before data is read or anything is compiled.
 
-`validate_config` runs once per run and returns the curriculum plan; each failure is a
-ValueError of one line naming the key. The plan checks its own keys (train/curriculum.py),
-the model its own (ModelConfig.validate); this module adds what ties them to a mesh.
+`validate_config` runs once per run and returns the curriculum; each failure is a
+ValueError of one line naming the key. Each key's own type and range is its rule's
+(configs/base.py, checked first); the curriculum checks how its keys combine
+(train/curriculum.py), the model its own (ModelConfig.validate); this module adds what
+ties them to a mesh.
 """
 from __future__ import annotations
 
@@ -21,13 +23,10 @@ from train import curriculum as curriculum_lib
 def validate_config(config, device_count: int | None = None,
                     platform: str | None = None) -> curriculum_lib.Curriculum:
     """Raise ValueError for any setting that cannot work on `device_count` devices of
-    `platform` (default: this process's devices); return the curriculum plan."""
+    `platform` (default: this process's devices); return the curriculum."""
     base.check(config)            # each key's own type and range (configs/base.py)
     device_count = jax.device_count() if device_count is None else device_count
     platform = jax.devices()[0].platform if platform is None else platform
-    if config.mesh.layout not in sequence_parallel.LAYOUT_SETTINGS:
-        raise ValueError(f"mesh.layout must be one of {sequence_parallel.LAYOUT_SETTINGS}, "
-                         f"got {config.mesh.layout!r}")
     if config.data.tokenizer != "bytes" and not os.path.exists(config.data.tokenizer):
         raise ValueError(f"data.tokenizer: no file {config.data.tokenizer!r}")
     sizes = mesh_lib.mesh_shape(sections.plain(config, "mesh"), device_count)  # valid itself
@@ -40,9 +39,6 @@ def validate_config(config, device_count: int | None = None,
             strategy="none" if sizes["seq"] == 1 else config.model.attention,
             platform=platform, in_order=True, head_dim=config.model.head_dim,
             dtype=config.model.dtype)
-    elif config.model.attention_kernel not in sequence_parallel.KERNELS:
-        raise ValueError(f"model.attention_kernel must be one of {sequence_parallel.KERNELS}, "
-                         f"got {config.model.attention_kernel!r}")
     curriculum = curriculum_lib.make_curriculum(config, device_count)
     rows = check_learned_positions(config)
     for level in (*curriculum.levels, curriculum_lib.eval_level(config, curriculum)):
