@@ -182,8 +182,6 @@ def get_config() -> config_dict.ConfigDict:
     # lr_multipliers is refused unless this is True; then the rate continues from where the
     # run was and blends into the new schedule by its end (train/schedule.py)
     train.allow_schedule_change = False, flag()
-    # written by the trainer when it bridged a schedule change: (tokens, rate difference)
-    train.schedule_bridge = None, items(number(), optional=True)
 
     # --- length curriculum ------------------------------------------------------------
     curriculum = root.section("curriculum")
@@ -367,7 +365,6 @@ def get_config() -> config_dict.ConfigDict:
     extend.scaling = "linear", text(EXTEND_SCALINGS)
     # > 0: train.warmup_fraction = warmup_steps / train.steps
     extend.warmup_steps = 20, integer(0)
-    extend.original_length = 0, integer(0)  # written by the trainer: L0 (leave 0)
     return root.node
 
 

@@ -9,7 +9,7 @@ config.json and its parameters from W's newest checkpoint (train.init_from). The
 then resolves the `extend` section against W (train/extend.py; the config file cannot,
 because --config.train.init_from is applied after get_config() runs): with L0 the longest
 length W trained at (its curriculum.l_max for a one-level run),
-  extend.original_length = L0 (a record), curriculum.l_max = target_length,
+  curriculum.l_max = target_length (L0 recorded in W_out/run_state.json),
   model.rope.scaling = {"rope_type": "linear", "factor": target_length / L0}, or with
     --config.extend.scaling=yarn {"rope_type": "yarn", "factor": target_length / L0,
     "original_max_position_embeddings": L0} (linear needs no L0: its frequencies are

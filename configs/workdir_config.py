@@ -194,6 +194,8 @@ _UPGRADES = {"model.remat": _remat_policy}
 
 def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -> None:
     for key, value in saved.items():
+        if prefix + key in RUN_STATE_KEYS:
+            continue                    # an older run's state: train/run_state.py reads it
         if key not in node:
             raise ValueError(f"{path}: unknown key {prefix}{key} (written by another version?)")
         if isinstance(node[key], config_dict.ConfigDict) and isinstance(value, dict):
@@ -207,6 +209,10 @@ def _update(node: config_dict.ConfigDict, saved: dict, path: str, prefix: str) -
             except (TypeError, ValueError):
                 raise ValueError(f"{path}: {prefix}{key} = {value!r} has the wrong type (the "
                                  f"default is {node[key]!r})") from None
+
+
+# Keys older runs wrote into config.json that are run state now (W/run_state.json)
+RUN_STATE_KEYS = ("train.schedule_bridge", "extend.original_length")
 
 
 def _from_json(value):

@@ -15,6 +15,7 @@ from evaluation.lengths import evaluable
 from model.positions import interpolate_position_table, normalize_rope_scaling
 from tests.helpers import read_metrics, small_config, train_losses
 from train import extend as extend_lib
+from train import run_state
 from configs import workdir_config
 from train import trainer
 from train.state import build_run
@@ -83,7 +84,7 @@ def test_extend_config_fine_tunes_the_source_at_the_target_length_with_its_scali
         scaling["original_max_position_embeddings"] = 64
     assert saved["model"]["rope"]["scaling"] == scaling
     scaling = normalize_rope_scaling(scaling, target)
-    assert saved["extend"]["original_length"] == 64                 # L0, recorded
+    assert run_state.load(out).original_length == 64                # L0, recorded
     assert saved["curriculum"]["l_max"] == target
     assert saved["train"]["learning_rate"] == 2e-5 and saved["train"]["weight_decay"] == 0.0
     assert saved["model"]["attention"] == ("ring" if seq > 1 else "blockwise")
@@ -126,7 +127,7 @@ def test_resolve_sets_yarn_ring_and_warmup_and_is_idempotent(tmp_path):
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     assert resolved.model.attention == "ring"
     assert resolved.train.warmup_fraction == pytest.approx(0.5)
-    assert resolved.extend.original_length == 64
+    assert extend_lib.original_length(config) == 64
     assert any(c.startswith("model.rope.scaling") for c in changes)
     assert config.curriculum.l_max != 256           # the input is not changed
     again, more = extend_lib.resolve(resolved)
@@ -135,9 +136,10 @@ def test_resolve_sets_yarn_ring_and_warmup_and_is_idempotent(tmp_path):
 
 def test_resolve_takes_the_original_length_from_the_sources_longest_level(tmp_path):
     source = write_source(tmp_path / "src", **{"curriculum.levels": 2})   # 64, 128
-    resolved, _ = extend_lib.resolve(extend_config(source, 512))
+    config = extend_config(source, 512)
+    resolved, _ = extend_lib.resolve(config)
     assert dict(resolved.model.rope.scaling) == {"rope_type": "linear", "factor": 4.0}
-    assert resolved.extend.original_length == 128
+    assert extend_lib.original_length(config) == 128
 
 
 def test_resolve_with_learned_positions_sets_the_table_length(tmp_path):

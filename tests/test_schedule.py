@@ -1,34 +1,44 @@
 """Specification of train/schedule.py: a resume that would re-plan the learning rate is
 refused with one line naming the key, and with train.allow_schedule_change the rate
 continues from where the run was (no jump) and ends where the new schedule ends."""
-import copy
-
 import pytest
 
 from tests.helpers import read_metrics, small_config
 from train import curriculum as curriculum_lib
-from train import schedule, trainer
+from train import run_state, schedule, trainer
 
 
-def plan_of(config):
+def curriculum_of(config):
     return curriculum_lib.make_curriculum(config, 8)
 
 
 def test_a_bridged_schedule_starts_at_the_old_rate_and_ends_at_the_new_one():
     old = small_config(**{"train.steps": 20})
     new = small_config(**{"train.steps": 40, "train.allow_schedule_change": True})
-    old_plan, new_plan = plan_of(old), plan_of(new)
+    old_curriculum, new_curriculum = curriculum_of(old), curriculum_of(new)
     step = 12
-    tokens = old_plan.tokens_before(step)
-    new.train.schedule_bridge = schedule.bridge(new, new_plan, old, old_plan, step, tokens)
-    assert schedule.rate(new, new_plan, step, tokens) == pytest.approx(
-        schedule.rate(old, old_plan, step, tokens), rel=1e-9)
-    plain = copy.deepcopy(new)
-    plain.train.schedule_bridge = None
-    end = new_plan.total_steps - 1
-    end_tokens = new_plan.tokens_before(new_plan.total_steps)
-    assert schedule.rate(new, new_plan, end, end_tokens) == pytest.approx(
-        schedule.rate(plain, new_plan, end, end_tokens), rel=1e-9)
+    tokens = old_curriculum.tokens_before(step)
+    bridge = schedule.bridge(new, new_curriculum, old, old_curriculum, step, tokens)
+    assert schedule.rate(new, new_curriculum, step, tokens, bridge) == pytest.approx(
+        schedule.rate(old, old_curriculum, step, tokens), rel=1e-9)
+    end = new_curriculum.total_steps - 1
+    end_tokens = new_curriculum.tokens_before(new_curriculum.total_steps)
+    assert schedule.rate(new, new_curriculum, end, end_tokens, bridge) == pytest.approx(
+        schedule.rate(new, new_curriculum, end, end_tokens), rel=1e-9)
+
+
+def test_a_second_change_bridges_from_the_rate_the_first_bridge_gave():
+    """Two schedule changes in a row: the second starts where the bridged rate was."""
+    first = small_config(**{"train.steps": 20})
+    second = small_config(**{"train.steps": 40})
+    third = small_config(**{"train.steps": 60})
+    curricula = [curriculum_of(c) for c in (first, second, third)]
+    bridge = schedule.bridge(second, curricula[1], first, curricula[0], 8,
+                             curricula[0].tokens_before(8))
+    tokens = curricula[1].tokens_before(16)
+    again = schedule.bridge(third, curricula[2], second, curricula[1], 16, tokens, bridge)
+    assert schedule.rate(third, curricula[2], 16, tokens, again) == pytest.approx(
+        schedule.rate(second, curricula[1], 16, tokens, bridge), rel=1e-9)
 
 
 def test_changed_keys_names_only_what_the_schedule_depends_on():
@@ -63,10 +73,12 @@ def test_an_allowed_schedule_change_continues_without_a_jump(stopped_run, tmp_pa
                                   "eval.lengths": (64,)}), str(workdir))
     rates = {r["step"]: r["lr"] for r in read_metrics(workdir) if "lr" in r}
     assert sorted(rates) == list(range(1, 17))
+    bridge = run_state.load(str(workdir)).schedule_bridge     # beside the config, not in it
+    assert bridge is not None and bridge[0] == curriculum_of(small_config()).tokens_before(4)
     # the old schedule's rate at step 5 (tokens after 4 steps), not the new one's
     old, new = small_config(), small_config(**{"train.steps": 16})
-    tokens = plan_of(old).tokens_before(4)
-    assert rates[5] == pytest.approx(schedule.rate(old, plan_of(old), 4, tokens), rel=1e-6)
-    assert rates[5] != pytest.approx(schedule.rate(new, plan_of(new), 4, tokens), rel=1e-3)
+    tokens = curriculum_of(old).tokens_before(4)
+    assert rates[5] == pytest.approx(schedule.rate(old, curriculum_of(old), 4, tokens), rel=1e-6)
+    assert rates[5] != pytest.approx(schedule.rate(new, curriculum_of(new), 4, tokens), rel=1e-3)
     steps = [rates[s + 1] - rates[s] for s in range(4, 16)]
     assert max(abs(d) for d in steps) <= 2 * abs(rates[4] - rates[3]) + 1e-12

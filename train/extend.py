@@ -32,8 +32,8 @@ def trained_length(source) -> int:
 def resolve(config) -> tuple:
     """(config, changes): a copy of `config` with extend.target_length (T > 0) turned into
 
-      extend.original_length = L0 = trained_length(source) (a record);
-      curriculum.l_max = T (one level);
+      curriculum.l_max = T (one level), L0 being trained_length(source) (`original_length`;
+        the trainer records it in the run state);
       RoPE, an unscaled source: model.rope.scaling = {"rope_type": "linear", "factor":
         T / L0}, or with extend.scaling = "yarn" {"rope_type": "yarn", "factor": T / L0,
         "original_max_position_embeddings": L0};
@@ -77,7 +77,6 @@ def resolve(config) -> tuple:
             changes.append(f"{name}: {node[key]!r} -> {value!r}")
             node[key] = value
 
-    set_key(config.extend, "original_length", original, "extend.original_length")
     set_key(config.curriculum, "l_max", target, "curriculum.l_max")
     position = config.model.position
     if position == "rope":
@@ -111,6 +110,14 @@ def resolve(config) -> tuple:
         set_key(config.train, "warmup_fraction", min(1.0, warmup / config.train.steps),
                 "train.warmup_fraction")
     return config, changes
+
+
+def original_length(config) -> int:
+    """L0, the length the source of an extension trained at (0 when
+    extend.target_length does not extend)."""
+    if int(config.extend.target_length) <= 0 or not config.train.init_from:
+        return 0
+    return trained_length(workdir_config.load(config.train.init_from))
 
 
 def _source_scaling(source) -> dict | None:

@@ -3,13 +3,12 @@
 The rate is the token-driven warmup + cosine of train/optimizer.py times the level's
 multiplier. A resume whose config changes what the rate depends on (SCHEDULE_KEYS) is
 refused, unless train.allow_schedule_change is set; then the run continues from the rate
-it had reached: `train.schedule_bridge = (tokens, difference)` adds the difference between
-the old and the new rate at the resume point, shrinking linearly to 0 at the end of the new
-budget, so the rate never jumps and ends where the new schedule ends.
+it had reached: a bridge (tokens, difference), kept in the run state
+(W/run_state.json, train/run_state.py), adds the difference between the old and the new
+rate at the resume point, shrinking linearly to 0 at the end of the new budget, so the rate
+never jumps and ends where the new schedule ends.
 """
 from __future__ import annotations
-
-import copy
 
 from train import curriculum as curriculum_lib
 from train.optimizer import learning_rate_at
@@ -19,15 +18,17 @@ SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.warmup_fraction",
                  "curriculum.lr_multipliers")
 
 
-def rate(config, curriculum: curriculum_lib.Curriculum, step: int, tokens: int) -> float:
-    """The learning rate of step `step` (0-based), after `tokens` tokens."""
+def rate(config, curriculum: curriculum_lib.Curriculum, step: int, tokens: int,
+         bridge=None) -> float:
+    """The learning rate of step `step` (0-based), after `tokens` tokens (`bridge`: the
+    run state's schedule bridge, or None)."""
     train = config.train
     step = min(step, curriculum.total_steps - 1)
     value = curriculum.level_at(step).lr_multiplier * learning_rate_at(
         tokens, curriculum.total_tokens, train.learning_rate, train.warmup_fraction,
         train.min_learning_rate_ratio)
-    if train.schedule_bridge:
-        start, difference = train.schedule_bridge
+    if bridge:
+        start, difference = bridge
         remaining = max(curriculum.total_tokens - start, 1)
         value += difference * max(0.0, 1.0 - (tokens - start) / remaining)
     return value
@@ -48,7 +49,7 @@ def changed_keys(config, saved) -> list[str]:
 def check_resume(config, saved, workdir: str) -> list[str]:
     """Before a resume of `workdir` (whose config.json is `saved`): the changed schedule
     keys; one ValueError line when there are any and train.allow_schedule_change is not
-    set. Unchanged, the run keeps its bridge (config gets `saved`'s)."""
+    set. Unchanged, the run keeps the bridge it has."""
     changed = changed_keys(config, saved)
     if changed and not config.train.allow_schedule_change:
         key = changed[0]
@@ -57,16 +58,12 @@ def check_resume(config, saved, workdir: str) -> list[str]:
                          f"schedule mid-run; keep it, or set "
                          f"--config.train.allow_schedule_change=True to continue from the "
                          f"current rate")
-    if not changed:
-        config.train.schedule_bridge = saved.train.schedule_bridge
     return changed
 
 
-def bridge(config, curriculum, saved, saved_curriculum, step: int,
-           tokens: int) -> tuple[int, float]:
+def bridge(config, curriculum, saved, saved_curriculum, step: int, tokens: int,
+           saved_bridge=None) -> tuple[int, float]:
     """(tokens, difference) that makes the new schedule start at the rate the `saved`
-    schedule had reached at (step, tokens)."""
-    fresh = copy.deepcopy(config)
-    fresh.train.schedule_bridge = None
-    return (int(tokens), rate(saved, saved_curriculum, step, tokens)
-            - rate(fresh, curriculum, step, tokens))
+    schedule (with its own bridge, `saved_bridge`) had reached at (step, tokens)."""
+    return (int(tokens), rate(saved, saved_curriculum, step, tokens, saved_bridge)
+            - rate(config, curriculum, step, tokens))

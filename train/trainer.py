@@ -7,6 +7,7 @@ depend on how many steps a length takes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -23,6 +24,7 @@ from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import curriculum as curriculum_lib
 from train import extend as extend_lib
+from train import run_state as run_state_lib
 from train import schedule
 from train.checkpoint import checkpoint_meta, restore_intact, restore_params_from
 from train.curriculum import eval_level
@@ -97,15 +99,22 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
         async_save=config.checkpoint.async_save)
     saved = workdir_config.load(workdir) if workdir_config.exists(workdir) else None
     schedule_changes = []
+    saved_bridge = None
     if saved is not None and checkpointer.steps():       # a resume: the schedule holds
         schedule_changes = schedule.check_resume(config, saved, workdir)
+        saved_bridge = run_state_lib.load(workdir).schedule_bridge
         reached = checkpointer.steps()[0]
         if curriculum.total_steps < reached:
             raise ValueError(f"train.steps={config.train.steps} ends the run before step "
                              f"{reached}, where {workdir} already is: give train.steps >= "
                              f"{reached}, or train in another --workdir")
+    # what the run records beside its config; an unchanged schedule keeps its bridge
+    run_state = run_state_lib.RunState(
+        schedule_bridge=None if schedule_changes else saved_bridge,
+        original_length=extend_lib.original_length(config))
     if is_writer:
         workdir_config.write(config, workdir)
+        run_state_lib.write(run_state, workdir)
     writer = None
     try:
         # -------------------------------------------------------------- restore or init
@@ -113,12 +122,13 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                                                start_over)
         if schedule_changes and step > 0:
             saved_curriculum = curriculum_lib.make_curriculum(saved, jax.device_count())
-            config.train.schedule_bridge = schedule.bridge(config, curriculum, saved,
-                                                           saved_curriculum, step, tokens)
+            run_state = dataclasses.replace(run_state, schedule_bridge=schedule.bridge(
+                config, curriculum, saved, saved_curriculum, step, tokens, saved_bridge))
             if is_writer:
-                workdir_config.write(config, workdir)
+                run_state_lib.write(run_state, workdir)
+                reached_rate = schedule.rate(saved, saved_curriculum, step, tokens, saved_bridge)
                 print(f"schedule changed ({', '.join(schedule_changes)}): the learning rate "
-                      f"continues from {schedule.rate(saved, saved_curriculum, step, tokens):.3g} "
+                      f"continues from {reached_rate:.3g} "
                       f"and joins the new schedule by step {curriculum.total_steps}", flush=True)
         writer = MetricsWriter(workdir, resume_step=step)   # the steps after it are redone
         if is_writer:
@@ -145,7 +155,8 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                     current_run = run
                 batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
                                   run.layout, run.layout_parts)
-                learning_rate = schedule.rate(config, curriculum, step, tokens)
+                learning_rate = schedule.rate(config, curriculum, step, tokens,
+                                              run_state.schedule_bridge)
                 with mesh_lib.use_mesh(run.mesh):
                     if level.index not in compiled:
                         compile_start = time.time()
