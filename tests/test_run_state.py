@@ -30,3 +30,11 @@ def test_an_older_runs_config_json_keys_become_its_run_state(tmp_path):
     assert "schedule_bridge" not in config.train and "original_length" not in config.extend
     assert run_state.load(str(tmp_path)) == run_state.RunState(
         schedule_bridge=(2048, 0.001), original_length=128)
+
+
+def test_writing_the_same_state_leaves_the_file_untouched(tmp_path):
+    state = run_state.RunState(original_length=64)
+    run_state.write(state, str(tmp_path))
+    before = (tmp_path / run_state.FILE).stat().st_ino      # a rewrite is a new file
+    run_state.write(state, str(tmp_path))
+    assert (tmp_path / run_state.FILE).stat().st_ino == before

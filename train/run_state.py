@@ -56,9 +56,17 @@ def load(workdir: str) -> RunState:
 
 
 def write(state: RunState, workdir: str) -> None:
-    """run_state.json, replaced atomically."""
+    """run_state.json, replaced atomically; left untouched when it already says the same
+    (a refused command changes nothing in the workdir)."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, FILE)
+    text = json.dumps(dataclasses.asdict(state), indent=1)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return
+    except OSError:
+        pass
     with open(path + ".tmp", "w") as f:
-        json.dump(dataclasses.asdict(state), f, indent=1)
+        f.write(text)
     os.replace(path + ".tmp", path)
