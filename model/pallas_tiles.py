@@ -1,6 +1,8 @@
 """What the Pallas attention kernels share, Triton's (model/pallas_attention.py) and Mosaic
 TPU's (model/pallas_tpu_attention.py): the float32 tile matmuls, the masking rule on a
-tile, and the padding of chunks to whole blocks with segment ids no real token has.
+tile, a query block's finish (normalised out and log-sum-exp, merged in place into a ring's
+running pair), the padding of chunks to whole blocks with segment ids no real token has,
+and where activations lie (`Layout`: token-major in place, or head-major).
 """
 from __future__ import annotations
 
