@@ -9,6 +9,7 @@ import os
 from ml_collections import config_dict
 
 from configs import base
+from util.files import replace_text
 from model.model_config import COMPUTE_FIELDS, PARAMETER_FIELDS
 
 CONFIG_FILE = "config.json"
@@ -21,18 +22,7 @@ def to_json(config) -> str:
 def write(config, workdir: str) -> None:
     """config.json, replaced atomically (a reader never sees half of one); left untouched
     when it already says the same."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    text = to_json(config)
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return
-    except OSError:
-        pass
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    replace_text(os.path.join(workdir, CONFIG_FILE), to_json(config))
 
 
 def check_writable(workdir: str) -> None:

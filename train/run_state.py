@@ -17,6 +17,7 @@ import json
 import os
 
 from configs.workdir_config import RUN_STATE_KEYS
+from util.files import replace_text
 
 FILE = "run_state.json"
 # field -> (section, key) of config.json where older runs kept it
@@ -58,15 +59,4 @@ def load(workdir: str) -> RunState:
 def write(state: RunState, workdir: str) -> None:
     """run_state.json, replaced atomically; left untouched when it already says the same
     (a refused command changes nothing in the workdir)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, FILE)
-    text = json.dumps(dataclasses.asdict(state), indent=1)
-    try:
-        with open(path) as f:
-            if f.read() == text:
-                return
-    except OSError:
-        pass
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    replace_text(os.path.join(workdir, FILE), json.dumps(dataclasses.asdict(state), indent=1))
