@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from benchmarks.common import REPO, new_workdir
+from configs.sections import settings as settings_of
 
 EVERY = 10
 
@@ -80,7 +81,7 @@ def final_parameters(workdir: str) -> dict:
     from train.checkpoint import restore_newest
     config = workdir_config.load(workdir)
     config.mesh.data = 1
-    run = build_run(config, devices=jax.devices()[:1])
+    run = build_run(settings_of(config), devices=jax.devices()[:1])
     state, meta = restore_newest(workdir, run, "chaos")
     flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
     return int(meta["step"]), {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in flat}

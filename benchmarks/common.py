@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from configs.sections import settings as settings_of
 
 MIB = 2 ** 20
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,7 @@ def train_step_memory(attention: str, length: int, seq: int = 1, devices=None) -
     config.eval.lengths = None
     config.train.batch_size = 1
     config.mesh.data, config.mesh.fsdp, config.mesh.seq, config.mesh.tensor = 1, 1, seq, 1
-    run = state_lib.build_run(config, devices=(devices or jax.devices())[:seq])
+    run = state_lib.build_run(settings_of(config), devices=(devices or jax.devices())[:seq])
     state = state_lib.abstract_state(run)
     rows = mesh_lib.batch_sharding(run.mesh)
     batch = {name: jax.ShapeDtypeStruct((1, length), jnp.int32, sharding=rows)

@@ -24,6 +24,7 @@ level's) and with --png writes a plot.
 from __future__ import annotations
 
 import os
+from configs.sections import settings as settings_of
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -62,7 +63,7 @@ def make_config(l_max: int, levels: int, batch: int, relayout: bool = True):
 
 def step_memory(config, level) -> dict:
     """Compiled per-device memory of the train step at `level` (its mesh, length, batch)."""
-    run = state_lib.build_run(config, level=level)
+    run = state_lib.build_run(settings_of(config), level=level)
     state = state_lib.abstract_state(run)
     rows = mesh_lib.batch_sharding(run.mesh)
     shape = (level.batch_size, level.seq_len)
@@ -104,7 +105,7 @@ def off_reason(config, level) -> str | None:
     for key in ("lengths", "shares", "rope_thetas", "rope_scalings", "lr_multipliers"):
         single.curriculum[key] = None
     try:
-        (only,) = curriculum_lib.make_curriculum(single, jax.device_count()).levels
+        (only,) = curriculum_lib.make_curriculum(settings_of(single), jax.device_count()).levels
         validate.check_weight_split(config.model, only.mesh_dict, "the config's mesh")
         validate.check_length(level.seq_len, config, only.mesh_dict)
     except ValueError as error:
@@ -118,12 +119,12 @@ def measure(l_max: int, levels: int, batch: int) -> dict:
     runs with relayout on (validate_config checked the plan); with relayout off a level
     says n/a with the reason from off_reason."""
     config = make_config(l_max, levels, batch)
-    plan = validate.validate_config(config)
+    plan = validate.validate_config(settings_of(config))
     base = mesh_lib.mesh_shape(config.mesh, jax.device_count())
     off_mesh = tuple((axis, base[axis]) for axis in curriculum_lib.MESH_AXES)
     try:
-        curriculum_lib.make_curriculum(make_config(l_max, levels, batch, relayout=False),
-                                 jax.device_count())
+        curriculum_lib.make_curriculum(
+            settings_of(make_config(l_max, levels, batch, relayout=False)), jax.device_count())
         off_plan_error = None
     except ValueError as error:
         off_plan_error = str(error)
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
     results = {}
     for l_max in args.l_max:
         config = make_config(l_max, args.levels, args.batch)
-        print(validate.validate_config(config).format(), flush=True)
+        print(validate.validate_config(settings_of(config)).format(), flush=True)
         results[l_max] = measure(l_max, args.levels, args.batch)
     for l_max, result in results.items():
         print_tables(l_max, result)

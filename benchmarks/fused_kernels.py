@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from configs.sections import settings as settings_of
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # the targets compile here; nothing runs
 
@@ -53,8 +54,9 @@ def step_config(strategy: str, kernel: str, length: int):
 
 def step_entry(strategy: str, kernel: str, length: int, devices, target) -> dict:
     config = step_config(strategy, kernel, length)
-    level = validate_config(config, len(devices), platform=devices[0].platform).levels[0]
-    return plan_lib.train_step_entry(config, level, devices, target)
+    level = validate_config(settings_of(config),
+                            len(devices), platform=devices[0].platform).levels[0]
+    return plan_lib.train_step_entry(settings_of(config), level, devices, target)
 
 
 def attention_temp(strategy: str, kernel: str, length: int, devices) -> float:

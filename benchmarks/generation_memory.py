@@ -13,6 +13,7 @@ device, temp and total memory per device.
 from __future__ import annotations
 
 import os
+from configs.sections import settings as settings_of
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -74,7 +75,7 @@ def main(argv=None):
     parser.add_argument("--seqs", type=int_list, default=[1, 4, 8])
     parser.add_argument("--new_tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    cfg = model_config_from(tiny.get_config(), vocab_size=256)
+    cfg = model_config_from(settings_of(tiny.get_config()), vocab_size=256)
     rows = []
     for prompt_len in args.prompts:
         for seq in args.seqs:

@@ -35,6 +35,7 @@ from util.tables import format_table
 from parallel.ring_attention import interpret_kernels
 from parallel.sequence_parallel import local_attention
 from util.errors import first_line
+from configs.sections import settings as settings_of
 
 HEADS = (32, 8, 128)                  # Llama-3-8B: query heads, KV heads, head_dim
 BLOCK = 512
@@ -111,7 +112,7 @@ def train_step_rows(length, repeats, kernels, smoke):
         config.curriculum.l_max = length
         config.train.batch_size = 1
         config.mesh.data = 1
-        run = build_run(config, devices=jax.devices()[:1], rows_in_order=True)
+        run = build_run(settings_of(config), devices=jax.devices()[:1], rows_in_order=True)
         state = init_state(run, seed=0)
         tokens = np.random.default_rng(0).integers(0, m.vocab_size, (1, length + 1))
         host = {"tokens": tokens[:, :-1].astype(np.int32),

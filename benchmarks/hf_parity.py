@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from benchmarks.common import int_list
+from configs.sections import settings as settings_of
 
 
 def ours_and_theirs(workdir: str, hf_dir: str, lengths: list[int], rows: int = 2):
@@ -36,7 +37,7 @@ def ours_and_theirs(workdir: str, hf_dir: str, lengths: list[int], rows: int = 2
     config = workdir_config.load(workdir)
     for axis in ("data", "fsdp", "seq", "tensor"):
         config.mesh[axis] = 1
-    run = build_run(config, devices=jax.local_devices()[:1])
+    run = build_run(settings_of(config), devices=jax.local_devices()[:1])
     state, _ = restore_newest(workdir, run, "hf_parity")
     model_config = dataclasses.replace(run.model_config, dtype="float32", attention="dense",
                                        remat="none")

@@ -18,6 +18,7 @@ Inputs for memory are abstract (jax.ShapeDtypeStruct): nothing is allocated.
 from __future__ import annotations
 
 import os
+from configs.sections import settings as settings_of
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -66,7 +67,7 @@ def compiled_step(config, length: int, concrete: bool = False, rows: int = 1):
     device; state and batch are real arrays with `concrete`, else abstract."""
     config.curriculum.l_max = length
     config.eval.lengths = (length,)
-    run = build_run(config, devices=jax.devices()[:1])
+    run = build_run(settings_of(config), devices=jax.devices()[:1])
     state = init_state(run, 0) if concrete else abstract_state(run)
     batch = (real_batch(run, rows, length) if concrete
              else plan_lib.abstract_batch(run, rows, length))

@@ -21,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from configs.sections import settings as settings_of
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets (no sparsity).
 KNOWN_PEAKS = {
@@ -86,8 +87,8 @@ def main(argv=None):
     parser.add_argument("--peak", default="auto")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
-    level = validate_config(config).levels[0]
-    run = build_run(config, level=level)
+    level = validate_config(settings_of(config)).levels[0]
+    run = build_run(settings_of(config), level=level)
     state = init_state(run, 0)
     rows, length = level.batch_size, level.seq_len
     rng = np.random.default_rng(0)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from configs import sections
 from evaluation.generate import generate
 from parallel import mesh as mesh_lib
 from parallel import model_on_mesh
@@ -44,23 +45,23 @@ def check_generate_config(g) -> None:
 
 
 def generate_workdir(config, workdir: str) -> dict:
-    """Continue config.generate.prompt with the newest checkpoint of `workdir`; print the
-    new text; with generate.output write {"prompt_ids", "output_ids" (the new tokens only),
+    """Continue generate.prompt with the newest checkpoint of `workdir`; print the new
+    text; with generate.output write {"prompt_ids", "output_ids" (the new tokens only),
     "text" (their decoding)} there. Returns that dict."""
-    generate_settings = config.generate
+    settings = sections.settings(config)
+    generate_settings = settings.generate
     check_generate_config(generate_settings)
     if jax.process_count() > 1:
         raise ValueError("--mode generate runs in a single process")
     if generate_settings.seq > len(jax.local_devices()):
         raise ValueError(f"generate.seq = {generate_settings.seq} but this process has "
                          f"{len(jax.local_devices())} devices")
-    on_mesh = config.copy_and_resolve_references()
-    for axis in ("data", "fsdp", "seq", "tensor"):
-        on_mesh.mesh[axis] = 1
+    on_mesh = sections.replace(settings, {f"mesh.{axis}": 1
+                                          for axis in ("data", "fsdp", "seq", "tensor")})
     # the RoPE settings of the last level (a plan on one device: the mesh plays no part)
     curriculum = curriculum_lib.make_curriculum(on_mesh, 1)
     level = curriculum_lib.eval_level(on_mesh, curriculum)
-    on_mesh.mesh.seq = int(generate_settings.seq)
+    on_mesh = sections.replace(on_mesh, {"mesh.seq": int(generate_settings.seq)})
     run = build_run(on_mesh, devices=jax.local_devices()[:generate_settings.seq])
     state, _ = restore_newest(workdir, run, "--mode generate (train first)")
     # generate() puts ring attention over the mesh itself when seq > 1; on one device the
@@ -73,7 +74,7 @@ def generate_workdir(config, workdir: str) -> dict:
     prompt_ids = np.asarray(run.tokenizer.encode(generate_settings.prompt), np.int32)
     if prompt_ids.size == 0:
         raise ValueError("generate.prompt encodes to no tokens")
-    check_generation_memory(config, prompt_ids.size + int(generate_settings.max_new_tokens),
+    check_generation_memory(settings, prompt_ids.size + int(generate_settings.max_new_tokens),
                             jax.devices()[0].platform)
     notice = curriculum_lib.beyond_trained_notice(
         on_mesh, curriculum, level,

@@ -23,7 +23,7 @@ import jax
 from flax import nnx
 
 from cli.workdir_lock import LOCK_FILE
-from configs import base, workdir_config
+from configs import workdir_config
 from data.tokenizers import write_byte_tokenizer_json
 from model import hf
 from parallel import mesh as mesh_lib
@@ -31,24 +31,11 @@ from parallel import model_on_mesh
 from train import checkpoint as checkpoint_lib
 from train.checkpoint import checkpoint_meta, restore_newest
 from train.state import build_run
-from train.validate import validate_config
+from train.run_spec import resolve
 
 HF_ARCHITECTURE = "hf_architecture"   # checkpoint metadata: the architecture imported from
 CHECKPOINTS = "checkpoints"           # what a run writes (train/trainer.py, train/metrics.py)
 METRICS = "metrics.jsonl"
-
-
-def config_for(model_config, tokenizer: str):
-    """configs/base.py's config with the model section of `model_config` (a ModelConfig)."""
-    config = base.get_config()
-    model_settings = config.model
-    for key in workdir_config.ADOPTED_MODEL_KEYS:
-        model_settings[key] = getattr(model_config, key)
-    model_settings.rope.theta = float(model_config.rope_theta)
-    model_settings.rope.scaling = model_config.rope_scaling
-    config.curriculum.l_max = model_config.l_max
-    config.data.tokenizer = tokenizer
-    return config
 
 
 def check_import_paths(hf_dir: str, workdir: str) -> None:
@@ -90,21 +77,24 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
         # read from hf_dir until the weights are in; then copied to the workdir
         tokenizer = os.path.abspath(os.path.join(hf_dir, "tokenizer.json"))
-    config = config_for(model_config, tokenizer)
     # what the checkpoint computes in, not configs/base.py's bfloat16: generation and
     # evaluation of a float32 checkpoint give transformers' tokens
     dtype, dtype_origin = hf.compute_dtype(hf_dir)
-    config.model.dtype = dtype
-    config.generate.eos_ids = ids["eos"]
-    config.generate.bos_id, config.generate.pad_id = ids["bos"], ids["pad"]
-    validate_config(config)
-    run = build_run(config)
+
+    def config_json(tokenizer_path: str) -> str:
+        return workdir_config.to_json(workdir_config.config_of_model(
+            model_config, tokenizer=tokenizer_path, dtype=dtype, token_ids=ids))
+
+    spec = resolve(workdir_config.config_of_model(model_config, tokenizer=tokenizer,
+                                                  dtype=dtype, token_ids=ids),
+                   workdir, mode="import")
+    run = build_run(spec.settings)
     # the run's model placed on its mesh: each process reads the slices its devices hold
     _, abstract_params, shardings = model_on_mesh.abstract_model(run.model_config, run.mesh,
                                                                  run.attention_fn)
     params = hf.load_params(hf_dir, abstract_params, shardings)
     if tokenizer != "bytes":
-        config.data.tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+        tokenizer = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
         if jax.process_index() == 0:
             os.makedirs(workdir, exist_ok=True)
             # the files beside tokenizer.json travel with it (export copies them back out)
@@ -114,7 +104,8 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     with mesh_lib.use_mesh(run.mesh):
         opt_state = jax.jit(run.optimizer.init,
                             out_shardings=run.state_shardings["opt_state"])(params)
-    meta = checkpoint_meta(run, config, 0, 0, **{HF_ARCHITECTURE: architecture})
+    meta = checkpoint_meta(run, config_json(tokenizer), 0, 0,
+                           **{HF_ARCHITECTURE: architecture})
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINTS),
                                                max_to_keep=1, async_save=False)
     try:
@@ -122,10 +113,10 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     finally:
         checkpointer.close()
     if jax.process_index() == 0:
-        workdir_config.write(config, workdir)
+        workdir_config.write_text(config_json(tokenizer), workdir)
     count = sum(x.size for x in jax.tree.leaves(params))
     return (f"imported {architecture} ({count / 1e6:.2f}M parameters, l_max "
-            f"{model_config.l_max}, tokenizer {config.data.tokenizer}) into {workdir}; compute "
+            f"{model_config.l_max}, tokenizer {tokenizer}) into {workdir}; compute "
             f"dtype {dtype} ({dtype_origin})")
 
 
@@ -140,12 +131,11 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False) -> str:
     to `out_dir`, the old one deleted): no file of the old directory survives, and a crash
     leaves the old or the new directory whole."""
     replace = check_export_target(workdir, out_dir, overwrite)
-    config = workdir_config.load(workdir)
-    validate_config(config)
-    run = build_run(config)
+    settings = resolve(workdir_config.load(workdir), workdir, mode="export").settings
+    run = build_run(settings)
     state, meta = restore_newest(workdir, run, "--mode export")
     model = nnx.merge(run.graphdef, state["params"])
-    tokenizer = config.data.tokenizer
+    tokenizer = settings.data.tokenizer
     target = os.path.realpath(out_dir)     # a symlink's directory is the one replaced
     writer = jax.process_index() == 0
     staging = f"{target}.tmp-{os.getpid()}" if replace else target
@@ -160,9 +150,9 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False) -> str:
                                  f"Face tokenizer.json or 'bytes'; only those are exported")
             hf.save_model(model, staging, tokenizer_path=tokenizer,
                           architecture=meta.get(HF_ARCHITECTURE),
-                          eos_token_ids=config.generate.eos_ids,
-                          bos_token_id=config.generate.bos_id,
-                          pad_token_id=config.generate.pad_id)
+                          eos_token_ids=list(settings.generate.eos_ids),
+                          bos_token_id=settings.generate.bos_id,
+                          pad_token_id=settings.generate.pad_id)
     except BaseException:
         if replace and writer:
             shutil.rmtree(staging, ignore_errors=True)

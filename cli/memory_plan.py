@@ -16,7 +16,6 @@ layers, the blockwise kernel's block loops), so it is a lower bound.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -26,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from configs import sections
 from evaluation.lengths import evaluation_lengths
 from evaluation.scoring import score_function
 from model.choices import SEQUENCE_PARALLEL, policy_name
@@ -34,10 +34,9 @@ from model.flops import training_flops_per_step
 from parallel import collectives, sequence_parallel, targets
 from parallel import layout as layout_lib
 from parallel import mesh as mesh_lib
-from train import curriculum as curriculum_lib
 from train.state import abstract_state, build_run
 from train.step import make_train_step
-from train.validate import validate_config
+from train.run_spec import resolve
 from util import json_values
 from util.errors import first_line
 from util.tables import format_table
@@ -73,16 +72,16 @@ def abstract_batch(run, rows: int, length: int) -> dict:
     return batch
 
 
-def plan_devices(config) -> tuple[targets.Target, list]:
+def plan_devices(settings) -> tuple[targets.Target, list]:
     """(the plan.target, the devices the plan compiles for): this process's devices for
     cpu, plan.devices compile-only devices of an accelerator otherwise."""
-    target = targets.get(config.plan.target)
+    target = targets.get(settings.plan.target)
     if not target.compile_only:
         return target, jax.devices()
-    if config.plan.devices < 1:
+    if settings.plan.devices < 1:
         raise ValueError(f"plan.target={target.name} needs plan.devices=N: the number of "
                          f"{'GPUs' if target.platform == 'gpu' else 'chips'} to plan for")
-    return target, targets.compile_only_devices(target, int(config.plan.devices))
+    return target, targets.compile_only_devices(target, int(settings.plan.devices))
 
 
 class DoesNotFit(ValueError):
@@ -155,15 +154,15 @@ def _with_bound(entry: dict, target: targets.Target, devices: int) -> dict:
     return {**entry, "bound": bound}
 
 
-def train_step_entry(config, level, devices=None, target=None) -> dict:
+def train_step_entry(settings, level, devices=None, target=None) -> dict:
     """Compiled memory, FLOPs, collectives and kernel of one train step at `level` (a
     curriculum Level) on `devices` (default: this process's) of `target` (default: cpu)."""
-    run = build_run(config, devices=devices, level=level)
+    run = build_run(settings, devices=devices, level=level)
     state = abstract_state(run)
     learning_rate = jax.ShapeDtypeStruct((), jnp.float32)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
-        step = make_train_step(run, int(config.train.grad_accum_steps), level.seq_len)
+        step = make_train_step(run, int(settings.train.grad_accum_steps), level.seq_len)
         compiled = _compile(step.lower(state, abstract_batch(run, level.batch_size,
                                                              level.seq_len), learning_rate))
     entry = {"length": level.seq_len, "batch_size": level.batch_size, "mesh": level.mesh_dict,
@@ -175,11 +174,11 @@ def train_step_entry(config, level, devices=None, target=None) -> dict:
     return _with_bound(entry, target or targets.get("cpu"), run.mesh.size)
 
 
-def eval_step_entry(config, level, length: int, devices=None, target=None) -> dict:
+def eval_step_entry(settings, level, length: int, devices=None, target=None) -> dict:
     """Compiled memory of scoring an [eval.batch_size, length] batch on the eval mesh."""
-    run = build_run(config, devices=devices, level=level, rows_in_order=True)
+    run = build_run(settings, devices=devices, level=level, rows_in_order=True)
     params = abstract_state(run)["params"]
-    rows = int(config.eval.batch_size)
+    rows = int(settings.eval.batch_size)
     start = time.time()
     with mesh_lib.use_mesh(run.mesh):
         compiled = _compile(score_function(run).lower(params, abstract_batch(run, rows, length),
@@ -192,30 +191,30 @@ def eval_step_entry(config, level, length: int, devices=None, target=None) -> di
     return _with_bound(entry, target or targets.get("cpu"), run.mesh.size)
 
 
-def length_step(config, seq: int) -> int:
+def length_step(settings, seq: int) -> int:
     """The granularity of the longest-fit search on `seq` devices: lengths that need no
     padding (whole zigzag chunks, attention blocks per device, loss / MLP chunks). Any
     length runs; these waste nothing."""
-    model_settings = config.model
+    model_settings = settings.model
     parts = [2 * seq, seq * model_settings.block_q, seq * model_settings.block_k]
     parts += [chunk for chunk in (model_settings.loss_chunk_tokens,
                                   model_settings.mlp_chunk_tokens) if chunk > 0]
     return math.lcm(*parts)
 
 
-def longest_fit(config, level, budget_bytes: int, log=print, devices=None,
+def longest_fit(settings, level, budget_bytes: int, log=print, devices=None,
                 target=None) -> dict | None:
     """The longest length whose train step, with `level`'s batch rows and mesh, fits
     `budget_bytes` per device (of `devices`, default this process's): level.seq_len x 2^k
     doubled (or halved) to the last power of two that fits, then refined by bisection in
     multiples of length_step. None if no candidate down to one step fits."""
-    step = length_step(config, level.mesh_dict["seq"])
+    step = length_step(settings, level.mesh_dict["seq"])
     tried = {}
 
     def fits(length):
         if length not in tried:
             try:
-                result = train_step_entry(config, dataclasses.replace(level, seq_len=length),
+                result = train_step_entry(settings, dataclasses.replace(level, seq_len=length),
                                           devices, target)
             except DoesNotFit as refused:
                 log(f"  length {length}: over: the compiler refused it ({refused})", flush=True)
@@ -256,17 +255,16 @@ def _fit(result, budget_bytes):
             "batch_size": result["batch_size"]}
 
 
-def strategy_configs(config, seq: int, host_size: int | None = None) -> list:
-    """(name, config) for each of plan.strategies that can split this model over `seq`
-    devices (heads divisible; the hybrid's degree: model.ulysses_degree, else the largest
-    proper divisor of seq whose all-to-all the heads allow and, with `host_size` (the
-    devices of one host, when the mesh spans hosts), that keeps the all-to-all within a
-    host), and (name, why not) for the others."""
-    model_settings = config.model
+def strategy_configs(settings, seq: int, host_size: int | None = None) -> list:
+    """(name, settings with that model.attention) for each of plan.strategies that can
+    split this model over `seq` devices (heads divisible; the hybrid's degree:
+    model.ulysses_degree, else the largest proper divisor of seq whose all-to-all the heads
+    allow and, with `host_size` (the devices of one host, when the mesh spans hosts), that
+    keeps the all-to-all within a host), and (name, why not) for the others."""
+    model_settings = settings.model
     out = []
-    for strategy in config.plan.strategies:
-        candidate = copy.deepcopy(config)
-        candidate.model.attention = strategy
+    for strategy in settings.plan.strategies:
+        candidate = sections.replace(settings, {"model.attention": strategy})
         degrees = [None]
         if strategy == "hybrid":
             degrees = [model_settings.ulysses_degree] if model_settings.ulysses_degree else \
@@ -278,7 +276,7 @@ def strategy_configs(config, seq: int, host_size: int | None = None) -> list:
                 d = sequence_parallel.check_degree(strategy, seq, degree)
                 sequence_parallel.check_heads(strategy, model_settings.q_heads,
                                               model_settings.kv_heads, d)
-                candidate.model.ulysses_degree = degree
+                candidate = sections.replace(candidate, {"model.ulysses_degree": degree})
                 reason = None
                 break
             except ValueError as error:
@@ -289,16 +287,16 @@ def strategy_configs(config, seq: int, host_size: int | None = None) -> list:
     return out
 
 
-def link_gbps(config, target: targets.Target) -> tuple[float, float]:
+def link_gbps(settings, target: targets.Target) -> tuple[float, float]:
     """(within a host, across hosts) GB/s that collective bytes are timed at:
     plan.intra_host_gbps / plan.inter_host_gbps where set (> 0), else the target's published
     figures (on the cpu target: the h100's, a common machine to put beside it)."""
     figures = target if target.compile_only else targets.get("h100")
-    return (config.plan.intra_host_gbps or figures.intra_host_gbps,
-            config.plan.inter_host_gbps or figures.inter_host_gbps)
+    return (settings.plan.intra_host_gbps or figures.intra_host_gbps,
+            settings.plan.inter_host_gbps or figures.inter_host_gbps)
 
 
-def strategy_entry(config, level, strategy: str, candidate, devices=None,
+def strategy_entry(settings, level, strategy: str, candidate, devices=None,
                    target=None) -> dict:
     """The train step of `level` compiled with one strategy: memory, the collectives XLA
     kept (bytes sent per device and step), the closed form and their time on the links."""
@@ -324,7 +322,7 @@ def strategy_entry(config, level, strategy: str, candidate, devices=None,
     closed = {**closed, **{k: v * layers for k, v in closed.items() if k != "formula"}}
     sent = entry["collective_bytes"]["traffic"]             # attention and weights
     across = entry["collective_bytes"]["inter_host_traffic"]
-    intra, inter = link_gbps(config, target)
+    intra, inter = link_gbps(settings, target)
     # placed: what crosses hosts in this mesh (the hybrid's ring, not its all-to-all, when
     # its groups fit in a host) at the inter-host figure, the rest within hosts
     seconds = {"intra_host": collectives.transfer_seconds(sent, intra),
@@ -364,8 +362,10 @@ def plan_workdir(config, workdir: str) -> dict:
     """Compile every level's train step and the longest evaluation's scoring step
     abstractly on the plan.target's devices; print a table, write workdir/plan.json
     (process 0) and return its dict."""
-    target, devices = plan_devices(config)
-    curriculum = validate_config(config, len(devices), platform=devices[0].platform)
+    target, devices = plan_devices(sections.settings(config))
+    spec = resolve(config, workdir, mode="plan", device_count=len(devices),
+                   platform=devices[0].platform)
+    settings, curriculum = spec.settings, spec.curriculum
     print(curriculum.format(), flush=True)
     print(f"compiling for {len(devices)} x {devices[0].device_kind} ({target.name}"
           + (f", topology {targets.topology_name(target, len(devices))}, "
@@ -374,7 +374,7 @@ def plan_workdir(config, workdir: str) -> dict:
     levels = []
     for level in curriculum.levels:
         try:
-            entry = {"level": level.index, **train_step_entry(config, level, devices, target)}
+            entry = {"level": level.index, **train_step_entry(settings, level, devices, target)}
         except DoesNotFit as refused:
             raise ValueError(f"level {level.index} (length {level.seq_len}) does not fit "
                              f"{target.name}: {refused}") from None
@@ -383,35 +383,35 @@ def plan_workdir(config, workdir: str) -> dict:
               f"{entry['compile_s']:.1f} s", flush=True)
     strategies = []
     last = curriculum.levels[-1]
-    if last.mesh_dict["seq"] > 1 and config.model.attention in SEQUENCE_PARALLEL and \
-            config.plan.strategies:
+    if last.mesh_dict["seq"] > 1 and settings.model.attention in SEQUENCE_PARALLEL and \
+            settings.plan.strategies:
         print(f"sequence-parallel strategies at level {last.index} (length {last.seq_len}, "
               f"seq {last.mesh_dict['seq']}):", flush=True)
         hosts = targets.hosts(devices)
         # a GPU mesh over hosts: the hybrid's all-to-all within a host (NVLink), its ring
         # across them (a TPU slice is one ICI network: no such split)
         host_size = len(devices) // hosts if hosts > 1 and target.platform == "gpu" else None
-        for strategy, candidate in strategy_configs(config, last.mesh_dict["seq"], host_size):
-            strategies.append(strategy_entry(config, last, strategy, candidate, devices,
+        for strategy, candidate in strategy_configs(settings, last.mesh_dict["seq"], host_size):
+            strategies.append(strategy_entry(settings, last, strategy, candidate, devices,
                                              target))
             print(f"  {strategy}: " + ("skipped: " + strategies[-1]["skipped"]
                                        if "skipped" in strategies[-1] else "compiled"),
                   flush=True)
-    eval_level = curriculum_lib.eval_level(config, curriculum)
-    longest = max(evaluation_lengths(config.eval.lengths, config.curriculum.l_max))
+    eval_level = spec.eval_level
+    longest = max(evaluation_lengths(settings.eval.lengths, settings.curriculum.l_max))
     try:
-        eval_entry = eval_step_entry(config, eval_level, longest, devices, target)
+        eval_entry = eval_step_entry(settings, eval_level, longest, devices, target)
     except DoesNotFit as refused:
         raise ValueError(f"the evaluation at length {longest} does not fit {target.name}: "
                          f"{refused}") from None
-    budget = budget_gib(config, target)
+    budget = budget_gib(settings, target)
     fit = None
     if budget > 0:
         print(f"longest length within {budget:g} GiB per device (batch "
               f"{curriculum.levels[-1].batch_size}, mesh of the last level):", flush=True)
-        fit = longest_fit(config, curriculum.levels[-1], int(budget * GIB), devices=devices,
+        fit = longest_fit(settings, curriculum.levels[-1], int(budget * GIB), devices=devices,
                           target=target)
-    intra, inter = link_gbps(config, target)
+    intra, inter = link_gbps(settings, target)
     result = {"target": target.name, "target_description": target.description,
               "device_kind": devices[0].device_kind, "devices": len(devices),
               "platform": devices[0].platform, "hosts": targets.hosts(devices),
@@ -420,7 +420,7 @@ def plan_workdir(config, workdir: str) -> dict:
               if target.compile_only else None,
               "figures": target_figures(target), "levels": levels, "eval": eval_entry,
               "longest_fit": fit, "budget_gib": budget, "strategies": strategies,
-              "optimizer_memory": config.train.optimizer_memory,
+              "optimizer_memory": settings.train.optimizer_memory,
               "link_gbps": {"intra_host": intra, "inter_host": inter},
               "host_peak_rss_gib": host_peak_rss_bytes() / GIB}
     print(format_plan(result), flush=True)
@@ -431,10 +431,10 @@ def plan_workdir(config, workdir: str) -> dict:
     return result
 
 
-def budget_gib(config, target: targets.Target) -> float:
+def budget_gib(settings, target: targets.Target) -> float:
     """The memory the longest-fit search fits into, GiB per device: plan.memory_budget_gib
     when > 0; when 0 the target's memory (none on cpu: no search); -1: no search."""
-    budget = float(config.plan.memory_budget_gib)
+    budget = float(settings.plan.memory_budget_gib)
     if budget == 0 and target.compile_only:
         return float(target.memory_gib)
     return max(budget, 0.0)

@@ -352,7 +352,7 @@ def get_config() -> config_dict.ConfigDict:
     plan.intra_host_gbps = 0.0, number(0)
     plan.inter_host_gbps = 0.0, number(0)  # across hosts (InfiniBand); 0: the target's
 
-    # --- context extension (configs/extend.py; train/extend.py) -----------------------
+    # --- context extension (configs/extend.py; configs/extension.py) -----------------------
     # Position Interpolation: fine-tune the model of train.init_from at a longer length.
     # When target_length > 0 the trainer resolves, from the source workdir's config.json
     # (L0 = the longest length the source trained at): curriculum.l_max = target_length,

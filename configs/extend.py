@@ -6,7 +6,7 @@
 
 The model (its parameter-defining keys, RoPE base and tokenizer) comes from workdir W's
 config.json and its parameters from W's newest checkpoint (train.init_from). The trainer
-then resolves the `extend` section against W (train/extend.py; the config file cannot,
+then resolves the `extend` section against W (configs/extension.py; the config file cannot,
 because --config.train.init_from is applied after get_config() runs): with L0 the longest
 length W trained at (its curriculum.l_max for a one-level run),
   curriculum.l_max = target_length (L0 recorded in W_out/run_state.json),

@@ -20,9 +20,14 @@ def to_json(config) -> str:
 
 
 def write(config, workdir: str) -> None:
-    """config.json, replaced atomically (a reader never sees half of one); left untouched
-    when it already says the same."""
-    replace_text(os.path.join(workdir, CONFIG_FILE), to_json(config))
+    """config.json of `config` (write_text's)."""
+    write_text(to_json(config), workdir)
+
+
+def write_text(config_json: str, workdir: str) -> None:
+    """config.json (to_json's text), replaced atomically (a reader never sees half of
+    one); left untouched when it already says the same."""
+    replace_text(os.path.join(workdir, CONFIG_FILE), config_json)
 
 
 def check_writable(workdir: str) -> None:
@@ -216,6 +221,24 @@ def _from_json(value):
 # window; and the RoPE base the weights were trained with):
 # a run that starts from another workdir's weights (train.init_from) takes them from it.
 ADOPTED_MODEL_KEYS = PARAMETER_FIELDS + COMPUTE_FIELDS
+
+
+def config_of_model(model_config, *, tokenizer: str, dtype: str, token_ids: dict):
+    """configs/base.py's config with the model section of `model_config` (a ModelConfig,
+    e.g. an imported Hugging Face model's) computing in `dtype`, its length as
+    curriculum.l_max, `tokenizer`, and generation's token ids ({"eos": [...], "bos": id or
+    None, "pad": id or None})."""
+    config = base.get_config()
+    for key in ADOPTED_MODEL_KEYS:
+        config.model[key] = getattr(model_config, key)
+    config.model.rope.theta = float(model_config.rope_theta)
+    config.model.rope.scaling = model_config.rope_scaling
+    config.model.dtype = dtype
+    config.curriculum.l_max = model_config.l_max
+    config.data.tokenizer = tokenizer
+    config.generate.eos_ids = token_ids["eos"]
+    config.generate.bos_id, config.generate.pad_id = token_ids["bos"], token_ids["pad"]
+    return config
 
 
 def adopt_model(config, workdir: str) -> tuple[config_dict.ConfigDict, list[str]]:

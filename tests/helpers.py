@@ -10,6 +10,7 @@ import numpy as np
 
 from configs import tiny
 from configs.base import get_config
+from configs.sections import settings as settings_of
 
 
 def small_config(**overrides):
@@ -287,8 +288,8 @@ def tiny_losses_on_8(settings: tuple, steps: int, rows: int = 2, length: int = 2
     for key, value in settings:
         section, name = key.split(".")
         config[section][name] = value
-    validate_config(config, len(jax.devices()), platform="cpu")
-    run = build_run(config)
+    validate_config(settings_of(config), len(jax.devices()), platform="cpu")
+    run = build_run(settings_of(config))
     state = init_state(run, seed=0)
     step = make_train_step(run, 1, length)
     batch = put_batch(packed_batch(rows=rows, length=length), run.mesh, rows, run.layout,

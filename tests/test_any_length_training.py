@@ -16,6 +16,7 @@ from parallel import mesh as mesh_lib
 from tests.helpers import small_config
 from train.state import build_run, init_state
 from train.step import put_batch
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTH = 200
@@ -37,7 +38,7 @@ def loss_and_grads(mesh_sizes, attention, devices, layout):
     config = small_config(**{"model.attention": attention})
     config.mesh.update(mesh_sizes)
     config.mesh.layout = layout
-    run = build_run(config, devices=devices)
+    run = build_run(settings_of(config), devices=devices)
     params = init_state(run, seed=0)["params"]
     batch = put_batch(packed_batch(), run.mesh, 8, layout)
     assert batch["tokens"].shape[1] == (208 if layout == "zigzag" and len(devices) == 8 else

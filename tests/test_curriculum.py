@@ -5,8 +5,15 @@ import numpy as np
 import pytest
 
 from configs import base
+from configs.sections import settings as settings_of
 from tests.helpers import plan_table
-from train.curriculum import default_shares, make_curriculum
+from train import curriculum as curriculum_lib
+from train.curriculum import default_shares
+
+
+def make_curriculum(config, device_count: int):
+    """The curriculum of a config, through the typed settings a run resolves it to."""
+    return curriculum_lib.make_curriculum(settings_of(config), device_count)
 
 
 def config(levels=4, steps=1000, batch=32, l_max=1024, **curriculum):

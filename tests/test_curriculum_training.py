@@ -6,6 +6,7 @@ from tests.helpers import plan_table, read_metrics, small_config, train_losses
 from train import trainer
 from train.curriculum import format_mesh
 from train.validate import validate_config
+from configs.sections import settings as settings_of
 
 
 def curriculum_config(**overrides):
@@ -71,7 +72,7 @@ def test_the_plan_is_printed_as_a_table_before_training(tmp_path, capsys):
     out = capsys.readouterr().out
     plan_start = out.index("length curriculum: 3 level(s), order ascending, budget in tokens")
     assert out.index("compiled the step") > plan_start
-    curriculum = validate_config(config)
+    curriculum = validate_config(settings_of(config))
     rows = plan_table(out)
     assert len(rows) == len(curriculum.levels) == 3
     for row, level in zip(rows, curriculum.levels):

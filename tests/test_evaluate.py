@@ -17,6 +17,7 @@ from train.curriculum import eval_level
 from train.state import abstract_state, build_run, eval_setup_from, init_state
 from cli.eval_mode import evaluate_workdir
 from train.validate import validate_config
+from configs.sections import settings as settings_of
 
 
 def documents(lengths, seed=0):
@@ -62,9 +63,10 @@ def test_loss_by_position_averages_in_log2_buckets():
 
 
 def build(config):
-    curriculum = validate_config(config)
-    run = build_run(config, level=eval_level(config, curriculum))
-    return run, suite.build_eval_data(eval_setup_from(config), run.model_config, run.tokenizer)
+    curriculum = validate_config(settings_of(config))
+    settings = settings_of(config)
+    run = build_run(settings, level=eval_level(settings, curriculum))
+    return run, suite.build_eval_data(eval_setup_from(settings), run.model_config, run.tokenizer)
 
 
 @pytest.mark.slow
@@ -102,7 +104,7 @@ def test_evaluation_under_another_rope_scaling_is_recorded_and_changes_the_resul
 @pytest.mark.parametrize("rope_type", ["linear", "dynamic", "yarn", "llama3"])
 def test_every_hugging_face_scaling_can_replace_the_trained_rope_at_evaluation(rope_type):
     config = small_config(**{"eval.rope_scaling": f'{{"rope_type": "{rope_type}", "factor": 4}}'})
-    level = eval_level(config, validate_config(config))
+    level = eval_level(settings_of(config), validate_config(settings_of(config)))
     scaling = json.loads(level.rope_scaling_json)
     assert scaling["rope_type"] == rope_type and scaling["factor"] == 4.0
 
@@ -110,7 +112,7 @@ def test_every_hugging_face_scaling_can_replace_the_trained_rope_at_evaluation(r
 def test_eval_rope_scaling_none_evaluates_a_scaled_model_without_its_scaling():
     config = small_config(**{"eval.rope_scaling": "none"})
     config.model.rope.scaling = '{"rope_type": "linear", "factor": 2}'
-    level = eval_level(config, validate_config(config))
+    level = eval_level(settings_of(config), validate_config(settings_of(config)))
     assert json.loads(level.rope_scaling_json) is None
 
 
@@ -175,7 +177,7 @@ def test_default_top_length_keeps_8_l_max_and_says_why_when_it_does_not_fit():
 @pytest.mark.slow
 def test_scoring_memory_grows_with_length_and_decides_the_top():
     config = small_config(**{"eval.lengths": None})
-    run = build_run(config, jax.devices()[:1])
+    run = build_run(settings_of(config), jax.devices()[:1])
     params = abstract_state(run)["params"]
     small, large = (scoring_bytes(run, params, 8, n) for n in (512, 2048))
     assert large > 2 * small                                 # activations and logits grow
@@ -196,11 +198,11 @@ def test_memory_budget_comes_from_the_config_first():
 def test_evaluation_probes_the_default_lengths_and_prints_why_it_stopped(capsys):
     # 8 validation documents of 1025+ tokens exist, and a budget that fits 1024 but not 2048
     config = small_config(**{"eval.lengths": None, "eval.max_batches": 1})
-    curriculum = validate_config(config)
-    run = build_run(config, level=eval_level(config, curriculum))
+    curriculum = validate_config(settings_of(config))
+    run = build_run(settings_of(config), level=eval_level(settings_of(config), curriculum))
     params = abstract_state(run)["params"]
     budget = sum(scoring_bytes(run, params, 8, n) for n in (1024, 2048)) // 2
     config.eval.memory_budget_mib = budget / 2**20
-    data = suite.prepare(eval_setup_from(config), run, run.tokenizer, params)
+    data = suite.prepare(eval_setup_from(settings_of(config)), run, run.tokenizer, params)
     assert data.lengths == [32, 64, 128, 256, 512, 1024]
     assert "eval lengths up to 1024 (stopped: scoring [8, 2048] needs" in capsys.readouterr().out

@@ -1,5 +1,5 @@
 """Specification of context extension: configs/extend.py (Position Interpolation from a
-trained workdir, resolved by train/extend.py) and the interpolated learned-position table
+trained workdir, resolved by configs/extension.py) and the interpolated learned-position table
 (model.learned_positions_length)."""
 import json
 import math
@@ -14,12 +14,13 @@ from configs import extend as extend_config_file
 from evaluation.lengths import evaluable
 from model.positions import interpolate_position_table, normalize_rope_scaling
 from tests.helpers import read_metrics, small_config, train_losses
-from train import extend as extend_lib
+from configs import extension as extend_lib
 from train import run_state
 from configs import workdir_config
 from train import trainer
 from train.state import build_run
 from train.checkpoint import restore_newest, restore_params_from
+from configs.sections import settings as settings_of
 
 LN_VOCAB = math.log(256)   # the loss of a random init on bytes
 
@@ -206,7 +207,7 @@ def test_a_scaled_source_keeps_its_scaling_type_and_raises_the_factor(tmp_path, 
     assert resolved.curriculum.l_max == target
     # and the resolved config builds a model (the longrope lists fit head_dim 16)
     from train.state import model_config_from
-    model_config_from(resolved, 256)
+    model_config_from(settings_of(resolved), 256)
 
 
 def test_a_target_the_scaled_source_already_covers_is_refused(tmp_path):
@@ -267,15 +268,15 @@ def test_learned_positions_extended_by_interpolation_train_and_evaluate_at_the_n
     assert summary["eval"]["lengths"] == [64, 128] and not summary["eval"]["not_evaluable"]
     assert all(np.isfinite(summary["eval"]["perplexity"]))
     assert saved_config(out)["model"]["learned_positions_length"] == 128
-    assert build_run(config).model_config.l_max == 128        # the table's rows
+    assert build_run(settings_of(config)).model_config.l_max == 128        # the table's rows
     assert train_losses(out)[1] < LN_VOCAB - 1.0              # started from the source
 
     # what train.init_from loaded: the source's parameters, its table interpolated
-    run = build_run(config)
+    run = build_run(settings_of(config))
     loaded, resized = restore_params_from(learned_source, run, "test", table_rows_set=True)
     assert resized == (64, 128)
-    source = restore_newest(learned_source, build_run(small_config(
-        **{"model.position": "learned"})), "test")[0]["params"]
+    source = restore_newest(learned_source, build_run(settings_of(small_config(
+        **{"model.position": "learned"}))), "test")[0]["params"]
     table = np.asarray(source["position_table"][...])
     np.testing.assert_allclose(np.asarray(loaded["position_table"][...]),
                                interpolate_position_table(table, 128), rtol=1e-6, atol=1e-7)
@@ -288,11 +289,12 @@ def test_learned_positions_extended_by_interpolation_train_and_evaluate_at_the_n
 @pytest.mark.slow
 def test_without_learned_positions_length_the_longer_length_stays_not_evaluable(
         learned_source, tmp_path):
-    source_model = build_run(small_config(**{"model.position": "learned"})).model_config
+    source_model = build_run(
+        settings_of(small_config(**{"model.position": "learned"}))).model_config
     assert "l_max=64" in evaluable(source_model, 128)
     assert evaluable(source_model, 64) is None
-    extended = build_run(learned_extension(learned_source, **{
-        "model.learned_positions_length": 128})).model_config
+    extended = build_run(settings_of(learned_extension(learned_source, **{
+        "model.learned_positions_length": 128}))).model_config
     assert evaluable(extended, 128) is None
     # starting a longer learned run from the 64-row table without the key is refused
     with pytest.raises(ValueError, match="learned_positions_length"):
@@ -307,4 +309,4 @@ def test_a_learned_run_longer_than_its_table_is_refused_before_training(override
     from train.validate import validate_config
     config = small_config(**{"model.position": "learned", **overrides})
     with pytest.raises(ValueError, match=message):
-        validate_config(config)
+        validate_config(settings_of(config))

@@ -75,6 +75,17 @@ def test_low_rooms_never_read_a_section_of_the_raw_config(room):
     assert not reads, f"config.<section> read at (file: lines) {reads}"
 
 
+@pytest.mark.parametrize("room", ("train", "cli"))
+def test_train_and_cli_take_settings_not_sections_of_the_raw_config(room):
+    """A mode's entry hands the ml_collections config to train/run_spec.py's resolve;
+    below it everything reads the typed Settings (configs/sections.py)."""
+    reads = {}
+    for path in sorted((ROOT / room).glob("*.py")):
+        if lines := _config_reads(ast.parse(path.read_text())):
+            reads[str(path.relative_to(ROOT))] = lines
+    assert not reads, f"config.<section> read at (file: lines) {reads}"
+
+
 @pytest.mark.parametrize("room", CONFIG_FREE_ROOMS)
 def test_low_rooms_never_import_ml_collections(room):
     importing = [str(path.relative_to(ROOT)) for path in sorted((ROOT / room).glob("*.py"))

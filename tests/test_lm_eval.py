@@ -21,6 +21,7 @@ from parallel import mesh as mesh_lib
 from tests.helpers import small_config
 from cli import lm_eval_mode
 from train.state import init_state
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 L_MAX = 64      # small_config's trained length
@@ -31,9 +32,9 @@ def built():
     """(lm, run, params) of a freshly initialised small model on one device."""
     config = small_config()
     config.lm_eval.batch_size = 3
-    run, generation_config = lm_eval_mode.model_pieces(config, jax.devices()[:1])
+    run, generation_config = lm_eval_mode.model_pieces(settings_of(config), jax.devices()[:1])
     params = init_state(run, 0)["params"]
-    lm = lm_eval_mode.make_lm(config, run, generation_config, params, L_MAX)
+    lm = lm_eval_mode.make_lm(settings_of(config), run, generation_config, params, L_MAX)
     return lm, run, params
 
 
@@ -206,9 +207,9 @@ def test_main_lm_eval_runs_local_tasks_and_writes_the_results(trained_workdir, t
 def test_the_window_is_the_trained_length_unless_max_length_says_otherwise(built):
     _, run, _ = built
     config = small_config()
-    assert lm_eval_mode.window_length(config, run.model_config) == (L_MAX, None)
+    assert lm_eval_mode.window_length(settings_of(config), run.model_config) == (L_MAX, None)
     config.lm_eval.max_length = 4 * L_MAX
-    length, notice = lm_eval_mode.window_length(config, run.model_config)
+    length, notice = lm_eval_mode.window_length(settings_of(config), run.model_config)
     assert length == 4 * L_MAX
     assert notice.startswith(f"note: lm-eval requests may reach {4 * L_MAX} tokens, beyond "
                              f"the trained length {L_MAX}")
@@ -218,10 +219,10 @@ def test_a_window_beyond_a_learned_position_table_is_refused():
     config = small_config()
     config.model.position = "learned"
     config.lm_eval.max_length = 2 * L_MAX
-    run, _ = lm_eval_mode.model_pieces(config, jax.devices()[:1])
+    run, _ = lm_eval_mode.model_pieces(settings_of(config), jax.devices()[:1])
     with pytest.raises(ValueError, match=r"lm_eval.max_length = 128: learned absolute "
                                          r"positions stop at l_max=64"):
-        lm_eval_mode.window_length(config, run.model_config)
+        lm_eval_mode.window_length(settings_of(config), run.model_config)
 
 
 @pytest.mark.slow
@@ -243,10 +244,10 @@ def test_scores_and_generations_on_two_sequence_devices_match_one(built):
     lm, run, params = built
     config = small_config()
     config.lm_eval.batch_size = 3
-    run2, generation_config = lm_eval_mode.model_pieces(config, jax.devices()[:2])
+    run2, generation_config = lm_eval_mode.model_pieces(settings_of(config), jax.devices()[:2])
     assert run2.mesh.shape["seq"] == 2 and run2.model_config.attention == "ring"
     params2 = jax.device_put(jax.device_get(params), run2.state_shardings["params"])
-    lm2 = lm_eval_mode.make_lm(config, run2, generation_config, params2, L_MAX)
+    lm2 = lm_eval_mode.make_lm(settings_of(config), run2, generation_config, params2, L_MAX)
     pairs = [request("loglikelihood", "The quick brown", " fox jumps"),
              request("loglikelihood", "y" * 70, " over the lazy dog")]
     for (one, greedy_one), (two, greedy_two) in zip(lm.loglikelihood(pairs),

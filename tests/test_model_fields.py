@@ -6,6 +6,7 @@ import dataclasses
 from configs import base, workdir_config
 from model.model_config import COMPUTE_FIELDS, PARAMETER_FIELDS, ModelConfig, defaults
 from train.state import model_config_from
+from configs.sections import settings as settings_of
 
 # fields the model section does not hold under their own name: state.py derives them
 DERIVED = {"l_max": "curriculum.l_max (or model.learned_positions_length)",
@@ -37,7 +38,7 @@ def test_the_model_keys_reach_modelconfig_by_name():
                "remat": "full"}
     for key, value in changed.items():
         config.model[key] = value
-    model_config = model_config_from(config, vocab_size=300)
+    model_config = model_config_from(settings_of(config), vocab_size=300)
     same_named = [f.name for f in dataclasses.fields(ModelConfig)
                   if f.name not in DERIVED and f.name != "vocab_size"]
     assert sorted(same_named) == sorted(changed)      # the test covers every such field

@@ -18,6 +18,7 @@ from model.transformer import ModelConfig, Transformer
 from train.state import model_config_from
 from train.optimizer import weight_decay_mask
 from train.checkpoint import PARAMETER_LAYOUT, check_same_model
+from configs.sections import settings as settings_of
 
 SMALL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, q_heads=4, kv_heads=2, head_dim=8,
                     mlp_dim=64, l_max=32, dtype="float32", block_q=8, block_k=8,
@@ -260,17 +261,17 @@ def test_invalid_option_values_raise_value_error_naming_the_key(key, value):
 
 def test_model_config_from_reads_the_options_and_defaults_to_todays_model():
     config = base.get_config()
-    default = model_config_from(config, vocab_size=256)
+    default = model_config_from(settings_of(config), vocab_size=256)
     assert (default.norm, default.mlp, default.qkv_bias, default.attention_out_bias,
             default.mlp_bias) == ("rmsnorm", "swiglu", False, False, False)
     config.model.norm, config.model.mlp = "layernorm", "gelu_tanh"
     config.model.qkv_bias = config.model.attention_out_bias = config.model.mlp_bias = True
-    gpt2 = model_config_from(config, vocab_size=256)
+    gpt2 = model_config_from(settings_of(config), vocab_size=256)
     assert (gpt2.norm, gpt2.mlp, gpt2.qkv_bias, gpt2.attention_out_bias,
             gpt2.mlp_bias) == ("layernorm", "gelu_tanh", True, True, True)
     config.model.norm = "groupnorm"
     with pytest.raises(ValueError, match=r"model\.norm must be one of"):
-        model_config_from(config, vocab_size=256)
+        model_config_from(settings_of(config), vocab_size=256)
 
 
 def test_biases_get_no_weight_decay_and_the_default_model_decays_only_its_matrices():

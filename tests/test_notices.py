@@ -5,12 +5,15 @@ import pytest
 from tests.helpers import small_config
 from train import curriculum as curriculum_lib
 from cli.generate_mode import generate_workdir
+from configs.sections import settings as settings_of
 
 
 def notice(config, lengths):
-    curriculum = curriculum_lib.make_curriculum(config, 8)
-    level = curriculum_lib.eval_level(config, curriculum)
-    return curriculum_lib.beyond_trained_notice(config, curriculum, level, lengths, "evaluating at")
+    curriculum = curriculum_lib.make_curriculum(settings_of(config), 8)
+    settings = settings_of(config)
+    level = curriculum_lib.eval_level(settings, curriculum)
+    return curriculum_lib.beyond_trained_notice(settings, curriculum, level, lengths,
+                                                "evaluating at")
 
 
 def test_no_notice_within_the_trained_length():

@@ -13,6 +13,7 @@ import pytest
 from configs import tiny
 from tests.helpers import tiny_losses_on_8
 from train.state import build_run
+from configs.sections import settings as settings_of
 
 STRATEGIES = {"ring": {}, "ulysses": {}, "allgather": {}, "hybrid": {"ulysses_degree": 2}}
 STEPS = 20
@@ -40,14 +41,14 @@ def test_training_with_offload_equals_full_remat_on_8_devices(strategy, policy):
 def test_offload_is_a_remat_policy_of_the_config():
     config = tiny.get_config()
     config.model.remat, config.model.scan_layers = "offload", True
-    assert build_run(config, devices=jax.devices()[:1]).model_config.remat == "offload"
+    assert build_run(settings_of(config), devices=jax.devices()[:1]).model_config.remat == "offload"
 
 
 def test_offload_without_scanned_layers_is_one_line():
     config = tiny.get_config()
     config.model.remat, config.model.scan_layers = "offload", False
     with pytest.raises(ValueError, match="model.remat=offload needs model.scan_layers=True"):
-        build_run(config, devices=jax.devices()[:1])
+        build_run(settings_of(config), devices=jax.devices()[:1])
 
 
 def test_offload_attention_takes_groups_of_one_layer():
@@ -57,4 +58,4 @@ def test_offload_attention_takes_groups_of_one_layer():
     with pytest.raises(ValueError, match="offload_attention keeps every layer's attention "
                                          "residuals in host memory: it takes "
                                          "model.remat_group=1, got 2"):
-        build_run(config, devices=jax.devices()[:1])
+        build_run(settings_of(config), devices=jax.devices()[:1])

@@ -9,6 +9,7 @@ from parallel import mesh as mesh_lib
 from tests.helpers import small_config
 from train.state import build_run, init_state
 from train.step import put_batch
+from configs.sections import settings as settings_of
 
 
 def random_batch(rows=8, length=64, seed=0):
@@ -25,7 +26,7 @@ def random_batch(rows=8, length=64, seed=0):
 def loss_and_grads(mesh_sizes, attention, devices):
     config = small_config(**{"model.attention": attention})
     config.mesh.update(mesh_sizes)
-    run = build_run(config, devices=devices)
+    run = build_run(settings_of(config), devices=devices)
     params = init_state(run, seed=0)["params"]
     batch = put_batch(random_batch(), run.mesh, 8, run.layout, run.layout_parts)
 
@@ -64,7 +65,7 @@ def test_sharded_loss_and_gradients_equal_one_device(one_device_reference, mesh_
 def test_parameters_are_created_sharded_over_fsdp_seq_and_tensor():
     config = small_config(**{"model.attention": "ring"})
     config.mesh.update(dict(data=1, fsdp=2, seq=2, tensor=2))
-    run = build_run(config)
+    run = build_run(settings_of(config))
     state = init_state(run, seed=0)
     # the blocks are stacked: [layers, d_model, heads, head_dim]
     wq = state["params"]["blocks"]["attention"]["wq"][...]

@@ -15,6 +15,7 @@ from cli import memory_plan as plan_lib
 from train.state import build_run, init_state
 from train.step import make_train_step
 from train.validate import validate_config
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,10 +60,10 @@ def test_plan_prints_a_row_per_level_and_writes_plan_json(tmp_path):
 @pytest.mark.slow
 def test_planned_memory_equals_what_the_real_train_step_compiles_to():
     config = curriculum_config()
-    curriculum = validate_config(config)
+    curriculum = validate_config(settings_of(config))
     level = curriculum.levels[1]
-    planned = plan_lib.train_step_entry(config, level)["bytes_per_device"]
-    run = build_run(config, level=level)
+    planned = plan_lib.train_step_entry(settings_of(config), level)["bytes_per_device"]
+    run = build_run(settings_of(config), level=level)
     state = init_state(run, seed=0)                        # real arrays this time
     rows, length = level.batch_size, level.seq_len
     batch = {key: np.zeros((rows, length), np.int32)
@@ -82,19 +83,19 @@ def test_planned_memory_equals_what_the_real_train_step_compiles_to():
 def test_the_longest_fit_is_the_longest_length_within_the_budget():
     config = small_config(**{"model.attention": "ring", "mesh.seq": 8, "mesh.data": 1,
                              "train.batch_size": 1})
-    level = validate_config(config).levels[0]
+    level = validate_config(settings_of(config)).levels[0]
     sizes = {}
     for length in (256, 512, 1024):
-        entry = plan_lib.train_step_entry(config, type(level)(**{**level.__dict__,
+        entry = plan_lib.train_step_entry(settings_of(config), type(level)(**{**level.__dict__,
                                                                 "seq_len": length}))
         sizes[length] = entry["bytes_per_device"]["total"]
     assert sizes[256] < sizes[512] < sizes[1024]
     budget = (sizes[512] + sizes[1024]) // 2              # 512 fits, 1024 does not
-    fit = plan_lib.longest_fit(config, level, budget, log=lambda *a, **k: None)
-    step = plan_lib.length_step(config, 8)
+    fit = plan_lib.longest_fit(settings_of(config), level, budget, log=lambda *a, **k: None)
+    step = plan_lib.length_step(settings_of(config), 8)
     assert 512 <= fit["length"] < 1024 and fit["length"] % step == 0
     assert fit["bytes_per_device"] <= budget
-    longer = plan_lib.train_step_entry(config, type(level)(**{**level.__dict__,
+    longer = plan_lib.train_step_entry(settings_of(config), type(level)(**{**level.__dict__,
                                                              "seq_len": fit["length"] + step}))
     assert longer["bytes_per_device"]["total"] > budget   # one step more does not fit
 
@@ -130,10 +131,11 @@ def test_host_peak_rss_is_the_process_own_not_its_parent_peak():
 
 def test_valid_lengths_step_by_zigzag_chunks_blocks_and_loss_and_mlp_chunks():
     config = small_config()                       # blocks of 16
-    assert plan_lib.length_step(config, 1) == 16 and plan_lib.length_step(config, 8) == 128
+    assert plan_lib.length_step(settings_of(config), 1) == 16
+    assert plan_lib.length_step(settings_of(config), 8) == 128
     config.model.loss_chunk_tokens = 96
     config.model.mlp_chunk_tokens = 64
-    assert plan_lib.length_step(config, 2) == 192     # lcm(4, 32, 96, 64)
+    assert plan_lib.length_step(settings_of(config), 2) == 192     # lcm(4, 32, 96, 64)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from configs import workdir_config
 from train import trainer
 from train.state import build_run
 from train.checkpoint import BrokenCheckpoints, restore_newest
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config", "tests/small_config.py", "--config.checkpoint.every_steps=100",
@@ -147,7 +148,7 @@ def damaged_copy(trained_workdir, tmp_path):
 def test_a_broken_newest_checkpoint_is_moved_aside_and_the_older_one_restored(damaged_copy,
                                                                              damage, caplog):
     damage(damaged_copy / "checkpoints" / "8")
-    run = build_run(small_config(), devices=None)
+    run = build_run(settings_of(small_config()), devices=None)
     state, meta = restore_newest(str(damaged_copy), run, "test")
     assert meta["step"] == 4
     assert os.listdir(damaged_copy / "checkpoints") == ["4"]
@@ -168,7 +169,7 @@ def test_resuming_past_a_broken_checkpoint_continues_from_the_intact_one(damaged
 def test_when_no_checkpoint_is_intact_one_line_names_each_broken_step(damaged_copy):
     delete_state(damaged_copy / "checkpoints" / "8")
     empty_metadata(damaged_copy / "checkpoints" / "4")
-    run = build_run(small_config(), devices=None)
+    run = build_run(settings_of(small_config()), devices=None)
     with pytest.raises(BrokenCheckpoints, match=r"no intact checkpoint .*step 8 .*; step 4 "):
         restore_newest(str(damaged_copy), run, "test")
     assert sorted(os.listdir(damaged_copy / "broken_checkpoints")) == ["4", "8"]

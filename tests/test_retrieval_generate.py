@@ -21,6 +21,7 @@ from tests.helpers import small_config
 from train.curriculum import eval_level
 from train.state import build_run, eval_setup_from, init_state
 from train.validate import validate_config
+from configs.sections import settings as settings_of
 
 LENGTHS, DEPTHS = (128, 160), (0.0, 0.5, 1.0)
 
@@ -34,8 +35,8 @@ class NoProgress:
 def setup():
     """A random small model on the 8-device eval mesh (data 8) and a passkey grid."""
     config = small_config(**{"eval.retrieval_tasks": ("passkey",)})
-    curriculum = validate_config(config)
-    run = build_run(config, level=eval_level(config, curriculum))
+    curriculum = validate_config(settings_of(config))
+    run = build_run(settings_of(config), level=eval_level(settings_of(config), curriculum))
     params = init_state(run, seed=0)["params"]
     samples = retrieval_tasks.make_grid("passkey", run.tokenizer, lengths=LENGTHS,
                                         depths=DEPTHS, samples_per_cell=1, seed=0)
@@ -112,7 +113,7 @@ def test_generate_scoring_equals_the_reference_and_agrees_with_teacher_forcing(s
 def test_unknown_retrieval_scoring_is_one_clear_error():
     config = small_config(**{"eval.retrieval_scoring": "sampled"})
     with pytest.raises(ValueError, match="eval.retrieval_scoring must be one of"):
-        validate_config(config)
+        validate_config(settings_of(config))
     with pytest.raises(ValueError, match="eval.retrieval_scoring must be one of"):
         suite.retrieval_scoring(sections.typed(config, "eval"))
 
@@ -128,9 +129,10 @@ def test_evaluate_with_generate_scoring_records_it_and_keeps_the_logprob():
                                  "eval.retrieval_samples": 1,
                                  "eval.sliding_stride": 0,
                                  "eval.retrieval_scoring": scoring})
-        curriculum = validate_config(config)
-        run = build_run(config, level=eval_level(config, curriculum))
-        data = suite.build_eval_data(eval_setup_from(config), run.model_config, run.tokenizer)
+        curriculum = validate_config(settings_of(config))
+        settings = settings_of(config)
+        run = build_run(settings, level=eval_level(settings, curriculum))
+        data = suite.build_eval_data(eval_setup_from(settings), run.model_config, run.tokenizer)
         results[scoring] = suite.evaluate(run, init_state(run, seed=0)["params"], data)["retrieval"]
     assert [results[s]["scoring"] for s in results] == ["teacher_forced", "generate"]
     forced, generated = (results[s]["tasks"]["passkey"] for s in results)

@@ -3,18 +3,24 @@ refused with one line naming the key, and with train.allow_schedule_change the r
 continues from where the run was (no jump) and ends where the new schedule ends."""
 import pytest
 
+from configs.sections import settings as settings_of
 from tests.helpers import read_metrics, small_config
 from train import curriculum as curriculum_lib
 from train import run_state, schedule, trainer
 
 
-def curriculum_of(config):
-    return curriculum_lib.make_curriculum(config, 8)
+def settings(**values):
+    """small_config with `values`, as the typed settings a run resolves it to."""
+    return settings_of(small_config(**values))
+
+
+def curriculum_of(settings):
+    return curriculum_lib.make_curriculum(settings, 8)
 
 
 def test_a_bridged_schedule_starts_at_the_old_rate_and_ends_at_the_new_one():
-    old = small_config(**{"train.steps": 20})
-    new = small_config(**{"train.steps": 40, "train.allow_schedule_change": True})
+    old = settings(**{"train.steps": 20})
+    new = settings(**{"train.steps": 40, "train.allow_schedule_change": True})
     old_curriculum, new_curriculum = curriculum_of(old), curriculum_of(new)
     step = 12
     tokens = old_curriculum.tokens_before(step)
@@ -29,10 +35,8 @@ def test_a_bridged_schedule_starts_at_the_old_rate_and_ends_at_the_new_one():
 
 def test_a_second_change_bridges_from_the_rate_the_first_bridge_gave():
     """Two schedule changes in a row: the second starts where the bridged rate was."""
-    first = small_config(**{"train.steps": 20})
-    second = small_config(**{"train.steps": 40})
-    third = small_config(**{"train.steps": 60})
-    curricula = [curriculum_of(c) for c in (first, second, third)]
+    first, second, third = (settings(**{"train.steps": n}) for n in (20, 40, 60))
+    curricula = [curriculum_of(s) for s in (first, second, third)]
     bridge = schedule.bridge(second, curricula[1], first, curricula[0], 8,
                              curricula[0].tokens_before(8))
     tokens = curricula[1].tokens_before(16)
@@ -42,9 +46,9 @@ def test_a_second_change_bridges_from_the_rate_the_first_bridge_gave():
 
 
 def test_changed_keys_names_only_what_the_schedule_depends_on():
-    saved = small_config()
-    config = small_config(**{"train.learning_rate": 1e-3, "train.log_every_steps": 5})
-    assert schedule.changed_keys(config, saved) == ["train.learning_rate"]
+    saved = settings()
+    changed = settings(**{"train.learning_rate": 1e-3, "train.log_every_steps": 5})
+    assert schedule.changed_keys(changed, saved) == ["train.learning_rate"]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,13 @@ def test_an_allowed_schedule_change_continues_without_a_jump(stopped_run, tmp_pa
     rates = {r["step"]: r["lr"] for r in read_metrics(workdir) if "lr" in r}
     assert sorted(rates) == list(range(1, 17))
     bridge = run_state.load(str(workdir)).schedule_bridge     # beside the config, not in it
-    assert bridge is not None and bridge[0] == curriculum_of(small_config()).tokens_before(4)
+    assert bridge is not None and bridge[0] == curriculum_of(settings()).tokens_before(4)
     # the old schedule's rate at step 5 (tokens after 4 steps), not the new one's
-    old, new = small_config(), small_config(**{"train.steps": 16})
+    old, new = settings(), settings(**{"train.steps": 16})
     tokens = curriculum_of(old).tokens_before(4)
-    assert rates[5] == pytest.approx(schedule.rate(old, curriculum_of(old), 4, tokens), rel=1e-6)
-    assert rates[5] != pytest.approx(schedule.rate(new, curriculum_of(new), 4, tokens), rel=1e-3)
+    old_rate = schedule.rate(old, curriculum_of(old), 4, tokens)
+    new_rate = schedule.rate(new, curriculum_of(new), 4, tokens)
+    assert rates[5] == pytest.approx(old_rate, rel=1e-6)
+    assert rates[5] != pytest.approx(new_rate, rel=1e-3)
     steps = [rates[s + 1] - rates[s] for s in range(4, 16)]
     assert max(abs(d) for d in steps) <= 2 * abs(rates[4] - rates[3]) + 1e-12

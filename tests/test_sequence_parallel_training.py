@@ -19,6 +19,7 @@ from tests.test_any_length_training import packed_batch
 from train.state import build_run, init_state
 from train.step import put_batch
 from train.validate import validate_config
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = {"ring": {}, "ulysses": {}, "allgather": {},
@@ -30,7 +31,7 @@ def loss_and_grads(attention, seq, extra=None, length=200):
     config.model.q_heads, config.model.kv_heads = 8, 2        # Ulysses on 8 replicates KV
     config.model.head_dim = 8
     config.mesh.update(dict(data=1, fsdp=1, seq=seq, tensor=1))
-    run = build_run(config, devices=jax.devices()[:seq])
+    run = build_run(settings_of(config), devices=jax.devices()[:seq])
     params = init_state(run, seed=0)["params"]
     batch = put_batch(packed_batch(length=length), run.mesh, 8, run.layout, run.layout_parts)
 
@@ -58,9 +59,9 @@ def test_a_step_on_seq_8_equals_one_device_with_each_strategy(one_device, strate
 
 
 def test_each_strategy_gets_the_layout_it_needs():
-    layouts = {name: build_run(small_config(**{"model.attention": name, **extra,
+    layouts = {name: build_run(settings_of(small_config(**{"model.attention": name, **extra,
                                                "model.q_heads": 8, "mesh.seq": 8,
-                                               "mesh.data": 1}))
+                                               "mesh.data": 1})))
                for name, extra in STRATEGIES.items()}
     assert {name: (run.layout, run.layout_parts) for name, run in layouts.items()} == {
         "ring": ("zigzag", 8), "allgather": ("zigzag", 8), "ulysses": ("contiguous", 1),
@@ -79,8 +80,8 @@ def test_each_strategy_gets_the_layout_it_needs():
 def test_strategy_settings_that_cannot_run_are_one_line_before_compiling(override, message):
     config = small_config(**{"mesh.seq": 8, "mesh.data": 1, **override})
     with pytest.raises(ValueError, match=message):
-        validate_config(config)
-        build_run(config)
+        validate_config(settings_of(config))
+        build_run(settings_of(config))
 
 
 # ----------------------------------------------------------------------------- main.py

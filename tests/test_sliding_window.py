@@ -21,6 +21,7 @@ from parallel.mesh import make_mesh
 from parallel.ring_attention import make_ring_attention, ring_attention, ring_work
 from tests.helpers import random_qkv, small_config
 from tests.test_any_length import check_against_reference
+from configs.sections import settings as settings_of
 
 WINDOW = 40
 
@@ -247,5 +248,5 @@ def test_the_config_key_reaches_the_model():
     config = small_config()
     config.model.sliding_window = 24
     config.model.layer_types = ("full_attention", "sliding_attention")
-    cfg = model_config_from(config, 256)
+    cfg = model_config_from(settings_of(config), 256)
     assert cfg.layer_windows() == (None, 24)

@@ -23,6 +23,7 @@ from util.quiet_imports import accelerator_attached
 from train.state import abstract_state, build_run
 from train.step import make_train_step
 from train.validate import validate_config
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2 ** 30
@@ -147,19 +148,19 @@ def test_plan_target_names_an_accelerator_and_the_budget_may_be_minus_one():
 def test_the_budget_is_the_targets_memory_unless_set():
     config = base.get_config()
     h100, cpu = targets.get("h100"), targets.get("cpu")
-    assert plan_lib.budget_gib(config, h100) == 80
-    assert plan_lib.budget_gib(config, cpu) == 0                  # no search on the CPU
+    assert plan_lib.budget_gib(settings_of(config), h100) == 80
+    assert plan_lib.budget_gib(settings_of(config), cpu) == 0          # no search on the CPU
     config.plan.memory_budget_gib = 70
-    assert plan_lib.budget_gib(config, h100) == 70
+    assert plan_lib.budget_gib(settings_of(config), h100) == 70
     config.plan.memory_budget_gib = -1
-    assert plan_lib.budget_gib(config, h100) == 0
+    assert plan_lib.budget_gib(settings_of(config), h100) == 0
 
 
 def test_a_target_needs_a_device_count():
     config = base.get_config()
     config.plan.target = "h100"
     with pytest.raises(ValueError, match="plan.target=h100 needs plan.devices=N"):
-        plan_lib.plan_devices(config)
+        plan_lib.plan_devices(settings_of(config))
 
 
 # A meta-path finder that makes the named modules unimportable, installed before main.py
@@ -249,8 +250,9 @@ def sequence_config(strategy: str, **overrides):
 
 
 def compiled_entry(config, devices, target):
-    level = validate_config(config, len(devices), platform=devices[0].platform).levels[0]
-    return plan_lib.train_step_entry(config, level, devices, target)
+    settings = settings_of(config)
+    level = validate_config(settings, len(devices), platform=devices[0].platform).levels[0]
+    return plan_lib.train_step_entry(settings, level, devices, target)
 
 
 STRATEGY_COLLECTIVE = {"ring": "collective-permute", "ulysses": "all-to-all",
@@ -307,9 +309,11 @@ def test_auto_kernel_resolves_for_the_targets_platform_not_the_hosts(h100_8, v5p
                              "eval.batch_size": 8})
     for devices, kernel in ((h100_8, "cudnn"), (v5p_8, "pallas_tpu"),
                             (jax.devices(), "blockwise")):
-        curriculum = validate_config(config, len(devices), platform=devices[0].platform)
+        curriculum = validate_config(settings_of(config), len(devices),
+                                     platform=devices[0].platform)
         target = targets.get({"gpu": "h100", "tpu": "v5p", "cpu": "cpu"}[devices[0].platform])
-        entry = plan_lib.eval_step_entry(config, curriculum.levels[0], 64, devices, target)
+        entry = plan_lib.eval_step_entry(settings_of(config), curriculum.levels[0], 64, devices,
+                                         target)
         assert entry["kernel"] == kernel                     # rows in order, one device each
         assert (entry["cudnn_attention_calls"] > 0) == (kernel == "cudnn")   # in the HLO
         assert (entry["fused_attention_calls"] > 0) == (kernel != "blockwise")
@@ -396,11 +400,11 @@ def test_the_hybrid_over_two_h100_hosts_keeps_its_all_to_all_within_a_host():
     assert targets.hosts(devices) == 2
     config = sequence_config("hybrid", **{"mesh.seq": 16, "curriculum.l_max": 512,
                                           "model.ulysses_degree": None})
-    (_, candidate), = [s for s in plan_lib.strategy_configs(config, 16, host_size=8)
+    (_, candidate), = [s for s in plan_lib.strategy_configs(settings_of(config), 16, host_size=8)
                        if s[0] == "hybrid"]
     assert candidate.model.ulysses_degree == 8                # a host's worth, not 16 / 2
-    level = validate_config(candidate, 16, platform="gpu").levels[0]
-    run = build_run(candidate, devices=devices, level=level)
+    level = validate_config(settings_of(candidate), 16, platform="gpu").levels[0]
+    run = build_run(settings_of(candidate), devices=devices, level=level)
     hosts = [d.process_index for d in run.mesh.devices.flat]
     with jax.set_mesh(run.mesh):
         hlo = make_train_step(run, 1, level.seq_len).lower(
@@ -452,14 +456,14 @@ def test_a_step_the_tpu_compiler_refuses_is_over_budget_for_the_search(v5p_8):
     config = small_config(**{"model.attention": "dense", "mesh.data": 8, "mesh.seq": 1,
                              "train.batch_size": 8, "curriculum.l_max": 65536,
                              "eval.lengths": (64,), "model.mlp_chunk_tokens": 16384})
-    level = validate_config(config, 8, platform="tpu").levels[0]
+    level = validate_config(settings_of(config), 8, platform="tpu").levels[0]
     v5p = targets.get("v5p")
     with pytest.raises(plan_lib.DoesNotFit, match="exceeds available HBM") as refused:
-        plan_lib.train_step_entry(config, level, v5p_8, v5p)
+        plan_lib.train_step_entry(settings_of(config), level, v5p_8, v5p)
     assert "\n" not in str(refused.value)
     said = []
-    fit = plan_lib.longest_fit(config, level, 1000 * GIB, log=lambda line, **_: said.append(line),
-                               devices=v5p_8, target=v5p)
+    fit = plan_lib.longest_fit(settings_of(config), level, 1000 * GIB,
+                               log=lambda line, **_: said.append(line), devices=v5p_8, target=v5p)
     assert fit["length"] in (32768, 49152)                  # 65536 refused, 32768 compiled
     assert any("length 65536: over: the compiler refused it" in line for line in said)
 

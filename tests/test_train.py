@@ -24,13 +24,14 @@ from train.optimizer import (learning_rate_at, make_optimizer, weight_decay_mask
 from train.state import abstract_state, build_run, init_state
 from train.checkpoint import restore_newest
 from train.step import make_train_step, put_batch
+from configs.sections import settings as settings_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_KEYS = {"step", "tokens", "final_loss", "stopped", "eval", "retrieval"}
 
 
 def one_device(config):
-    return build_run(config, devices=jax.devices()[:1])
+    return build_run(settings_of(config), devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +384,7 @@ def test_init_from_starts_a_longer_run_from_trained_weights_with_a_fresh_optimiz
     assert first_loss(tmp_path / "tuned") < first_loss(tmp_path / "fresh") - 0.2
     assert summary["step"] == 2 and untrained["step"] == 2
     # the parameters train.init_from loads into the longer run are exactly the base run's
-    loaded = restore_newest(base, build_run(tuned), "train.init_from")[0]["params"]
-    saved = restore_newest(base, build_run(small_config()), "test")[0]["params"]
+    loaded = restore_newest(base, build_run(settings_of(tuned)), "train.init_from")[0]["params"]
+    saved = restore_newest(base, build_run(settings_of(small_config())), "test")[0]["params"]
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(saved)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

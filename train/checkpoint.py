@@ -23,7 +23,6 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from configs import workdir_config
 from model import positions as pos_lib
 from model.transformer import ModelConfig
 from parallel import mesh as mesh_lib
@@ -113,11 +112,11 @@ class Checkpointer:
 PARAMETER_LAYOUT = "stacked_layers"
 
 
-def checkpoint_meta(run: Run, config, step: int, tokens: int, **extra) -> dict:
+def checkpoint_meta(run: Run, config_json: str, step: int, tokens: int, **extra) -> dict:
     """The metadata saved with a checkpoint of `run`."""
     return {"step": step, "tokens": tokens, "parameter_layout": PARAMETER_LAYOUT,
             "model_config": dataclasses.asdict(run.model_config),
-            "config": json.loads(workdir_config.to_json(config)), **extra}
+            "config": json.loads(config_json), **extra}
 
 
 def check_same_model(meta: dict, run: Run, workdir: str, *,

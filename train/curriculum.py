@@ -1,6 +1,7 @@
 """Length curriculum: which sequence length, batch and mesh layout at which step.
 
-`make_curriculum(config, device_count)` turns the `curriculum` config section into a `Curriculum`:
+`make_curriculum(settings, device_count)` turns the `curriculum` section of the settings
+(configs/sections.py's Settings) into a `Curriculum`:
 K levels with their length (default l_max * 2^k), batch, step count (share of the budget,
 rounded half up; the last level takes the rest), mesh (devices moved from `data` to `seq`
 with `curriculum.relayout`) and per-level RoPE / learning-rate overrides, plus the level of
@@ -16,7 +17,6 @@ import math
 
 import numpy as np
 
-from configs import sections
 from model.choices import SEQUENCE_PARALLEL
 from model.positions import normalize_rope_scaling
 from parallel.mesh import MESH_AXES, mesh_shape
@@ -219,11 +219,12 @@ def _relayout_factor(seq_len: int, l_max: int, data: int) -> int:
     return common & -common   # lowest set bit: the largest power of two dividing it
 
 
-def make_curriculum(config, device_count: int) -> Curriculum:
-    """The curriculum `config` asks for on `device_count` devices.
+def make_curriculum(settings, device_count: int) -> Curriculum:
+    """The curriculum that `settings` (configs/sections.py's Settings) asks for on
+    `device_count` devices.
 
-    Reads `config.curriculum`, `config.train.steps / batch_size / grad_accum_steps`,
-    `config.mesh`, `config.model.position / attention / rope`, `config.seed`.
+    Reads `curriculum`, `train.steps / batch_size / grad_accum_steps`, `mesh`,
+    `model.position / attention / rope`, `seed`.
     `levels == 1` gives one level equal to the plain run (l_max, batch_size, steps, mesh).
 
     Raises ValueError (one line, naming the key or level; each key's own range is
@@ -235,14 +236,14 @@ def make_curriculum(config, device_count: int) -> Curriculum:
     batch does not split over its data x fsdp devices and grad_accum_steps; learned
     positions with lengths beyond l_max; a relayout onto seq > 1 without ring attention.
     """
-    settings, train = config.curriculum, config.train
-    K = int(settings.levels)
-    l_max = int(settings.l_max)
+    section, train = settings.curriculum, settings.train
+    K = int(section.levels)
+    l_max = int(section.l_max)
     S, B = int(train.steps), int(train.batch_size)
-    unit, order = settings.unit, settings.order    # each key's own range: base.check, run
+    unit, order = section.unit, section.order    # each key's own range: base.check, run
 
     # shares
-    shares = _per_level(settings.shares, K, "shares")
+    shares = _per_level(section.shares, K, "shares")
     if shares is None:
         shares = default_shares(K)
     else:
@@ -252,7 +253,7 @@ def make_curriculum(config, device_count: int) -> Curriculum:
                              f"from {list(shares)}")
 
     # lengths
-    lengths = _per_level(settings.lengths, K, "lengths")
+    lengths = _per_level(section.lengths, K, "lengths")
     if lengths is None:
         lengths = tuple(l_max * 2 ** k for k in range(K))
     else:
@@ -265,18 +266,18 @@ def make_curriculum(config, device_count: int) -> Curriculum:
         if lengths[0] != l_max:
             raise ValueError(f"curriculum.lengths[0] ({lengths[0]}) must equal "
                              f"curriculum.l_max ({l_max}), the length of level 0")
-    if config.model.position == "learned" and lengths[-1] > l_max:
+    if settings.model.position == "learned" and lengths[-1] > l_max:
         raise ValueError(f"model.position='learned' covers l_max={l_max} tokens but the "
                          f"curriculum goes to {lengths[-1]}: use model.position='rope'")
 
     # per-level overrides
-    thetas = _positive_floats(settings.rope_thetas, K, "rope_thetas")
+    thetas = _positive_floats(section.rope_thetas, K, "rope_thetas")
     if thetas is None:
-        thetas = (float(config.model.rope.theta),) * K
-    scalings = _per_level(settings.rope_scalings, K, "rope_scalings")
+        thetas = (float(settings.model.rope.theta),) * K
+    scalings = _per_level(section.rope_scalings, K, "rope_scalings")
     names = [f"curriculum.rope_scalings[{k}]" for k in range(K)]
     if scalings is None:                  # the model's own at every level
-        scalings, names = (config.model.rope.scaling,) * K, ["model.rope.scaling"] * K
+        scalings, names = (settings.model.rope.scaling,) * K, ["model.rope.scaling"] * K
     scaling_json = []
     for k, scaling in enumerate(scalings):
         try:
@@ -284,7 +285,7 @@ def make_curriculum(config, device_count: int) -> Curriculum:
         except ValueError as e:
             raise ValueError(f"{names[k]}: {e}") from None
         scaling_json.append(json.dumps(normal, sort_keys=True))
-    multipliers = _positive_floats(settings.lr_multipliers, K, "lr_multipliers")
+    multipliers = _positive_floats(section.lr_multipliers, K, "lr_multipliers")
     if multipliers is None:
         multipliers = (1.0,) * K
 
@@ -313,16 +314,16 @@ def make_curriculum(config, device_count: int) -> Curriculum:
     accum = int(train.grad_accum_steps)
     if accum < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {accum}")
-    base = mesh_shape(sections.plain(config, "mesh"), device_count)
+    base = mesh_shape(dataclasses.asdict(settings.mesh), device_count)
     levels = []
     for k in range(K):
         sizes = dict(base)
-        if settings.relayout:
+        if section.relayout:
             m = _relayout_factor(lengths[k], l_max, sizes["data"])
             sizes["data"] //= m
             sizes["seq"] *= m
         if sizes["seq"] > 1 and sizes["seq"] != base["seq"] and \
-                config.model.attention not in SEQUENCE_PARALLEL:
+                settings.model.attention not in SEQUENCE_PARALLEL:
             raise ValueError(f"curriculum level {k} moves devices onto mesh.seq "
                              f"({sizes['seq']}, curriculum.relayout): set model.attention to "
                              f"one of {SEQUENCE_PARALLEL} or curriculum.relayout=False")
@@ -332,7 +333,7 @@ def make_curriculum(config, device_count: int) -> Curriculum:
                 f"curriculum level {k} (length {lengths[k]}): batch {batches[k]} does not split "
                 f"over data x fsdp = {sizes['data']} x {sizes['fsdp']} devices; raise "
                 f"train.batch_size"
-                + ("" if settings.relayout else " or set curriculum.relayout=True"))
+                + ("" if section.relayout else " or set curriculum.relayout=True"))
         if (batches[k] // row_groups) % accum:
             raise ValueError(f"curriculum level {k} (length {lengths[k]}): train.grad_accum_steps "
                              f"({accum}) does not divide its {batches[k] // row_groups} rows "
@@ -345,12 +346,12 @@ def make_curriculum(config, device_count: int) -> Curriculum:
 
     schedule = np.repeat(np.arange(K), steps)
     if order == "interleaved":
-        schedule = np.random.default_rng(config.seed).permutation(schedule)
+        schedule = np.random.default_rng(settings.seed).permutation(schedule)
     return Curriculum(levels=tuple(levels), order=order, unit=unit,
                 schedule=tuple(int(x) for x in schedule))
 
 
-def beyond_trained_notice(config, curriculum: Curriculum, level: Level, lengths,
+def beyond_trained_notice(settings, curriculum: Curriculum, level: Level, lengths,
                           what: str) -> str | None:
     """One notice line when any of `lengths` exceeds the longest length the run trained at
     (its last level), naming the positions in effect at `level`; None otherwise."""
@@ -358,24 +359,24 @@ def beyond_trained_notice(config, curriculum: Curriculum, level: Level, lengths,
     beyond = sorted({int(n) for n in lengths if int(n) > trained})
     if not beyond:
         return None
-    if config.model.position == "rope":
+    if settings.model.position == "rope":
         positions = f"RoPE theta {_format_number(level.rope_theta)}, scaling " + \
             _format_scaling(level.rope_scaling)
     else:
-        positions = f"position {config.model.position}"
+        positions = f"position {settings.model.position}"
     return (f"note: {what} {', '.join(map(str, beyond))} tokens, beyond the trained length "
             f"{trained} ({positions})")
 
 
-def eval_level(config, curriculum: Curriculum) -> Level:
+def eval_level(settings, curriculum: Curriculum) -> Level:
     """The level evaluation runs on: the last (most sequence-parallel) one, with the RoPE
     overrides of eval.rope_scaling / eval.rope_theta applied."""
     level = curriculum.levels[-1]
-    evaluation = config.eval
+    evaluation = settings.eval
     if evaluation.rope_scaling is not None:
         try:
             scaling = normalize_rope_scaling(evaluation.rope_scaling,
-                                             original_max_position_embeddings=config.curriculum.l_max)
+                                             original_max_position_embeddings=settings.curriculum.l_max)
         except ValueError as error:
             raise ValueError(f"eval.rope_scaling: {error}") from None
         level = dataclasses.replace(level, rope_scaling_json=json.dumps(scaling, sort_keys=True))

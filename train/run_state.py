@@ -5,7 +5,7 @@ settings a user gives (so they are not config keys).
   schedule (train.allow_schedule_change): the rate continues from where it was
   (train/schedule.py); None otherwise.
 - original_length: L0, the length the source of an extension trained at
-  (extend.target_length, train/extend.py); 0 for a run that extends nothing.
+  (extend.target_length, configs/extension.py); 0 for a run that extends nothing.
 
 Runs written before this file kept both in config.json (train.schedule_bridge,
 extend.original_length); `load` reads them from there when run_state.json is missing.

@@ -18,11 +18,11 @@ SCHEDULE_KEYS = ("train.steps", "train.learning_rate", "train.warmup_fraction",
                  "curriculum.lr_multipliers")
 
 
-def rate(config, curriculum: curriculum_lib.Curriculum, step: int, tokens: int,
+def rate(settings, curriculum: curriculum_lib.Curriculum, step: int, tokens: int,
          bridge=None) -> float:
     """The learning rate of step `step` (0-based), after `tokens` tokens (`bridge`: the
     run state's schedule bridge, or None)."""
-    train = config.train
+    train = settings.train
     step = min(step, curriculum.total_steps - 1)
     value = curriculum.level_at(step).lr_multiplier * learning_rate_at(
         tokens, curriculum.total_tokens, train.learning_rate, train.warmup_fraction,
@@ -34,26 +34,27 @@ def rate(config, curriculum: curriculum_lib.Curriculum, step: int, tokens: int,
     return value
 
 
-def _value(config, key: str):
-    node = config
+def _value(settings, key: str):
+    node = settings
     for part in key.split("."):
-        node = node[part]
+        node = getattr(node, part)
     return tuple(node) if isinstance(node, (list, tuple)) else node
 
 
-def changed_keys(config, saved) -> list[str]:
-    """The SCHEDULE_KEYS whose value in `config` differs from the run's `saved` config."""
-    return [key for key in SCHEDULE_KEYS if _value(config, key) != _value(saved, key)]
+def changed_keys(settings, saved) -> list[str]:
+    """The SCHEDULE_KEYS whose value in `settings` differs from the run's `saved` ones
+    (both configs/sections.py's Settings)."""
+    return [key for key in SCHEDULE_KEYS if _value(settings, key) != _value(saved, key)]
 
 
-def check_resume(config, saved, workdir: str) -> list[str]:
-    """Before a resume of `workdir` (whose config.json is `saved`): the changed schedule
-    keys; one ValueError line when there are any and train.allow_schedule_change is not
-    set. Unchanged, the run keeps the bridge it has."""
-    changed = changed_keys(config, saved)
-    if changed and not config.train.allow_schedule_change:
+def check_resume(settings, saved, workdir: str) -> list[str]:
+    """Before a resume of `workdir` (whose config.json, as Settings, is `saved`): the
+    changed schedule keys; one ValueError line when there are any and
+    train.allow_schedule_change is not set. Unchanged, the run keeps the bridge it has."""
+    changed = changed_keys(settings, saved)
+    if changed and not settings.train.allow_schedule_change:
         key = changed[0]
-        raise ValueError(f"{key} is {_value(config, key)!r} but {workdir} was trained with "
+        raise ValueError(f"{key} is {_value(settings, key)!r} but {workdir} was trained with "
                          f"{_value(saved, key)!r}: resuming would re-plan the learning-rate "
                          f"schedule mid-run; keep it, or set "
                          f"--config.train.allow_schedule_change=True to continue from the "
@@ -61,9 +62,9 @@ def check_resume(config, saved, workdir: str) -> list[str]:
     return changed
 
 
-def bridge(config, curriculum, saved, saved_curriculum, step: int, tokens: int,
+def bridge(settings, curriculum, saved, saved_curriculum, step: int, tokens: int,
            saved_bridge=None) -> tuple[int, float]:
     """(tokens, difference) that makes the new schedule start at the rate the `saved`
     schedule (with its own bridge, `saved_bridge`) had reached at (step, tokens)."""
     return (int(tokens), rate(saved, saved_curriculum, step, tokens, saved_bridge)
-            - rate(config, curriculum, step, tokens))
+            - rate(settings, curriculum, step, tokens))

@@ -15,7 +15,6 @@ import jax
 import optax
 from flax import nnx
 
-from configs import sections
 from data.tokenizers import make_tokenizer
 from evaluation import suite
 from model import positions as pos_lib
@@ -35,18 +34,18 @@ class Run(model_on_mesh.ModelOnMesh):
     state_shardings: Any           # {"params": ..., "opt_state": ...} NamedShardings
 
 
-def model_config_from(config, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of the `model` and `curriculum` sections of an ml_collections
-    config (model/ never reads the config itself).
+def model_config_from(settings, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of the `model` and `curriculum` sections of the settings
+    (configs/sections.py's Settings).
 
     l_max is curriculum.l_max, except for learned positions with
     model.learned_positions_length > 0: then it is that length (the table's rows)."""
-    section = sections.typed(config, "model")      # every key present: base.py's defaults
-    l_max = config.curriculum.l_max
+    section = settings.model                       # every key present: base.py's defaults
+    l_max = settings.curriculum.l_max
     if section.position == "learned" and section.learned_positions_length > 0:
         l_max = int(section.learned_positions_length)
     scaling = pos_lib.normalize_rope_scaling(
-        section.rope.scaling, original_max_position_embeddings=config.curriculum.l_max)
+        section.rope.scaling, original_max_position_embeddings=settings.curriculum.l_max)
     derived = dict(vocab_size=int(section.vocab_size or vocab_size), l_max=l_max,
                    rope_theta=float(section.rope.theta),
                    rope_scaling_json=json.dumps(scaling, sort_keys=True),
@@ -60,29 +59,29 @@ def model_config_from(config, vocab_size: int) -> ModelConfig:
     return model_config
 
 
-def eval_setup_from(config) -> suite.EvalSetup:
-    """What evaluation reads of `config`, as typed sections (evaluation/ never reads the
-    config itself)."""
-    return suite.eval_setup(sections.typed(config, "eval"), sections.typed(config, "data"),
-                            l_max=config.curriculum.l_max, seed=config.seed,
-                            eos_ids=config.generate.eos_ids)
+def eval_setup_from(settings) -> suite.EvalSetup:
+    """What evaluation reads of the settings: their eval and data sections, and the rest
+    it needs as plain values."""
+    return suite.eval_setup(settings.eval, settings.data,
+                            l_max=settings.curriculum.l_max, seed=settings.seed,
+                            eos_ids=settings.generate.eos_ids)
 
 
-def build_run(config, devices=None, level=None, tokenizer=None,
+def build_run(settings, devices=None, level=None, tokenizer=None,
               rows_in_order: bool = False) -> Run:
-    """The mesh, model structure, optimizer and state shardings of `config` (already
-    validated: train/validate.py).
+    """The mesh, model structure, optimizer and state shardings of `settings`
+    (configs/sections.py's Settings, validated: train/validate.py).
 
-    `level` (a curriculum Level) replaces the config's mesh and RoPE settings with that
+    `level` (a curriculum Level) replaces the settings' mesh and RoPE settings with that
     level's; parameters have the same structure at every level, only their shardings and
     the model's static settings (attention bound to the mesh, RoPE) differ.
     """
-    tokenizer = tokenizer or make_tokenizer(config.data.tokenizer)
-    model_config = model_config_from(config, tokenizer.vocab_size)
+    tokenizer = tokenizer or make_tokenizer(settings.data.tokenizer)
+    model_config = model_config_from(settings, tokenizer.vocab_size)
     if model_config.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size ({model_config.vocab_size}) is smaller than the "
                          f"tokenizer's vocabulary ({tokenizer.vocab_size})")
-    mesh_sizes = sections.plain(config, "mesh")
+    mesh_sizes = dataclasses.asdict(settings.mesh)
     if level is not None:
         mesh_sizes = level.mesh_dict
         model_config = dataclasses.replace(model_config, rope_theta=level.rope_theta,
@@ -91,18 +90,18 @@ def build_run(config, devices=None, level=None, tokenizer=None,
     if model_config.vocab_size % mesh.shape["tensor"]:
         raise ValueError(f"vocab_size {model_config.vocab_size} must be a multiple of mesh.tensor")
     placed, abstract_params = model_on_mesh.place_model(
-        model_config, mesh, layout_setting=config.mesh.layout,
-        ulysses_degree=config.model.ulysses_degree,
-        kernel_setting=config.model.attention_kernel, rows_in_order=rows_in_order)
+        model_config, mesh, layout_setting=settings.mesh.layout,
+        ulysses_degree=settings.model.ulysses_degree,
+        kernel_setting=settings.model.attention_kernel, rows_in_order=rows_in_order)
     with mesh_lib.use_mesh(mesh):
-        optimizer = make_optimizer(config.train, abstract_params)
+        optimizer = make_optimizer(settings.train, abstract_params)
     abstract_opt_state = jax.eval_shape(optimizer.init, abstract_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, sharding: sharding, abstract_opt_state, placed.param_shardings,
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    if config.train.optimizer_memory == "host":
+    if settings.train.optimizer_memory == "host":
         opt_shardings = jax.tree.map(lambda s: s.with_memory_kind("pinned_host"), opt_shardings)
     state_shardings = {"params": placed.param_shardings, "opt_state": opt_shardings}
     return Run(**{f.name: getattr(placed, f.name) for f in dataclasses.fields(placed)},

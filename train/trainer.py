@@ -15,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from configs import sections, workdir_config
+from configs import workdir_config
 from data.pipeline import make_train_stream
 from data.tokenizers import make_tokenizer
 from evaluation import report, suite
@@ -23,16 +23,14 @@ from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
 from train import checkpoint as checkpoint_lib
 from train import curriculum as curriculum_lib
-from train import extend as extend_lib
+from train import run_spec
 from train import run_state as run_state_lib
 from train import schedule
 from train.checkpoint import checkpoint_meta, restore_intact, restore_params_from
-from train.curriculum import eval_level
 from train.metrics import MetricsWriter, keep_history_aside
-from train.state import abstract_state, build_run, eval_setup_from, init_state
+from train.state import abstract_state, build_run, init_state
 from train.step import make_train_step, put_batch
 from train.stopping import StopSignals
-from train.validate import validate_config
 from util.progress import Progress
 
 log = logging.getLogger("boundless")
@@ -42,14 +40,14 @@ class Levels:
     """Per curriculum level its Run (mesh + model variant); and the one data stream every
     level draws its rows from (data/stream.py)."""
 
-    def __init__(self, config, curriculum, tokenizer):
+    def __init__(self, settings, curriculum, tokenizer):
         self.curriculum = curriculum
-        self.runs = [build_run(config, level=level, tokenizer=tokenizer)
+        self.runs = [build_run(settings, level=level, tokenizer=tokenizer)
                      for level in curriculum.levels]
-        data = sections.typed(config, "data")
+        data = settings.data
         self.stream = make_train_stream(data, tokenizer,
                                         lengths=[level.seq_len for level in curriculum.levels],
-                                        seed=data.shuffle_seed, l_max=config.curriculum.l_max)
+                                        seed=data.shuffle_seed, l_max=settings.curriculum.l_max)
 
     def run_at(self, step: int):
         return self.runs[self.curriculum.level_at(step).index]
@@ -71,59 +69,56 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
     and the run starts at step 0)."""
     # ------------------------------------------------------------------ set up
     is_writer = jax.process_index() == 0
-    if config.train.init_from:      # the weights come with their model section and tokenizer
-        config, adopted = workdir_config.adopt_model(config, config.train.init_from)
-        if adopted and is_writer:
-            print(f"train.init_from {config.train.init_from}: adopted " + "; ".join(adopted),
-                  flush=True)
-    config, extended = extend_lib.resolve(config)   # extend.target_length (configs/extend.py)
-    if extended and is_writer:
-        print(f"extend.target_length {config.extend.target_length}: " + "; ".join(extended),
-              flush=True)
-    workdir_config.check_against_workdir(config, workdir, "train")   # resuming: what it fixes
+    spec = run_spec.resolve(config, workdir)
+    settings, curriculum = spec.settings, spec.curriculum
     if is_writer:
+        if spec.adopted:
+            print(f"train.init_from {settings.train.init_from}: adopted "
+                  + "; ".join(spec.adopted), flush=True)
+        if spec.extended:
+            print(f"extend.target_length {settings.extend.target_length}: "
+                  + "; ".join(spec.extended), flush=True)
         workdir_config.check_writable(workdir)
-    curriculum = validate_config(config)
-    if is_writer:
         print(curriculum.format(), flush=True)
-    tokenizer = make_tokenizer(config.data.tokenizer)
-    levels = Levels(config, curriculum, tokenizer)
-    eval_run = build_run(config, level=eval_level(config, curriculum), tokenizer=tokenizer,
+    tokenizer = make_tokenizer(settings.data.tokenizer)
+    levels = Levels(settings, curriculum, tokenizer)
+    eval_run = build_run(settings, level=spec.eval_level, tokenizer=tokenizer,
                          rows_in_order=True)
-    setup = eval_setup_from(config)
-    suite.check_eval_directory(suite.eval_directory(workdir, config.eval.name), setup)
-    final_eval = suite.prepare(setup, eval_run, tokenizer, abstract_state(eval_run)["params"])
-    say_beyond_trained(config, curriculum, final_eval)
+    suite.check_eval_directory(suite.eval_directory(workdir, settings.eval.name),
+                               spec.eval_setup)
+    final_eval = suite.prepare(spec.eval_setup, eval_run, tokenizer,
+                               abstract_state(eval_run)["params"])
+    say_beyond_trained(settings, curriculum, spec.eval_level, final_eval)
     checkpointer = checkpoint_lib.Checkpointer(
-        os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save)
-    saved = workdir_config.load(workdir) if workdir_config.exists(workdir) else None
+        os.path.join(workdir, "checkpoints"), max_to_keep=settings.checkpoint.max_to_keep,
+        async_save=settings.checkpoint.async_save)
+    saved = spec.saved
     schedule_changes = []
     saved_bridge = None
     if saved is not None and checkpointer.steps():       # a resume: the schedule holds
-        schedule_changes = schedule.check_resume(config, saved, workdir)
+        schedule_changes = schedule.check_resume(settings, saved, workdir)
         saved_bridge = run_state_lib.load(workdir).schedule_bridge
         reached = checkpointer.steps()[0]
         if curriculum.total_steps < reached:
-            raise ValueError(f"train.steps={config.train.steps} ends the run before step "
+            raise ValueError(f"train.steps={settings.train.steps} ends the run before step "
                              f"{reached}, where {workdir} already is: give train.steps >= "
                              f"{reached}, or train in another --workdir")
     # what the run records beside its config; an unchanged schedule keeps its bridge
     run_state = run_state_lib.RunState(
         schedule_bridge=None if schedule_changes else saved_bridge,
-        original_length=extend_lib.original_length(config))
+        original_length=spec.original_length)
     if is_writer:
-        workdir_config.write(config, workdir)
+        workdir_config.write_text(spec.config_json, workdir)
         run_state_lib.write(run_state, workdir)
     writer = None
     try:
         # -------------------------------------------------------------- restore or init
-        state, step, tokens = _restore_or_init(config, workdir, checkpointer, levels,
+        state, step, tokens = _restore_or_init(settings, workdir, checkpointer, levels,
                                                start_over)
         if schedule_changes and step > 0:
             saved_curriculum = curriculum_lib.make_curriculum(saved, jax.device_count())
             run_state = dataclasses.replace(run_state, schedule_bridge=schedule.bridge(
-                config, curriculum, saved, saved_curriculum, step, tokens, saved_bridge))
+                settings, curriculum, saved, saved_curriculum, step, tokens, saved_bridge))
             if is_writer:
                 run_state_lib.write(run_state, workdir)
                 reached_rate = schedule.rate(saved, saved_curriculum, step, tokens, saved_bridge)
@@ -144,7 +139,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
         last_log_time, last_log_step = time.time(), step
         compile_seconds = None        # of the step compiled since the last record
         final_loss = None
-        skips = SkipCounter(config.train.max_skipped_steps)
+        skips = SkipCounter(settings.train.max_skipped_steps)
         with StopSignals() as signals:
             while step < curriculum.total_steps:
                 level = curriculum.level_at(step)
@@ -155,13 +150,13 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                     current_run = run
                 batch = put_batch(levels.next_batch(level), run.mesh, level.batch_size,
                                   run.layout, run.layout_parts)
-                learning_rate = schedule.rate(config, curriculum, step, tokens,
+                learning_rate = schedule.rate(settings, curriculum, step, tokens,
                                               run_state.schedule_bridge)
                 with mesh_lib.use_mesh(run.mesh):
                     if level.index not in compiled:
                         compile_start = time.time()
-                        compiled[level.index] = make_train_step(run, config.train.grad_accum_steps,
-                                                                level.seq_len)
+                        compiled[level.index] = make_train_step(
+                            run, settings.train.grad_accum_steps, level.seq_len)
                         state, metrics = compiled[level.index](state, batch,
                                                                jnp.float32(learning_rate))
                         jax.block_until_ready(metrics)
@@ -184,7 +179,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                 _check_saves(checkpointer)
 
                 # log
-                if step % config.train.log_every_steps == 0 or step == curriculum.total_steps:
+                if step % settings.train.log_every_steps == 0 or step == curriculum.total_steps:
                     values = jax.device_get(metrics)
                     now = time.time()
                     record = {"tokens": tokens, "loss": float(values["loss"]),
@@ -212,24 +207,24 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                     skips.check(checkpointer)
 
                 # maybe evaluate (perplexity only: the final evaluation runs everything)
-                if (config.eval.every_steps and step % config.eval.every_steps == 0
+                if (settings.eval.every_steps and step % settings.eval.every_steps == 0
                         and step < curriculum.total_steps):
                     if is_writer:
                         print(f"evaluation at step {step} (perplexity by length; sliding "
                               "window and retrieval run at the end)", flush=True)
-                    evaluate_and_report(config, eval_run, state,
+                    evaluate_and_report(settings.eval.name, eval_run, state,
                                         suite.perplexity_only(final_eval), step, writer,
                                         workdir=None)
 
                 # maybe checkpoint, maybe stop
                 stopped_by = signals.requested() or (
                     "a preemption notice" if checkpointer.reached_preemption(step) else None)
-                stopping = stopped_by is not None or step == config.train.stop_at_step
-                if (step % config.checkpoint.every_steps == 0 or step == curriculum.total_steps
+                stopping = stopped_by is not None or step == settings.train.stop_at_step
+                if (step % settings.checkpoint.every_steps == 0 or step == curriculum.total_steps
                         or stopping):
                     skips.check(checkpointer)
                     _save(checkpointer, step, state, levels.stream.state(),
-                          checkpoint_meta(current_run, config, step, tokens))
+                          checkpoint_meta(current_run, spec.config_json, step, tokens))
                 if stopping and step < curriculum.total_steps:
                     checkpointer.wait_until_finished()
                     _check_saves(checkpointer)
@@ -243,7 +238,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
         # -------------------------------------------------------------- final evaluation
         checkpointer.wait_until_finished()
         _check_saves(checkpointer)
-        outcome = evaluate_and_report(config, eval_run, state, final_eval, step, writer,
+        outcome = evaluate_and_report(settings.eval.name, eval_run, state, final_eval, step, writer,
                                       workdir=workdir)
         return {"step": step, "tokens": tokens, "final_loss": final_loss, "stopped": False,
                 "eval": outcome["perplexity_by_length"], "retrieval": outcome["retrieval"]}
@@ -325,17 +320,17 @@ def _all_finite(params):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
 
 
-def say_beyond_trained(config, curriculum, data) -> None:
-    """One notice when evaluation runs beyond the longest trained length."""
+def say_beyond_trained(settings, curriculum, level, data) -> None:
+    """One notice when evaluation (on `level`) runs beyond the longest trained length."""
     lengths = list(data.lengths) + [n for _, by_length in data.retrieval.values()
                                     for n in by_length]
     notice = curriculum_lib.beyond_trained_notice(
-        config, curriculum, eval_level(config, curriculum), lengths, "evaluating at")
+        settings, curriculum, level, lengths, "evaluating at")
     if notice and jax.process_index() == 0:
         print(notice, flush=True)
 
 
-def _restore_or_init(config, workdir: str, checkpointer, levels: Levels, start_over: bool):
+def _restore_or_init(settings, workdir: str, checkpointer, levels: Levels, start_over: bool):
     """(state, step, tokens): the newest checkpoint's, with the data stream moved to its
     saved position; else a fresh state (parameters from train.init_from if set). With no
     intact checkpoint but broken ones set aside, a fresh start needs `start_over`."""
@@ -369,24 +364,23 @@ def _restore_or_init(config, workdir: str, checkpointer, levels: Levels, start_o
                   flush=True)
         return state, step, tokens
     run = levels.run_at(0)
-    state = init_state(run, config.seed)
-    if config.train.init_from:
+    state = init_state(run, settings.seed)
+    if settings.train.init_from:
         state["params"], resized = restore_params_from(
-            config.train.init_from, run, "train.init_from",
-            table_rows_set=config.model.learned_positions_length > 0)
+            settings.train.init_from, run, "train.init_from",
+            table_rows_set=settings.model.learned_positions_length > 0)
         if is_writer:
-            print(f"initialised the parameters from {config.train.init_from}"
+            print(f"initialised the parameters from {settings.train.init_from}"
                   + (f" (learned-position table interpolated from {resized[0]} to {resized[1]} "
                      f"rows)" if resized else ""), flush=True)
     return state, 0, 0
 
 
-def evaluate_and_report(config, eval_run, state, data, step: int, writer, *,
+def evaluate_and_report(name: str, eval_run, state, data, step: int, writer, *,
                         workdir: str | None) -> dict:
-    """Score the state's parameters on `data`, log the scalars under eval[/<name>]/, print
-    the table; with `workdir`, also write workdir/eval[/<name>]/."""
+    """Score the state's parameters on `data`, log the scalars under eval[/<name>]/ (name:
+    eval.name), print the table; with `workdir`, also write workdir/eval[/<name>]/."""
     params = jax.device_put(state["params"], eval_run.state_shardings["params"])
-    name = config.eval.name
     outcome = suite.evaluate(eval_run, params, data, step=step, name=name)
     writer.write(step, suite.scalars(outcome), prefix=f"eval/{name}/" if name else "eval/")
     is_writer = jax.process_index() == 0

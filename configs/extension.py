@@ -2,10 +2,11 @@
 workdir (train.init_from) into ordinary config keys.
 
 The config file cannot do this itself: `--config.train.init_from=W` is applied after
-get_config() runs, so the source's length is only known to the trainer. `resolve` runs in
-train() right after train.init_from's model keys are adopted, and the resolved keys are what
-the run writes to its config.json (so --mode eval / generate / export of the new workdir
-need no `extend` logic).
+get_config() runs, so the source's length is only known once the command line is read.
+`resolve` runs when a run's config is resolved (train/run_spec.py), right after
+train.init_from's model keys are adopted, and the resolved keys are what the run writes to
+its config.json (so --mode eval / generate / export of the new workdir need no `extend`
+logic).
 """
 from __future__ import annotations
 
