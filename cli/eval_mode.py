@@ -15,7 +15,8 @@ def evaluate_workdir(config, workdir: str) -> dict:
     to its metrics. Returns the perplexity result with "retrieval" added."""
     spec = resolve(config, workdir, mode="eval")
     settings = spec.settings
-    run = build_run(settings, level=spec.eval_level, rows_in_order=True)
+    run = build_run(settings, level=spec.eval_level, tokenizer=spec.tokenizer,
+                    rows_in_order=True)
     state, meta = restore_newest(workdir, run, "--mode eval (train first)")
     suite.check_eval_directory(suite.eval_directory(workdir, settings.eval.name),
                                spec.eval_setup)

@@ -28,6 +28,8 @@ def test_the_spec_holds_what_the_run_reads(tmp_path):
     assert spec.curriculum.total_steps == config.train.steps
     assert spec.eval_level == spec.curriculum.levels[-1]
     assert spec.eval_level.rope_scaling == {"rope_type": "linear", "factor": 2.0}  # normalised
+    assert spec.model_config.d_model == config.model.d_model
+    assert spec.model_config.vocab_size == spec.tokenizer.vocab_size    # model.vocab_size 0
     assert spec.saved is None and spec.original_length == 0
 
 

@@ -8,7 +8,7 @@ below reads it again. Resolving, in order:
     (main.py checks it for the other modes before it takes the workdir's lock);
   every key's own rule (configs/base.py), the typed Settings (configs/sections.py);
   what ties the keys to the devices (train/validate.py), giving the curriculum;
-  evaluation's level and set-up.
+  the tokenizer and the ModelConfig; evaluation's level and set-up.
 The RunSpec is frozen: what the trainer and the modes take, or the part they need.
 """
 from __future__ import annotations
@@ -17,9 +17,11 @@ import dataclasses
 from typing import Any
 
 from configs import extension, sections, workdir_config
+from data.tokenizers import make_tokenizer
 from evaluation import suite
+from model.model_config import ModelConfig
 from train.curriculum import Curriculum, Level, eval_level
-from train.state import eval_setup_from
+from train.state import eval_setup_from, model_config_from
 from train.validate import validate_config
 
 
@@ -30,6 +32,8 @@ class RunSpec:
     model.rope.scaling, curriculum.rope_scalings, eval.rope_scaling)."""
     settings: Any                   # configs/sections.py's Settings: every key, frozen
     config_json: str                # the resolved config as W/config.json holds it
+    model_config: ModelConfig       # the model (vocabulary: model.vocab_size or the tokenizer's)
+    tokenizer: Any                  # data.tokenizer, loaded (data/tokenizers.py)
     curriculum: Curriculum          # levels, steps and meshes on these devices
     eval_level: Level               # the level evaluation runs on (eval.rope_* applied)
     eval_setup: suite.EvalSetup     # what evaluation reads
@@ -57,10 +61,13 @@ def resolve(config, workdir: str, *, mode: str = "train", device_count: int | No
         workdir_config.check_against_workdir(config, workdir, mode)
     settings = sections.settings(config)
     curriculum = validate_config(settings, device_count, platform)
+    tokenizer = make_tokenizer(settings.data.tokenizer)
     saved = (sections.settings(workdir_config.load(workdir))
              if workdir_config.exists(workdir) else None)
     return RunSpec(
-        settings=settings, config_json=workdir_config.to_json(config), curriculum=curriculum,
+        settings=settings, config_json=workdir_config.to_json(config),
+        model_config=model_config_from(settings, tokenizer.vocab_size), tokenizer=tokenizer,
+        curriculum=curriculum,
         eval_level=eval_level(settings, curriculum), eval_setup=eval_setup_from(settings),
         workdir=workdir, saved=saved, original_length=extension.original_length(config),
         adopted=adopted, extended=extended)

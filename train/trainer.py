@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from configs import workdir_config
 from data.pipeline import make_train_stream
-from data.tokenizers import make_tokenizer
 from evaluation import report, suite
 from model.transformer import count_parameters
 from parallel import mesh as mesh_lib
@@ -80,7 +79,7 @@ def train(config, workdir: str, start_over: bool = False) -> dict:
                   + "; ".join(spec.extended), flush=True)
         workdir_config.check_writable(workdir)
         print(curriculum.format(), flush=True)
-    tokenizer = make_tokenizer(settings.data.tokenizer)
+    tokenizer = spec.tokenizer
     levels = Levels(settings, curriculum, tokenizer)
     eval_run = build_run(settings, level=spec.eval_level, tokenizer=tokenizer,
                          rows_in_order=True)
