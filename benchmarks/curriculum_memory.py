@@ -1,7 +1,7 @@
 """Per-device compiled memory of the train step at every curriculum level, relayout on vs off.
 
 For configs/curriculum_cpu.py (4 levels on 8 simulated devices: 64 x 32 rows -> 128 x 16 ->
-256 x 8 -> 512 x 4, the same 2048 tokens per step) and, by default, the same plan with
+256 x 8 -> 512 x 4, the same 2048 tokens per step) and, by default, the same curriculum with
 l_max 1024 (1024 .. 8192), builds each level's Run twice:
   * relayout on (the default): the level's own mesh, devices moved from data to seq as the
     length grows (data 8 -> data 4 x seq 2 -> data 2 x seq 4 -> seq 8);
@@ -114,23 +114,23 @@ def off_reason(config, level) -> str | None:
 
 
 def measure(l_max: int, levels: int, batch: int) -> dict:
-    """{"plan", "on": [cell per level], "off": [...], "off_plan_error", "off_mesh"}; a
+    """{"curriculum", "on": [cell per level], "off": [...], "off_curriculum_error", "off_mesh"}; a
     cell is a memory dict or a string ("n/a: reason" / an error class name). Every level
-    runs with relayout on (validate_config checked the plan); with relayout off a level
+    runs with relayout on (validate_config checked the curriculum); with relayout off a level
     says n/a with the reason from off_reason."""
     config = make_config(l_max, levels, batch)
-    plan = validate.validate_config(settings_of(config))
+    curriculum = validate.validate_config(settings_of(config))
     base = mesh_lib.mesh_shape(config.mesh, jax.device_count())
     off_mesh = tuple((axis, base[axis]) for axis in curriculum_lib.MESH_AXES)
     try:
         curriculum_lib.make_curriculum(
             settings_of(make_config(l_max, levels, batch, relayout=False)), jax.device_count())
-        off_plan_error = None
+        off_curriculum_error = None
     except ValueError as error:
-        off_plan_error = str(error)
-    result = {"plan": plan, "on": [], "off": [], "off_plan_error": off_plan_error,
-              "off_mesh": off_mesh}
-    for level in plan.levels:
+        off_curriculum_error = str(error)
+    result = {"curriculum": curriculum, "on": [], "off": [],
+              "off_curriculum_error": off_curriculum_error, "off_mesh": off_mesh}
+    for level in curriculum.levels:
         for key, lvl in (("on", level), ("off", dataclasses.replace(level, mesh=off_mesh))):
             what = f"level {level.index} (length {level.seq_len}), relayout {key}"
             reason = off_reason(config, level) if key == "off" else None
@@ -157,25 +157,25 @@ def _total(cell) -> str:
 
 
 def print_tables(l_max: int, result: dict) -> None:
-    plan = result["plan"]
+    curriculum = result["curriculum"]
     print(f"\nl_max {l_max}: per-device compiled memory of the train step, MiB "
           f"(total = temp + arguments + outputs)")
     rows = []
-    for level, on, off in zip(plan.levels, result["on"], result["off"]):
+    for level, on, off in zip(curriculum.levels, result["on"], result["off"]):
         on_mesh = on["mesh"] if isinstance(on, dict) else curriculum_lib.format_mesh(level.mesh)
         off_mesh = curriculum_lib.format_mesh(result["off_mesh"])
         rows.append([level.index, level.seq_len, level.batch_size, on_mesh, _total(on),
                      off_mesh, _total(off)])
     print(format_table(["level", "length", "batch", "mesh (relayout on)", "on: total MiB",
                         "off: mesh", "off: total MiB"], rows))
-    if result["off_plan_error"]:
-        print(f"  relayout off, make_curriculum itself raises: {result['off_plan_error']}")
+    if result["off_curriculum_error"]:
+        print(f"  relayout off, make_curriculum itself raises: {result['off_curriculum_error']}")
 
     print(f"\nl_max {l_max}: breakdown, MiB per device (state = params + optimizer "
           f"state; batch = this device's rows; arguments = state + batch; outputs = the new "
           f"state, aliased to the donated one, so resident = total - aliased)")
     rows = []
-    for level, on, off in zip(plan.levels, result["on"], result["off"]):
+    for level, on, off in zip(curriculum.levels, result["on"], result["off"]):
         for key, cell in (("on", on), ("off", off)):
             if not isinstance(cell, dict):
                 continue
@@ -203,7 +203,7 @@ def ratio_text(cells, key: str = "total") -> tuple[str, float | None]:
 def off_text(result: dict) -> str:
     """The relayout-off ratio; when the last level cannot run without relayout, say so and
     give the ratio of the last level that can."""
-    cells, levels = result["off"], result["plan"].levels
+    cells, levels = result["off"], result["curriculum"].levels
     text, ratio = ratio_text(cells)
     if ratio is not None or not isinstance(cells[0], dict):
         return text
@@ -227,7 +227,7 @@ def dominated_by(result: dict) -> str:
     return (f"; the change is dominated by the {part}: arguments + outputs "
             f"{state[0]:.1f} -> {state[1]:.1f} MiB ({d_state:+.1f}; params + Adam "
             f"replicated over data at level 0, sharded over seq "
-            f"{dict(result['plan'].levels[-1].mesh)['seq']} at the last level), temp "
+            f"{dict(result['curriculum'].levels[-1].mesh)['seq']} at the last level), temp "
             f"{temp[0]:.1f} -> {temp[1]:.1f} MiB ({d_temp:+.1f})")
 
 
@@ -245,7 +245,7 @@ def verdict(l_max: int, result: dict) -> str:
 def plot(results: dict, path: str) -> None:
     fig, axes = pyplot().subplots(1, len(results), figsize=(6 * len(results), 4.4), squeeze=False)
     for ax, (l_max, result) in zip(axes[0], results.items()):
-        lengths = [level.seq_len for level in result["plan"].levels]
+        lengths = [level.seq_len for level in result["curriculum"].levels]
         for key, style in (("on", "-"), ("off", "--")):
             for part, marker in (("total", "o"), ("temp", "s")):
                 points = [(length, c[part]) for length, c in zip(lengths, result[key])
