@@ -403,8 +403,8 @@ def test_the_hybrid_over_two_h100_hosts_keeps_its_all_to_all_within_a_host():
     (_, candidate), = [s for s in plan_lib.strategy_configs(settings_of(config), 16, host_size=8)
                        if s[0] == "hybrid"]
     assert candidate.model.ulysses_degree == 8                # a host's worth, not 16 / 2
-    level = validate_config(settings_of(candidate), 16, platform="gpu").levels[0]
-    run = build_run(settings_of(candidate), devices=devices, level=level)
+    level = validate_config(candidate, 16, platform="gpu").levels[0]
+    run = build_run(candidate, devices=devices, level=level)
     hosts = [d.process_index for d in run.mesh.devices.flat]
     with jax.set_mesh(run.mesh):
         hlo = make_train_step(run, 1, level.seq_len).lower(
