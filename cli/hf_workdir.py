@@ -81,14 +81,10 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     # evaluation of a float32 checkpoint give transformers' tokens
     dtype, dtype_origin = hf.compute_dtype(hf_dir)
 
-    def config_json(tokenizer_path: str) -> str:
-        return workdir_config.to_json(workdir_config.config_of_model(
-            model_config, tokenizer=tokenizer_path, dtype=dtype, token_ids=ids))
-
     spec = resolve(workdir_config.config_of_model(model_config, tokenizer=tokenizer,
                                                   dtype=dtype, token_ids=ids),
                    workdir, mode="import")
-    run = build_run(spec.settings)
+    run = build_run(spec.settings, tokenizer=spec.tokenizer)
     # the run's model placed on its mesh: each process reads the slices its devices hold
     _, abstract_params, shardings = model_on_mesh.abstract_model(run.model_config, run.mesh,
                                                                  run.attention_fn)
@@ -101,10 +97,13 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
             for name in hf.TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(hf_dir, name)):
                     shutil.copy(os.path.join(hf_dir, name), os.path.join(workdir, name))
+    # the workdir's config names the tokenizer it now holds
+    config_json = workdir_config.to_json(workdir_config.config_of_model(
+        model_config, tokenizer=tokenizer, dtype=dtype, token_ids=ids))
     with mesh_lib.use_mesh(run.mesh):
         opt_state = jax.jit(run.optimizer.init,
                             out_shardings=run.state_shardings["opt_state"])(params)
-    meta = checkpoint_meta(run, config_json(tokenizer), 0, 0,
+    meta = checkpoint_meta(run, config_json, 0, 0,
                            **{HF_ARCHITECTURE: architecture})
     checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, CHECKPOINTS),
                                                max_to_keep=1, async_save=False)
@@ -113,7 +112,7 @@ def import_workdir(hf_dir: str, workdir: str) -> str:
     finally:
         checkpointer.close()
     if jax.process_index() == 0:
-        workdir_config.write_text(config_json(tokenizer), workdir)
+        workdir_config.write_text(config_json, workdir)
     count = sum(x.size for x in jax.tree.leaves(params))
     return (f"imported {architecture} ({count / 1e6:.2f}M parameters, l_max "
             f"{model_config.l_max}, tokenizer {tokenizer}) into {workdir}; compute "
@@ -131,8 +130,9 @@ def export_workdir(workdir: str, out_dir: str, overwrite: bool = False) -> str:
     to `out_dir`, the old one deleted): no file of the old directory survives, and a crash
     leaves the old or the new directory whole."""
     replace = check_export_target(workdir, out_dir, overwrite)
-    settings = resolve(workdir_config.load(workdir), workdir, mode="export").settings
-    run = build_run(settings)
+    spec = resolve(workdir_config.load(workdir), workdir, mode="export")
+    settings = spec.settings
+    run = build_run(settings, tokenizer=spec.tokenizer)
     state, meta = restore_newest(workdir, run, "--mode export")
     model = nnx.merge(run.graphdef, state["params"])
     tokenizer = settings.data.tokenizer
